@@ -14,8 +14,9 @@ The tree::
     │   │   └── ImageEmptyError       image_empty
     │   └── InputNotFoundError        input_not_found
     ├── RuntimeBackendError           runtime_error
-    └── StorageError                  storage_error
-        └── StorageFullError          storage_full
+    ├── StorageError                  storage_error
+    │   └── StorageFullError          storage_full
+    └── OverloadedError               overloaded (a bounded queue is full; retry later)
 
 Third-party errors are translated at the boundary with ``raise ... from exc``.
 """
@@ -86,3 +87,7 @@ class StorageError(EdgeAgentError):
 
 class StorageFullError(StorageError):
     code = "storage_full"
+
+
+class OverloadedError(EdgeAgentError):
+    code = "overloaded"

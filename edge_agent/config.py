@@ -1,0 +1,537 @@
+"""The agent's configuration: strict, documented, frozen.
+
+Loaded in layers (see ``load_config``): read the file, parse YAML with ``yaml.safe_load`` (so tags
+such as ``!!python/object`` fail), validate with pydantic (``extra="forbid"``: unknown keys fail),
+check the few paths that must exist (certificates) or be writable (state directory), and resolve
+secrets from a file or an environment variable into ``SecretStr`` values that never print.
+
+Every error is one ``ConfigError`` line: ``<file>: <key.path>: <message>``.
+
+Paths are data here: the service creates directories, validators never do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+_NAME = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept ``512MB``, ``16 MiB`` or a plain integer of bytes."""
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ValueError(f"not a byte size: {value!r} (use e.g. 512MB or 16MiB)")
+        number, unit = match.groups()
+        return int(float(number) * _UNITS[(unit or "").lower()])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[str, Field(pattern=_NAME)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- models and pipelines -----------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    name: Name = Field(description="Name that pipelines use to refer to this model.")
+    bundle: str = Field(
+        min_length=1,
+        description="Bundle folder: a name under models_dir, or a path (absolute or relative to the config file).",
+    )
+    threads: int = Field(default=1, ge=1, le=64, description="onnxruntime intra-op threads per session.")
+    providers: tuple[str, ...] = Field(
+        default=("CPUExecutionProvider",),
+        min_length=1,
+        description="onnxruntime execution providers in order of preference; unavailable ones are skipped.",
+    )
+    warmup: bool = Field(default=True, description="Run one inference before the model is reported ready.")
+
+
+class InspectionOptions(_Strict):
+    fail_labels: tuple[str, ...] = Field(
+        default=(),
+        description="Classifier/detector labels that mean a defect. Empty: every label except pass_labels fails.",
+    )
+    pass_labels: tuple[str, ...] = Field(
+        default=("good", "ok", "pass", "normal"), description="Labels that mean a good part."
+    )
+    min_score: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="A defect prediction below this score does not fail the part."
+    )
+    fail_when_rejected: bool = Field(
+        default=True, description="Fail a part whose image the model rejected as out of its domain."
+    )
+    reject_signal: str = Field(
+        default="reject", min_length=1, max_length=64, description="Name of the signal emitted for a failed part."
+    )
+
+
+class Zone(_Strict):
+    name: Name = Field(description="Zone name reported in alerts.")
+    box: tuple[float, float, float, float] = Field(
+        description="x1, y1, x2, y2 as fractions (0..1) of the image width and height."
+    )
+    max_count: int | None = Field(
+        default=None, ge=0, description="Alert when more tracked animals than this are inside; null: no limit."
+    )
+    alert_on_enter: bool = Field(default=False, description="Alert whenever a tracked animal enters the zone.")
+
+    @field_validator("box")
+    @classmethod
+    def _box_ok(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x1, y1, x2, y2 = v
+        if not (0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0):
+            raise ValueError("box must be 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1")
+        return v
+
+
+class CountLine(_Strict):
+    axis: Literal["x", "y"] = Field(
+        description="x: a vertical line at x=position (counts left/right crossings); y: a horizontal line."
+    )
+    position: float = Field(ge=0.0, le=1.0, description="Where the line is, as a fraction of width or height.")
+
+
+class LivestockOptions(_Strict):
+    labels: tuple[str, ...] = Field(
+        default=("cow", "horse", "sheep"), description="Detection labels that are tracked and counted."
+    )
+    min_score: float = Field(default=0.3, ge=0.0, le=1.0, description="Detections below this score are ignored.")
+    iou_threshold: float = Field(
+        default=0.3, gt=0.0, le=1.0, description="Minimum IoU to match a detection to an existing track."
+    )
+    max_missed: int = Field(default=5, ge=0, description="Frames a track survives without a matching detection.")
+    min_hits: int = Field(default=2, ge=1, description="Matched frames before a track is confirmed and counted.")
+    count_line: CountLine | None = Field(default=None, description="Optional line whose crossings are counted.")
+    zones: tuple[Zone, ...] = Field(default=(), description="Zones with occupancy limits and enter alerts.")
+
+
+class PipelineConfig(_Strict):
+    name: Name = Field(description="Pipeline name; also the last part of its MQTT results topic.")
+    kind: Literal["crop", "inspection", "livestock", "plain"] = Field(
+        description="Sector logic applied after the model: crop advice, pass/fail, tracking+counting, or none."
+    )
+    model: Name = Field(description="Name of an entry in models.")
+    workers: int = Field(default=1, ge=1, le=16, description="Worker threads, each with its own model session.")
+    queue_size: int = Field(default=16, ge=1, le=10_000, description="Bounded input queue; full means 'overloaded'.")
+    inspection: InspectionOptions | None = Field(default=None, description="Options for kind=inspection.")
+    livestock: LivestockOptions | None = Field(default=None, description="Options for kind=livestock.")
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> PipelineConfig:
+        if self.inspection is not None and self.kind != "inspection":
+            raise ValueError("inspection options need kind: inspection")
+        if self.livestock is not None and self.kind != "livestock":
+            raise ValueError("livestock options need kind: livestock")
+        return self
+
+
+# --- sources -------------------------------------------------------------------------------------------------------
+
+
+class FolderSourceConfig(_Strict):
+    type: Literal["folder"] = Field(description="A watched folder of image files.")
+    name: Name = Field(description="Source name, reported with every result.")
+    pipeline: Name = Field(description="Pipeline that processes this source's inputs.")
+    path: Path = Field(description="Folder to watch; files are moved out of it into the spool.")
+    done_dir: Path | None = Field(default=None, description="Where processed files go; default <path>/done.")
+    rejected_dir: Path | None = Field(
+        default=None, description="Where bad files go with a <name>.reason.json; default <path>/rejected."
+    )
+    keep_done: bool = Field(default=True, description="Keep processed files in done_dir (false: delete them).")
+    poll_interval_s: float = Field(default=1.0, gt=0.0, le=3600, description="Seconds between folder scans.")
+    settle_s: float = Field(
+        default=0.5, ge=0.0, le=3600, description="A file must be unmodified this long before it is taken."
+    )
+    extensions: tuple[str, ...] = Field(
+        default=(".jpg", ".jpeg", ".png", ".webp"), min_length=1, description="Accepted file name endings."
+    )
+    max_file_bytes: ByteSize = Field(default=32 * 1024**2, description="Larger files are rejected unread.")
+    max_in_flight: int = Field(default=8, ge=1, le=10_000, description="Files submitted but not yet finished.")
+
+
+class Backoff(_Strict):
+    initial_s: float = Field(default=1.0, gt=0.0, le=3600, description="First reconnect delay.")
+    max_s: float = Field(default=60.0, gt=0.0, le=86_400, description="Longest reconnect delay.")
+    multiplier: float = Field(default=2.0, ge=1.0, le=10.0, description="Delay growth factor per failure.")
+
+
+class CameraSourceConfig(_Strict):
+    type: Literal["camera"] = Field(description="A camera or RTSP/HTTP stream read with OpenCV.")
+    name: Name = Field(description="Source name, reported with every result.")
+    pipeline: Name = Field(description="Pipeline that processes this source's frames.")
+    url: str = Field(
+        min_length=1, description="Device index (e.g. '0'), file or stream URL. Credentials here are redacted in logs."
+    )
+    username: str | None = Field(default=None, description="Stream user name, inserted into the URL.")
+    password_file: Path | None = Field(default=None, description="File holding the stream password.")
+    password_env: str | None = Field(default=None, description="Environment variable holding the stream password.")
+    max_fps: float = Field(default=5.0, gt=0.0, le=240, description="Frames per second submitted at most.")
+    reconnect: Backoff = Field(default=Backoff(), description="Exponential backoff between reconnects.")
+    read_failures: int = Field(default=3, ge=1, description="Consecutive failed reads before reconnecting.")
+    max_in_flight: int = Field(
+        default=2, ge=1, le=64, description="Frames submitted but unfinished; newer frames replace the waiting one."
+    )
+    password: SecretStr | None = Field(default=None, exclude=True, description="Resolved by the loader; never in YAML.")
+
+
+Source = Annotated[FolderSourceConfig | CameraSourceConfig, Field(discriminator="type")]
+
+
+# --- delivery, API, metrics ----------------------------------------------------------------------------------------
+
+
+class TlsConfig(_Strict):
+    enabled: bool = Field(default=False, description="Use TLS to the broker.")
+    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+    insecure: bool = Field(default=False, description="Skip host name verification (testing only).")
+
+
+class MqttConfig(_Strict):
+    enabled: bool = Field(default=True, description="Publish results over MQTT.")
+    host: str = Field(default="localhost", min_length=1, description="Broker host name or address.")
+    port: Port = Field(default=1883, description="Broker port.")
+    client_id: str | None = Field(default=None, description="MQTT client id; default: the device_id.")
+    username: str | None = Field(default=None, description="Broker user name (per-device credentials).")
+    password_file: Path | None = Field(default=None, description="File holding the broker password.")
+    password_env: str | None = Field(default=None, description="Environment variable holding the broker password.")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive in seconds.")
+    tls: TlsConfig = Field(default=TlsConfig(), description="TLS settings.")
+    topic_prefix: str = Field(
+        default="edge/v1", pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$", description="Prefix of every topic."
+    )
+    max_inflight: int = Field(default=20, ge=1, le=1000, description="Unacknowledged QoS 1 publishes at most.")
+    heartbeat_s: float = Field(default=30.0, gt=0.0, le=3600, description="Seconds between status heartbeats.")
+    republish_after_s: float = Field(
+        default=30.0, gt=0.0, le=86_400, description="Re-publish results not acknowledged end to end after this."
+    )
+    republish_rate: float = Field(default=200.0, gt=0.0, description="Re-published results per second at most.")
+    password: SecretStr | None = Field(default=None, exclude=True, description="Resolved by the loader; never in YAML.")
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set password_file or password_env, not both")
+        return self
+
+
+class OutboxConfig(_Strict):
+    max_bytes: ByteSize = Field(default=512 * 1000**2, description="Byte cap of the outbox database.")
+    max_age_s: float = Field(
+        default=7 * 86_400, gt=0.0, description="Unacknowledged results older than this are dropped (counted)."
+    )
+    full_policy: Literal["reject_new", "drop_oldest"] = Field(
+        default="reject_new", description="When full: refuse new inputs (uploads get 507) or drop the oldest results."
+    )
+    retention_s: float = Field(
+        default=3600.0, ge=0.0, description="Acknowledged results are kept this long for status queries."
+    )
+
+
+class HttpConfig(_Strict):
+    enabled: bool = Field(default=False, description="Serve the HTTP API and farmer page.")
+    bind: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
+    port: Port = Field(default=8080, description="Port to listen on.")
+    tokens_file: Path | None = Field(default=None, description="File with one API token per line; null: no auth.")
+    max_body_bytes: ByteSize = Field(default=16 * 1024**2, description="Request bodies larger than this get 413.")
+    max_pixels: int = Field(default=40_000_000, gt=0, description="Images with more pixels are refused.")
+    rate_limit_per_minute: int = Field(default=120, ge=1, description="Requests per minute per client.")
+    default_language: str = Field(
+        default="en", pattern=r"^[a-z]{2}(-[A-Za-z]{2})?$", description="Language of the page and advice."
+    )
+    pipeline: Name | None = Field(default=None, description="Pipeline for uploads; default: the first crop one.")
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = Field(default=True, description="Serve Prometheus metrics.")
+    bind: str = Field(default="127.0.0.1", min_length=1, description="Address of the metrics endpoint.")
+    port: Port = Field(default=9108, description="Port of the metrics endpoint (0 is not allowed).")
+
+
+class AgentConfig(_Strict):
+    device_id: Name = Field(default="edge-01", description="This device's id: MQTT topics, result ids.")
+    state_dir: Path = Field(default=Path("var/edge-agent"), description="Outbox, spool and other state.")
+    models_dir: Path | None = Field(default=None, description="Folder of model bundles; default: the bundled models/.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600, description="Bound on graceful shutdown (SIGTERM) in seconds."
+    )
+    models: tuple[ModelConfig, ...] = Field(min_length=1, description="Model bundles loaded at start.")
+    pipelines: tuple[PipelineConfig, ...] = Field(min_length=1, description="Named pipelines.")
+    sources: tuple[Source, ...] = Field(default=(), description="Watched folders and cameras.")
+    mqtt: MqttConfig = Field(default=MqttConfig(), description="Broker connection and publishing.")
+    outbox: OutboxConfig = Field(default=OutboxConfig(), description="Durable result store limits.")
+    http: HttpConfig = Field(default=HttpConfig(), description="HTTP API (uploads, status, farmer page).")
+    metrics: MetricsConfig = Field(default=MetricsConfig(), description="Prometheus endpoint.")
+
+    @model_validator(mode="after")
+    def _references(self) -> AgentConfig:
+        problems = reference_problems(self)
+        if problems:
+            key, msg = problems[0]
+            raise ValueError(f"@{key}@ {msg}")
+        return self
+
+
+def reference_problems(cfg: AgentConfig) -> list[tuple[str, str]]:
+    """Duplicate names and dangling references, as (key path, message)."""
+    problems: list[tuple[str, str]] = []
+    for section, items in (("models", cfg.models), ("pipelines", cfg.pipelines), ("sources", cfg.sources)):
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append((f"{section}.{i}.name", f"duplicate name {item.name!r}"))
+            seen.add(item.name)
+    models = {m.name for m in cfg.models}
+    pipelines = {p.name for p in cfg.pipelines}
+    for i, p in enumerate(cfg.pipelines):
+        if p.model not in models:
+            problems.append((f"pipelines.{i}.model", f"unknown model {p.model!r} (known: {sorted(models)})"))
+    for i, s in enumerate(cfg.sources):
+        if s.pipeline not in pipelines:
+            problems.append((f"sources.{i}.pipeline", f"unknown pipeline {s.pipeline!r} (known: {sorted(pipelines)})"))
+    if cfg.http.pipeline is not None and cfg.http.pipeline not in pipelines:
+        problems.append(("http.pipeline", f"unknown pipeline {cfg.http.pipeline!r}"))
+    return problems
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+_SECRET_KEYS = ("password",)
+
+
+def _reject_inline_secrets(doc: Mapping[str, Any]) -> tuple[str, str] | None:
+    mqtt = doc.get("mqtt")
+    if isinstance(mqtt, Mapping) and "password" in mqtt:
+        return ("mqtt.password", "inline passwords are not allowed; use password_file or password_env")
+    sources = doc.get("sources")
+    if isinstance(sources, list):
+        for i, s in enumerate(sources):
+            if isinstance(s, Mapping) and "password" in s:
+                return (f"sources.{i}.password", "inline passwords are not allowed; use password_file or password_env")
+    return None
+
+
+def _format_validation(source: str, exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    loc = ".".join(str(p) for p in err["loc"])
+    match = re.match(r"^@([^@]+)@ (.*)$", msg)
+    if match:
+        loc, msg = (f"{loc}.{match.group(1)}" if loc else match.group(1)), match.group(2)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {loc or '(root)'}: {msg}"
+
+
+def parse_config(text: str, source: str = "config.yaml") -> AgentConfig:
+    """Parse and validate YAML text (pure: no file access, no secrets resolved)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}" if mark is not None else "(unknown line)"
+        problem = exc.problem or str(exc)
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            problem = f"unsupported YAML tag ({problem})"
+        raise ConfigError(f"{source}: {where}: {problem}".replace("\n", " ")) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: (root): YAML error: {exc}".replace("\n", " ")) from exc
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: (root): top level must be a mapping")
+    inline = _reject_inline_secrets(doc)
+    if inline is not None:
+        raise ConfigError(f"{source}: {inline[0]}: {inline[1]}")
+    try:
+        return AgentConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(source, exc).replace("\n", " ")) from exc
+
+
+def _read_secret(
+    source: str, key: str, file: Path | None, env: str | None, environ: Mapping[str, str]
+) -> SecretStr | None:
+    if file is not None:
+        try:
+            value = file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{source}: {key}_file: cannot read {file}: {exc.strerror}") from exc
+        return SecretStr(value)
+    if env is not None:
+        if env not in environ:
+            raise ConfigError(f"{source}: {key}_env: environment variable {env!r} is not set")
+        return SecretStr(environ[env])
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def _writable_dir_problem(path: Path) -> str | None:
+    if path.exists() and not path.is_dir():
+        return f"{path} is not a directory"
+    probe = _nearest_existing(path)
+    if not probe.is_dir():
+        return f"{path} cannot be created: {probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            return f"{probe} is on a read-only file system"
+    except OSError as exc:
+        return f"{probe}: {exc.strerror}"
+    return None
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else base / p
+
+
+def finalize(cfg: AgentConfig, source: str, base: Path, environ: Mapping[str, str]) -> AgentConfig:
+    """Resolve relative paths against ``base``, check files and directories, read secrets."""
+    state_dir = _resolve(base, cfg.state_dir)
+    problem = _writable_dir_problem(state_dir)
+    if problem:
+        raise ConfigError(f"{source}: state_dir: {problem}")
+    models_dir = _resolve(base, cfg.models_dir) if cfg.models_dir is not None else None
+    if models_dir is not None and not models_dir.is_dir():
+        raise ConfigError(f"{source}: models_dir: {models_dir} is not a directory")
+
+    tls = cfg.mqtt.tls
+    tls_updates: dict[str, Any] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value: Path | None = getattr(tls, key)
+        if value is None:
+            continue
+        resolved = _resolve(base, value)
+        if cfg.mqtt.enabled and tls.enabled and not resolved.is_file():
+            raise ConfigError(f"{source}: mqtt.tls.{key}: file not found: {resolved}")
+        tls_updates[key] = resolved
+    if cfg.mqtt.enabled and tls.enabled and (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError(f"{source}: mqtt.tls.key_file: cert_file and key_file go together")
+
+    mqtt_pw_file = _resolve(base, cfg.mqtt.password_file) if cfg.mqtt.password_file else None
+    mqtt_password = _read_secret(source, "mqtt.password", mqtt_pw_file, cfg.mqtt.password_env, environ)
+    mqtt = cfg.mqtt.model_copy(
+        update={"tls": tls.model_copy(update=tls_updates), "password": mqtt_password, "password_file": mqtt_pw_file}
+    )
+
+    sources: list[FolderSourceConfig | CameraSourceConfig] = []
+    for i, src in enumerate(cfg.sources):
+        if isinstance(src, FolderSourceConfig):
+            path = _resolve(base, src.path)
+            sources.append(
+                src.model_copy(
+                    update={
+                        "path": path,
+                        "done_dir": _resolve(base, src.done_dir) if src.done_dir else path / "done",
+                        "rejected_dir": _resolve(base, src.rejected_dir) if src.rejected_dir else path / "rejected",
+                    }
+                )
+            )
+        else:
+            pw_file = _resolve(base, src.password_file) if src.password_file else None
+            pw = _read_secret(source, f"sources.{i}.password", pw_file, src.password_env, environ)
+            sources.append(src.model_copy(update={"password": pw, "password_file": pw_file}))
+
+    http = cfg.http
+    if http.tokens_file is not None:
+        tokens = _resolve(base, http.tokens_file)
+        if http.enabled and not tokens.is_file():
+            raise ConfigError(f"{source}: http.tokens_file: file not found: {tokens}")
+        http = http.model_copy(update={"tokens_file": tokens})
+
+    return cfg.model_copy(
+        update={
+            "state_dir": state_dir,
+            "models_dir": models_dir,
+            "mqtt": mqtt,
+            "sources": tuple(sources),
+            "http": http,
+        }
+    )
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read, parse, validate and finalize a config file; relative paths are relative to the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{source}: (file): not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: (file): cannot read: {exc}") from exc
+    cfg = parse_config(text, source)
+    return finalize(cfg, source, path.resolve().parent, os.environ if environ is None else environ)
+
+
+DEFAULT_CONFIG_YAML = """\
+# Embedded default: bundled crop model, a watched folder, SQLite outbox, MQTT on localhost.
+device_id: edge-01
+state_dir: var/edge-agent
+models:
+  - name: crop
+    bundle: crop_leaf
+pipelines:
+  - name: crop
+    kind: crop
+    model: crop
+sources:
+  - type: folder
+    name: inbox
+    pipeline: crop
+    path: var/edge-agent/inbox
+mqtt:
+  host: localhost
+  port: 1883
+metrics:
+  enabled: false
+"""
+
+
+def default_config(
+    cwd: Path | None = None, environ: Mapping[str, str] | None = None, bundle: str | None = None
+) -> AgentConfig:
+    """The embedded default (``edge-agent run`` with no ``--config``); state under ``<cwd>/var/edge-agent``."""
+    text = DEFAULT_CONFIG_YAML
+    if bundle is not None:
+        text = text.replace("bundle: crop_leaf", f"bundle: {bundle}")
+    cfg = parse_config(text, "(default config)")
+    return finalize(cfg, "(default config)", cwd or Path.cwd(), os.environ if environ is None else environ)
