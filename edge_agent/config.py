@@ -345,7 +345,10 @@ def _reject_inline_secrets(doc: Mapping[str, Any]) -> tuple[str, str] | None:
 def _format_validation(source: str, exc: ValidationError) -> str:
     err = exc.errors(include_url=False)[0]
     msg = str(err["msg"]).removeprefix("Value error, ")
-    loc = ".".join(str(p) for p in err["loc"])
+    parts = [str(p) for p in err["loc"]]
+    if len(parts) > 2 and parts[0] == "sources" and parts[2] in ("folder", "camera"):
+        del parts[2]  # the discriminator tag pydantic inserts
+    loc = ".".join(parts)
     match = re.match(r"^@([^@]+)@ (.*)$", msg)
     if match:
         loc, msg = (f"{loc}.{match.group(1)}" if loc else match.group(1)), match.group(2)
