@@ -1,0 +1,124 @@
+"""Validation of MQTT commands (``edge/v1/<device>/cmd/<name>``). Pure: no I/O.
+
+A command payload is ``{"v": 1, "id": "<unique id>", "args": {...}}`` (``v`` optional). Anything
+malformed is refused as a whole (no partial change) with a stable code:
+
+=========================  ==========================================================
+code                       when
+=========================  ==========================================================
+``command_empty``          empty payload
+``command_too_large``      more than ``MAX_COMMAND_BYTES``
+``command_not_json``       invalid UTF-8, not JSON, NaN/Infinity, not an object
+``command_unknown``        no such command name
+``command_invalid``        missing/odd id, unknown or wrongly typed args, out of range
+``command_replayed``       the id already ran (checked by the caller against its journal)
+=========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from edge_agent.errors import EdgeAgentError
+
+MAX_COMMAND_BYTES = 64 * 1024
+ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class CommandError(EdgeAgentError):
+    """A refused command; ``code`` is one of the codes in the module docstring."""
+
+    code = "command_invalid"
+
+    def __init__(self, message: str, code: str = "command_invalid", command_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.command_id = command_id
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(lo: float, hi: float) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CommandError(f"argument {key!r} must be a number", "command_invalid")
+        number = float(value)
+        if not math.isfinite(number) or not lo <= number <= hi:
+            raise CommandError(f"argument {key!r} must be within [{lo}, {hi}]", "command_invalid")
+        return number
+
+    return check
+
+
+def _name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise CommandError(f"argument {key!r} must be a name matching [A-Za-z0-9_.-]{{1,64}}", "command_invalid")
+    return value
+
+
+# name -> (required args, optional args); each arg maps to its checker
+_SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable[[str, Any], Any]]]] = {
+    "ping": ({}, {}),
+    "heartbeat": ({}, {}),
+    "republish": ({}, {}),
+    "set_heartbeat_interval": ({"seconds": _number(1.0, 86400.0)}, {}),
+    "set_thresholds": (
+        {"pipeline": _name},
+        {"score": _number(0.0, 1.0), "iou": _number(0.0, 1.0), "anomaly": _number(0.0, 1e9)},
+    ),
+}
+KNOWN_COMMANDS = frozenset(_SPECS)
+
+
+def parse_command(name: str, payload: bytes) -> Command:
+    """Validate one command; returns a Command or raises CommandError (nothing is half-applied)."""
+    if not payload:
+        raise CommandError("empty command payload", "command_empty")
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"command of {len(payload)} bytes exceeds {MAX_COMMAND_BYTES}", "command_too_large")
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise CommandError(f"command is not valid UTF-8 JSON: {exc}", "command_not_json") from exc
+    if not isinstance(value, dict):
+        raise CommandError("command payload must be a JSON object", "command_not_json")
+    command_id = value.get("id")
+    if not isinstance(command_id, str) or not ID_RE.match(command_id):
+        raise CommandError("command 'id' must be a string matching [A-Za-z0-9_.:-]{1,64}", "command_invalid")
+    extra = set(value) - {"v", "id", "args"}
+    if extra or value.get("v", 1) != 1:
+        raise CommandError(f"unexpected command fields or version: {sorted(extra)}", "command_invalid", command_id)
+    if name not in _SPECS:
+        raise CommandError(f"unknown command {name[:64]!r}", "command_unknown", command_id)
+    args = value.get("args", {})
+    if not isinstance(args, dict):
+        raise CommandError("command 'args' must be an object", "command_invalid", command_id)
+    required, optional = _SPECS[name]
+    unknown = set(args) - set(required) - set(optional)
+    if unknown:
+        raise CommandError(f"unknown arguments {sorted(unknown)} for {name}", "command_invalid", command_id)
+    missing = set(required) - set(args)
+    if missing:
+        raise CommandError(f"missing arguments {sorted(missing)} for {name}", "command_invalid", command_id)
+    checked: dict[str, Any] = {}
+    try:
+        for key, check in {**required, **optional}.items():
+            if key in args:
+                checked[key] = check(key, args[key])
+    except CommandError as exc:
+        raise CommandError(exc.message, exc.code, command_id) from None
+    if name == "set_thresholds" and len(checked) == 1:
+        raise CommandError("set_thresholds needs at least one of score, iou, anomaly", "command_invalid", command_id)
+    return Command(id=command_id, name=name, args=checked)

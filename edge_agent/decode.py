@@ -1,0 +1,163 @@
+"""Decode untrusted image bytes safely and no larger than the model needs.
+
+Rules (see shared design RELIABILITY.md):
+- the format is decided from the bytes, and only JPEG, PNG and WebP are ever parsed;
+- the pixel count is checked from the header, before any pixel is decoded;
+- EXIF orientation is applied, so photos come out upright;
+- a JPEG much larger than the model input is decoded at 1/2, 1/4 or 1/8 size in the DCT
+  (OpenCV reduced decode, after Pillow has read and checked the header).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from . import imaging
+from .errors import ImageEmptyError, ImageError, ImageTooLargeError, UnsupportedFormatError
+from .types import Image, U8Image
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""40 MP: above any phone photo, far below a decompression bomb."""
+
+SizeHint = Callable[[int, int], tuple[int, int]]
+"""(original width, original height) -> minimum (width, height) the model needs."""
+
+_ORIENT_TRANSPOSE = {
+    2: PILImage.Transpose.FLIP_LEFT_RIGHT,
+    3: PILImage.Transpose.ROTATE_180,
+    4: PILImage.Transpose.FLIP_TOP_BOTTOM,
+    5: PILImage.Transpose.TRANSPOSE,
+    6: PILImage.Transpose.ROTATE_270,
+    7: PILImage.Transpose.TRANSVERSE,
+    8: PILImage.Transpose.ROTATE_90,
+}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return "JPEG", "PNG" or "WEBP" from the magic bytes, or None for anything else."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _orientation(im: PILImage.Image) -> int:
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS:  # malformed EXIF block: treat as upright
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _reduction(size: tuple[int, int], need: tuple[int, int]) -> int:
+    """Largest JPEG DCT reduction (8, 4, 2, 1) that still yields at least ``need`` pixels."""
+    w, h = size
+    for factor in (8, 4, 2):
+        if -(-w // factor) >= need[0] and -(-h // factor) >= need[1]:
+            return factor
+    return 1
+
+
+def _orient_array(pixels: U8Image, orientation: int) -> U8Image:
+    """Apply an EXIF orientation (1-8) to an (H, W, 3) array."""
+    if orientation in (5, 6, 7, 8):
+        pixels = np.ascontiguousarray(np.swapaxes(pixels, 0, 1))
+        # after a transpose: 5 = done; 6 = mirror x; 7 = rotate 180; 8 = mirror y
+        if orientation == 6:
+            pixels = pixels[:, ::-1]
+        elif orientation == 7:
+            pixels = pixels[::-1, ::-1]
+        elif orientation == 8:
+            pixels = pixels[::-1, :]
+    elif orientation == 2:
+        pixels = pixels[:, ::-1]
+    elif orientation == 3:
+        pixels = pixels[::-1, ::-1]
+    elif orientation == 4:
+        pixels = pixels[::-1, :]
+    return np.ascontiguousarray(pixels)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    size_hint: SizeHint | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fast_jpeg: bool = True,
+) -> Image:
+    """Decode untrusted ``data`` into an upright :class:`Image`.
+
+    ``size_hint`` receives the upright original size and returns the minimum size the
+    model needs; JPEGs are then decoded at reduced size when that is enough.
+    Raises ImageEmptyError, UnsupportedFormatError, ImageTooLargeError or ImageError.
+    """
+    if not data:
+        raise ImageEmptyError("empty image")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedFormatError("not a JPEG, PNG or WebP image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            im = PILImage.open(io.BytesIO(data), formats=[fmt])
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"unreadable {fmt} image") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"unreadable {fmt} image: {exc}") from exc
+    with im:
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ImageError("image has no pixels")
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"image has {w}x{h} pixels, limit is {max_pixels}")
+        orientation = _orientation(im)
+        upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        need = size_hint(*upright) if size_hint is not None else upright
+        need_stored = (need[1], need[0]) if orientation in (5, 6, 7, 8) else need
+        pixels: U8Image | None = None
+        if fmt == "JPEG" and fast_jpeg and im.mode in ("RGB", "L") and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+            bgr = imaging.decode_jpeg_reduced(data, _reduction((w, h), need_stored))
+            if bgr is not None:
+                return Image(pixels=_orient_array(bgr, orientation), color="BGR", original_size=upright)
+        try:
+            if fmt == "JPEG" and size_hint is not None:
+                im.draft("RGB", need_stored)
+            im.load()
+            rgb = im if im.mode == "RGB" else _to_rgb(im)
+            if orientation in _ORIENT_TRANSPOSE:
+                rgb = rgb.transpose(_ORIENT_TRANSPOSE[orientation])
+            pixels = np.asarray(rgb, dtype=np.uint8)
+        except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"image too large: {exc}") from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from exc
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageError("image did not decode to 3 channels")
+    return Image(pixels=np.ascontiguousarray(pixels), color="RGB", original_size=upright)
+
+
+def _to_rgb(im: PILImage.Image) -> PILImage.Image:
+    """Convert any mode (L, P, CMYK, I;16, RGBA, LA...) to 8-bit RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float32)
+        top = float(arr.max()) or 1.0
+        scaled = (arr * (255.0 / top)).clip(0, 255).astype(np.uint8)
+        return PILImage.fromarray(scaled).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")

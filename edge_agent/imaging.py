@@ -1,0 +1,61 @@
+"""OpenCV adapter: the one module that imports cv2 for pixel work.
+
+Resizing into preallocated buffers and JPEG decode at reduced size (1/2, 1/4, 1/8 in the DCT).
+Bytes given to :func:`decode_jpeg_reduced` must already have been identified as JPEG by
+``decode.py`` (Pillow header check); OpenCV is never asked to guess a format.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from .types import U8Image
+
+Interpolation = Literal["linear", "area", "nearest"]
+
+_INTERP = {
+    "linear": cv2.INTER_LINEAR,
+    "area": cv2.INTER_AREA,
+    "nearest": cv2.INTER_NEAREST,
+}
+
+_REDUCED = {
+    1: cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
+    2: cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION,
+    4: cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION,
+    8: cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION,
+}
+
+
+def resize_into(src: U8Image, dst: U8Image, interpolation: Interpolation = "linear") -> None:
+    """Resize (h, w, 3) ``src`` into ``dst`` (H, W, 3), which may be a view into a larger canvas."""
+    out = cv2.resize(src, (dst.shape[1], dst.shape[0]), dst=dst, interpolation=_INTERP[interpolation])
+    if out is not dst and not np.shares_memory(out, dst):  # OpenCV could not write in place
+        dst[...] = out
+
+
+def resize(src: U8Image, size: tuple[int, int], interpolation: Interpolation = "linear") -> U8Image:
+    """Resize (h, w, 3) ``src`` to ``size`` = (width, height); returns a new array."""
+    out: U8Image = cv2.resize(src, size, interpolation=_INTERP[interpolation])
+    return out
+
+
+def decode_jpeg_reduced(data: bytes, factor: int) -> U8Image | None:
+    """Decode JPEG bytes at 1/``factor`` size (factor in 1, 2, 4, 8); BGR (h, w, 3) or None on failure.
+
+    EXIF orientation is ignored here; the caller applies it.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, _REDUCED[factor])
+    if img is None or img.ndim != 3:
+        return None
+    out: U8Image = img
+    return out
+
+
+def set_threads(n: int) -> None:
+    """Limit OpenCV's own worker threads (0 = OpenCV's default)."""
+    cv2.setNumThreads(n)

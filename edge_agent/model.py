@@ -1,0 +1,175 @@
+"""A model = manifest + runtime + pre-processing + post-processing -> ``predict()``.
+
+``predict`` is safe to call from several threads: each thread gets its own pre-processing
+buffers, and onnxruntime sessions are thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from . import postprocess as pp
+from .bundle import Bundle
+from .decode import DEFAULT_MAX_PIXELS, decode_image
+from .errors import ManifestError
+from .manifest import (
+    AnomalyDecoder,
+    Manifest,
+    NanodetDecoder,
+    SoftmaxDecoder,
+    Yolov8Decoder,
+    YoloxDecoder,
+)
+from .preprocess import Preprocessor, map_boxes_to_original
+from .runtime import Array, OrtRuntime, Runtime, RuntimeOptions
+from .types import (
+    AnomalyScore,
+    Classification,
+    Detection,
+    Image,
+    Prediction,
+    PreprocessMeta,
+    Result,
+    Timings,
+)
+
+_ms = 1000.0
+
+
+class Model:
+    """Runs one bundle. Build with :meth:`load`, or directly with any :class:`Runtime` (tests)."""
+
+    def __init__(self, manifest: Manifest, runtime: Runtime, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.manifest = manifest
+        self.runtime = runtime
+        self.max_pixels = max_pixels
+        self._local = threading.local()
+        if manifest.input.name not in runtime.input_names:
+            raise ManifestError(
+                f"{manifest.name}: field input.name: {manifest.input.name!r} is not an input of the model "
+                f"(inputs: {', '.join(runtime.input_names)})"
+            )
+        missing = [o for o in _decoder_outputs(manifest) if o not in runtime.output_names]
+        if missing:
+            raise ManifestError(
+                f"{manifest.name}: field decoder: outputs {missing} not in the model "
+                f"(outputs: {', '.join(runtime.output_names)})"
+            )
+
+    @classmethod
+    def load(cls, bundle: Bundle, options: RuntimeOptions = RuntimeOptions(), **kwargs: Any) -> Model:
+        return cls(bundle.manifest, OrtRuntime(bundle.onnx_path, options), **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """This thread's pre-processor (its buffers are reused call after call)."""
+        pre: Preprocessor | None = getattr(self._local, "pre", None)
+        if pre is None:
+            pre = self._local.pre = Preprocessor(self.manifest.input)
+        return pre
+
+    def decode(self, data: bytes) -> Image:
+        """Decode untrusted bytes at the smallest size that loses nothing for this model."""
+        return decode_image(data, size_hint=self.preprocessor.required_size, max_pixels=self.max_pixels)
+
+    def predict_bytes(self, data: bytes) -> Result:
+        t0 = time.perf_counter()
+        image = self.decode(data)
+        return self.predict(image, decode_ms=(time.perf_counter() - t0) * _ms)
+
+    def predict(self, image: Image, *, decode_ms: float = 0.0) -> Result:
+        t0 = time.perf_counter()
+        tensor, meta = self.preprocessor.run(image)
+        t1 = time.perf_counter()
+        outputs = self.runtime.run({self.manifest.input.name: tensor})
+        t2 = time.perf_counter()
+        predictions, rejected = self._postprocess(outputs, meta)
+        t3 = time.perf_counter()
+        return Result(
+            model=self.manifest.name,
+            model_version=self.manifest.version,
+            task=self.manifest.task,
+            predictions=predictions,
+            image_size=image.original_size,
+            timings=Timings(decode_ms, (t1 - t0) * _ms, (t2 - t1) * _ms, (t3 - t2) * _ms),
+            rejected=rejected,
+        )
+
+    def warmup(self, runs: int = 2) -> None:
+        """Run the model on a blank image so the first real request is not the slow one."""
+        spec = self.manifest.input
+        blank = Image.from_array(np.full((spec.height, spec.width, 3), 127, np.uint8), "RGB")
+        for _ in range(runs):
+            self.predict(blank)
+
+    def _postprocess(self, outputs: dict[str, Array], meta: PreprocessMeta) -> tuple[tuple[Prediction, ...], bool]:
+        m = self.manifest
+        dec = m.decoder
+        th = m.thresholds
+        if isinstance(dec, SoftmaxDecoder):
+            logits = np.asarray(outputs[dec.output], dtype=np.float32).reshape(-1)
+            probs = pp.softmax(logits) if dec.apply_softmax else logits
+            idx, vals = pp.top_k(probs, dec.top_k)
+            preds = tuple(
+                Classification(label=m.labels[int(i)], score=float(v), index=int(i)) for i, v in zip(idx, vals, strict=True)
+            )
+            rejected = False
+            if dec.ood_output is not None and th.ood is not None:
+                rejected = pp.anomaly_score(outputs[dec.ood_output]) > th.ood
+            return preds, rejected
+        if isinstance(dec, AnomalyDecoder):
+            score = pp.anomaly_score(outputs[dec.score_output])
+            heat = pp.anomaly_map(outputs[dec.map_output]) if dec.map_output else None
+            assert th.anomaly is not None  # guaranteed by the manifest validator
+            return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat),), False
+        size = (m.input.width, m.input.height)
+        if isinstance(dec, YoloxDecoder):
+            boxes = pp.decode_yolox(outputs[dec.output], size, dec.strides, th.score)
+        elif isinstance(dec, NanodetDecoder):
+            boxes = pp.decode_nanodet(
+                [outputs[n] for n in dec.cls_outputs],
+                [outputs[n] for n in dec.reg_outputs],
+                size,
+                dec.strides,
+                dec.reg_max,
+                th.score,
+            )
+        else:
+            assert isinstance(dec, Yolov8Decoder)
+            boxes = pp.decode_yolov8(outputs[dec.output], th.score)
+        boxes = pp.batched_nms(boxes, th.iou, th.max_detections)
+        xyxy = map_boxes_to_original(boxes.xyxy, meta)
+        labels = m.labels
+        preds = tuple(
+            Detection(
+                label=labels[c] if 0 <= c < len(labels) else str(c),
+                score=float(s),
+                class_id=int(c),
+                box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+            )
+            for b, s, c in zip(xyxy, boxes.scores, boxes.class_ids.tolist(), strict=True)
+        )
+        return preds, False
+
+
+def _decoder_outputs(manifest: Manifest) -> list[str]:
+    dec = manifest.decoder
+    if isinstance(dec, SoftmaxDecoder):
+        return [dec.output] + ([dec.ood_output] if dec.ood_output else [])
+    if isinstance(dec, AnomalyDecoder):
+        return [dec.score_output] + ([dec.map_output] if dec.map_output else [])
+    if isinstance(dec, NanodetDecoder):
+        return [*dec.cls_outputs, *dec.reg_outputs]
+    return [dec.output]

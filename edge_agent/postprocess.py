@@ -1,0 +1,194 @@
+"""Pure numpy output decoders. Boxes are (N, 4) float32 x1, y1, x2, y2 in model-input pixels.
+
+No I/O, no state beyond cached anchor grids (read-only arrays keyed by geometry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """Detections as arrays: ``xyxy`` (N, 4) float32, ``scores`` (N,) float32, ``class_ids`` (N,) int64."""
+
+    xyxy: F32
+    scores: F32
+    class_ids: I64
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @staticmethod
+    def empty() -> Boxes:
+        return Boxes(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64))
+
+    def take(self, idx: npt.NDArray[np.intp] | I64) -> Boxes:
+        return Boxes(self.xyxy[idx], self.scores[idx], self.class_ids[idx])
+
+
+def softmax(logits: F32) -> F32:
+    """Softmax over the last axis of (..., C) logits, numerically stable."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    out: F32 = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32, copy=False)
+    return out
+
+
+def top_k(probs: F32, k: int) -> tuple[I64, F32]:
+    """Indices and values of the ``k`` largest of (C,) ``probs``, best first."""
+    k = min(k, probs.shape[0])
+    idx = np.argpartition(-probs, k - 1)[:k]
+    idx = idx[np.argsort(-probs[idx], kind="stable")]
+    return idx.astype(np.int64), probs[idx]
+
+
+def box_iou(a: F32, b: F32) -> F32:
+    """IoU matrix (N, M) between (N, 4) and (M, 4) xyxy boxes."""
+    tl = np.maximum(a[:, None, :2], b[None, :, :2])
+    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(br - tl, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    out: F32 = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0).astype(np.float32)
+    return out
+
+
+def nms(xyxy: F32, scores: F32, iou_threshold: float) -> I64:
+    """Greedy non-maximum suppression; returns kept indices, highest score first.
+
+    Invariants: no two kept boxes overlap with IoU > ``iou_threshold``; the best box is kept.
+    """
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = xyxy[:, 0], xyxy[:, 1], xyxy[:, 2], xyxy[:, 3]
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        union = areas[i] + areas[rest] - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(boxes: Boxes, iou_threshold: float, max_detections: int) -> Boxes:
+    """Class-aware NMS: boxes of different classes never suppress each other."""
+    if len(boxes) == 0:
+        return boxes
+    offset = (boxes.xyxy.max() + 1.0) * boxes.class_ids.astype(np.float32)
+    shifted = boxes.xyxy + offset[:, None]
+    keep = nms(shifted, boxes.scores, iou_threshold)[:max_detections]
+    return boxes.take(keep)
+
+
+@lru_cache(maxsize=16)
+def _grid(width: int, height: int, strides: tuple[int, ...]) -> tuple[F32, F32]:
+    """Cell (col, row) grid (N, 2) and per-cell stride (N,) for row-major feature maps per stride."""
+    grids = []
+    steps = []
+    for s in strides:
+        gw, gh = width // s, height // s
+        ys, xs = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        grids.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
+        steps.append(np.full(gw * gh, s))
+    g = np.concatenate(grids).astype(np.float32)
+    st = np.concatenate(steps).astype(np.float32)
+    g.flags.writeable = False
+    st.flags.writeable = False
+    return g, st
+
+
+def _select(scores_all: F32, score_threshold: float) -> tuple[npt.NDArray[np.intp], I64, F32]:
+    """Per row best class; returns (rows kept, class ids, scores) above the threshold."""
+    cls = scores_all.argmax(axis=1)
+    best = scores_all[np.arange(scores_all.shape[0]), cls]
+    rows = np.nonzero(best >= score_threshold)[0]
+    return rows, cls[rows].astype(np.int64), best[rows].astype(np.float32)
+
+
+def decode_yolox(
+    output: F32, input_size: tuple[int, int], strides: tuple[int, ...], score_threshold: float
+) -> Boxes:
+    """YOLOX head without decode in graph.
+
+    ``output``: (1, N, 5 + C) rows of (dx, dy, log w, log h, obj, cls...) with obj and cls already
+    sigmoid-ed; N = sum over strides of (W/s)*(H/s). Score = obj * cls.
+    """
+    out = output[0]
+    grid, stride = _grid(input_size[0], input_size[1], strides)
+    scores_all = out[:, 4:5] * out[:, 5:]
+    rows, cls, scores = _select(scores_all, score_threshold)
+    if rows.size == 0:
+        return Boxes.empty()
+    sel = out[rows]
+    s = stride[rows, None]
+    centre = (sel[:, 0:2] + grid[rows]) * s
+    wh = np.exp(sel[:, 2:4]) * s
+    xyxy = np.concatenate([centre - wh / 2, centre + wh / 2], axis=1).astype(np.float32)
+    return Boxes(xyxy, scores, cls)
+
+
+def decode_nanodet(
+    cls_outputs: list[F32],
+    reg_outputs: list[F32],
+    input_size: tuple[int, int],
+    strides: tuple[int, ...],
+    reg_max: int,
+    score_threshold: float,
+) -> Boxes:
+    """NanoDet GFL head.
+
+    ``cls_outputs[i]``: (1, N_i, C) sigmoid class scores; ``reg_outputs[i]``: (1, N_i, 4*(reg_max+1))
+    distance bins for left, top, right, bottom. Cell centre = (col*s + (s-1)/2, row*s + (s-1)/2);
+    distance = s * sum(softmax(bins) * [0..reg_max]).
+    """
+    cls_all = np.concatenate([c[0] for c in cls_outputs], axis=0)
+    rows, cls, scores = _select(cls_all, score_threshold)
+    if rows.size == 0:
+        return Boxes.empty()
+    reg_all = np.concatenate([r[0] for r in reg_outputs], axis=0)[rows]
+    grid, stride = _grid(input_size[0], input_size[1], strides)
+    s = stride[rows, None]
+    centre = grid[rows] * s + (s - 1) / 2
+    bins = softmax(reg_all.reshape(-1, 4, reg_max + 1))
+    dist = (bins * np.arange(reg_max + 1, dtype=np.float32)).sum(axis=2) * s
+    xyxy = np.concatenate([centre - dist[:, 0:2], centre + dist[:, 2:4]], axis=1).astype(np.float32)
+    return Boxes(xyxy, scores, cls)
+
+
+def decode_yolov8(output: F32, score_threshold: float) -> Boxes:
+    """YOLOv8-style head: ``output`` (1, 4 + C, N) of cx, cy, w, h (input pixels) then class scores."""
+    out = output[0].T
+    rows, cls, scores = _select(out[:, 4:], score_threshold)
+    if rows.size == 0:
+        return Boxes.empty()
+    cxcy = out[rows, 0:2]
+    wh = out[rows, 2:4]
+    xyxy = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1).astype(np.float32)
+    return Boxes(xyxy, scores, cls)
+
+
+def anomaly_score(score_output: F32) -> float:
+    """Image score from a (1,), (1, 1) or scalar output."""
+    return float(np.asarray(score_output).reshape(-1)[0])
+
+
+def anomaly_map(map_output: F32) -> F32:
+    """(h, w) float32 heat map from a (1, 1, h, w), (1, h, w) or (h, w) output."""
+    arr = np.asarray(map_output, dtype=np.float32)
+    while arr.ndim > 2:
+        arr = arr[0]
+    return arr

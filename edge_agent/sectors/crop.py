@@ -1,0 +1,133 @@
+"""Crop sector: turn a leaf classifier's result into a diagnosis a farmer can act on.
+
+Labels are PlantVillage style, ``"<Crop>___<condition>"`` (``Apple___Apple_scab``,
+``Bean___healthy``). A result with ``rejected=True``, or whose best label is the model's
+out-of-distribution label, means "not a recognised leaf".
+
+Pure: no I/O, no globals. The verdict is a JSON-ready dict (it is stored in the outbox and
+published over MQTT next to the raw result)::
+
+    {"crop": "Apple", "condition": "Apple_scab", "label": "Apple___Apple_scab",
+     "healthy": False, "recognised": True, "confidence": 0.93,
+     "top3": [{"label", "crop", "condition", "healthy", "confidence"}, ...],
+     "crop_hint": "Apple" | None, "crop_hint_applied": bool}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..types import Classification, Result
+
+SEPARATOR = "___"
+NOT_RECOGNISED = "not_recognised"
+HEALTHY = "healthy"
+MAX_HINT_CHARS = 64
+
+
+@dataclass(frozen=True)
+class CropOptions:
+    """Tunable rules of the crop verdict.
+
+    ``min_confidence``: below this top-1 score the leaf is reported as not recognised.
+    ``hint_min_mass``: a farmer's crop hint re-ranks the alternatives to that crop only when the
+    model gives that crop at least this much probability in total (otherwise the hint is
+    ignored: the photo most likely shows another plant, and saying so is more useful).
+    """
+
+    min_confidence: float = 0.0
+    hint_min_mass: float = 0.05
+
+
+def split_label(label: str) -> tuple[str | None, str]:
+    """``"Apple___Apple_scab"`` -> ``("Apple", "Apple_scab")``; labels without a crop -> ``(None, label)``."""
+    crop, sep, condition = label.partition(SEPARATOR)
+    if not sep or not crop or not condition:
+        return None, label
+    return crop, condition
+
+
+def normalise_crop(name: str) -> str:
+    """Canonical form used to compare a hint with a label's crop (case, spaces, ``-`` and ``_`` ignored)."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+def _entry(label: str, confidence: float) -> dict[str, Any]:
+    crop, condition = split_label(label)
+    return {
+        "label": label,
+        "crop": crop,
+        "condition": condition,
+        "healthy": condition == HEALTHY,
+        "confidence": round(float(confidence), 4),
+    }
+
+
+def _classifications(result: Result) -> list[Classification]:
+    items = [p for p in result.predictions if isinstance(p, Classification)]
+    return sorted(items, key=lambda c: c.score, reverse=True)
+
+
+def crop_verdict(
+    result: Result,
+    hints: Mapping[str, str] | None = None,
+    options: CropOptions = CropOptions(),
+) -> dict[str, Any]:
+    """Diagnose one leaf photo from a classification ``result``.
+
+    ``hints`` may carry ``crop`` (what the farmer says the plant is). Unknown hints are ignored.
+    """
+    hints = hints or {}
+    ranked = _classifications(result)
+    hint_raw = (hints.get("crop") or "").strip()[:MAX_HINT_CHARS]
+    hint_key = normalise_crop(hint_raw) if hint_raw else ""
+    hint_applied = False
+    hint_crop: str | None = None
+
+    candidates = [c for c in ranked if split_label(c.label)[0] is not None]
+    scores = [(c.label, c.score) for c in candidates]
+    if hint_key:
+        matching = [(label, s) for label, s in scores if normalise_crop(split_label(label)[0] or "") == hint_key]
+        if matching:
+            hint_crop = split_label(matching[0][0])[0]
+            mass = sum(s for _, s in matching)
+            if mass >= options.hint_min_mass and mass > 0:
+                scores = [(label, s / mass) for label, s in matching]
+                hint_applied = True
+
+    top3 = [_entry(label, s) for label, s in scores[:3]]
+    best_any = ranked[0] if ranked else None
+    recognised = (
+        not result.rejected
+        and best_any is not None
+        and bool(scores)
+        and best_any.label != NOT_RECOGNISED
+        and scores[0][1] >= options.min_confidence
+    )
+    if recognised:
+        best = top3[0]
+        return {
+            "crop": best["crop"],
+            "condition": best["condition"],
+            "label": best["label"],
+            "healthy": best["healthy"],
+            "recognised": True,
+            "confidence": best["confidence"],
+            "top3": top3,
+            "crop_hint": hint_crop or (hint_raw or None),
+            "crop_hint_applied": hint_applied,
+        }
+    confidence = best_any.score if best_any is not None else 0.0
+    return {
+        "crop": None,
+        "condition": None,
+        "label": NOT_RECOGNISED,
+        "healthy": False,
+        "recognised": False,
+        "confidence": round(float(confidence), 4),
+        "top3": top3,
+        "crop_hint": hint_crop or (hint_raw or None),
+        "crop_hint_applied": hint_applied,
+    }

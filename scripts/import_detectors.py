@@ -1,0 +1,105 @@
+"""Import the pretrained COCO detectors from ../shared/models as edge-agent bundles.
+
+Usage: python scripts/import_detectors.py [SHARED_MODELS_DIR] [MODELS_DIR]
+Copies the ONNX files and licences and writes manifest.json with the sha256 of each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _labels(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+BUNDLES: dict[str, dict[str, Any]] = {
+    "yolox_nano": {
+        "files": ["yolox_nano.onnx", "LICENSE", "LICENSE.upstream-YOLOX", "SOURCE.md", "coco_classes.txt"],
+        "manifest": {
+            "schema_version": 1,
+            "name": "yolox_nano",
+            "version": "1.0.0",
+            "task": "detection",
+            "model_file": "yolox_nano.onnx",
+            "license": "Apache-2.0",
+            "source": "Megvii YOLOX-Nano COCO weights (Apache-2.0), ONNX export from Kazuhito00/YOLOX-ONNX-TFLite-Sample "
+            "@ 3d4f1119; see SOURCE.md",
+            "description": "YOLOX-Nano COCO-80 detector, 416x416, 0.91M parameters.",
+            "input": {
+                "name": "images",
+                "width": 416,
+                "height": 416,
+                "layout": "NCHW",
+                "dtype": "float32",
+                "color": "BGR",
+                "resize": {"mode": "letterbox", "pad_value": 114, "placement": "top_left"},
+                "normalize": {"scale": 1.0, "mean": [0, 0, 0], "std": [1, 1, 1]},
+            },
+            "decoder": {"type": "yolox", "output": "output", "strides": [8, 16, 32]},
+            "thresholds": {"score": 0.3, "iou": 0.45, "max_detections": 100},
+        },
+    },
+    "nanodet_m_320": {
+        "files": ["nanodet_m_320.onnx", "LICENSE", "LICENSE.repo-MIT", "SOURCE.md", "coco_classes.txt"],
+        "manifest": {
+            "schema_version": 1,
+            "name": "nanodet_m_320",
+            "version": "1.0.0",
+            "task": "detection",
+            "model_file": "nanodet_m_320.onnx",
+            "license": "Apache-2.0",
+            "source": "RangiLyu/nanodet NanoDet-m (Apache-2.0), ONNX from Kazuhito00/MOT-Tracking-by-Detection-Pipeline "
+            "@ e50a76b8; see SOURCE.md",
+            "description": "NanoDet-m COCO-80 detector (ShuffleNetV2 0.5x, GFL head), 320x320, 0.95M parameters.",
+            "input": {
+                "name": "input.1",
+                "width": 320,
+                "height": 320,
+                "layout": "NCHW",
+                "dtype": "float32",
+                "color": "BGR",
+                "resize": {"mode": "letterbox", "pad_value": 0, "placement": "center"},
+                "normalize": {"scale": 1.0, "mean": [103.53, 116.28, 123.675], "std": [57.375, 57.12, 58.395]},
+            },
+            "decoder": {
+                "type": "nanodet",
+                "cls_outputs": ["cls_pred_stride_8", "cls_pred_stride_16", "cls_pred_stride_32"],
+                "reg_outputs": ["dis_pred_stride_8", "dis_pred_stride_16", "dis_pred_stride_32"],
+                "strides": [8, 16, 32],
+                "reg_max": 7,
+            },
+            "thresholds": {"score": 0.35, "iou": 0.6, "max_detections": 100},
+        },
+    },
+}
+
+
+def main() -> None:
+    shared = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "models"
+    out_root = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "models"
+    for name, spec in BUNDLES.items():
+        src, dst = shared / name, out_root / name
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in spec["files"]:
+            shutil.copyfile(src / f, dst / f)
+        manifest = dict(spec["manifest"])
+        manifest["sha256"] = _sha256(dst / manifest["model_file"])
+        manifest["labels"] = _labels(dst / "coco_classes.txt")
+        (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"{name}: {dst}")
+
+
+if __name__ == "__main__":
+    main()
