@@ -1,0 +1,139 @@
+"""Prometheus metrics of the agent, on a ``CollectorRegistry`` passed in (no globals).
+
+The service builds one :class:`Metrics` and hands it to pipelines, sources and the publisher; they
+call its small helpers. Gauges that mirror another component's state (outbox backlog, queue depth)
+are read when Prometheus scrapes, through callables bound with :meth:`Metrics.bind_gauge`.
+
+Names::
+
+    edge_agent_stage_seconds{pipeline,stage}        histogram  decode|preprocess|inference|postprocess|sector|
+                                                               outbox|total
+    edge_agent_inputs_total{pipeline,outcome}       counter    ok|rejected|error
+    edge_agent_queue_depth{pipeline}                gauge
+    edge_agent_overloaded_total{pipeline}           counter    submits refused because the queue was full
+    edge_agent_frames_total{source}                 counter    frames read from a camera
+    edge_agent_frames_dropped_total{source,reason}  counter    latest-frame-wins replacements, overload
+    edge_agent_source_up{source}                    gauge      1 when streaming / watching
+    edge_agent_source_reconnects_total{source}      counter
+    edge_agent_sink_errors_total{pipeline,sink}     counter    a failing sink never stops the others
+    edge_agent_outbox_backlog                       gauge      unacknowledged results
+    edge_agent_outbox_bytes                         gauge
+    edge_agent_outbox_oldest_age_seconds            gauge
+    edge_agent_publish_failures_total{reason}       counter
+    edge_agent_published_total                      counter
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "preprocess", "inference", "postprocess", "sector", "outbox", "total")
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All collectors of one agent process, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "edge_agent_stage_seconds", "Per-stage latency.", ["pipeline", "stage"], registry=r, buckets=_BUCKETS
+        )
+        self.inputs = Counter(
+            "edge_agent_inputs_total", "Inputs processed by outcome.", ["pipeline", "outcome"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "edge_agent_queue_depth", "Inputs waiting in a pipeline queue.", ["pipeline"], registry=r
+        )
+        self.overloaded = Counter(
+            "edge_agent_overloaded_total", "Submits refused because the queue was full.", ["pipeline"], registry=r
+        )
+        self.frames = Counter("edge_agent_frames_total", "Frames read from a camera.", ["source"], registry=r)
+        self.frames_dropped = Counter(
+            "edge_agent_frames_dropped_total", "Frames dropped by policy.", ["source", "reason"], registry=r
+        )
+        self.source_up = Gauge(
+            "edge_agent_source_up", "1 when the source is streaming or watching.", ["source"], registry=r
+        )
+        self.source_reconnects = Counter(
+            "edge_agent_source_reconnects_total", "Camera reconnect attempts.", ["source"], registry=r
+        )
+        self.sink_errors = Counter(
+            "edge_agent_sink_errors_total", "Errors raised by result sinks.", ["pipeline", "sink"], registry=r
+        )
+        self.outbox_backlog = Gauge("edge_agent_outbox_backlog", "Unacknowledged results in the outbox.", registry=r)
+        self.outbox_bytes = Gauge("edge_agent_outbox_bytes", "Bytes of unacknowledged results.", registry=r)
+        self.outbox_oldest_age = Gauge(
+            "edge_agent_outbox_oldest_age_seconds", "Age of the oldest unacknowledged result.", registry=r
+        )
+        self.publish_failures = Counter(
+            "edge_agent_publish_failures_total", "Publishes that failed or were refused.", ["reason"], registry=r
+        )
+        self.published = Counter("edge_agent_published_total", "Results published (QoS 1 acknowledged).", registry=r)
+
+    # --- helpers called by the other components ------------------------------------------------------------------
+
+    def observe_stages(self, pipeline: str, seconds: Mapping[str, float]) -> None:
+        """Record one input's per-stage durations (seconds); unknown stage names are ignored."""
+        for stage, value in seconds.items():
+            if stage in STAGES:
+                self.stage_seconds.labels(pipeline=pipeline, stage=stage).observe(max(value, 0.0))
+
+    def input_done(self, pipeline: str, outcome: str) -> None:
+        self.inputs.labels(pipeline=pipeline, outcome=outcome).inc()
+
+    def submit_refused(self, pipeline: str) -> None:
+        self.overloaded.labels(pipeline=pipeline).inc()
+
+    def frame_read(self, source: str) -> None:
+        self.frames.labels(source=source).inc()
+
+    def frame_dropped(self, source: str, reason: str, count: int = 1) -> None:
+        self.frames_dropped.labels(source=source, reason=reason).inc(count)
+
+    def set_source_up(self, source: str, up: bool) -> None:
+        self.source_up.labels(source=source).set(1 if up else 0)
+
+    def source_reconnect(self, source: str) -> None:
+        self.source_reconnects.labels(source=source).inc()
+
+    def sink_error(self, pipeline: str, sink: str) -> None:
+        self.sink_errors.labels(pipeline=pipeline, sink=sink).inc()
+
+    def publish_failed(self, reason: str) -> None:
+        self.publish_failures.labels(reason=reason).inc()
+
+    def publish_ok(self, count: int = 1) -> None:
+        self.published.inc(count)
+
+    def set_outbox(self, backlog: int, size_bytes: int, oldest_age_s: float) -> None:
+        self.outbox_backlog.set(backlog)
+        self.outbox_bytes.set(size_bytes)
+        self.outbox_oldest_age.set(oldest_age_s)
+
+    def bind_queue_depth(self, pipeline: str, depth: Callable[[], float]) -> None:
+        """Read a pipeline's queue depth at scrape time."""
+        self.queue_depth.labels(pipeline=pipeline).set_function(depth)
+
+    def bind_outbox(self, stats: Callable[[], tuple[int, int, float]]) -> None:
+        """Read (backlog, bytes, oldest_age_s) from the outbox at scrape time; errors read as -1."""
+
+        def part(i: int) -> Callable[[], float]:
+            def read() -> float:
+                try:
+                    return float(stats()[i])
+                except Exception:  # a scrape must never raise
+                    log.debug("outbox stats unavailable", exc_info=True)
+                    return -1.0
+
+            return read
+
+        self.outbox_backlog.set_function(part(0))
+        self.outbox_bytes.set_function(part(1))
+        self.outbox_oldest_age.set_function(part(2))

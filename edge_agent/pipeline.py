@@ -1,0 +1,364 @@
+"""A named pipeline: bounded queue -> worker threads (each with its own model) -> sector logic -> outbox.
+
+Contract 4::
+
+    pipeline.submit(InputItem(...)) -> Future[PipelineOutput]
+
+The future resolves once the result is durable in the outbox (``outbox.add_result`` returned), or
+with the :class:`EdgeAgentError` that stopped it. Bad input (an :class:`InputError`: undecodable,
+too large, missing spool file) is also journalled with ``outbox.reject_input``; any other failure
+(storage, runtime) leaves the input pending in the outbox, so a restart retries it.
+
+A full queue raises :class:`OverloadedError` at submit time. ``stop`` drains what is queued within
+its timeout; whatever is left is failed with ``OverloadedError`` (still pending in the outbox).
+Each worker signals end-of-stream in ``finally``. After the result is stored the pipeline calls its
+sinks; one failing sink is counted and logged and never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import PipelineConfig
+from .errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
+from .metrics import Metrics
+from .sectors.inspection import InspectionRules, inspection_verdict
+from .sectors.livestock import LineRule, LivestockRules, LivestockTracker, ZoneRule
+from .types import Image, Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input for a pipeline: bytes (untrusted, decoded by the model), a decoded frame, or a spool file."""
+
+    input_id: str
+    pipeline: str
+    source: str
+    data: bytes | None = field(default=None, repr=False)
+    image: Image | None = field(default=None, repr=False)
+    spool_path: str | None = None
+    hints: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    stored: Any
+    """The outbox row (``outbox.StoredResult``)."""
+    result: Result
+    sector: dict[str, Any]
+
+
+class Predictor(Protocol):
+    """What a pipeline needs from a model (``edge_agent.model.Model`` fits)."""
+
+    def predict(self, image: Image) -> Result: ...
+    def predict_bytes(self, data: bytes) -> Result: ...
+
+
+class ResultStore(Protocol):
+    """What a pipeline needs from the outbox (``edge_agent.outbox.Outbox`` fits)."""
+
+    def add_result(
+        self, input_id: str, *, pipeline: str, model: str, model_version: str, body: dict[str, Any]
+    ) -> Any: ...
+    def reject_input(self, input_id: str, code: str, message: str) -> None: ...
+
+
+Sector = Callable[[Result, InputItem], dict[str, Any]]
+Sink = Callable[[PipelineOutput, InputItem], None]
+
+
+def no_sector(result: Result, item: InputItem) -> dict[str, Any]:
+    return {}
+
+
+def make_sector(cfg: PipelineConfig) -> Sector:
+    """The sector step of a pipeline kind (crop advice, pass/fail, tracking) as one callable."""
+    if cfg.kind == "crop":
+        from .sectors.crop import crop_verdict
+
+        def crop(result: Result, item: InputItem) -> dict[str, Any]:
+            return crop_verdict(result, item.hints)
+
+        return crop
+    if cfg.kind == "inspection":
+        opts = cfg.inspection
+        rules = InspectionRules(**opts.model_dump()) if opts is not None else InspectionRules()
+
+        def inspect(result: Result, item: InputItem) -> dict[str, Any]:
+            return inspection_verdict(result, rules)
+
+        return inspect
+    if cfg.kind == "livestock":
+        lopts = cfg.livestock
+        lrules = LivestockRules()
+        if lopts is not None:
+            lrules = LivestockRules(
+                labels=lopts.labels,
+                min_score=lopts.min_score,
+                iou_threshold=lopts.iou_threshold,
+                max_missed=lopts.max_missed,
+                min_hits=lopts.min_hits,
+                count_line=LineRule(lopts.count_line.axis, lopts.count_line.position) if lopts.count_line else None,
+                zones=tuple(ZoneRule(z.name, z.box, z.max_count, z.alert_on_enter) for z in lopts.zones),
+            )
+        tracker = LivestockTracker(lrules)
+        lock = threading.Lock()
+
+        def track(result: Result, item: InputItem) -> dict[str, Any]:
+            with lock:  # one tracker state per source; workers take turns
+                return tracker.update(result, item.source)
+
+        return track
+    return no_sector
+
+
+_STOP = object()
+
+
+@dataclass
+class _Job:
+    item: InputItem
+    future: Future[PipelineOutput]
+    queued_at: float
+
+
+class Pipeline:
+    """Worker threads, one model each, sharing one bounded queue. Build, ``start()``, ``submit()``, ``stop()``."""
+
+    def __init__(
+        self,
+        name: str,
+        models: Sequence[Predictor],
+        outbox: ResultStore,
+        *,
+        kind: str = "plain",
+        sector: Sector = no_sector,
+        queue_size: int = 16,
+        metrics: Metrics | None = None,
+        sinks: Sequence[tuple[str, Sink]] = (),
+    ) -> None:
+        if not models:
+            raise ValueError("a pipeline needs at least one model (one per worker)")
+        self.name = name
+        self.kind = kind
+        self._models = list(models)
+        self._outbox = outbox
+        self._sector = sector
+        self._queue_size = queue_size
+        self._metrics = metrics
+        self._sinks = list(sinks)
+        self._queue: queue.Queue[_Job | object] = queue.Queue()
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._busy = 0
+        self._closed = False
+        self._abort = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._alive = 0
+        self.processed = 0
+        self.failed = 0
+        if metrics is not None:
+            metrics.bind_queue_depth(name, lambda: float(self.depth))
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._threads:
+                return
+            for i, model in enumerate(self._models):
+                t = threading.Thread(target=self._worker, args=(model,), name=f"pipeline-{self.name}-{i}", daemon=True)
+                self._threads.append(t)
+                self._alive += 1
+            for t in self._threads:
+                t.start()
+
+    def add_sink(self, name: str, sink: Sink) -> None:
+        self._sinks.append((name, sink))
+
+    @property
+    def depth(self) -> int:
+        """Inputs queued, not yet picked up by a worker."""
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        """Inputs queued or being processed."""
+        return self._queued + self._busy
+
+    @property
+    def capacity(self) -> int:
+        return self._queue_size
+
+    @property
+    def running(self) -> bool:
+        return self._alive > 0 and not self._closed
+
+    def submit(self, item: InputItem) -> Future[PipelineOutput]:
+        """Queue ``item``; raises OverloadedError when the queue is full or the pipeline is stopping."""
+        with self._lock:
+            if self._closed:
+                raise OverloadedError(f"pipeline {self.name!r} is stopping")
+            if self._queued >= self._queue_size:
+                if self._metrics is not None:
+                    self._metrics.submit_refused(self.name)
+                raise OverloadedError(f"pipeline {self.name!r} queue is full ({self._queue_size})")
+            self._queued += 1
+            fut: Future[PipelineOutput] = Future()
+            self._queue.put(_Job(item, fut, time.perf_counter()))
+        return fut
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking inputs, drain within ``timeout``; True when every worker ended in time."""
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        clean = not any(t.is_alive() for t in self._threads)
+        if not clean:
+            self._abort.set()  # workers fail what is still queued and exit after their current input
+            log.warning(
+                "pipeline %s: not drained within %.1f s; the rest stays pending in the outbox", self.name, timeout
+            )
+        return clean
+
+    # --- work -----------------------------------------------------------------------------------------------------
+
+    def _worker(self, model: Predictor) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP:
+                    break
+                assert isinstance(job, _Job)
+                with self._lock:
+                    self._queued -= 1
+                    self._busy += 1
+                try:
+                    if self._abort.is_set():
+                        self._fail_unrun(job)
+                    else:
+                        self._process(model, job)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+        except Exception:  # pragma: no cover - _process catches everything; this is the last guard
+            log.exception("pipeline %s: worker crashed", self.name)
+        finally:
+            self._end_of_stream()
+
+    def _end_of_stream(self) -> None:
+        """Last worker out fails whatever is still queued (inputs stay pending in the outbox)."""
+        with self._lock:
+            self._alive -= 1
+            last = self._alive == 0
+            self._closed = self._closed or last
+        if not last:
+            return
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, _Job):
+                with self._lock:
+                    self._queued -= 1
+                self._fail_unrun(job)
+
+    def _fail_unrun(self, job: _Job) -> None:
+        if job.future.set_running_or_notify_cancel():
+            job.future.set_exception(OverloadedError(f"pipeline {self.name!r} stopped before this input ran"))
+
+    def _load(self, item: InputItem) -> bytes:
+        if item.data is not None:
+            return item.data
+        if item.spool_path is None:
+            raise InputNotFoundError("input has neither data, image nor spool file")
+        try:
+            return Path(item.spool_path).read_bytes()
+        except FileNotFoundError as exc:
+            raise InputNotFoundError(f"spool file is gone: {Path(item.spool_path).name}") from exc
+        except OSError as exc:
+            raise InputNotFoundError(f"spool file unreadable: {exc.strerror}") from exc
+
+    def _process(self, model: Predictor, job: _Job) -> None:
+        item, fut = job.item, job.future
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            result = model.predict(item.image) if item.image is not None else model.predict_bytes(self._load(item))
+            t1 = time.perf_counter()
+            sector = self._sector(result, item)
+            t2 = time.perf_counter()
+            body = {**result.to_dict(), "kind": self.kind, "source": item.source, "sector": sector}
+            stored = self._outbox.add_result(
+                item.input_id, pipeline=self.name, model=result.model, model_version=result.model_version, body=body
+            )
+            t3 = time.perf_counter()
+        except InputError as exc:
+            self._rejected(item, fut, exc)
+            return
+        except EdgeAgentError as exc:
+            self._errored(item, fut, exc)
+            return
+        except Exception as exc:
+            log.exception("pipeline %s: unexpected error on input %s", self.name, item.input_id)
+            self._errored(item, fut, EdgeAgentError(f"internal error: {type(exc).__name__}"))
+            return
+        output = PipelineOutput(stored=stored, result=result, sector=sector)
+        self.processed += 1
+        if self._metrics is not None:
+            tm = result.timings
+            self._metrics.observe_stages(
+                self.name,
+                {
+                    "decode": tm.decode_ms / 1000.0,
+                    "preprocess": tm.preprocess_ms / 1000.0,
+                    "inference": tm.inference_ms / 1000.0,
+                    "postprocess": tm.postprocess_ms / 1000.0,
+                    "sector": t2 - t1,
+                    "outbox": t3 - t2,
+                    "total": t3 - job.queued_at,
+                },
+            )
+            self._metrics.input_done(self.name, "ok")
+        fut.set_result(output)
+        for name, sink in self._sinks:
+            try:
+                sink(output, item)
+            except Exception:
+                log.exception("pipeline %s: sink %s failed on input %s", self.name, name, item.input_id)
+                if self._metrics is not None:
+                    self._metrics.sink_error(self.name, name)
+
+    def _rejected(self, item: InputItem, fut: Future[PipelineOutput], exc: EdgeAgentError) -> None:
+        self.failed += 1
+        log.info("pipeline %s: input %s rejected: [%s] %s", self.name, item.input_id, exc.code, exc.message)
+        try:
+            self._outbox.reject_input(item.input_id, exc.code, exc.message)
+        except EdgeAgentError as store_exc:
+            log.error("pipeline %s: cannot journal rejection of %s: %s", self.name, item.input_id, store_exc)
+        if self._metrics is not None:
+            self._metrics.input_done(self.name, "rejected")
+        fut.set_exception(exc)
+
+    def _errored(self, item: InputItem, fut: Future[PipelineOutput], exc: EdgeAgentError) -> None:
+        self.failed += 1
+        log.warning("pipeline %s: input %s failed: [%s] %s", self.name, item.input_id, exc.code, exc.message)
+        if self._metrics is not None:
+            self._metrics.input_done(self.name, "error")
+        fut.set_exception(exc)
