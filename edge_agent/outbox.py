@@ -152,6 +152,7 @@ class Outbox:
             queue.SimpleQueue()
         )
         self._read_lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._open_checked()
@@ -372,7 +373,18 @@ class Outbox:
             self._bump(conn, "unacked_bytes", size)
             return StoredResult(result_id, seq, input_id, pipeline, model, model_version, now, body, size)
 
-        return self._write(op)
+        stored = self._write(op)
+        for listener in list(self._listeners):
+            listener()
+        return stored
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (cheap, non-blocking) after each stored result: the publisher's wake-up."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def _drop_to_fit(self, conn: sqlite3.Connection, size: int) -> None:
         used = self._counter(conn, "unacked_bytes")
