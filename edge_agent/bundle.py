@@ -57,7 +57,8 @@ def load_bundle(directory: Path, *, verify: bool = True) -> Bundle:
         actual = sha256_file(onnx_path)
         if actual != manifest.sha256:
             raise ChecksumError(
-                f"{manifest_path}: field sha256: {manifest.model_file} has sha256 {actual}, manifest says {manifest.sha256}"
+                f"{manifest_path}: field sha256: {manifest.model_file} has sha256 {actual}, "
+                f"manifest says {manifest.sha256}"
             )
     return bundle
 

@@ -93,8 +93,15 @@ def models_list(models_dir: ModelsDir = None, as_json: Json = False) -> None:  #
     table = Table("name", "version", "task", "input", "labels", "license", "status")
     for r in rows:
         status = "ok" if r["ok"] else f"[red]{r['error']['code']}[/red]"
-        table.add_row(r["name"], r.get("version", ""), r.get("task", ""), r.get("input", ""),
-                      str(r.get("labels", "")), r.get("license", ""), status)
+        table.add_row(
+            r["name"],
+            r.get("version", ""),
+            r.get("task", ""),
+            r.get("input", ""),
+            str(r.get("labels", "")),
+            r.get("license", ""),
+            status,
+        )
     out.print(table)
 
 

@@ -39,8 +39,8 @@ def resize_into(src: U8Image, dst: U8Image, interpolation: Interpolation = "line
 
 def resize(src: U8Image, size: tuple[int, int], interpolation: Interpolation = "linear") -> U8Image:
     """Resize (h, w, 3) ``src`` to ``size`` = (width, height); returns a new array."""
-    out: U8Image = cv2.resize(src, size, interpolation=_INTERP[interpolation])
-    return out
+    out = cv2.resize(src, size, interpolation=_INTERP[interpolation])
+    return np.asarray(out, dtype=np.uint8)
 
 
 def decode_jpeg_reduced(data: bytes, factor: int) -> U8Image | None:
@@ -52,10 +52,12 @@ def decode_jpeg_reduced(data: bytes, factor: int) -> U8Image | None:
     img = cv2.imdecode(buf, _REDUCED[factor])
     if img is None or img.ndim != 3:
         return None
-    out: U8Image = img
-    return out
+    return np.asarray(img, dtype=np.uint8)
 
 
 def set_threads(n: int) -> None:
-    """Limit OpenCV's own worker threads (0 = OpenCV's default)."""
-    cv2.setNumThreads(n)
+    """Limit OpenCV's own worker threads (0 or less = OpenCV's default; 1 = no worker pool).
+
+    OpenCV itself reads 0 as "sequential", which is why 0 is mapped to its "default" (-1).
+    """
+    cv2.setNumThreads(n if n > 0 else -1)

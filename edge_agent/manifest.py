@@ -71,7 +71,9 @@ class SoftmaxDecoder(_Strict):
         default=None,
         description="Optional (1,) or (1, 1) output: out-of-domain score, higher = less like the training data.",
     )
-    ood_label: str = Field(default="not_recognised", description="Label reported when the OOD score passes its threshold.")
+    ood_label: str = Field(
+        default="not_recognised", description="Label reported when the OOD score passes its threshold."
+    )
 
 
 class YoloxDecoder(_Strict):

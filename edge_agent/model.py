@@ -61,8 +61,8 @@ class Model:
             )
 
     @classmethod
-    def load(cls, bundle: Bundle, options: RuntimeOptions = RuntimeOptions(), **kwargs: Any) -> Model:
-        return cls(bundle.manifest, OrtRuntime(bundle.onnx_path, options), **kwargs)
+    def load(cls, bundle: Bundle, options: RuntimeOptions | None = None, **kwargs: Any) -> Model:
+        return cls(bundle.manifest, OrtRuntime(bundle.onnx_path, options or RuntimeOptions()), **kwargs)
 
     @property
     def name(self) -> str:
@@ -122,8 +122,9 @@ class Model:
             logits = np.asarray(outputs[dec.output], dtype=np.float32).reshape(-1)
             probs = pp.softmax(logits) if dec.apply_softmax else logits
             idx, vals = pp.top_k(probs, dec.top_k)
-            preds = tuple(
-                Classification(label=m.labels[int(i)], score=float(v), index=int(i)) for i, v in zip(idx, vals, strict=True)
+            preds: tuple[Prediction, ...] = tuple(
+                Classification(label=m.labels[int(i)], score=float(v), index=int(i))
+                for i, v in zip(idx, vals, strict=True)
             )
             rejected = False
             if dec.ood_output is not None and th.ood is not None:
@@ -152,7 +153,7 @@ class Model:
         boxes = pp.batched_nms(boxes, th.iou, th.max_detections)
         xyxy = map_boxes_to_original(boxes.xyxy, meta)
         labels = m.labels
-        preds = tuple(
+        dets: tuple[Prediction, ...] = tuple(
             Detection(
                 label=labels[c] if 0 <= c < len(labels) else str(c),
                 score=float(s),
@@ -161,7 +162,7 @@ class Model:
             )
             for b, s, c in zip(xyxy, boxes.scores, boxes.class_ids.tolist(), strict=True)
         )
-        return preds, False
+        return dets, False
 
 
 def _decoder_outputs(manifest: Manifest) -> list[str]:

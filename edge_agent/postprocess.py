@@ -119,9 +119,7 @@ def _select(scores_all: F32, score_threshold: float) -> tuple[npt.NDArray[np.int
     return rows, cls[rows].astype(np.int64), best[rows].astype(np.float32)
 
 
-def decode_yolox(
-    output: F32, input_size: tuple[int, int], strides: tuple[int, ...], score_threshold: float
-) -> Boxes:
+def decode_yolox(output: F32, input_size: tuple[int, int], strides: tuple[int, ...], score_threshold: float) -> Boxes:
     """YOLOX head without decode in graph.
 
     ``output``: (1, N, 5 + C) rows of (dx, dy, log w, log h, obj, cls...) with obj and cls already

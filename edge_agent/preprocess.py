@@ -132,9 +132,7 @@ class Preprocessor:
             np.add(tensor[0], self._add, out=tensor[0], casting="unsafe")
 
 
-def map_boxes_to_original(
-    boxes: npt.NDArray[np.float32], meta: PreprocessMeta
-) -> npt.NDArray[np.float32]:
+def map_boxes_to_original(boxes: npt.NDArray[np.float32], meta: PreprocessMeta) -> npt.NDArray[np.float32]:
     """Map (N, 4) x1, y1, x2, y2 boxes from model-input pixels to original-image pixels, clipped."""
     out = np.empty_like(boxes)
     out[:, 0] = (boxes[:, 0] - meta.pad_x) / meta.scale_x

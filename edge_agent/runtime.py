@@ -133,6 +133,11 @@ class OrtRuntime:
     def provider(self) -> str:
         return self._provider
 
+    @property
+    def session(self) -> Any:
+        """The onnxruntime InferenceSession (benchmarks time ``session.run`` alone against the loop)."""
+        return self._session
+
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         try:
             outs = self._session.run(None, dict(feeds))

@@ -148,6 +148,14 @@ class Result:
     rejected: bool = False
     """True when a classifier decided the input is out of its domain (e.g. not a leaf)."""
 
+    @property
+    def detections(self) -> tuple[Detection, ...]:
+        return tuple(p for p in self.predictions if isinstance(p, Detection))
+
+    @property
+    def classifications(self) -> tuple[Classification, ...]:
+        return tuple(p for p in self.predictions if isinstance(p, Classification))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,

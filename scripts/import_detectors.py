@@ -34,8 +34,8 @@ BUNDLES: dict[str, dict[str, Any]] = {
             "task": "detection",
             "model_file": "yolox_nano.onnx",
             "license": "Apache-2.0",
-            "source": "Megvii YOLOX-Nano COCO weights (Apache-2.0), ONNX export from Kazuhito00/YOLOX-ONNX-TFLite-Sample "
-            "@ 3d4f1119; see SOURCE.md",
+            "source": "Megvii YOLOX-Nano COCO weights (Apache-2.0), ONNX export from "
+            "Kazuhito00/YOLOX-ONNX-TFLite-Sample @ 3d4f1119; see SOURCE.md",
             "description": "YOLOX-Nano COCO-80 detector, 416x416, 0.91M parameters.",
             "input": {
                 "name": "images",
@@ -60,8 +60,8 @@ BUNDLES: dict[str, dict[str, Any]] = {
             "task": "detection",
             "model_file": "nanodet_m_320.onnx",
             "license": "Apache-2.0",
-            "source": "RangiLyu/nanodet NanoDet-m (Apache-2.0), ONNX from Kazuhito00/MOT-Tracking-by-Detection-Pipeline "
-            "@ e50a76b8; see SOURCE.md",
+            "source": "RangiLyu/nanodet NanoDet-m (Apache-2.0), ONNX from "
+            "Kazuhito00/MOT-Tracking-by-Detection-Pipeline @ e50a76b8; see SOURCE.md",
             "description": "NanoDet-m COCO-80 detector (ShuffleNetV2 0.5x, GFL head), 320x320, 0.95M parameters.",
             "input": {
                 "name": "input.1",

@@ -1,0 +1,164 @@
+"""Pure decoders: NMS invariants (property tests), softmax/top-k, and each detection decoder
+against an independent loop-based reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent import postprocess as pp
+
+box_lists = st.lists(
+    st.tuples(
+        st.floats(0, 200),
+        st.floats(0, 200),
+        st.floats(1, 100),
+        st.floats(1, 100),
+        st.floats(0.01, 1),
+        st.integers(0, 3),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def _boxes(rows: list[tuple[float, float, float, float, float, int]]) -> pp.Boxes:
+    xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h, _, _ in rows], np.float32)
+    return pp.Boxes(xyxy, np.array([r[4] for r in rows], np.float32), np.array([r[5] for r in rows], np.int64))
+
+
+@settings(max_examples=80)
+@given(rows=box_lists, thr=st.floats(0.1, 0.9))
+def test_nms_invariants(rows: list[tuple[float, float, float, float, float, int]], thr: float) -> None:
+    b = _boxes(rows)
+    keep = pp.nms(b.xyxy, b.scores, thr)
+    assert keep.size >= 1
+    assert b.scores[keep[0]] == b.scores.max(), "the best box always survives"
+    assert len(set(keep.tolist())) == keep.size
+    assert (np.diff(b.scores[keep]) <= 0).all(), "kept boxes come best first"
+    kept = b.xyxy[keep]
+    iou = pp.box_iou(kept, kept)
+    np.fill_diagonal(iou, 0)
+    assert (iou <= thr + 1e-6).all(), "no two survivors overlap more than the threshold"
+    dropped = np.setdiff1d(np.arange(len(b)), keep)
+    if dropped.size:
+        assert (pp.box_iou(b.xyxy[dropped], kept).max(axis=1) > thr - 1e-6).all(), "each dropped box had a reason"
+
+
+@settings(max_examples=50)
+@given(rows=box_lists, thr=st.floats(0.1, 0.9))
+def test_batched_nms_never_suppresses_across_classes(
+    rows: list[tuple[float, float, float, float, float, int]], thr: float
+) -> None:
+    b = _boxes(rows)
+    out = pp.batched_nms(b, thr, 1000)
+    for c in np.unique(b.class_ids):
+        sub = b.take(np.nonzero(b.class_ids == c)[0])
+        assert (out.class_ids == c).sum() == pp.nms(sub.xyxy, sub.scores, thr).size
+
+
+def test_softmax_and_top_k() -> None:
+    probs = pp.softmax(np.array([1.0, 3.0, 2.0, 5.0], np.float32))
+    assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
+    idx, vals = pp.top_k(probs, 3)
+    assert idx.tolist() == [3, 1, 2]
+    assert vals[0] > vals[1] > vals[2]
+
+
+def _ref_yolox(out: np.ndarray, size: int, strides: tuple[int, ...], thr: float) -> list[tuple[float, ...]]:
+    rows: list[tuple[float, ...]] = []
+    r = 0
+    for s in strides:
+        g = size // s
+        for gy in range(g):
+            for gx in range(g):
+                v = out[0, r]
+                r += 1
+                cls = int(np.argmax(v[5:]))
+                score = float(v[4] * v[5 + cls])
+                if score < thr:
+                    continue
+                cx, cy = (v[0] + gx) * s, (v[1] + gy) * s
+                w, h = math.exp(v[2]) * s, math.exp(v[3]) * s
+                rows.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, score, cls))
+    return rows
+
+
+def _ref_nanodet(
+    cls_outs: list[np.ndarray],
+    reg_outs: list[np.ndarray],
+    size: int,
+    strides: tuple[int, ...],
+    reg_max: int,
+    thr: float,
+) -> list[tuple[float, ...]]:
+    rows: list[tuple[float, ...]] = []
+    for c_out, r_out, s in zip(cls_outs, reg_outs, strides, strict=True):
+        g = size // s
+        for i in range(c_out.shape[1]):
+            gy, gx = divmod(i, g)
+            cls = int(np.argmax(c_out[0, i]))
+            score = float(c_out[0, i, cls])
+            if score < thr:
+                continue
+            cx, cy = gx * s + 0.5 * (s - 1), gy * s + 0.5 * (s - 1)
+            d = []
+            for side in range(4):
+                logits = r_out[0, i, side * (reg_max + 1) : (side + 1) * (reg_max + 1)].astype(np.float64)
+                e = np.exp(logits - logits.max())
+                p = e / e.sum()
+                d.append(float(sum(p[k] * k for k in range(reg_max + 1))) * s)
+            rows.append((cx - d[0], cy - d[1], cx + d[2], cy + d[3], score, cls))
+    return rows
+
+
+def _assert_same(got: pp.Boxes, ref: list[tuple[float, ...]]) -> None:
+    assert len(got) == len(ref)
+    order = np.lexsort((got.xyxy[:, 1], got.xyxy[:, 0], -got.scores))
+    ref_sorted = sorted(ref, key=lambda r: (-r[4], r[0], r[1]))
+    for i, r in zip(order, ref_sorted, strict=True):
+        assert np.abs(got.xyxy[i] - np.array(r[:4])).max() <= 1.0
+        assert abs(float(got.scores[i]) - r[4]) <= 1e-4
+        assert int(got.class_ids[i]) == r[5]
+
+
+def test_yolox_decoder_matches_reference_on_random_outputs() -> None:
+    rng = np.random.default_rng(3)
+    n = 8 * 8 + 4 * 4 + 2 * 2
+    out = rng.normal(size=(1, n, 85)).astype(np.float32)
+    out[..., 4:] = 1 / (1 + np.exp(-out[..., 4:] * 3))
+    got = pp.decode_yolox(out, (64, 64), (8, 16, 32), 0.5)
+    _assert_same(got, _ref_yolox(out, 64, (8, 16, 32), 0.5))
+
+
+def test_nanodet_decoder_matches_reference_on_random_outputs() -> None:
+    rng = np.random.default_rng(4)
+    sizes = [64, 16, 4]
+    cls = [(1 / (1 + np.exp(-3 * rng.normal(size=(1, n, 80))))).astype(np.float32) for n in sizes]
+    reg = [rng.normal(size=(1, n, 32)).astype(np.float32) for n in sizes]
+    got = pp.decode_nanodet(cls, reg, (64, 64), (8, 16, 32), 7, 0.6)
+    _assert_same(got, _ref_nanodet(cls, reg, 64, (8, 16, 32), 7, 0.6))
+
+
+def test_yolov8_decoder() -> None:
+    out = np.zeros((1, 4 + 3, 5), np.float32)
+    out[0, :4, 2] = [50, 40, 20, 10]
+    out[0, 4 + 1, 2] = 0.9
+    out[0, 4 + 0, 4] = 0.2
+    got = pp.decode_yolov8(out, 0.25)
+    assert len(got) == 1
+    np.testing.assert_allclose(got.xyxy[0], [40, 35, 60, 45])
+    assert int(got.class_ids[0]) == 1 and math.isclose(float(got.scores[0]), 0.9, rel_tol=1e-6)
+
+
+def test_anomaly_helpers_accept_common_shapes() -> None:
+    assert pp.anomaly_score(np.array([[0.7]], np.float32)) == np.float32(0.7)
+    assert pp.anomaly_map(np.zeros((1, 1, 7, 5), np.float32)).shape == (7, 5)
+
+
+def test_softmax_is_stable_for_huge_logits() -> None:
+    probs = pp.softmax(np.array([1.0, 1000.0], np.float32))
+    assert np.isfinite(probs).all() and probs[1] == 1.0
