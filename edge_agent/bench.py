@@ -1,0 +1,633 @@
+"""Measure the inference loop against its physical floor, side by side, in one process.
+
+Reusable by ``benchmarks/run.py`` (the full report) and ``edge-agent bench`` (a board in the
+field). Nothing here is a pass/fail test: it returns numbers, and ratios measured in the same
+run (interleaved rounds, warm-ups, medians), because absolute timings on shared machines drift.
+
+What is measured per bundle (see issue 6):
+- ``floor``: ``session.run`` alone on a prepared tensor, same session; for photos also the fastest
+  JPEG decode that still yields the pixels the model needs (OpenCV reduced decode);
+- ``loop``: the real path (``Model.predict``/``predict_bytes`` + orjson of ``Result.to_dict()`` +
+  an optional result sink such as the outbox) with per-stage percentiles;
+- ``naive``: the tutorial loop (Pillow full decode, Pillow resize, numpy normalise, run, numpy
+  post-processing that decodes every anchor and runs a per-class NMS);
+- ``pipelined``: N worker threads, each with its own single-thread session, on a JPEG stream.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from PIL import Image as PILImage
+
+from . import imaging
+from . import postprocess as pp
+from .bundle import Bundle
+from .manifest import AnomalyDecoder, InputSpec, Manifest, NanodetDecoder, SoftmaxDecoder, YoloxDecoder
+from .model import Model
+from .runtime import RuntimeOptions
+from .types import Image, Result, U8Image
+
+log = logging.getLogger(__name__)
+
+Stages = Mapping[str, float]
+Step = Callable[[], Stages | None]
+"""One timed call; may return per-stage milliseconds."""
+ResultSink = Callable[[str, Result, dict[str, Any]], None]
+"""(input_id, result, encoded document) -> None; e.g. an outbox write."""
+
+PHOTO_SIZES: dict[str, tuple[int, int]] = {"1080p": (1920, 1080), "12mp": (4000, 3000)}
+
+
+# ------------------------------------------------------------------ statistics and sampling
+@dataclass(frozen=True)
+class Stats:
+    """Percentiles of a series of milliseconds."""
+
+    n: int
+    p50: float
+    p95: float
+    p99: float
+    mean: float
+    min: float
+
+    @staticmethod
+    def of(samples: Sequence[float]) -> Stats:
+        if not samples:
+            return Stats(0, math.nan, math.nan, math.nan, math.nan, math.nan)
+        a = np.asarray(samples, dtype=np.float64)
+        p50, p95, p99 = np.percentile(a, [50, 95, 99])
+        return Stats(int(a.size), float(p50), float(p95), float(p99), float(a.mean()), float(a.min()))
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: (v if isinstance(v, int) else round(v, 4)) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Series:
+    """Samples of one measured step: total wall time and optional stages (ms)."""
+
+    total: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, total_ms: float, stages: Stages | None) -> None:
+        self.total.append(total_ms)
+        for k, v in (stages or {}).items():
+            self.stages.setdefault(k, []).append(v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": Stats.of(self.total).to_dict(),
+            "stages": {k: Stats.of(v).to_dict() for k, v in self.stages.items()},
+        }
+
+    @property
+    def p50(self) -> float:
+        return Stats.of(self.total).p50
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to sample: total seconds per group of steps, split in interleaved rounds."""
+
+    seconds: float = 2.0
+    rounds: int = 5
+    min_reps: int = 10
+    max_reps: int = 5000
+    warmup: int = 3
+
+
+QUICK = Budget(seconds=0.5, rounds=3, min_reps=5, max_reps=500, warmup=2)
+FULL = Budget(seconds=4.0, rounds=8, min_reps=30, max_reps=20000, warmup=5)
+
+
+def sample_interleaved(steps: Mapping[str, Step], budget: Budget) -> dict[str, Series]:
+    """Time each step in alternating rounds so that drift hits every step alike."""
+    series = {name: Series() for name in steps}
+    for fn in steps.values():
+        for _ in range(budget.warmup):
+            fn()
+    per_round_s = budget.seconds / budget.rounds / max(1, len(steps))
+    min_per_round = max(1, math.ceil(budget.min_reps / budget.rounds))
+    max_per_round = max(min_per_round, budget.max_reps // budget.rounds)
+    clock = time.perf_counter
+    for _ in range(budget.rounds):
+        for name, fn in steps.items():
+            s = series[name]
+            deadline = clock() + per_round_s
+            k = 0
+            while k < min_per_round or (clock() < deadline and k < max_per_round):
+                t0 = clock()
+                stages = fn()
+                s.add((clock() - t0) * 1000.0, stages)
+                k += 1
+    return series
+
+
+# ------------------------------------------------------------------ test inputs
+def synthetic_sources(count: int = 6, size: int = 384, seed: int = 0) -> list[U8Image]:
+    """Textured RGB pictures (octaves of smooth noise plus grain) for boards without a dataset."""
+    rng = np.random.default_rng(seed)
+    out: list[U8Image] = []
+    for _ in range(count):
+        acc = np.zeros((size, size, 3), np.float32)
+        for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.15)):
+            low = rng.random((cells, cells, 3), dtype=np.float32)
+            acc += weight * imaging.resize((low * 255).astype(np.uint8), (size, size), "linear").astype(np.float32)
+        acc += rng.normal(0, 6, acc.shape).astype(np.float32)
+        out.append(np.clip(acc, 0, 255).astype(np.uint8))
+    return out
+
+
+def compose(sources: Sequence[U8Image], size: tuple[int, int], tiles_per_row: int, grain: float, seed: int) -> U8Image:
+    """Tile RGB ``sources`` (upscaled as needed) into a (size) RGB picture with sensor-like grain."""
+    w, h = size
+    tile = math.ceil(w / tiles_per_row)
+    rows = math.ceil(h / tile)
+    canvas = np.empty((rows * tile, tiles_per_row * tile, 3), np.uint8)
+    for r in range(rows):
+        for c in range(tiles_per_row):
+            src = sources[(r * tiles_per_row + c + seed) % len(sources)]
+            canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = imaging.resize(src, (tile, tile), "linear")
+    out = canvas[:h, :w]
+    if grain > 0:
+        noise = np.random.default_rng(seed).normal(0, grain, out.shape).astype(np.float32)
+        out = np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def encode_jpeg(rgb: U8Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(rgb, "RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class BenchInputs:
+    """Camera frame (1080p BGR array), photos (JPEG bytes by kind), and a 1080p JPEG stream."""
+
+    frame: U8Image
+    photos: dict[str, bytes]
+    stream: tuple[bytes, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "frame": list(self.frame.shape),
+            "photos": {k: {"size": list(PHOTO_SIZES[k]), "bytes": len(v)} for k, v in self.photos.items()},
+            "stream": {"frames": len(self.stream), "bytes_mean": int(np.mean([len(b) for b in self.stream]))},
+        }
+
+
+def make_inputs(sources: Sequence[U8Image], stream_len: int = 4) -> BenchInputs:
+    """Build 1080p and 12 MP test JPEGs from small RGB ``sources`` by tiling and upscaling."""
+    photos: dict[str, bytes] = {}
+    frame_rgb = compose(sources, PHOTO_SIZES["1080p"], 3, 2.0, 0)
+    photos["1080p"] = encode_jpeg(frame_rgb)
+    photos["12mp"] = encode_jpeg(compose(sources, PHOTO_SIZES["12mp"], 12, 3.0, 1))
+    stream = tuple(encode_jpeg(compose(sources, PHOTO_SIZES["1080p"], 3, 2.0, i)) for i in range(stream_len))
+    return BenchInputs(frame=np.ascontiguousarray(frame_rgb[:, :, ::-1]), photos=photos, stream=stream)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    with PILImage.open(io.BytesIO(data)) as im:
+        return (int(im.size[0]), int(im.size[1]))
+
+
+def reduction_for(size: tuple[int, int], need: tuple[int, int]) -> int:
+    """Largest JPEG DCT reduction (8, 4, 2, 1) that still yields ``need`` pixels (as decode.py picks)."""
+    w, h = size
+    for factor in (8, 4, 2):
+        if -(-w // factor) >= need[0] and -(-h // factor) >= need[1]:
+            return factor
+    return 1
+
+
+# ------------------------------------------------------------------ the naive tutorial loop
+class NaiveLoop:
+    """The everyday baseline, written the way onnxruntime and common tutorials do it."""
+
+    def __init__(self, manifest: Manifest, session: Any) -> None:
+        self.m = manifest
+        self.session = session
+
+    def photo(self, data: bytes) -> Stages:
+        t0 = time.perf_counter()
+        im = PILImage.open(io.BytesIO(data)).convert("RGB")
+        return self._image(im, t0)
+
+    def frame(self, bgr: U8Image) -> Stages:
+        t0 = time.perf_counter()
+        im = PILImage.fromarray(bgr[:, :, ::-1].copy())  # tutorials convert BGR->RGB via PIL too
+        return self._image(im, t0)
+
+    def _image(self, im: PILImage.Image, t0: float) -> Stages:
+        spec = self.m.input
+        t1 = time.perf_counter()
+        x = self._preprocess(im, spec)
+        t2 = time.perf_counter()
+        outs = self.session.run(None, {spec.name: x})
+        t3 = time.perf_counter()
+        self._postprocess(dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True)))
+        t4 = time.perf_counter()
+        ms = 1000.0
+        return {"decode": (t1 - t0) * ms, "preprocess": (t2 - t1) * ms, "inference": (t3 - t2) * ms,
+                "postprocess": (t4 - t3) * ms}
+
+    @staticmethod
+    def _preprocess(im: PILImage.Image, spec: InputSpec) -> npt.NDArray[Any]:
+        w, h = im.size
+        big = (spec.width, spec.height)
+        mode = spec.resize.mode
+        if mode == "stretch":
+            im = im.resize(big, PILImage.Resampling.BILINEAR)
+        elif mode == "letterbox":
+            r = min(big[0] / w, big[1] / h)
+            nw, nh = max(1, round(w * r)), max(1, round(h * r))
+            pad = spec.resize.pad_value
+            canvas = PILImage.new("RGB", big, (pad, pad, pad))
+            at = ((big[0] - nw) // 2, (big[1] - nh) // 2) if spec.resize.placement == "center" else (0, 0)
+            canvas.paste(im.resize((nw, nh), PILImage.Resampling.BILINEAR), at)
+            im = canvas
+        else:
+            r = max(big[0] / w, big[1] / h) / spec.resize.crop_fraction
+            rw, rh = max(big[0], round(w * r)), max(big[1], round(h * r))
+            im = im.resize((rw, rh), PILImage.Resampling.BILINEAR)
+            left, top = (rw - big[0]) // 2, (rh - big[1]) // 2
+            im = im.crop((left, top, left + big[0], top + big[1]))
+        x = np.array(im).astype(np.float32)
+        if spec.color == "BGR":
+            x = x[:, :, ::-1]
+        norm = spec.normalize
+        x = (x * np.float32(norm.scale) - np.array(norm.mean, np.float32)) / np.array(norm.std, np.float32)
+        if spec.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        x = np.expand_dims(x, 0)
+        return np.ascontiguousarray(x.astype(np.float32 if spec.dtype == "float32" else np.uint8))
+
+    def _postprocess(self, outs: dict[str, npt.NDArray[Any]]) -> list[Any]:
+        m = self.m
+        dec = m.decoder
+        if isinstance(dec, SoftmaxDecoder):
+            logits = outs[dec.output].reshape(-1)
+            e = np.exp(logits - np.max(logits))
+            probs = e / np.sum(e)
+            top = np.argsort(probs)[::-1][: dec.top_k]
+            return [(m.labels[i], float(probs[i])) for i in top]
+        if isinstance(dec, AnomalyDecoder):
+            return [float(outs[dec.score_output].reshape(-1)[0])]
+        size = (m.input.width, m.input.height)
+        if isinstance(dec, YoloxDecoder):  # decode every anchor, then filter (YOLOX demo style)
+            boxes = pp.decode_yolox(outs[dec.output], size, dec.strides, 0.0)
+        elif isinstance(dec, NanodetDecoder):
+            boxes = pp.decode_nanodet([outs[n] for n in dec.cls_outputs], [outs[n] for n in dec.reg_outputs],
+                                      size, dec.strides, dec.reg_max, 0.0)
+        else:
+            boxes = pp.decode_yolov8(outs[dec.output], 0.0)
+        keep = boxes.scores >= m.thresholds.score
+        boxes = boxes.take(np.nonzero(keep)[0])
+        found: list[tuple[int, float, list[float]]] = []
+        for c in np.unique(boxes.class_ids):  # per-class NMS loop
+            idx = np.nonzero(boxes.class_ids == c)[0]
+            kept = pp.nms(boxes.xyxy[idx], boxes.scores[idx], m.thresholds.iou)
+            found.extend((int(c), float(boxes.scores[idx[k]]), boxes.xyxy[idx[k]].tolist()) for k in kept)
+        return found
+
+
+# ------------------------------------------------------------------ per-model measurements
+def session_of(model: Model) -> Any:
+    """The onnxruntime session behind ``model`` (floor timings call ``session.run`` directly)."""
+    session = getattr(model.runtime, "session", None)
+    if session is None:
+        raise TypeError(f"{model.name}: runtime {type(model.runtime).__name__} has no onnxruntime session")
+    return session
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    budget: Budget = QUICK
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    """Session settings of the latency measurements (floor, loop and naive share one session)."""
+    photo_kinds: tuple[str, ...] = ("1080p", "12mp")
+    naive: bool = True
+    pipelined_workers: int = 0
+    """Worker threads of the pipelined run (0 = one per core; -1 = skip)."""
+    pipelined_seconds: float = 2.0
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _encode_step(model: Model, sink: ResultSink | None) -> Callable[[Result, float], Stages]:
+    counter = [0]
+
+    def finish(result: Result, decode_ms: float) -> Stages:
+        t0 = time.perf_counter()
+        doc = result.to_dict()
+        orjson.dumps(doc)
+        t1 = time.perf_counter()
+        stages = {"decode": decode_ms, "preprocess": result.timings.preprocess_ms,
+                  "inference": result.timings.inference_ms, "postprocess": result.timings.postprocess_ms,
+                  "encode": (t1 - t0) * 1000.0}
+        if sink is not None:
+            counter[0] += 1
+            sink(f"bench-{model.name}-{counter[0]}", result, doc)
+            stages["outbox"] = (time.perf_counter() - t1) * 1000.0
+        return stages
+
+    return finish
+
+
+def bench_model(
+    bundle: Bundle, inputs: BenchInputs, cfg: BenchConfig, sink: ResultSink | None = None
+) -> dict[str, Any]:
+    """All latency measurements of one bundle; returns a JSON-ready dict."""
+    model = Model.load(bundle, cfg.options)
+    model.warmup(2)
+    session = session_of(model)
+    name = model.manifest.input.name
+    finish = _encode_step(model, sink)
+    naive = NaiveLoop(model.manifest, session)
+    frame = inputs.frame
+    frame_image = Image.from_array(frame, "BGR")
+    tensor = model.preprocessor.run(frame_image)[0].copy()
+    feeds = {name: tensor}
+
+    def floor_run() -> None:
+        session.run(None, feeds)
+
+    def loop_frame() -> Stages:
+        r = model.predict(Image.from_array(frame, "BGR"))
+        return finish(r, 0.0)
+
+    out: dict[str, Any] = {
+        "name": model.name,
+        "version": model.version,
+        "task": model.manifest.task,
+        "input": f"{model.manifest.input.width}x{model.manifest.input.height} {model.manifest.input.dtype}",
+        "provider": model.runtime.provider,
+        "quantized": is_quantized(bundle),
+    }
+    steps: dict[str, Step] = {"floor_run": floor_run, "loop": loop_frame}
+    if cfg.naive:
+        steps["naive"] = lambda: naive.frame(frame)
+    out["frame"] = {k: v.to_dict() for k, v in sample_interleaved(steps, cfg.budget).items()}
+    for kind in cfg.photo_kinds:
+        data = inputs.photos[kind]
+        factor = reduction_for(jpeg_size(data), model.preprocessor.required_size(*jpeg_size(data)))
+
+        def floor_decode(data: bytes = data, factor: int = factor) -> None:
+            imaging.decode_jpeg_reduced(data, factor)
+
+        def loop_photo(data: bytes = data) -> Stages:
+            t0 = time.perf_counter()
+            image = model.decode(data)
+            decode_ms = (time.perf_counter() - t0) * 1000.0
+            return finish(model.predict(image), decode_ms)
+
+        steps = {"floor_decode": floor_decode, "floor_run": floor_run, "loop": loop_photo}
+        if cfg.naive:
+            steps["naive"] = lambda data=data: naive.photo(data)  # type: ignore[misc]
+        res: dict[str, Any] = {k: v.to_dict() for k, v in sample_interleaved(steps, cfg.budget).items()}
+        res["reduction"] = factor
+        out[kind] = res
+    workers = cfg.pipelined_workers if cfg.pipelined_workers else cpu_count()
+    if workers > 0:
+        out["pipelined"] = bench_pipelined(bundle, inputs.stream, workers, cfg)
+    return out
+
+
+def bench_pipelined(bundle: Bundle, stream: Sequence[bytes], workers: int, cfg: BenchConfig) -> dict[str, Any]:
+    """Frames/s of ``workers`` threads, each running the whole loop with its own 1-thread session.
+
+    Compared with the CPU bound ``cores / (floor decode + floor run at one thread)``, both
+    floors measured here, alone, with the same single-thread session.
+    """
+    opts = RuntimeOptions(
+        providers=cfg.options.providers, intra_op_threads=1, allow_spinning=False,
+        graph_optimization=cfg.options.graph_optimization,
+    )
+    models = [Model.load(bundle, opts) for _ in range(workers)]
+    for m in models:
+        m.warmup(1)
+    first = models[0]
+    session = session_of(first)
+    data = stream[0]
+    factor = reduction_for(jpeg_size(data), first.preprocessor.required_size(*jpeg_size(data)))
+    tensor = first.preprocessor.run(first.decode(data))[0].copy()
+    feeds = {first.manifest.input.name: tensor}
+    floors = sample_interleaved(
+        {"decode": lambda: (imaging.decode_jpeg_reduced(data, factor), None)[1],
+         "run": lambda: (session.run(None, feeds), None)[1]},
+        cfg.budget,
+    )
+    cores = cpu_count()
+    floor_ms = floors["decode"].p50 + floors["run"].p50
+    bound_fps = cores * 1000.0 / floor_ms
+    counts = [0] * workers
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        m = models[i]
+        k = i
+        try:
+            while not stop.is_set():
+                r = m.predict_bytes(stream[k % len(stream)])
+                orjson.dumps(r.to_dict())
+                counts[i] += 1
+                k += 1
+        except BaseException as exc:  # reported, never swallowed silently
+            errors.append(exc)
+            stop.set()
+
+    imaging.set_threads(1)  # each worker is one core's worth of work; no OpenCV pool on top
+    threads = [threading.Thread(target=work, args=(i,), name=f"bench-worker-{i}", daemon=True) for i in range(workers)]
+    try:
+        for t in threads:
+            t.start()
+        stop.wait(min(1.0, cfg.pipelined_seconds / 4))  # warm-up inside the window
+        c0, t0 = sum(counts), time.perf_counter()
+        stop.wait(cfg.pipelined_seconds)
+        c1, t1 = sum(counts), time.perf_counter()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        imaging.set_threads(-1)
+    if errors:
+        raise errors[0]
+    fps = (c1 - c0) / (t1 - t0)
+    return {
+        "workers": workers,
+        "cores": cores,
+        "session": "intra_op_threads=1, allow_spinning=False, one per worker",
+        "fps": round(fps, 3),
+        "frames": c1 - c0,
+        "floor_decode_1t": floors["decode"].to_dict()["total"],
+        "floor_run_1t": floors["run"].to_dict()["total"],
+        "bound_fps": round(bound_fps, 3),
+        "ratio": round(fps / bound_fps, 4),
+    }
+
+
+def is_quantized(bundle: Bundle) -> bool:
+    meta = bundle.manifest.metadata
+    text = " ".join([bundle.manifest.name, bundle.directory.name, str(meta.get("quantization", ""))]).lower()
+    return "int8" in text or "qdq" in text or bool(meta.get("quantized"))
+
+
+def int8_pairs(bundles: Sequence[Bundle]) -> list[tuple[Bundle, Bundle]]:
+    """(fp32, int8) bundle pairs: the INT8 one names ``*_int8`` or metadata ``fp32_bundle``/``quantized_from``."""
+    by_name = {b.name: b for b in bundles} | {b.directory.name: b for b in bundles}
+    pairs: list[tuple[Bundle, Bundle]] = []
+    for b in bundles:
+        if not is_quantized(b):
+            continue
+        meta = b.manifest.metadata
+        ref = meta.get("fp32_bundle") or meta.get("quantized_from")
+        candidates = [str(ref)] if ref else []
+        for n in (b.name, b.directory.name):
+            for suffix in ("_int8", "-int8", "_qdq", "_u8s8"):
+                if n.endswith(suffix):
+                    candidates.append(n[: -len(suffix)])
+        for c in candidates:
+            fp = by_name.get(c)
+            if fp is not None and fp is not b and not is_quantized(fp):
+                pairs.append((fp, b))
+                break
+    return pairs
+
+
+def bench_int8(fp32: Bundle, int8: Bundle, inputs: BenchInputs, cfg: BenchConfig) -> dict[str, Any]:
+    """``session.run`` and the frame loop, INT8 vs FP32, same threads, interleaved."""
+    out: dict[str, Any] = {"fp32": fp32.name, "int8": int8.name}
+    for label, opts in (("latency", cfg.options), ("1thread", RuntimeOptions(
+            providers=cfg.options.providers, intra_op_threads=1, allow_spinning=False))):
+        steps: dict[str, Step] = {}
+        for tag, b in (("fp32", fp32), ("int8", int8)):
+            m = Model.load(b, opts)
+            m.warmup(1)
+            sess = session_of(m)
+            feeds = {m.manifest.input.name: m.preprocessor.run(Image.from_array(inputs.frame, "BGR"))[0].copy()}
+            steps[f"{tag}_run"] = lambda s=sess, f=feeds: (s.run(None, f), None)[1]  # type: ignore[misc]
+            steps[f"{tag}_loop"] = lambda m=m: (m.predict(Image.from_array(inputs.frame, "BGR")), None)[1]  # type: ignore[misc]
+        res = sample_interleaved(steps, cfg.budget)
+        out[label] = {
+            "threads": opts.intra_op_threads,
+            **{k: v.to_dict()["total"] for k, v in res.items()},
+            "run_ratio": round(res["int8_run"].p50 / res["fp32_run"].p50, 4),
+            "loop_ratio": round(res["int8_loop"].p50 / res["fp32_loop"].p50, 4),
+        }
+    return out
+
+
+# ------------------------------------------------------------------ machine, memory, cold start
+def machine_info() -> dict[str, Any]:
+    """Machine, CPU, thread and library facts recorded with every report."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    have = set(value.split())
+                    flags = sorted(have & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "neon", "asimd",
+                                           "asimddp", "i8mm", "sve"})
+    except OSError:
+        pass
+    versions: dict[str, str] = {}
+    for dist in ("edge-agent", "onnxruntime", "numpy", "opencv-python-headless", "pillow", "orjson", "paho-mqtt"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    from .runtime import available_providers
+
+    return {
+        "hostname": platform.node(),
+        "system": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": cpu_count(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "providers": available_providers(),
+    }
+
+
+_PROBE = "import sys; from edge_agent.bench import probe_child; probe_child(sys.argv[1:])"
+
+
+def probe_child(argv: Sequence[str]) -> None:
+    """Child side of :func:`probe_process`: load bundles, predict once each, print one JSON line."""
+    import resource
+    import sys
+    from pathlib import Path
+
+    t0 = time.perf_counter()
+    from .bundle import load_bundle
+
+    spawned_at = float(argv[0])
+    photo = Path(argv[1]).read_bytes()
+    rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t1 = time.perf_counter()
+    models = [Model.load(load_bundle(Path(d))) for d in argv[2:]]
+    t2 = time.perf_counter()
+    first = models[0].predict_bytes(photo) if models else None
+    t3 = time.perf_counter()
+    first_at = time.time()
+    for m in models[1:]:
+        m.predict_bytes(photo)
+    doc = {
+        "cold_start_s": round(first_at - spawned_at, 4),
+        "models": [m.name for m in models],
+        "first_result": first.to_dict()["model"] if first else None,
+        "import_s": round(t1 - t0, 4),
+        "load_s": round(t2 - t1, 4),
+        "first_predict_s": round(t3 - t2, 4),
+        "rss_after_import_mb": round(rss_import / 1024, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    sys.stdout.flush()
+
+
+def probe_process(bundle_dirs: Sequence[str], photo_path: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Peak RSS and cold start (process spawn to first result) of a fresh interpreter with these bundles."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(  # noqa: S603 - our own interpreter and module, no shell
+        [sys.executable, "-c", _PROBE, repr(time.time()), photo_path, *bundle_dirs],
+        capture_output=True, timeout=timeout_s, check=False, text=True,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    doc: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    doc["process_wall_s"] = round(wall, 4)
+    return doc
