@@ -270,6 +270,15 @@ class HttpConfig(_Strict):
         default="en", pattern=r"^[a-z]{2}(-[A-Za-z]{2})?$", description="Language of the page and advice."
     )
     pipeline: Name | None = Field(default=None, description="Pipeline for uploads; default: the first crop one.")
+    rate_limit_burst: int = Field(default=30, ge=1, description="Requests a client may make at once before 429.")
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="A body still arriving after this gets 408.")
+    result_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Wait this long for a diagnosis, then answer 202 with where to poll."
+    )
+    queue_wait_s: float = Field(
+        default=15.0, ge=0, le=600, description="Wait this long for room in a full pipeline queue, then 503."
+    )
+    max_concurrent_uploads: int = Field(default=64, ge=1, description="Uploads in progress at once; more get 503.")
 
 
 class MetricsConfig(_Strict):
