@@ -1,0 +1,1 @@
+"""The coordinator: stores results from many devices exactly once and acknowledges them end to end."""

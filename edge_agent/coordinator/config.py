@@ -1,0 +1,97 @@
+"""Coordinator configuration (YAML, validated strictly). Pure: parsing only, no I/O beyond reading the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CoordinatorMqtt(_Strict):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    client_id: str = Field("edge-coordinator", min_length=1, max_length=64, description="MQTT client id; keep it "
+                           "stable so the broker keeps this coordinator's persistent session.")
+    username: str | None = Field(None, description="MQTT user name.")
+    password_file: Path | None = Field(None, description="File holding the MQTT password (first line).")
+    password_env: str | None = Field(None, description="Environment variable holding the MQTT password.")
+    tls: bool = Field(False, description="Connect with TLS.")
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
+    cert_file: Path | None = Field(None, description="Client certificate (TLS).")
+    key_file: Path | None = Field(None, description="Client key (TLS).")
+    keepalive_s: int = Field(30, ge=1, le=3600, description="MQTT keepalive in seconds.")
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="How long the broker keeps our session and "
+                                  "queues results for us while we are away.")
+    share_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Subscribe to results "
+                                    "through $share/<group>/ so several coordinators split the load.")
+
+
+class SqliteStoreConfig(_Strict):
+    type: Literal["sqlite"] = Field("sqlite", description="SQLite file (WAL); several coordinators on one host may "
+                                    "share it.")
+    path: Path = Field(Path("coordinator.db"), description="Database file.")
+
+
+class PostgresStoreConfig(_Strict):
+    type: Literal["postgres"] = Field(description="PostgreSQL through psycopg.")
+    dsn: str = Field(description="libpq connection string, e.g. 'host=127.0.0.1 dbname=edge user=edge'.")
+
+
+class DashboardConfig(_Strict):
+    enabled: bool = Field(False, description="Serve a small live device page.")
+    bind: str = Field("127.0.0.1", description="Address to bind the dashboard to.")
+    port: int = Field(8090, ge=0, le=65535, description="Dashboard port (0 = any free port).")
+
+
+class CoordinatorConfig(_Strict):
+    mqtt: CoordinatorMqtt = Field(default_factory=CoordinatorMqtt, description="Broker connection.")
+    store: Annotated[SqliteStoreConfig | PostgresStoreConfig, Field(discriminator="type")] = Field(
+        default_factory=SqliteStoreConfig, description="Where results are stored."
+    )
+    batch_max: int = Field(1000, ge=1, le=100000, description="Messages committed per transaction at most.")
+    max_payload_bytes: int = Field(1 << 20, ge=1024, description="Larger result payloads are refused and counted.")
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Live page.")
+
+    def password(self) -> str | None:
+        """The MQTT password from its file or environment variable (never logged)."""
+        if self.mqtt.password_file is not None:
+            try:
+                return self.mqtt.password_file.read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.mqtt.password_file}: {exc}") from exc
+        if self.mqtt.password_env is not None:
+            value = os.environ.get(self.mqtt.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: variable {self.mqtt.password_env} is not set")
+            return value
+        return None
+
+
+def parse_coordinator_config(data: Any, source: str) -> CoordinatorConfig:
+    try:
+        return CoordinatorConfig.model_validate(data or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ConfigError(f"{source}: {key}: {first['msg']}") from exc
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML syntax error: {str(exc).splitlines()[0]}") from exc
+    return parse_coordinator_config(data, str(path))
