@@ -1,0 +1,156 @@
+"""Topics, payloads and command validation: pure functions, checked against the JSON Schemas."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import pytest
+
+from edge_agent import codec
+from edge_agent.commands import MAX_COMMAND_BYTES, CommandError, parse_command
+
+
+def schema(kind: str) -> dict[str, Any]:
+    text = resources.files("edge_agent").joinpath("schemas").joinpath(f"{kind}.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def valid(kind: str, payload: dict[str, Any]) -> None:
+    jsonschema.validate(json.loads(codec.dumps(payload)), schema(kind), cls=jsonschema.Draft202012Validator)
+
+
+def test_every_schema_is_a_valid_draft_2020_12_schema() -> None:
+    for kind in ("result", "ack", "status", "heartbeat", "event", "command"):
+        jsonschema.Draft202012Validator.check_schema(schema(kind))
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        (codec.results_topic("barn-1", "crop"), codec.Topic("barn-1", "results", "crop")),
+        (codec.ack_topic("barn-1"), codec.Topic("barn-1", "ack")),
+        (codec.status_topic("d.2"), codec.Topic("d.2", "status")),
+        (codec.heartbeat_topic("d_3"), codec.Topic("d_3", "heartbeat")),
+        (codec.events_topic("d"), codec.Topic("d", "events")),
+        (codec.command_topic("d", "ping"), codec.Topic("d", "cmd", "ping")),
+    ],
+)
+def test_topics_round_trip(topic: str, expected: codec.Topic) -> None:
+    assert topic.startswith("edge/v1/")
+    assert codec.parse_topic(topic) == expected
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["edge/v2/d/status", "edge/v1/d/unknown", "edge/v1/d/results", "edge/v1/+/status", "x", "edge/v1/d/cmd/a/b", ""],
+)
+def test_foreign_topics_are_refused(topic: str) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.parse_topic(topic)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "+", "#", "x" * 65, "dev ice", "é"])
+def test_names_that_would_break_topics_are_refused(name: str) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.results_topic(name, "p")
+
+
+def test_coordinator_filters_with_and_without_shared_subscription() -> None:
+    assert codec.coordinator_filters()[0] == "edge/v1/+/results/+"
+    assert codec.coordinator_filters("g1")[0] == "$share/g1/edge/v1/+/results/+"
+
+
+def result(**over: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "device": "d1", "epoch": "ab12", "base": 1, "result_id": "0" * 32, "seq": 1, "input_id": "in-1",
+        "pipeline": "crop", "model": "leaf", "model_version": "1.0", "created_at": 1.5e9, "sent_at": 1.5e9 + 1,
+        "body": {"predictions": [{"label": "Corn___healthy", "score": 0.9, "index": 3}], "timings_ms": {"total": 3.0}},
+    }
+    fields.update(over)
+    return codec.result_payload(**fields)
+
+
+def test_builders_produce_schema_valid_payloads() -> None:
+    valid("result", result())
+    valid("ack", codec.ack_payload(device="d1", epoch="ab12", seq=10, ts=1.0))
+    valid("status", codec.status_payload(device="d1", state="offline", ts=1.0))
+    valid("event", codec.event_payload(device="d1", ts=1.0, event="outbox_corrupt", severity="alarm", data={}))
+    valid(
+        "heartbeat",
+        codec.heartbeat_payload(
+            device="d1", ts=1.0, state="degraded", uptime_s=3.0,
+            outbox={"backlog": 3, "bytes": 10, "oldest_age_s": 0.5, "dropped": 0}, publisher={"published": 3},
+            health={"models": [{"name": "leaf", "version": "1.0"}]},
+        ),
+    )
+
+
+def test_result_round_trip_and_field_checks() -> None:
+    data = codec.dumps(result())
+    assert codec.parse_result(data)["result_id"] == "0" * 32
+    for bad in (result(seq="1"), result(seq=True), result(body=[]), result(seq=0), {"kind": "ack"}):
+        with pytest.raises(codec.CodecError):
+            codec.parse_result(codec.dumps(bad))
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not json", b"\xff\xfe\x00", b'{"a": NaN}', b"[1, 2]", b'"text"', b"{" * 10, b"x" * (2 << 20)]
+)
+def test_loads_refuses_garbage(data: bytes) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.loads(data)
+
+
+def test_ack_parsing() -> None:
+    ack = codec.dumps(codec.ack_payload(device="d", epoch="e", seq=3, ts=1.0))
+    assert codec.parse_ack(ack) == codec.Ack("d", "e", 3)
+    for bad in ({"kind": "ack", "device": "d", "epoch": "e", "seq": -1}, {"kind": "ack", "device": "d", "seq": 1}):
+        with pytest.raises(codec.CodecError):
+            codec.parse_ack(codec.dumps(bad))
+
+
+# ---------------------------------------------------------------- commands (bad MQTT command rows)
+@pytest.mark.parametrize(
+    ("name", "payload", "code"),
+    [
+        ("ping", b"", "command_empty"),
+        ("ping", b"{not json", "command_not_json"),
+        ("ping", b'{"id": "\xff\xfe"}', "command_not_json"),
+        ("ping", b'{"id": "a", "args": {"x": NaN}}', "command_not_json"),
+        ("ping", b"[1]", "command_not_json"),
+        ("ping", b'{"id": "a", "pad": "' + b"x" * (10 * 1024 * 1024) + b'"}', "command_too_large"),
+        ("ping", b'{"args": {}}', "command_invalid"),
+        ("ping", b'{"id": 5}', "command_invalid"),
+        ("ping", b'{"id": "a b"}', "command_invalid"),
+        ("reboot_everything", b'{"id": "a"}', "command_unknown"),
+        ("ping", b'{"id": "a", "args": {"x": 1}}', "command_invalid"),
+        ("ping", b'{"id": "a", "args": []}', "command_invalid"),
+        ("ping", b'{"id": "a", "v": 2}', "command_invalid"),
+        ("set_heartbeat_interval", b'{"id": "a", "args": {}}', "command_invalid"),
+        ("set_heartbeat_interval", b'{"id": "a", "args": {"seconds": "10"}}', "command_invalid"),
+        ("set_heartbeat_interval", b'{"id": "a", "args": {"seconds": true}}', "command_invalid"),
+        ("set_heartbeat_interval", b'{"id": "a", "args": {"seconds": 1e400}}', "command_not_json"),
+        ("set_heartbeat_interval", b'{"id": "a", "args": {"seconds": 0.5}}', "command_invalid"),
+        ("set_thresholds", b'{"id": "a", "args": {"pipeline": "crop", "score": -0.1}}', "command_invalid"),
+        ("set_thresholds", b'{"id": "a", "args": {"pipeline": "crop", "score": 0.5, "iou": 7}}', "command_invalid"),
+        ("set_thresholds", b'{"id": "a", "args": {"pipeline": "crop"}}', "command_invalid"),
+        ("set_thresholds", b'{"id": "a", "args": {"pipeline": "../x", "score": 0.5}}', "command_invalid"),
+    ],
+)
+def test_bad_commands_are_refused_with_a_stable_code(name: str, payload: bytes, code: str) -> None:
+    with pytest.raises(CommandError) as info:
+        parse_command(name, payload)
+    assert info.value.code == code
+
+
+def test_good_commands_parse_and_match_the_schema() -> None:
+    cmd = parse_command("set_thresholds", b'{"v": 1, "id": "c-1", "args": {"pipeline": "crop", "score": 0.4}}')
+    assert (cmd.id, cmd.name, cmd.args) == ("c-1", "set_thresholds", {"pipeline": "crop", "score": 0.4})
+    jsonschema.validate({"v": 1, "id": "c-1", "args": {}}, schema("command"))
+    assert parse_command("ping", b'{"id": "p"}').args == {}
+    padded = b'{"id": "p", "args": {}}'.ljust(MAX_COMMAND_BYTES, b" ")
+    assert parse_command("ping", padded).id == "p"  # exactly at the limit is fine
