@@ -1,0 +1,11 @@
+"""The HTTP API and farmer page (contract 6): ``create_app(ctx: ApiContext) -> FastAPI``.
+
+Importing this package imports FastAPI; the service imports it only when ``http.enabled``.
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .context import ApiContext
+
+__all__ = ["ApiContext", "create_app"]
