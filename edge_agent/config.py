@@ -515,21 +515,22 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> A
 
 
 DEFAULT_CONFIG_YAML = """\
-# Embedded default: bundled crop model, a watched folder, SQLite outbox, MQTT on localhost.
+# Embedded default: a bundled model, a watched folder, SQLite outbox, MQTT on localhost.
 device_id: edge-01
 state_dir: var/edge-agent
 models:
-  - name: crop
-    bundle: crop_leaf
+  - name: default
+    bundle: {bundle}
 pipelines:
-  - name: crop
-    kind: crop
-    model: crop
+  - name: {kind}
+    kind: {kind}
+    model: default
 sources:
   - type: folder
     name: inbox
-    pipeline: crop
+    pipeline: {kind}
     path: var/edge-agent/inbox
+    poll_interval_s: 0.5
 mqtt:
   host: localhost
   port: 1883
@@ -539,11 +540,13 @@ metrics:
 
 
 def default_config(
-    cwd: Path | None = None, environ: Mapping[str, str] | None = None, bundle: str | None = None
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    bundle: str = "crop_leaf",
+    kind: Literal["crop", "inspection", "livestock", "plain"] = "crop",
 ) -> AgentConfig:
     """The embedded default (``edge-agent run`` with no ``--config``); state under ``<cwd>/var/edge-agent``."""
-    text = DEFAULT_CONFIG_YAML
-    if bundle is not None:
-        text = text.replace("bundle: crop_leaf", f"bundle: {bundle}")
-    cfg = parse_config(text, "(default config)")
+    if not re.match(_NAME, bundle):
+        raise ConfigError(f"(default config): models.0.bundle: invalid bundle name {bundle!r}")
+    cfg = parse_config(DEFAULT_CONFIG_YAML.format(bundle=bundle, kind=kind), "(default config)")
     return finalize(cfg, "(default config)", cwd or Path.cwd(), os.environ if environ is None else environ)

@@ -1,0 +1,437 @@
+"""The composition root: the one place where the agent's concrete parts are built, started and stopped.
+
+    config -> outbox -> models (one session per pipeline worker, warmed up) -> pipelines
+           -> publisher (MQTT; never blocks start-up) -> restart recovery -> sources -> HTTP API -> /metrics
+
+``stop(timeout)`` undoes it in reverse within a bounded time: sources stop taking input, the API
+stops, pipelines drain (what they cannot finish stays pending in the outbox for the next start),
+the publisher says ``offline`` and disconnects, the outbox closes. ``run_service`` wires SIGTERM
+and SIGINT to that.
+
+Factories for the noisy parts (MQTT transport, camera capture, models) can be passed in, so tests
+run the whole service with fakes or with a real broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from .bundle import Bundle, default_models_dir, find_bundle, load_bundle
+from .config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
+from .errors import ConfigError, ModelNotFoundError, OverloadedError
+from .metrics import Metrics
+from .outbox import Outbox, OutboxLimits
+from .pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
+from .publisher import Publisher, PublisherSettings, availability_will
+from .sources import Source
+from .sources.camera import CameraSource, CaptureFactory
+from .sources.folder import FolderSource
+from .transport.base import MqttSettings, Transport, Will
+
+log = logging.getLogger(__name__)
+
+TransportFactory = Callable[[MqttSettings, Will], Transport]
+ModelFactory = Callable[[Bundle, ModelConfig], Predictor]
+
+
+def _paho_transport(settings: MqttSettings, will: Will) -> Transport:
+    from .transport.mqtt import PahoTransport
+
+    return PahoTransport(settings, will=will)
+
+
+def _onnx_model(bundle: Bundle, cfg: ModelConfig) -> Predictor:
+    from .model import Model
+    from .runtime import RuntimeOptions
+
+    opts = RuntimeOptions(providers=cfg.providers, intra_op_threads=cfg.threads, allow_spinning=False)
+    model = Model.load(bundle, opts)
+    if cfg.warmup:
+        model.warmup(1)
+    return model
+
+
+def _opencv_capture(url: str) -> Any:
+    from .sources.opencv import OpenCvCapture
+
+    return OpenCvCapture(url)
+
+
+class Service:
+    """The running agent. ``start()``, then ``stop()``; ``health()`` any time."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        transport_factory: TransportFactory = _paho_transport,
+        capture_factory: CaptureFactory = _opencv_capture,
+        model_factory: ModelFactory = _onnx_model,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self._transport_factory = transport_factory
+        self._capture_factory = capture_factory
+        self._model_factory = model_factory
+        self.outbox: Outbox | None = None
+        self.publisher: Publisher | None = None
+        self.pipelines: dict[str, Pipeline] = {}
+        self.sources: dict[str, Source] = {}
+        self._bundles: dict[str, Bundle] = {}
+        self._http: Any = None
+        self._http_thread: threading.Thread | None = None
+        self._metrics_server: Any = None
+        self._recovery: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = False
+        self.state = "created"
+        self.recovered = 0
+
+    # --- paths ----------------------------------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cfg.state_dir
+
+    def spool_dir(self, source: str) -> Path:
+        return self.state_dir / "spool" / source
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build and start everything; raises EdgeAgentError (config, models, storage) before anything runs."""
+        self.state = "starting"
+        cfg = self.cfg
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc.strerror}") from exc
+        o = cfg.outbox
+        limits = OutboxLimits(
+            max_bytes=o.max_bytes, max_age_s=o.max_age_s, full_policy=o.full_policy, retention_s=o.retention_s
+        )
+        self.outbox = Outbox(self.state_dir / "outbox.db", cfg.device_id, limits)
+        try:
+            self._build_pipelines()
+            self._build_publisher()
+            for p in self.pipelines.values():
+                p.start()
+            if self.publisher is not None:
+                self.publisher.start()
+            self._recover()
+            self._build_sources()
+            for s in self.sources.values():
+                s.start()
+            self._start_http()
+            self._start_metrics()
+        except BaseException:
+            self.stop(timeout=5.0)
+            raise
+        self._ready = True
+        self.state = "running"
+        log.info(
+            "edge-agent %s running: pipelines %s, sources %s, mqtt %s",
+            cfg.device_id,
+            ", ".join(self.pipelines),
+            ", ".join(self.sources) or "none",
+            f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.enabled else "off",
+        )
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop within ``timeout`` seconds (default ``shutdown_timeout_s``); True when everything ended cleanly."""
+        if self._stopping.is_set():
+            return True
+        self._stopping.set()
+        self._ready = False
+        self.state = "stopping"
+        deadline = time.monotonic() + (timeout if timeout is not None else self.cfg.shutdown_timeout_s)
+
+        def left(share: float = 1.0) -> float:
+            return max(0.05, (deadline - time.monotonic()) * share)
+
+        clean = True
+        for source in self.sources.values():
+            clean &= bool(source.stop(min(left(0.2), 2.0)))
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(min(left(0.3), 3.0))
+                clean &= not self._http_thread.is_alive()
+        if self._recovery is not None:
+            self._recovery.join(min(left(0.1), 1.0))
+        for pipeline in self.pipelines.values():
+            clean &= pipeline.stop(left(0.6))
+        if self.publisher is not None:
+            self.publisher.stop(left(0.8))
+        if self.outbox is not None:
+            self.outbox.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.state = "stopped"
+        log.info("edge-agent stopped (%s)", "clean" if clean else "timed out; unfinished inputs stay pending")
+        return clean
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # --- building ---------------------------------------------------------------------------------------------------
+
+    def _bundle(self, mcfg: ModelConfig) -> Bundle:
+        if mcfg.name in self._bundles:
+            return self._bundles[mcfg.name]
+        models_dir = self.cfg.models_dir or default_models_dir()
+        ref = Path(mcfg.bundle)
+        if ref.is_absolute() or len(ref.parts) > 1:
+            if not ref.is_dir():
+                raise ModelNotFoundError(f"models.{mcfg.name}.bundle: no bundle folder {ref}")
+            bundle = load_bundle(ref)
+        else:
+            bundle = find_bundle(mcfg.bundle, models_dir)
+        self._bundles[mcfg.name] = bundle
+        return bundle
+
+    def _build_pipelines(self) -> None:
+        assert self.outbox is not None
+        models = {m.name: m for m in self.cfg.models}
+        for pcfg in self.cfg.pipelines:
+            mcfg = models[pcfg.model]
+            bundle = self._bundle(mcfg)
+            workers = [self._model_factory(bundle, mcfg) for _ in range(pcfg.workers)]
+            pipeline = Pipeline(
+                pcfg.name,
+                workers,
+                self.outbox,
+                kind=pcfg.kind,
+                sector=make_sector(pcfg),
+                queue_size=pcfg.queue_size,
+                metrics=self.metrics,
+            )
+            pipeline.add_sink("events", self._events_sink)
+            self.pipelines[pcfg.name] = pipeline
+
+    def _build_publisher(self) -> None:
+        m = self.cfg.mqtt
+        if not m.enabled:
+            return
+        assert self.outbox is not None
+        settings = MqttSettings(
+            host=m.host,
+            port=m.port,
+            client_id=m.client_id or self.cfg.device_id,
+            keepalive_s=m.keepalive_s,
+            username=m.username,
+            password=m.password.get_secret_value() if m.password is not None else None,
+            tls=m.tls.enabled,
+            ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
+            cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
+            key_file=str(m.tls.key_file) if m.tls.key_file else None,
+            max_inflight=m.max_inflight,
+        )
+        transport = self._transport_factory(settings, availability_will(self.cfg.device_id))
+        self.publisher = Publisher(
+            self.outbox,
+            transport,
+            self.cfg.device_id,
+            health=self.health,
+            settings=PublisherSettings(
+                window=m.max_inflight,
+                heartbeat_s=m.heartbeat_s,
+                ack_timeout_s=m.republish_after_s,
+                republish_per_s=m.republish_rate,
+            ),
+        )
+
+    def _build_sources(self) -> None:
+        assert self.outbox is not None
+        for scfg in self.cfg.sources:
+            if isinstance(scfg, FolderSourceConfig):
+                self.sources[scfg.name] = FolderSource(
+                    scfg, spool_dir=self.spool_dir(scfg.name), journal=self.outbox, submit=self.submit,
+                    metrics=self.metrics,
+                )
+            elif isinstance(scfg, CameraSourceConfig):
+                self.sources[scfg.name] = CameraSource(
+                    scfg, submit=self.submit, capture_factory=self._capture_factory, metrics=self.metrics
+                )
+
+    def _start_http(self) -> None:
+        h = self.cfg.http
+        if not h.enabled:
+            return
+        import uvicorn
+
+        from .api import create_app
+        from .api.context import ApiContext
+
+        assert self.outbox is not None
+        ctx = ApiContext(
+            settings=h,
+            spool_dir=self.spool_dir("http"),
+            outbox=self.outbox,
+            submit=self.submit,
+            models=self.models_info,
+            is_ready=lambda: self._ready,
+            registry=self.registry,
+            pipeline=self.upload_pipeline(),
+        )
+        self.spool_dir("http").mkdir(parents=True, exist_ok=True)
+        app = create_app(ctx)
+        config = uvicorn.Config(app, host=h.bind, port=h.port, log_config=None, access_log=False, lifespan="off")
+        self._http = uvicorn.Server(config)
+        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._http_thread.start()
+        log.info("HTTP API on http://%s:%d/", h.bind, h.port)
+
+    def _start_metrics(self) -> None:
+        m = self.cfg.metrics
+        if not m.enabled:
+            return
+        try:
+            server, _thread = start_http_server(m.port, addr=m.bind, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"metrics.port: cannot listen on {m.bind}:{m.port}: {exc.strerror}") from exc
+        self._metrics_server = server
+        log.info("Prometheus metrics on http://%s:%d/metrics", m.bind, m.port)
+
+    def upload_pipeline(self) -> str:
+        """The pipeline HTTP uploads go to: ``http.pipeline``, else the first crop pipeline, else the first."""
+        if self.cfg.http.pipeline is not None:
+            return self.cfg.http.pipeline
+        crop = [p.name for p in self.cfg.pipelines if p.kind == "crop"]
+        return crop[0] if crop else self.cfg.pipelines[0].name
+
+    # --- running --------------------------------------------------------------------------------------------------
+
+    def submit(self, item: InputItem) -> Future[PipelineOutput]:
+        """Route ``item`` to its pipeline (the ``submit`` every source and the API use)."""
+        pipeline = self.pipelines.get(item.pipeline)
+        if pipeline is None:
+            raise OverloadedError(f"no pipeline {item.pipeline!r} is running")
+        return pipeline.submit(item)
+
+    def _recover(self) -> None:
+        """Re-submit inputs accepted before a restart that have no result yet (folder sources do their own)."""
+        assert self.outbox is not None
+        folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
+        todo: list[InputItem] = []
+        for p in self.outbox.pending_inputs():
+            if p.source in folders:
+                continue
+            if p.pipeline not in self.pipelines:
+                self.outbox.reject_input(p.input_id, "pipeline_gone", f"pipeline {p.pipeline!r} is not configured")
+            elif p.spool_path and Path(p.spool_path).is_file():
+                hints = p.meta.get("hints") if isinstance(p.meta.get("hints"), dict) else {}
+                todo.append(
+                    InputItem(
+                        input_id=p.input_id, pipeline=p.pipeline, source=p.source, spool_path=p.spool_path,
+                        hints={str(k): str(v) for k, v in (hints or {}).items()},
+                    )
+                )
+            else:
+                self.outbox.reject_input(p.input_id, "input_lost", "no spool file to retry after a restart")
+        if not todo:
+            return
+        log.info("recovery: re-submitting %d accepted inputs without a result", len(todo))
+        self._recovery = threading.Thread(target=self._resubmit, args=(todo,), name="recovery", daemon=True)
+        self._recovery.start()
+
+    def _resubmit(self, items: Sequence[InputItem]) -> None:
+        for item in items:
+            while not self._stopping.is_set():
+                try:
+                    self.submit(item)
+                    self.recovered += 1
+                    break
+                except OverloadedError:
+                    self._stopping.wait(0.05)  # queue full: the recovery backlog waits its turn
+
+    def _events_sink(self, out: PipelineOutput, item: InputItem) -> None:
+        """Sector events (rejected parts, livestock alerts) go out on the events topic (not durable)."""
+        if self.publisher is None:
+            return
+        sector = out.sector
+        ref = {"pipeline": item.pipeline, "source": item.source, "input_id": item.input_id,
+               "result_id": getattr(out.stored, "result_id", None)}
+        if sector.get("signal"):
+            self.publisher.publish_event(
+                "part_rejected", "warning", {**ref, "signal": sector["signal"], "reasons": sector.get("reasons", [])}
+            )
+        for alert in sector.get("alerts", ()):
+            kind = str(alert.get("type", "alert"))
+            self.publisher.publish_event(f"livestock_{kind}", "info" if kind == "line_crossed" else "warning",
+                                         {**ref, **alert})
+
+    def models_info(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": b.manifest.name,
+                "version": b.manifest.version,
+                "task": b.manifest.task,
+                "labels": list(b.manifest.labels),
+                "license": b.manifest.license,
+                "config_name": name,
+            }
+            for name, b in self._bundles.items()
+        ]
+
+    def health(self) -> dict[str, Any]:
+        """Status for heartbeats and ``/healthz``: ok, degraded (broker, camera or outbox trouble) or not ready."""
+        sources = {name: s.health() for name, s in self.sources.items()}
+        publisher = self.publisher.state if self.publisher is not None else "disabled"
+        problems = [f"source {n}: {h.get('state')}" for n, h in sources.items()
+                    if h.get("state") not in ("watching", "streaming")]
+        if publisher not in ("connected", "disabled"):
+            problems.append(f"mqtt: {publisher}")
+        state = "ok" if self._ready and not problems else ("degraded" if self._ready else self.state)
+        return {
+            "state": state,
+            "ready": self._ready,
+            "device": self.cfg.device_id,
+            "problems": problems,
+            "models": [{"name": m["name"], "version": m["version"]} for m in self.models_info()],
+            "pipelines": {
+                name: {"kind": p.kind, "depth": p.depth, "in_flight": p.in_flight, "processed": p.processed,
+                       "failed": p.failed}
+                for name, p in self.pipelines.items()
+            },
+            "sources": sources,
+            "mqtt": publisher,
+        }
+
+
+def run_service(cfg: AgentConfig, *, on_ready: Callable[[Service], None] | None = None, **kwargs: Any) -> int:
+    """Start, wait for SIGTERM/SIGINT, stop within ``shutdown_timeout_s``. Returns a process exit code."""
+    service = Service(cfg, **kwargs)
+    done = threading.Event()
+    previous: Mapping[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            done.set()
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+    try:
+        service.start()
+        if on_ready is not None:
+            on_ready(service)
+        done.wait()
+        return 0 if service.stop() else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
