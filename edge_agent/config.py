@@ -227,15 +227,15 @@ class MqttConfig(_Strict):
     password_env: str | None = Field(default=None, description="Environment variable holding the broker password.")
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive in seconds.")
     tls: TlsConfig = Field(default=TlsConfig(), description="TLS settings.")
-    topic_prefix: str = Field(
-        default="edge/v1", pattern=r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$", description="Prefix of every topic."
-    )
     max_inflight: int = Field(default=20, ge=1, le=1000, description="Unacknowledged QoS 1 publishes at most.")
     heartbeat_s: float = Field(default=30.0, gt=0.0, le=3600, description="Seconds between status heartbeats.")
     republish_after_s: float = Field(
         default=30.0, gt=0.0, le=86_400, description="Re-publish results not acknowledged end to end after this."
     )
     republish_rate: float = Field(default=200.0, gt=0.0, description="Re-published results per second at most.")
+    reconnect_max_s: float = Field(
+        default=30.0, ge=1.0, le=3600, description="Longest wait between broker reconnect attempts."
+    )
     password: SecretStr | None = Field(default=None, exclude=True, description="Resolved by the loader; never in YAML.")
 
     @model_validator(mode="after")

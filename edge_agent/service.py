@@ -239,6 +239,7 @@ class Service:
             cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
             key_file=str(m.tls.key_file) if m.tls.key_file else None,
             max_inflight=m.max_inflight,
+            reconnect_max_s=m.reconnect_max_s,
         )
         transport = self._transport_factory(settings, availability_will(self.cfg.device_id))
         self.publisher = Publisher(

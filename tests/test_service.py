@@ -1,0 +1,288 @@
+"""The whole agent: a tiny ONNX model built at test time, a watched folder, the outbox, the publisher and a
+coordinator, over the in-memory broker and over a real Mosquitto; restart recovery; SIGTERM; CLI errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from PIL import Image as PILImage
+from typer.testing import CliRunner
+
+from edge_agent.cli import app
+from edge_agent.config import load_config
+from edge_agent.coordinator.service import Coordinator
+from edge_agent.coordinator.store import SqliteStore
+from edge_agent.outbox import Outbox
+from edge_agent.service import Service
+from edge_agent.transport.base import MqttSettings, Transport, Will
+from edge_agent.transport.fake import FakeBroker, FakeTransport
+from tests.support.broker import Broker, free_port
+from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
+
+T = 20.0
+LABELS = ["Apple___healthy", "Apple___Apple_scab", "Corn___healthy"]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = T) -> bool:
+    deadline = time.monotonic() + timeout
+    ev = threading.Event()
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        ev.wait(0.02)
+    return cond()
+
+
+def png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    bundle = root / "tiny_leaf"
+    bundle.mkdir()
+    onnx_path = tiny_classifier(bundle / "model.onnx", n_classes=len(LABELS))
+    write_bundle(bundle, classifier_manifest(onnx_path, LABELS, name="tiny_leaf", thresholds={"ood": 5.0}))
+    return root
+
+
+def write_config(tmp_path: Path, models_dir: Path, extra: str = "", mqtt: str = "mqtt:\n  enabled: false\n") -> Path:
+    text = f"""\
+device_id: dev-1
+state_dir: state
+models_dir: {models_dir}
+shutdown_timeout_s: 5
+models:
+  - name: leaf
+    bundle: tiny_leaf
+pipelines:
+  - name: crop
+    kind: crop
+    model: leaf
+    workers: 2
+    queue_size: 8
+sources:
+  - type: folder
+    name: inbox
+    pipeline: crop
+    path: inbox
+    poll_interval_s: 0.05
+    settle_s: 0.0
+{mqtt}metrics:
+  enabled: false
+{extra}"""
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def fake_transports(broker: FakeBroker) -> Callable[[MqttSettings, Will], Transport]:
+    def factory(settings: MqttSettings, will: Will) -> Transport:
+        return FakeTransport(broker, will)
+
+    return factory
+
+
+@pytest.fixture
+def fake_broker() -> FakeBroker:
+    return FakeBroker()
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, fake_broker: FakeBroker) -> Iterator[Coordinator]:
+    c = Coordinator(SqliteStore(tmp_path / "coord.db"), FakeTransport(fake_broker))
+    c.start()
+    yield c
+    c.stop()
+
+
+def folder_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_folder_to_coordinator_end_to_end_over_fake_broker(
+    tmp_path: Path, models_dir: Path, fake_broker: FakeBroker, coordinator: Coordinator
+) -> None:
+    port = free_port()
+    cfg = load_config(write_config(tmp_path, models_dir, mqtt="mqtt:\n  heartbeat_s: 0.2\n"))
+    cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"enabled": True, "port": port})})
+    service = Service(cfg, transport_factory=fake_transports(fake_broker))
+    service.start()
+    try:
+        inbox = tmp_path / "inbox"
+        for i in range(6):
+            (inbox / f"leaf{i}.png").write_bytes(png(i))
+        (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+        (inbox / "notes.txt").write_text("hello")
+        assert wait_for(lambda: coordinator.store.count_results("dev-1") == 6)
+        assert wait_for(lambda: service.outbox is not None and service.outbox.stats().backlog == 0)
+        assert wait_for(lambda: len(folder_files(inbox / "done")) == 6)
+        rejected = folder_files(inbox / "rejected")
+        assert rejected == ["broken.jpg", "broken.jpg.reason.json", "notes.txt", "notes.txt.reason.json"]
+        reason = orjson.loads((inbox / "rejected" / "broken.jpg.reason.json").read_bytes())
+        assert reason["code"].startswith("image_")
+        # one result as the coordinator and dashboards see it
+        results = [orjson.loads(p) for t, p in fake_broker.published if "/results/" in t]
+        body = results[0]["body"]
+        assert results[0]["device"] == "dev-1" and results[0]["pipeline"] == "crop"
+        assert body["model"] == "tiny_leaf" and body["kind"] == "crop" and body["source"] == "inbox"
+        assert body["sector"]["crop"] in ("Apple", "Corn") and "timings_ms" in body
+        assert wait_for(lambda: any(t.endswith("/heartbeat") for t, _ in fake_broker.published))
+        health = service.health()
+        assert health["state"] == "ok" and health["mqtt"] == "connected"
+        assert health["pipelines"]["crop"]["processed"] == 6
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'edge_agent_inputs_total{outcome="ok",pipeline="crop"} 6.0' in metrics
+        assert 'edge_agent_stage_seconds_count{pipeline="crop",stage="inference"} 6.0' in metrics
+        assert "edge_agent_outbox_backlog" in metrics
+    finally:
+        assert service.stop(5)
+    status = orjson.loads(fake_broker.retained["edge/v1/dev-1/status"])
+    assert status["state"] == "offline"
+
+
+def test_restart_recovers_accepted_inputs(tmp_path: Path, models_dir: Path) -> None:
+    cfg = load_config(write_config(tmp_path, models_dir))
+    state = cfg.state_dir
+    # a previous run accepted an upload and a folder file, then died before inference
+    outbox = Outbox(state / "outbox.db", "dev-1")
+    upload = state / "spool" / "http" / "u1.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(png(1))
+    outbox.accept_input("u1", source="http", pipeline="crop", spool_path=str(upload), meta={"hints": {"crop": "apple"}})
+    outbox.accept_input("gone", source="http", pipeline="crop", spool_path=str(state / "nope.png"), meta={})
+    folder_spool = state / "spool" / "inbox"
+    folder_spool.mkdir(parents=True)
+    (folder_spool / "f-abc--leaf.png").write_bytes(png(2))
+    outbox.accept_input("f-abc", source="inbox", pipeline="crop", spool_path=str(folder_spool / "f-abc--leaf.png"),
+                        meta={})
+    outbox.close()
+
+    service = Service(cfg)
+    service.start()
+    try:
+        assert service.outbox is not None
+        ob = service.outbox
+        assert wait_for(lambda: all(ob.get_result_by_input(i) is not None for i in ("u1", "f-abc")))
+        stored = ob.get_result_by_input("u1")
+        assert stored is not None and stored.body["sector"]["crop_hint"] == "Apple"
+        assert ob.input_state("gone") == "rejected"
+        assert wait_for(lambda: folder_files(tmp_path / "inbox" / "done") == ["leaf.png"])
+        assert ob.pending_inputs() == []
+    finally:
+        service.stop(5)
+
+
+def test_unreachable_broker_never_blocks_and_backlog_drains_when_it_appears(tmp_path: Path, models_dir: Path) -> None:
+    port = free_port()
+    mqtt = f"mqtt:\n  host: 127.0.0.1\n  port: {port}\n  heartbeat_s: 1\n  reconnect_max_s: 1\n"
+    cfg = load_config(write_config(tmp_path, models_dir, mqtt=mqtt))
+    service = Service(cfg)
+    t0 = time.monotonic()
+    service.start()
+    broker = Broker(tmp_path / "broker", port=port)
+    coordinator: Coordinator | None = None
+    try:
+        assert time.monotonic() - t0 < 10
+        for i in range(3):
+            (tmp_path / "inbox" / f"{i}.png").write_bytes(png(i))
+        assert service.outbox is not None
+        ob = service.outbox
+        assert wait_for(lambda: ob.stats().backlog == 3)
+        health = service.health()
+        assert health["state"] == "degraded" and health["mqtt"] == "degraded"
+        broker.start()
+        from tests.support.delivery import start_coordinator
+
+        coordinator = start_coordinator(tmp_path / "coord.db", port)
+        assert wait_for(lambda: coordinator is not None and coordinator.store.count_results("dev-1") == 3, 30)
+        assert wait_for(lambda: ob.stats().backlog == 0, 30)
+        assert wait_for(lambda: service.health()["state"] == "ok")
+    finally:
+        service.stop(5)
+        if coordinator is not None:
+            coordinator.stop()
+        broker.close()
+
+
+def test_bad_model_bundle_fails_start_cleanly(tmp_path: Path, models_dir: Path) -> None:
+    cfg = load_config(write_config(tmp_path, models_dir))
+    bad = cfg.model_copy(update={"models": (cfg.models[0].model_copy(update={"bundle": "missing_model"}),)})
+    service = Service(bad)
+    from edge_agent.errors import EdgeAgentError
+
+    with pytest.raises(EdgeAgentError) as info:
+        service.start()
+    assert info.value.code in ("model_not_found", "manifest_invalid")
+    assert service.state == "stopped"
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: []\nmqtt:\n  port: 70000\n")
+    res = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(path) in lines[0] and "config_invalid" in lines[0]
+
+
+def test_cli_default_config_check_works_without_arguments(tmp_path: Path) -> None:
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = CliRunner().invoke(app, ["run", "--check"])
+    finally:
+        os.chdir(cwd)
+    assert res.exit_code == 0, res.output
+    assert "(default config): ok" in res.output
+
+
+def test_sigterm_stops_the_agent_within_its_bound(tmp_path: Path, models_dir: Path) -> None:
+    path = write_config(tmp_path, models_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(path), "--log-level", "info"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=Path(__file__).resolve().parent.parent,
+    )
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            lines.append(raw.decode(errors="replace"))
+            if "running: pipelines" in lines[-1]:
+                running.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert running.wait(60), "".join(lines)
+        (tmp_path / "inbox" / "a.png").write_bytes(png(3))
+        assert wait_for(lambda: folder_files(tmp_path / "inbox" / "done") == ["a.png"])
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    assert any("SIGTERM" in line for line in lines)
