@@ -184,18 +184,23 @@ class BenchInputs:
     def describe(self) -> dict[str, Any]:
         return {
             "frame": list(self.frame.shape),
-            "photos": {k: {"size": list(PHOTO_SIZES[k]), "bytes": len(v)} for k, v in self.photos.items()},
+            "photos": {k: {"size": list(jpeg_size(v)), "bytes": len(v)} for k, v in self.photos.items()},
             "stream": {"frames": len(self.stream), "bytes_mean": int(np.mean([len(b) for b in self.stream]))},
         }
 
 
-def make_inputs(sources: Sequence[U8Image], stream_len: int = 4) -> BenchInputs:
-    """Build 1080p and 12 MP test JPEGs from small RGB ``sources`` by tiling and upscaling."""
+def make_inputs(
+    sources: Sequence[U8Image], stream_len: int = 4, sizes: Mapping[str, tuple[int, int]] = PHOTO_SIZES
+) -> BenchInputs:
+    """Build 1080p and 12 MP test JPEGs from small RGB ``sources`` by tiling and upscaling.
+
+    ``sizes`` maps the kinds "1080p" (also the camera frame and the stream) and "12mp" to pixel sizes.
+    """
     photos: dict[str, bytes] = {}
-    frame_rgb = compose(sources, PHOTO_SIZES["1080p"], 3, 2.0, 0)
+    frame_rgb = compose(sources, sizes["1080p"], 3, 2.0, 0)
     photos["1080p"] = encode_jpeg(frame_rgb)
-    photos["12mp"] = encode_jpeg(compose(sources, PHOTO_SIZES["12mp"], 12, 3.0, 1))
-    stream = tuple(encode_jpeg(compose(sources, PHOTO_SIZES["1080p"], 3, 2.0, i)) for i in range(stream_len))
+    photos["12mp"] = encode_jpeg(compose(sources, sizes["12mp"], 12, 3.0, 1))
+    stream = tuple(encode_jpeg(compose(sources, sizes["1080p"], 3, 2.0, i)) for i in range(stream_len))
     return BenchInputs(frame=np.ascontiguousarray(frame_rgb[:, :, ::-1]), photos=photos, stream=stream)
 
 
@@ -430,13 +435,22 @@ def bench_pipelined(bundle: Bundle, stream: Sequence[bytes], workers: int, cfg: 
     factor = reduction_for(jpeg_size(data), first.preprocessor.required_size(*jpeg_size(data)))
     tensor = first.preprocessor.run(first.decode(data))[0].copy()
     feeds = {first.manifest.input.name: tensor}
+    def cpu_timed(fn: Callable[[], object]) -> Step:
+        def step() -> Stages:
+            c0 = time.thread_time()
+            fn()
+            return {"cpu": (time.thread_time() - c0) * 1000.0}
+
+        return step
+
     floors = sample_interleaved(
-        {"decode": lambda: (imaging.decode_jpeg_reduced(data, factor), None)[1],
-         "run": lambda: (session.run(None, feeds), None)[1]},
+        {"decode": cpu_timed(lambda: imaging.decode_jpeg_reduced(data, factor)),
+         "run": cpu_timed(lambda: session.run(None, feeds))},
         cfg.budget,
     )
     cores = cpu_count()
     floor_ms = floors["decode"].p50 + floors["run"].p50
+    floor_cpu_ms = float(np.median(floors["decode"].stages["cpu"]) + np.median(floors["run"].stages["cpu"]))
     bound_fps = cores * 1000.0 / floor_ms
     counts = [0] * workers
     stop = threading.Event()
@@ -461,9 +475,10 @@ def bench_pipelined(bundle: Bundle, stream: Sequence[bytes], workers: int, cfg: 
         for t in threads:
             t.start()
         stop.wait(min(1.0, cfg.pipelined_seconds / 4))  # warm-up inside the window
-        c0, t0 = sum(counts), time.perf_counter()
+        c0, t0, p0 = sum(counts), time.perf_counter(), time.process_time()
+        load0 = _loadavg()
         stop.wait(cfg.pipelined_seconds)
-        c1, t1 = sum(counts), time.perf_counter()
+        c1, t1, p1 = sum(counts), time.perf_counter(), time.process_time()
     finally:
         stop.set()
         for t in threads:
@@ -472,6 +487,9 @@ def bench_pipelined(bundle: Bundle, stream: Sequence[bytes], workers: int, cfg: 
     if errors:
         raise errors[0]
     fps = (c1 - c0) / (t1 - t0)
+    cpu_s = p1 - p0
+    share = cpu_s / ((t1 - t0) * cores)
+    cpu_fps = (c1 - c0) / cpu_s if cpu_s > 0 else math.nan
     return {
         "workers": workers,
         "cores": cores,
@@ -482,7 +500,18 @@ def bench_pipelined(bundle: Bundle, stream: Sequence[bytes], workers: int, cfg: 
         "floor_run_1t": floors["run"].to_dict()["total"],
         "bound_fps": round(bound_fps, 3),
         "ratio": round(fps / bound_fps, 4),
+        "cpu_share": round(share, 4),
+        "cpu_ratio": round(cpu_fps * floor_cpu_ms / 1000.0, 4),
+        "floor_cpu_ms": round(floor_cpu_ms, 3),
+        "loadavg_1m": load0,
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def is_quantized(bundle: Bundle) -> bool:
@@ -578,22 +607,35 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-_PROBE = "import sys; from edge_agent.bench import probe_child; probe_child(sys.argv[1:])"
+_PROBE = "import sys, time; t = time.time(); from edge_agent.bench import probe_child; probe_child(sys.argv[1:], t)"
 
 
-def probe_child(argv: Sequence[str]) -> None:
-    """Child side of :func:`probe_process`: load bundles, predict once each, print one JSON line."""
+def _vm_kb(field_name: str) -> int:
+    """A ``/proc/self/status`` memory field in kB (VmHWM = peak RSS of this process image), 0 if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux; may include the parent's
+
+
+def probe_child(argv: Sequence[str], interpreter_ready: float) -> None:
+    """Child side of :func:`probe_process`: load bundles, predict once each, print one JSON line."""
     import sys
     from pathlib import Path
 
-    t0 = time.perf_counter()
     from .bundle import load_bundle
 
     spawned_at = float(argv[0])
     photo = Path(argv[1]).read_bytes()
-    rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_import = _vm_kb("VmHWM")
     t1 = time.perf_counter()
+    imported_at = time.time()
     models = [Model.load(load_bundle(Path(d))) for d in argv[2:]]
     t2 = time.perf_counter()
     first = models[0].predict_bytes(photo) if models else None
@@ -605,11 +647,13 @@ def probe_child(argv: Sequence[str]) -> None:
         "cold_start_s": round(first_at - spawned_at, 4),
         "models": [m.name for m in models],
         "first_result": first.to_dict()["model"] if first else None,
-        "import_s": round(t1 - t0, 4),
+        "interpreter_s": round(interpreter_ready - spawned_at, 4),
+        "import_s": round(imported_at - interpreter_ready, 4),
         "load_s": round(t2 - t1, 4),
         "first_predict_s": round(t3 - t2, 4),
         "rss_after_import_mb": round(rss_import / 1024, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_vm_kb("VmHWM") / 1024, 1),
+        "rss_mb": round(_vm_kb("VmRSS") / 1024, 1),
     }
     sys.stdout.write(orjson.dumps(doc).decode() + "\n")
     sys.stdout.flush()

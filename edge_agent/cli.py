@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
+from .cli_bench import bench_command as _bench_command
 from .cli_run import run as _run_agent
 from .errors import EdgeAgentError, InputNotFoundError
 
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect the model bundles.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.command("bench")(_bench_command)
 app.command("run")(_run_agent)
 
 out = Console(soft_wrap=True)

@@ -1,0 +1,187 @@
+"""Run the edge-agent benchmarks and write JSON, Markdown and a PNG chart to benchmarks/results/.
+
+    .venv/bin/python -m benchmarks.run --quick      # make bench-quick, under 2 minutes
+    .venv/bin/python -m benchmarks.run              # make bench, the full run
+
+Every bundle found under models/ is measured (see edge_agent/bench.py for what and how).
+Test JPEGs (1080p, 12 MP) are built at run time by tiling dataset photos from ../shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from PIL import Image as PILImage
+
+from edge_agent import bench
+from edge_agent.bundle import Bundle, default_models_dir, list_bundle_dirs, load_bundle
+from edge_agent.errors import EdgeAgentError
+from edge_agent.runtime import RuntimeOptions
+
+from . import report
+
+log = logging.getLogger("benchmarks")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_CANDIDATES = (ROOT.parent / "shared", Path("/work/shared"))
+SOURCE_GLOBS = (
+    "datasets/livestock/coco_demo/images/*.jpg",
+    "datasets/crops/ibean/train/*/*.jpg",
+    "datasets/inspection/neu_steel/train/*/*.jpg",
+    "datasets/livestock/cattle_chute/train/images/*.jpg",
+)
+
+
+def load_sources(per_glob: int = 6) -> tuple[list[Any], str]:
+    """Small RGB dataset photos to tile into test images (synthetic texture if no dataset)."""
+    for shared in SHARED_CANDIDATES:
+        paths: list[Path] = []
+        for pattern in SOURCE_GLOBS:
+            paths += sorted(shared.glob(pattern))[:per_glob]
+        if paths:
+            srcs = [np.asarray(PILImage.open(p).convert("RGB")) for p in paths]
+            return srcs, f"{len(srcs)} photos from {shared}/datasets (coco_demo, ibean, neu_steel, cattle_chute)"
+    return bench.synthetic_sources(), "synthetic texture (no dataset found)"
+
+
+def pick_agent_models(bundles: list[Bundle]) -> list[Bundle]:
+    """One crop, one inspection and one livestock bundle (FP32 preferred... INT8 when both exist: smaller)."""
+    def find(words: tuple[str, ...]) -> Bundle | None:
+        hits = [b for b in bundles if any(w in b.name.lower() for w in words)]
+        hits.sort(key=lambda b: (not bench.is_quantized(b), b.name))
+        return hits[0] if hits else None
+
+    chosen = [find(("crop", "plant", "leaf", "bean")), find(("steel", "tile", "inspect", "defect", "anomaly")),
+              find(("livestock", "cattle", "cow", "yolox", "nanodet"))]
+    picked = [b for b in chosen if b is not None]
+    for b in bundles:
+        if len(picked) >= 3:
+            break
+        if b not in picked:
+            picked.append(b)
+    return picked
+
+
+def outbox_sink(tmp: Path) -> tuple[bench.ResultSink | None, Any]:
+    """A result sink writing each result to a real durable outbox (B's), when the module exists."""
+    try:
+        from edge_agent.outbox import Outbox
+    except ImportError:
+        return None, None
+    box = Outbox(tmp / "bench-outbox.db", "bench-device")
+
+    def sink(input_id: str, result: Any, doc: dict[str, Any]) -> None:
+        box.add_result(input_id, pipeline="bench", model=result.model, model_version=result.model_version, body=doc)
+
+    return sink, box
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short budgets (under 2 minutes in all)")
+    ap.add_argument("--models-dir", type=Path, default=default_models_dir())
+    ap.add_argument("--model", action="append", default=[], help="only these bundles (folder or manifest name)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads of the latency session (0 = cores)")
+    ap.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=RuntimeOptions().allow_spinning,
+                    help="intra-op thread spinning of the latency session (default: RuntimeOptions' default)")
+    ap.add_argument("--no-outbox", action="store_true", help="leave the outbox write out of the loop")
+    ap.add_argument("--no-delivery", action="store_true", help="skip the outbox+MQTT and HTTP measurements")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    t_start = time.perf_counter()
+    mode = "quick" if args.quick else "full"
+    budget = bench.QUICK if args.quick else bench.FULL
+    options = RuntimeOptions(intra_op_threads=args.threads, allow_spinning=args.spinning)
+    cfg = bench.BenchConfig(budget=budget, options=options, pipelined_seconds=2.0 if args.quick else 8.0)
+    bundles: list[Bundle] = []
+    for d in list_bundle_dirs(args.models_dir):
+        if args.model and d.name not in args.model:
+            continue
+        try:
+            bundles.append(load_bundle(d))
+        except EdgeAgentError as exc:
+            log.warning("skipping %s: %s", d.name, exc)
+    if not bundles:
+        log.error("no bundles under %s", args.models_dir)
+        return 2
+    sources, source_note = load_sources()
+    inputs = bench.make_inputs(sources)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp_root = args.out / "tmp"
+    tmp_root.mkdir(exist_ok=True)
+    doc: dict[str, Any] = {
+        "mode": mode,
+        "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": bench.machine_info(),
+        "settings": {
+            "latency_session": (
+                f"intra_op_threads={options.intra_op_threads or 'cores'}, allow_spinning={options.allow_spinning}, "
+                f"graph_optimization={options.graph_optimization}"
+            ),
+            "budget": budget.__dict__,
+            "inputs": inputs.describe(),
+            "sources": source_note,
+        },
+        "models": [],
+        "notes": [],
+        "loadavg_start": os.getloadavg()[0],
+    }
+    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+        sink, box = (None, None) if args.no_outbox else outbox_sink(Path(tmp))
+        doc["settings"]["outbox_in_loop"] = sink is not None
+        try:
+            for b in bundles:
+                log.info("benchmarking %s", b.name)
+                doc["models"].append(bench.bench_model(b, inputs, cfg, sink))
+        finally:
+            if box is not None:
+                box.close()
+    for fp32, int8 in bench.int8_pairs(bundles):
+        log.info("INT8 vs FP32: %s / %s", int8.name, fp32.name)
+        doc.setdefault("int8_vs_fp32", []).append(bench.bench_int8(fp32, int8, inputs, cfg))
+    if not any(bench.is_quantized(b) for b in bundles):
+        doc["notes"].append("No INT8 bundle found under models/: the INT8/FP32 target could not be measured.")
+    photo_path = tmp_root / "photo_1080p.jpg"
+    photo_path.write_bytes(inputs.photos["1080p"])
+    agent = pick_agent_models(bundles)
+    log.info("memory and cold start: %s", ", ".join(b.name for b in agent))
+    doc["memory"] = {
+        "one_model": bench.probe_process([str(agent[0].directory)], str(photo_path)),
+        "three_models": bench.probe_process([str(b.directory) for b in agent], str(photo_path)),
+        "baseline": bench.probe_process([], str(photo_path)),
+    }
+    if not args.no_delivery:
+        from . import delivery
+
+        doc.update(delivery.measure(bundles, inputs, quick=args.quick, tmp_root=tmp_root))
+    doc["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    doc["loadavg_end"] = os.getloadavg()[0]
+    if max(doc["loadavg_start"], doc["loadavg_end"]) > bench.cpu_count():
+        doc["notes"].append(
+            f"The machine was shared: load average {doc['loadavg_start']:.1f} at start, {doc['loadavg_end']:.1f} "
+            f"at end on {bench.cpu_count()} cores. Absolute times are inflated; ratios are side by side."
+        )
+    doc["targets"] = report.targets(doc)
+    stem = args.out / mode
+    stem.with_suffix(".json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    stem.with_suffix(".md").write_text(report.markdown(doc), encoding="utf-8")
+    report.chart(doc, stem.with_suffix(".png"))
+    sys.stdout.write(report.markdown(doc))
+    log.info("wrote %s.{json,md,png} in %.0f s", stem, doc["elapsed_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
