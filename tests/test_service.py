@@ -286,3 +286,55 @@ def test_sigterm_stops_the_agent_within_its_bound(tmp_path: Path, models_dir: Pa
             proc.wait()
     reader.join(5)
     assert any("SIGTERM" in line for line in lines)
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self.published: dict[int, bool] = {}
+
+    def on_connected(self, session_present: bool) -> None:
+        self.connected.set()
+
+    def on_disconnected(self, reason: str) -> None:
+        self.connected.clear()
+
+    def on_message(self, message: object) -> None:
+        pass
+
+    def on_published(self, token: int, ok: bool, reason: str) -> None:
+        self.published[token] = ok
+
+
+def test_deploy_acl_confines_each_device_to_its_prefix(tmp_path: Path, models_dir: Path) -> None:
+    from edge_agent.transport.mqtt import PahoTransport
+    from tests.support.delivery import start_coordinator
+
+    acl = (Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "acl").read_text()
+    broker = Broker(tmp_path / "broker", users={"dev-1": "pw-1", "dev-2": "pw-2", "coordinator": "pw-c"}, acl=acl)
+    broker.start()
+    mqtt = f"mqtt:\n  host: 127.0.0.1\n  port: {broker.port}\n  username: dev-1\n  password_env: DEV1_PW\n"
+    cfg = load_config(write_config(tmp_path, models_dir, mqtt=mqtt), environ={"DEV1_PW": "pw-1"})
+    service = Service(cfg)
+    coordinator = start_coordinator(tmp_path / "coord.db", broker.port, username="coordinator", password="pw-c")
+    intruder = PahoTransport(MqttSettings(port=broker.port, client_id="dev-2", username="dev-2", password="pw-2"))
+    listener = _Listener()
+    try:
+        service.start()
+        (tmp_path / "inbox" / "a.png").write_bytes(png(5))
+        assert wait_for(lambda: coordinator.store.count_results("dev-1") == 1)
+        assert service.outbox is not None
+        ob = service.outbox
+        assert wait_for(lambda: ob.stats().backlog == 0)  # the coordinator's ack reached dev-1
+        intruder.start(listener)
+        assert listener.connected.wait(T)
+        token = intruder.publish("edge/v1/dev-1/results/crop", b"{}", qos=1)
+        own = intruder.publish("edge/v1/dev-2/heartbeat", b"{}", qos=1)
+        assert token is not None and own is not None
+        assert wait_for(lambda: token in listener.published and own in listener.published)
+        assert listener.published == {token: False, own: True}  # MQTT 5: 0x87 for another device's topic
+    finally:
+        intruder.stop(2)
+        service.stop(5)
+        coordinator.stop()
+        broker.close()
