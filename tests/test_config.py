@@ -182,8 +182,11 @@ def test_embedded_default_uses_cwd_var(tmp_path: Path) -> None:
     assert cfg.mqtt.host == "localhost" and cfg.mqtt.port == 1883
 
 
-@pytest.mark.parametrize("name", ["crop.yaml", "inspection.yaml", "livestock.yaml"])
+@pytest.mark.parametrize(
+    "name", ["examples/crop.yaml", "examples/inspection.yaml", "examples/livestock.yaml", "docker/agent.yaml",
+             "docker/agent-jetson.yaml"]
+)
 def test_example_configs_parse(name: str) -> None:
-    path = Path(__file__).resolve().parent.parent / "deploy" / "examples" / name
+    path = Path(__file__).resolve().parent.parent / "deploy" / name
     cfg = parse_config(path.read_text(), str(path))
     assert cfg.pipelines
