@@ -19,16 +19,21 @@ Names::
     edge_agent_outbox_backlog                       gauge      unacknowledged results
     edge_agent_outbox_bytes                         gauge
     edge_agent_outbox_oldest_age_seconds            gauge
-    edge_agent_publish_failures_total{reason}       counter
-    edge_agent_published_total                      counter
+    edge_agent_published_total                      counter    results published (first time)
+    edge_agent_republished_total                    counter    results published again (no e2e ack in time)
+    edge_agent_publish_failures_total{reason}       counter    refused (broker said no, e.g. ACL) | error
+    edge_agent_e2e_acked_total                      counter    results the coordinator acknowledged
+    edge_agent_mqtt_connected                       gauge      1 when the publisher state is "connected"
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,8 @@ class Metrics:
         self.outbox_oldest_age = Gauge(
             "edge_agent_outbox_oldest_age_seconds", "Age of the oldest unacknowledged result.", registry=r
         )
-        self.publish_failures = Counter(
-            "edge_agent_publish_failures_total", "Publishes that failed or were refused.", ["reason"], registry=r
-        )
-        self.published = Counter("edge_agent_published_total", "Results published (QoS 1 acknowledged).", registry=r)
+        self._publisher: Callable[[], Mapping[str, Any]] | None = None
+        r.register(_PublisherCollector(self))
 
     # --- helpers called by the other components ------------------------------------------------------------------
 
@@ -106,11 +109,9 @@ class Metrics:
     def sink_error(self, pipeline: str, sink: str) -> None:
         self.sink_errors.labels(pipeline=pipeline, sink=sink).inc()
 
-    def publish_failed(self, reason: str) -> None:
-        self.publish_failures.labels(reason=reason).inc()
-
-    def publish_ok(self, count: int = 1) -> None:
-        self.published.inc(count)
+    def bind_publisher(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the publisher's counters (``Publisher.snapshot``) at scrape time."""
+        self._publisher = snapshot
 
     def set_outbox(self, backlog: int, size_bytes: int, oldest_age_s: float) -> None:
         self.outbox_backlog.set(backlog)
@@ -137,3 +138,38 @@ class Metrics:
         self.outbox_backlog.set_function(part(0))
         self.outbox_bytes.set_function(part(1))
         self.outbox_oldest_age.set_function(part(2))
+
+
+class _PublisherCollector:
+    """Reads the publisher's own counters when Prometheus scrapes (the publisher keeps no metrics objects)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []  # names are fixed; nothing to pre-register (and describe must not call the publisher)
+
+    def collect(self) -> Iterator[Any]:
+        read = self._metrics._publisher
+        if read is None:
+            return
+        try:
+            snap = read()
+        except Exception:  # a scrape must never raise
+            log.debug("publisher snapshot unavailable", exc_info=True)
+            return
+        yield CounterMetricFamily(
+            "edge_agent_published", "Results published (first time).", value=snap.get("published", 0)
+        )
+        yield CounterMetricFamily(
+            "edge_agent_republished", "Results published again (no e2e ack in time).", value=snap.get("republished", 0)
+        )
+        failures = CounterMetricFamily("edge_agent_publish_failures", "Publishes refused or failed.", labels=["reason"])
+        failures.add_metric(["refused"], snap.get("rejected", 0))
+        failures.add_metric(["error"], snap.get("errors", 0))
+        yield failures
+        yield CounterMetricFamily(
+            "edge_agent_e2e_acked", "Results acknowledged by the coordinator.", value=snap.get("acked", 0)
+        )
+        connected = int(snap.get("state") == "connected")
+        yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 when the publisher is connected.", value=connected)

@@ -122,6 +122,13 @@ class Service:
             max_bytes=o.max_bytes, max_age_s=o.max_age_s, full_policy=o.full_policy, retention_s=o.retention_s
         )
         self.outbox = Outbox(self.state_dir / "outbox.db", cfg.device_id, limits)
+        outbox = self.outbox
+
+        def outbox_stats() -> tuple[int, int, float]:
+            st = outbox.stats()
+            return st.backlog, st.bytes, st.oldest_age_s
+
+        self.metrics.bind_outbox(outbox_stats)
         try:
             self._build_pipelines()
             self._build_publisher()
@@ -254,6 +261,7 @@ class Service:
                 republish_per_s=m.republish_rate,
             ),
         )
+        self.metrics.bind_publisher(self.publisher.snapshot)
 
     def _build_sources(self) -> None:
         assert self.outbox is not None

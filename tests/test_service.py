@@ -150,7 +150,9 @@ def test_folder_to_coordinator_end_to_end_over_fake_broker(
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'edge_agent_inputs_total{outcome="ok",pipeline="crop"} 6.0' in metrics
         assert 'edge_agent_stage_seconds_count{pipeline="crop",stage="inference"} 6.0' in metrics
-        assert "edge_agent_outbox_backlog" in metrics
+        assert "edge_agent_outbox_backlog 0.0" in metrics
+        assert "edge_agent_published_total 6.0" in metrics and "edge_agent_e2e_acked_total 6.0" in metrics
+        assert "edge_agent_mqtt_connected 1.0" in metrics
     finally:
         assert service.stop(5)
     status = orjson.loads(fake_broker.retained["edge/v1/dev-1/status"])
