@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run
+.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-quick: $(STAMP)
 
 run: system-deps $(STAMP)
 	bash scripts/run-demo.sh
+
+# R14 soak of the delivery path (not in CI): SOAK_SECONDS=600 SOAK_PERIOD=15 by default
+soak: system-deps $(STAMP)
+	$(BIN)/pytest -q -s -m soak tests/soak_delivery.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
