@@ -302,6 +302,11 @@ class Service:
         self._http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         self._http_thread.start()
+        deadline = time.monotonic() + 15.0
+        while not self._http.started:  # uvicorn has no start event: poll its flag with a deadline
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"http.port: cannot serve on {h.bind}:{h.port} (address in use?)")
+            self._stopping.wait(0.02)
         log.info("HTTP API on http://%s:%d/", h.bind, h.port)
 
     def _start_metrics(self) -> None:

@@ -340,3 +340,27 @@ def test_deploy_acl_confines_each_device_to_its_prefix(tmp_path: Path, models_di
         service.stop(5)
         coordinator.stop()
         broker.close()
+
+
+def test_http_upload_goes_through_the_same_pipeline(tmp_path: Path, models_dir: Path) -> None:
+    import httpx
+
+    port = free_port()
+    extra = f"http:\n  enabled: true\n  port: {port}\n  result_timeout_s: 20\n"
+    cfg = load_config(write_config(tmp_path, models_dir, extra=extra))
+    service = Service(cfg)
+    service.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        res = httpx.post(f"{base}/v1/diagnose?crop=apple", files={"image": ("leaf.png", png(7), "image/png")},
+                         timeout=30)
+        assert res.status_code == 200, res.text
+        assert service.outbox is not None
+        assert service.outbox.stats().backlog == 1  # the upload's result waits in the outbox for MQTT
+        (stored,) = service.outbox.unacked()
+        assert stored.pipeline == "crop" and stored.body["source"] == "http"
+        models = httpx.get(f"{base}/v1/models", timeout=5).json()
+        assert models["upload_pipeline"] == "crop" and models["models"][0]["name"] == "tiny_leaf"
+    finally:
+        assert service.stop(5)
