@@ -364,3 +364,65 @@ def test_http_upload_goes_through_the_same_pipeline(tmp_path: Path, models_dir: 
         assert models["upload_pipeline"] == "crop" and models["models"][0]["name"] == "tiny_leaf"
     finally:
         assert service.stop(5)
+
+
+def test_camera_inspection_line_publishes_reject_events(
+    tmp_path: Path, models_dir: Path, fake_broker: FakeBroker
+) -> None:
+    from edge_agent.sources.camera import SyntheticCapture
+
+    text = f"""\
+device_id: line-1
+state_dir: state
+models_dir: {models_dir}
+models:
+  - name: parts
+    bundle: tiny_leaf
+pipelines:
+  - name: parts
+    kind: inspection
+    model: parts
+    queue_size: 4
+    inspection:
+      pass_labels: [Apple___healthy]
+      min_score: 0.0
+sources:
+  - type: camera
+    name: line-cam
+    pipeline: parts
+    url: rtsp://viewer@cam.local/stream
+    password_env: CAM_PW
+    max_fps: 50
+mqtt:
+  heartbeat_s: 0.2
+metrics:
+  enabled: false
+"""
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    cfg = load_config(path, environ={"CAM_PW": "s3cret"})
+    urls: list[str] = []
+
+    def capture(url: str) -> SyntheticCapture:
+        urls.append(url)
+        return SyntheticCapture(64, 48, fps=100)
+
+    service = Service(cfg, transport_factory=fake_transports(fake_broker), capture_factory=capture)
+    service.start()
+    try:
+        assert service.outbox is not None
+        ob = service.outbox
+        assert wait_for(lambda: ob.stats().next_seq > 10)
+        failed = [r for r in ob.unacked(limit=1000) if r.body["sector"]["verdict"] == "fail"]
+        assert failed  # the tiny model calls these frames "not healthy": every part fails
+        events = [orjson.loads(p) for t, p in fake_broker.published if t == "edge/v1/line-1/events"]
+        assert events and all(e["event"] == "part_rejected" and e["data"]["signal"] == "reject" for e in events)
+        assert {e["data"]["result_id"] for e in events} <= {r.result_id for r in ob.unacked(limit=1000)}
+        health = service.health()["sources"]["line-cam"]
+        assert health["state"] == "streaming" and health["url"] == "rtsp://viewer:***@cam.local/stream"
+        assert urls == ["rtsp://viewer:s3cret@cam.local/stream"]
+        assert wait_for(lambda: any(t.endswith("/heartbeat") for t, _ in fake_broker.published))
+        heartbeats = [orjson.loads(p) for t, p in fake_broker.published if t.endswith("/heartbeat")]
+        assert "s3cret" not in str(heartbeats)
+    finally:
+        assert service.stop(5)
