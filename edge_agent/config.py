@@ -256,6 +256,9 @@ class OutboxConfig(_Strict):
     retention_s: float = Field(
         default=3600.0, ge=0.0, description="Acknowledged results are kept this long for status queries."
     )
+    min_free_bytes: ByteSize = Field(
+        default=32 * 1024**2, description="New inputs are refused while the state disk has less free space."
+    )
 
 
 class HttpConfig(_Strict):

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from .config import PipelineConfig
 from .errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
 from .metrics import Metrics
+from .outbox import StoredResult
 from .sectors.inspection import InspectionRules, inspection_verdict
 from .sectors.livestock import LineRule, LivestockRules, LivestockTracker, ZoneRule
 from .types import Image, Result
@@ -52,8 +53,8 @@ class InputItem:
 
 @dataclass(frozen=True)
 class PipelineOutput:
-    stored: Any
-    """The outbox row (``outbox.StoredResult``)."""
+    stored: StoredResult
+    """The outbox row."""
     result: Result
     sector: dict[str, Any]
 

@@ -119,7 +119,11 @@ class Service:
             raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc.strerror}") from exc
         o = cfg.outbox
         limits = OutboxLimits(
-            max_bytes=o.max_bytes, max_age_s=o.max_age_s, full_policy=o.full_policy, retention_s=o.retention_s
+            max_bytes=o.max_bytes,
+            max_age_s=o.max_age_s,
+            full_policy=o.full_policy,
+            retention_s=o.retention_s,
+            min_free_bytes=o.min_free_bytes,
         )
         self.outbox = Outbox(self.state_dir / "outbox.db", cfg.device_id, limits)
         outbox = self.outbox
