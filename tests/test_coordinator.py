@@ -17,11 +17,13 @@ from edge_agent import codec
 from edge_agent.coordinator.config import load_coordinator_config
 from edge_agent.coordinator.dashboard import Dashboard
 from edge_agent.coordinator.service import Coordinator
-from edge_agent.coordinator.store import DeviceUpdate, ResultRow, SqliteStore, next_watermark
+from edge_agent.coordinator.store import DeviceUpdate, ResultRow, SqliteStore, Store, next_watermark
+from edge_agent.coordinator.store_pg import PostgresStore
 from edge_agent.errors import ConfigError
 from edge_agent.transport import FakeBroker, FakeTransport
 from tests.support.broker import Broker
 from tests.support.delivery import start_agent, start_coordinator, wait_until
+from tests.support.postgres import Postgres
 
 
 @pytest.mark.parametrize(
@@ -47,14 +49,27 @@ def row(seq: int, device: str = "d1", epoch: str = "e1", base: int = 1) -> Resul
     )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "c.db")
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    server = Postgres()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The same contract tests run against both backends."""
+    s: Store
+    if request.param == "sqlite":
+        s = SqliteStore(tmp_path / "c.db")
+    else:
+        s = PostgresStore(request.getfixturevalue("postgres").new_database())
     yield s
     s.close()
 
 
-def test_store_ignores_duplicates_and_acks_only_contiguous_prefixes(store: SqliteStore) -> None:
+def test_store_ignores_duplicates_and_acks_only_contiguous_prefixes(store: Store) -> None:
     out = store.commit_batch([row(1), row(2), row(4)], [])
     assert (out.inserted, out.duplicates, out.watermarks) == (3, 0, {("d1", "e1"): 2})
     out = store.commit_batch([row(2), row(3)], [])
@@ -62,9 +77,21 @@ def test_store_ignores_duplicates_and_acks_only_contiguous_prefixes(store: Sqlit
     out = store.commit_batch([row(1, epoch="e2"), row(9, device="d2", base=9)], [])
     assert out.watermarks == {("d1", "e2"): 1, ("d2", "e1"): 9}
     assert store.count_results() == 6 and store.count_results("d1") == 5
+    assert store.result_ids("d2") == {"d2-e1-9"}
 
 
-def test_store_tracks_devices(store: SqliteStore) -> None:
+def test_two_stores_on_one_database_ack_only_what_is_committed(tmp_path: Path, postgres: Postgres) -> None:
+    dsn = postgres.new_database()
+    for a, b in ((SqliteStore(tmp_path / "s.db"), SqliteStore(tmp_path / "s.db")),
+                 (PostgresStore(dsn), PostgresStore(dsn))):
+        assert a.commit_batch([row(2)], []).watermarks == {("d1", "e1"): 0}
+        assert b.commit_batch([row(1)], []).watermarks == {("d1", "e1"): 2}  # sees a's committed seq 2
+        assert a.commit_batch([row(1)], []).duplicates == 1
+        a.close()
+        b.close()
+
+
+def test_store_tracks_devices(store: Store) -> None:
     store.commit_batch([row(1)], [DeviceUpdate("d1", 10.0, state="online")])
     store.commit_batch([], [DeviceUpdate("d1", 5.0, state="offline")])  # older news is ignored
     store.commit_batch([], [DeviceUpdate("d1", 11.0, heartbeat={"state": "degraded", "outbox": {"backlog": 7}})])
@@ -161,10 +188,17 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.close()
 
 
-def test_two_coordinators_share_the_load_without_loss_or_double_storage(tmp_path: Path, broker: Broker) -> None:
-    db = tmp_path / "shared.db"
-    c1 = start_coordinator(db, broker.port, "coord-a", share_group="coordinators")
-    c2 = start_coordinator(db, broker.port, "coord-b", share_group="coordinators")
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_two_coordinators_share_the_load_without_loss_or_double_storage(
+    tmp_path: Path, broker: Broker, backend: str, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        c1 = start_coordinator(tmp_path / "shared.db", broker.port, "coord-a", share_group="coordinators")
+        c2 = start_coordinator(tmp_path / "shared.db", broker.port, "coord-b", share_group="coordinators")
+    else:
+        dsn = request.getfixturevalue("postgres").new_database()
+        c1 = start_coordinator(dsn, broker.port, "coord-a", share_group="coordinators")
+        c2 = start_coordinator(dsn, broker.port, "coord-b", share_group="coordinators")
     agents = [start_agent(tmp_path / d, broker.port, d) for d in ("dev-a", "dev-b")]
     try:
         wait_until(lambda: c1.connected.is_set() and c2.connected.is_set(), 10, "coordinators connected")

@@ -13,7 +13,7 @@ import typer
 from edge_agent.coordinator.config import CoordinatorConfig, load_coordinator_config
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore, Store
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import EdgeAgentError
 from edge_agent.transport.base import MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
 
@@ -24,7 +24,9 @@ log = logging.getLogger("edge_agent.coordinator")
 def build_store(config: CoordinatorConfig) -> Store:
     if config.store.type == "sqlite":
         return SqliteStore(config.store.path)
-    raise ConfigError("store.type: postgres is not available in this build; use sqlite")
+    from edge_agent.coordinator.store_pg import PostgresStore
+
+    return PostgresStore(config.store.dsn)
 
 
 def build(config: CoordinatorConfig) -> Coordinator:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.coordinator.service import Coordinator
-from edge_agent.coordinator.store import SqliteStore
+from edge_agent.coordinator.store import SqliteStore, Store
 from edge_agent.outbox import Outbox, OutboxLimits
 from edge_agent.publisher import Publisher, PublisherSettings, availability_will
 from edge_agent.transport.base import MqttSettings
@@ -89,7 +89,7 @@ def start_agent(
 
 
 def start_coordinator(
-    db: Path, port: int, client_id: str = "coord", *, share_group: str | None = None,
+    db: Path | str, port: int, client_id: str = "coord", *, share_group: str | None = None,
     username: str | None = None, password: str | None = None, keepalive_s: int = 30,
 ) -> Coordinator:
     mqtt = MqttSettings(
@@ -97,7 +97,14 @@ def start_coordinator(
         manual_ack=True, username=username, password=password, reconnect_min_s=1, reconnect_max_s=2,
         connect_timeout_s=2,
     )
-    coordinator = Coordinator(SqliteStore(db), PahoTransport(mqtt), share_group=share_group)
+    store: Store
+    if isinstance(db, str):  # a PostgreSQL DSN
+        from edge_agent.coordinator.store_pg import PostgresStore
+
+        store = PostgresStore(db)
+    else:
+        store = SqliteStore(db)
+    coordinator = Coordinator(store, PahoTransport(mqtt), share_group=share_group)
     coordinator.start()
     return coordinator
 

@@ -1,0 +1,167 @@
+"""PostgreSQL store for the coordinator (psycopg 3): same contract as ``SqliteStore``.
+
+Several coordinators may share one database. Inside each batch transaction the watermark row of
+every (device, epoch) touched is locked (``FOR UPDATE``, in sorted order, so no deadlocks) before
+the contiguous prefix is computed; a coordinator therefore always sees the other's committed rows
+and never acknowledges anything that is not committed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import psycopg
+
+from edge_agent.coordinator.store import BatchOutcome, DeviceUpdate, ResultRow, next_watermark
+from edge_agent.errors import StorageError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    result_id TEXT PRIMARY KEY, device TEXT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL,
+    input_id TEXT NOT NULL, pipeline TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL, payload BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS results_dev_seq ON results(device, epoch, seq);
+CREATE TABLE IF NOT EXISTS watermarks (
+    device TEXT NOT NULL, epoch TEXT NOT NULL, acked_seq BIGINT NOT NULL, PRIMARY KEY (device, epoch));
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, state TEXT, state_ts DOUBLE PRECISION, last_heartbeat DOUBLE PRECISION,
+    heartbeat BYTEA, last_result DOUBLE PRECISION, results BIGINT NOT NULL DEFAULT 0);
+"""
+
+
+class PostgresStore:
+    def __init__(self, dsn: str) -> None:
+        self._lock = threading.Lock()
+        try:
+            self._conn = psycopg.connect(dsn, autocommit=False)
+            with self._conn.transaction():
+                self._conn.execute("SELECT pg_advisory_xact_lock(724011)")  # two coordinators creating tables
+                for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                    self._conn.execute(statement)
+        except psycopg.Error as exc:
+            raise StorageError(f"coordinator store (postgres): {exc}") from exc
+
+    def commit_batch(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> BatchOutcome:
+        with self._lock:
+            try:
+                return self._commit(results, devices)
+            except psycopg.Error as exc:
+                raise StorageError(f"coordinator store (postgres): {exc}") from exc
+
+    def _commit(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> BatchOutcome:
+        conn = self._conn
+        with conn.transaction():
+            inserted = 0
+            fresh: dict[str, int] = {}
+            bases: dict[tuple[str, str], int] = {}
+            last: dict[str, float] = {}
+            for r in results:
+                cur = conn.execute(
+                    "INSERT INTO results VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (result_id) DO NOTHING",
+                    (r.result_id, r.device, r.epoch, r.seq, r.input_id, r.pipeline, r.model, r.model_version,
+                     r.created_at, r.received_at, r.payload),
+                )
+                inserted += cur.rowcount
+                fresh[r.device] = fresh.get(r.device, 0) + cur.rowcount
+                key = (r.device, r.epoch)
+                bases[key] = max(bases.get(key, 1), r.base)
+                last[r.device] = max(last.get(r.device, 0.0), r.received_at)
+            marks = {key: self._advance(conn, key[0], key[1], bases[key]) for key in sorted(bases)}
+            for device in sorted(set(last) | {d.device for d in devices}):
+                conn.execute("INSERT INTO devices (device) VALUES (%s) ON CONFLICT DO NOTHING", (device,))
+            for device, ts in sorted(last.items()):
+                conn.execute(
+                    "UPDATE devices SET last_result = GREATEST(COALESCE(last_result, 0), %s), results = results + %s"
+                    " WHERE device = %s",
+                    (ts, fresh[device], device),
+                )
+            for d in devices:
+                if d.state is not None:
+                    conn.execute(
+                        "UPDATE devices SET state = %s, state_ts = %s"
+                        " WHERE device = %s AND COALESCE(state_ts, 0) <= %s",
+                        (d.state, d.ts, d.device, d.ts),
+                    )
+                if d.heartbeat is not None:
+                    conn.execute(
+                        "UPDATE devices SET last_heartbeat = %s, heartbeat = %s WHERE device = %s",
+                        (d.ts, orjson.dumps(d.heartbeat), d.device),
+                    )
+        return BatchOutcome(inserted, len(results) - inserted, marks)
+
+    @staticmethod
+    def _advance(conn: psycopg.Connection[Any], device: str, epoch: str, base: int) -> int:
+        conn.execute(
+            "INSERT INTO watermarks VALUES (%s, %s, 0) ON CONFLICT DO NOTHING", (device, epoch)
+        )
+        row = conn.execute(
+            "SELECT acked_seq FROM watermarks WHERE device = %s AND epoch = %s FOR UPDATE", (device, epoch)
+        ).fetchone()
+        current = int(row[0]) if row else 0
+        mark = max(current, base - 1)
+        while True:
+            seqs = [
+                int(s)
+                for (s,) in conn.execute(
+                    "SELECT seq FROM results WHERE device = %s AND epoch = %s AND seq > %s ORDER BY seq LIMIT 5000",
+                    (device, epoch, mark),
+                ).fetchall()
+            ]
+            new = next_watermark(mark, 1, seqs)
+            done = new == mark or len(seqs) < 5000 or new != seqs[-1]
+            mark = new
+            if done:
+                break
+        if mark > current:
+            conn.execute(
+                "UPDATE watermarks SET acked_seq = %s WHERE device = %s AND epoch = %s", (mark, device, epoch)
+            )
+        return mark
+
+    def devices(self) -> list[dict[str, Any]]:
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "SELECT device, state, state_ts, last_heartbeat, heartbeat, last_result, results FROM devices"
+                " ORDER BY device"
+            ).fetchall()
+        out = []
+        for device, state, state_ts, last_hb, hb, last_result, count in rows:
+            heartbeat = orjson.loads(bytes(hb)) if hb else {}
+            out.append(
+                {
+                    "device": device,
+                    "state": state or "unknown",
+                    "state_ts": state_ts,
+                    "last_heartbeat": last_hb,
+                    "last_result": last_result,
+                    "results": int(count),
+                    "backlog": heartbeat.get("outbox", {}).get("backlog"),
+                    "agent_state": heartbeat.get("state"),
+                    "heartbeat": heartbeat,
+                }
+            )
+        return out
+
+    def count_results(self, device: str | None = None) -> int:
+        with self._lock, self._conn.transaction():
+            if device is None:
+                row = self._conn.execute("SELECT COUNT(*) FROM results").fetchone()
+            else:
+                row = self._conn.execute("SELECT COUNT(*) FROM results WHERE device = %s", (device,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def result_ids(self, device: str | None = None) -> set[str]:
+        with self._lock, self._conn.transaction():
+            if device is None:
+                rows = self._conn.execute("SELECT result_id FROM results").fetchall()
+            else:
+                rows = self._conn.execute("SELECT result_id FROM results WHERE device = %s", (device,)).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
