@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], help="only these bundles (folder or manifest name)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads of the latency session (0 = cores)")
-    ap.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=RuntimeOptions().allow_spinning,
-                    help="intra-op thread spinning of the latency session (default: RuntimeOptions' default)")
+    ap.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=False,
+                    help="intra-op thread spinning of the latency session (default off, as the agent's service runs)")
     ap.add_argument("--no-outbox", action="store_true", help="leave the outbox write out of the loop")
     ap.add_argument("--no-delivery", action="store_true", help="skip the outbox+MQTT and HTTP measurements")
     args = ap.parse_args(argv)
