@@ -76,19 +76,22 @@ class Stats:
 
 @dataclass
 class Series:
-    """Samples of one measured step: total wall time and optional stages (ms)."""
+    """Samples of one measured step: wall time, process CPU time and optional stages (ms)."""
 
     total: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, total_ms: float, stages: Stages | None) -> None:
+    def add(self, total_ms: float, stages: Stages | None, cpu_ms: float = math.nan) -> None:
         self.total.append(total_ms)
+        self.cpu.append(cpu_ms)
         for k, v in (stages or {}).items():
             self.stages.setdefault(k, []).append(v)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": Stats.of(self.total).to_dict(),
+            "cpu": Stats.of([c for c in self.cpu if not math.isnan(c)]).to_dict(),
             "stages": {k: Stats.of(v).to_dict() for k, v in self.stages.items()},
         }
 
@@ -99,39 +102,39 @@ class Series:
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to sample: total seconds per group of steps, split in interleaved rounds."""
+    """How long to sample a group of steps: at least ``min_reps`` rounds, then until ``seconds`` are spent."""
 
     seconds: float = 2.0
-    rounds: int = 5
     min_reps: int = 10
     max_reps: int = 5000
     warmup: int = 3
 
 
-QUICK = Budget(seconds=0.5, rounds=3, min_reps=5, max_reps=500, warmup=2)
-FULL = Budget(seconds=4.0, rounds=8, min_reps=30, max_reps=20000, warmup=5)
+QUICK = Budget(seconds=0.5, min_reps=5, max_reps=500, warmup=2)
+FULL = Budget(seconds=15.0, min_reps=15, max_reps=20000, warmup=5)
 
 
 def sample_interleaved(steps: Mapping[str, Step], budget: Budget) -> dict[str, Series]:
-    """Time each step in alternating rounds so that drift hits every step alike."""
+    """Time the steps call by call in alternating rounds (A B C, C B A, ...) so that load changes on
+    a shared machine hit every step alike; each call records wall time and process CPU time."""
     series = {name: Series() for name in steps}
     for fn in steps.values():
         for _ in range(budget.warmup):
             fn()
-    per_round_s = budget.seconds / budget.rounds / max(1, len(steps))
-    min_per_round = max(1, math.ceil(budget.min_reps / budget.rounds))
-    max_per_round = max(min_per_round, budget.max_reps // budget.rounds)
+    names = list(steps)
     clock = time.perf_counter
-    for _ in range(budget.rounds):
-        for name, fn in steps.items():
-            s = series[name]
-            deadline = clock() + per_round_s
-            k = 0
-            while k < min_per_round or (clock() < deadline and k < max_per_round):
-                t0 = clock()
-                stages = fn()
-                s.add((clock() - t0) * 1000.0, stages)
-                k += 1
+    cpu = time.process_time
+    start = clock()
+    rounds = 0
+    while rounds < budget.min_reps or (clock() - start < budget.seconds and rounds < budget.max_reps):
+        for name in names if rounds % 2 == 0 else reversed(names):
+            fn = steps[name]
+            c0 = cpu()
+            t0 = clock()
+            stages = fn()
+            t1 = clock()
+            series[name].add((t1 - t0) * 1000.0, stages, (cpu() - c0) * 1000.0)
+        rounds += 1
     return series
 
 

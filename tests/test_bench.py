@@ -17,7 +17,7 @@ from edge_agent.cli import app
 from edge_agent.types import Result
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 
-TINY = bench.Budget(seconds=0.02, rounds=2, min_reps=4, max_reps=8, warmup=1)
+TINY = bench.Budget(seconds=0.02, min_reps=4, max_reps=8, warmup=1)
 SIZES = {"1080p": (96, 64), "12mp": (200, 150)}
 
 
@@ -62,11 +62,12 @@ def test_sampling_interleaves_rounds_and_honours_min_reps() -> None:
         order.append("b")
 
     steps: dict[str, bench.Step] = {"a": step_a, "b": step_b}
-    series = bench.sample_interleaved(steps, bench.Budget(seconds=0.0, rounds=3, min_reps=6, max_reps=6, warmup=1))
-    assert len(series["a"].total) == len(series["b"].total) == 6
-    assert series["a"].stages["x"] == [1.0] * 6 and series["b"].stages == {}
+    series = bench.sample_interleaved(steps, bench.Budget(seconds=0.0, min_reps=4, max_reps=4, warmup=1))
+    assert len(series["a"].total) == len(series["b"].total) == len(series["a"].cpu) == 4
+    assert series["a"].stages["x"] == [1.0] * 4 and series["b"].stages == {}
     timed = order[2:]  # after one warm-up each
-    assert timed == ["a", "a", "b", "b"] * 3  # rounds alternate between the steps
+    assert timed == ["a", "b", "b", "a"] * 2  # call by call, the order reversed every round
+    assert set(series["a"].to_dict()) == {"total", "cpu", "stages"}
 
 
 def test_reduction_matches_decoder_rule() -> None:
