@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -90,6 +90,15 @@ def durable_move(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != 18:
+            raise
+        durable_move(src, dst)
+
+
 def _free_name(directory: Path, name: str, tag: str) -> Path:
     target = directory / name
     if not target.exists():
@@ -126,6 +135,7 @@ class FolderSource:
         self._in_flight = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.accepted = 0
         self.done = 0
         self.rejected = 0
@@ -147,6 +157,8 @@ class FolderSource:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         if self._metrics is not None:
             self._metrics.set_source_up(self.name, False)
         return self._thread is None or not self._thread.is_alive()
@@ -213,7 +225,6 @@ class FolderSource:
     def scan_once(self) -> int:
         """One pass: resubmit waiting inputs, then take settled files while there is room. Returns files taken."""
         self._drain_waiting()
-        taken = 0
         now = self._clock()
         try:
             entries = sorted(os.scandir(self.cfg.path), key=lambda e: e.name)
@@ -221,8 +232,10 @@ class FolderSource:
             self.last_error = f"cannot list folder: {exc.strerror}"
             log.warning("folder %s: %s", self.name, self.last_error)
             return 0
+        batch: list[tuple[Path, str, int]] = []
+        room = self._room()
         for entry in entries:
-            if self._stop.is_set() or self._room() <= 0:
+            if self._stop.is_set() or len(batch) >= room:
                 break
             name = entry.name
             if name.startswith(".") or name.endswith(_TEMP_SUFFIXES):
@@ -246,44 +259,69 @@ class FolderSource:
             if st.st_size > self.cfg.max_file_bytes:
                 self._file_rejected(path, name, "image_too_large", f"{st.st_size} bytes > {self.cfg.max_file_bytes}")
                 continue
-            if not self._take(path, name, st.st_size):
-                break
-            taken += 1
+            batch.append((path, name, st.st_size))
+        taken = self._take(batch) if batch else 0
         self._drain_waiting()
         return taken
 
-    def _take(self, path: Path, name: str, size: int) -> bool:
-        """Move one file into the spool, journal it, queue it. False: stop this pass (full)."""
+    def _take(self, batch: list[tuple[Path, str, int]]) -> int:
+        """Move files into the spool (one directory fsync for the batch), journal them, queue them."""
         try:
             self._journal.check_capacity()
         except StorageError as exc:
             self._refused(exc)
-            return False
-        input_id = f"f-{uuid.uuid4().hex}"
-        spool_path = self.spool_dir / f"{input_id}{_SEP}{name[:120]}"
-        try:
-            durable_move(path, spool_path)
-        except FileNotFoundError:
-            return True  # someone else took it
-        except OSError as exc:
-            self.last_error = f"cannot move into the spool: {exc.strerror}"
-            log.warning("folder %s: %s: %s", self.name, name, self.last_error)
-            return False
-        try:
-            self._journal.accept_input(
-                input_id, source=self.name, pipeline=self.cfg.pipeline, spool_path=str(spool_path),
-                meta={"original_name": name, "size": size},
-            )
-        except StorageError as exc:
-            durable_move(spool_path, path)  # refused, not lost: back where it was
-            self._refused(exc)
-            return False
-        self.last_error = None
-        with self._lock:
-            self.accepted += 1
-            self._waiting.append((0.0, self._item(input_id, spool_path)))
-        log.debug("folder %s: accepted %s as %s", self.name, name, input_id)
-        return True
+            return 0
+        moved: list[tuple[Path, Path, str, str, int]] = []
+        for path, name, size in batch:
+            input_id = f"f-{uuid.uuid4().hex}"
+            spool_path = self.spool_dir / f"{input_id}{_SEP}{name[:120]}"
+            try:
+                os.rename(path, spool_path)
+            except FileNotFoundError:
+                continue  # someone else took it
+            except OSError as exc:
+                if exc.errno == 18:  # EXDEV: the spool is on another file system
+                    durable_move(path, spool_path)
+                else:
+                    self.last_error = f"cannot move into the spool: {exc.strerror}"
+                    log.warning("folder %s: %s: %s", self.name, name, self.last_error)
+                    break
+            moved.append((path, spool_path, input_id, name, size))
+        if not moved:
+            return 0
+        _fsync_dir(self.spool_dir)  # the renames are durable before any journal row points at them
+
+        def accept(m: tuple[Path, Path, str, str, int]) -> EdgeAgentError | None:
+            path, spool_path, input_id, name, size = m
+            try:
+                self._journal.accept_input(
+                    input_id, source=self.name, pipeline=self.cfg.pipeline, spool_path=str(spool_path),
+                    meta={"original_name": name, "size": size},
+                )
+            except StorageError as exc:
+                durable_move(spool_path, path)  # refused, not lost: back where it was
+                return exc
+            return None
+
+        # concurrent calls share the outbox's group commit: one fsync for the batch, not one per file
+        outcomes = list(self._accept_pool().map(accept, moved)) if len(moved) > 1 else [accept(moved[0])]
+        taken = 0
+        for m, err in zip(moved, outcomes, strict=True):
+            if err is not None:
+                self._refused(err)
+                continue
+            taken += 1
+            with self._lock:
+                self.accepted += 1
+                self._waiting.append((0.0, self._item(m[2], m[1])))
+        if taken:
+            self.last_error = None
+        return taken
+
+    def _accept_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"folder-{self.name}-accept")
+        return self._pool
 
     def _refused(self, exc: EdgeAgentError) -> None:
         self.refused_full += 1
@@ -339,8 +377,8 @@ class FolderSource:
             log.exception("folder %s: cannot file %s", self.name, original)
 
     def _file_done(self, spool: Path, original: str, input_id: str) -> None:
-        if self.cfg.keep_done:
-            durable_move(spool, _free_name(self.done_dir, original, input_id[-8:]))
+        if self.cfg.keep_done:  # no fsync: the result is durable; a lost rename is filed again by recover()
+            _move(spool, _free_name(self.done_dir, original, input_id[-8:]))
         else:
             spool.unlink(missing_ok=True)
         with self._lock:
