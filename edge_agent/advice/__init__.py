@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 REQUIRED_LANGUAGES: tuple[str, ...] = ("en", "sw", "fr", "es", "hi")
 DEFAULT_LANGUAGE = "en"
 NOT_RECOGNISED = "not_recognised"
@@ -69,7 +70,7 @@ class LanguagePack(_Strict):
 def parse_language_pack(text: str, source: str) -> LanguagePack:
     """Parse and validate one advice file's text (pure). Raises ConfigError naming file and key."""
     try:
-        doc: Any = yaml.safe_load(text)
+        doc: Any = yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a SafeLoader (C version when available)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
     if not isinstance(doc, dict):
