@@ -408,3 +408,18 @@ def test_opencv_capture_reads_a_real_video_file(tmp_path: Path) -> None:
     cap.release()
     assert len(frames) == 5 and frames[0].shape == (48, 64, 3)
     assert not OpenCvCapture(str(tmp_path / "missing.avi")).open()
+
+
+def test_opencv_capture_keeps_stream_credentials_off_stderr(tmp_path: Path) -> None:
+    script = (
+        "from edge_agent.sources.opencv import OpenCvCapture\n"
+        "c = OpenCvCapture('rtsp://user:s3cret@127.0.0.1:9/x', open_timeout_ms=2000)\n"
+        "print(c.open())\n"
+    )
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, env=env, check=True)
+    assert out.stdout.strip() == b"False"
+    assert b"s3cret" not in out.stderr and b"127.0.0.1:9" not in out.stderr

@@ -7,6 +7,7 @@ with open and read timeouts so a dead camera never hangs the reader thread forev
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import cv2
@@ -26,6 +27,9 @@ class OpenCvCapture:
         self._cap: Any = None
 
     def open(self) -> bool:
+        # FFmpeg writes its own errors to stderr, sometimes with the stream URL: keep it quiet (it can
+        # carry credentials); our reconnect loop logs the redacted URL instead.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
         try:
             self._cap = cv2.VideoCapture(self._target, cv2.CAP_ANY, self._params)
         except cv2.error:
