@@ -98,6 +98,7 @@ class Publisher:
         self._mids: dict[int, int] = {}
         self._cursor = 0
         self._acked = 0
+        self._deleted = 0
         self._ack_seen = 0
         self._tokens = 0.0
         self._alarms_sent = 0
@@ -184,13 +185,16 @@ class Publisher:
             try:
                 if any(kind == "stop" for kind, _ in events):
                     self._handle_all([e for e in events if e[0] != "stop"])
+                    self._absorb_acks()
+                    self._commit_acks()
                     self._shutdown()
                     return
                 self._handle_all(events)
-                self._settle_acks()
+                self._absorb_acks()
                 if self._connected:
-                    self._fill()
+                    self._fill()  # refill the window before the (fsync-bound) delete of acked rows
                     self._retry(now)
+                self._commit_acks()
                 self._timers(now)
             except Exception:
                 self.counters["errors"] += 1
@@ -263,14 +267,18 @@ class Publisher:
         if topic.kind == "cmd" and topic.device == self.device_id and topic.name is not None:
             self._run_command(topic.name, message.payload)
 
-    def _settle_acks(self) -> None:
+    def _absorb_acks(self) -> None:
+        """Free the window for everything the coordinator acknowledged (in memory; deleted next)."""
         if self._ack_seen <= self._acked:
             return
-        through = self._ack_seen
-        self.counters["acked"] += self.outbox.ack_through(through)
-        self._acked = through
-        for seq in [s for s in self._outstanding if s <= through]:
+        self._acked = self._ack_seen
+        for seq in [s for s in self._outstanding if s <= self._acked]:
             del self._outstanding[seq]
+
+    def _commit_acks(self) -> None:
+        if self._acked > self._deleted:
+            self.counters["acked"] += self.outbox.ack_through(self._acked)
+            self._deleted = self._acked
 
     def _publish_row(self, row: StoredResult, base: int) -> bool:
         payload = codec.result_payload(
