@@ -115,9 +115,15 @@ def make_sector(cfg: PipelineConfig) -> Sector:
             )
         tracker = LivestockTracker(lrules)
         lock = threading.Lock()
+        last_frame: dict[str, int] = {}
 
         def track(result: Result, item: InputItem) -> dict[str, Any]:
+            frame = item.hints.get("frame")
             with lock:  # one tracker state per source; workers take turns
+                if frame is not None and frame.isdigit():
+                    if int(frame) < last_frame.get(item.source, -1):
+                        return {"skipped": "out_of_order_frame"}  # a newer frame already moved the tracks on
+                    last_frame[item.source] = int(frame)
                 return tracker.update(result, item.source)
 
         return track

@@ -14,6 +14,7 @@ run the whole service with fakes or with a real broker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -27,7 +28,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from .bundle import Bundle, default_models_dir, find_bundle, load_bundle
 from .config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
-from .errors import ConfigError, ModelNotFoundError, OverloadedError
+from .errors import ConfigError, InputError, ModelNotFoundError, OverloadedError
 from .metrics import Metrics
 from .outbox import Outbox, OutboxLimits
 from .pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
@@ -370,11 +371,13 @@ class Service:
         for item in items:
             while not self._stopping.is_set():
                 try:
-                    self.submit(item)
-                    self.recovered += 1
-                    break
+                    fut = self.submit(item)
                 except OverloadedError:
                     self._stopping.wait(0.05)  # queue full: the recovery backlog waits its turn
+                    continue
+                self.recovered += 1
+                fut.add_done_callback(functools.partial(_drop_spool, item))
+                break
 
     def _events_sink(self, out: PipelineOutput, item: InputItem) -> None:
         """Sector events (rejected parts, livestock alerts) go out on the events topic (not durable)."""
@@ -428,6 +431,18 @@ class Service:
             "sources": sources,
             "mqtt": publisher,
         }
+
+
+def _drop_spool(item: InputItem, fut: Future[PipelineOutput]) -> None:
+    """Delete a recovered input's spool file once its result or rejection is journalled (kept for a retry otherwise)."""
+    if fut.cancelled() or item.spool_path is None:
+        return
+    exc = fut.exception()
+    if exc is None or isinstance(exc, InputError):
+        try:
+            Path(item.spool_path).unlink(missing_ok=True)
+        except OSError:
+            log.warning("recovery: cannot delete spool file of %s", item.input_id)
 
 
 def run_service(cfg: AgentConfig, *, on_ready: Callable[[Service], None] | None = None, **kwargs: Any) -> int:

@@ -269,3 +269,17 @@ def test_crop_sector_uses_hints() -> None:
     out = outcome(pipe.submit(item(1, hints={"crop": "apple"})))
     pipe.stop(T)
     assert out.sector["crop"] == "Apple" and out.sector["healthy"] is False
+
+
+def test_livestock_sector_skips_frames_that_arrive_out_of_order() -> None:
+    cfg = PipelineConfig.model_validate({"name": "herd", "kind": "livestock", "model": "det"})
+    sector = make_sector(cfg)
+    res = Result("det", "1", "detection", (Detection("cow", 0.9, 19, (0.0, 0.0, 10.0, 10.0)),), (100, 100), Timings())
+
+    def frame(n: int) -> InputItem:
+        return InputItem(input_id=f"c-{n}", pipeline="herd", source="cam", hints={"frame": str(n)})
+
+    assert "tracks" in sector(res, frame(5))
+    assert sector(res, frame(3)) == {"skipped": "out_of_order_frame"}
+    assert "tracks" in sector(res, frame(6))
+    assert "tracks" in sector(res, InputItem(input_id="photo", pipeline="herd", source="inbox"))

@@ -185,6 +185,7 @@ def test_restart_recovers_accepted_inputs(tmp_path: Path, models_dir: Path) -> N
         stored = ob.get_result_by_input("u1")
         assert stored is not None and stored.body["sector"]["crop_hint"] == "Apple"
         assert ob.input_state("gone") == "rejected"
+        assert wait_for(lambda: not upload.exists())  # a recovered upload's spool file goes once it has a result
         assert wait_for(lambda: folder_files(tmp_path / "inbox" / "done") == ["leaf.png"])
         assert ob.pending_inputs() == []
     finally:
