@@ -31,6 +31,7 @@ from edge_agent.sources.camera import (
 )
 from edge_agent.sources.folder import FolderSource
 from edge_agent.sources.opencv import OpenCvCapture
+from edge_agent.types import Image
 
 T = 10.0
 
@@ -423,3 +424,44 @@ def test_opencv_capture_keeps_stream_credentials_off_stderr(tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, env=env, check=True)
     assert out.stdout.strip() == b"False"
     assert b"s3cret" not in out.stderr and b"127.0.0.1:9" not in out.stderr
+
+
+# --- the Capture contract, run against the real OpenCV adapter and the synthetic fake ----------------------------
+
+
+def _clip(tmp_path: Path, frames: int = 4) -> str:
+    path = tmp_path / "contract.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(frames):
+        writer.write(np.full((48, 64, 3), 30 * i, np.uint8))
+    writer.release()
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["opencv", "synthetic"])
+def test_capture_contract(tmp_path: Path, kind: str) -> None:
+    cap: OpenCvCapture | SyntheticCapture
+    cap = OpenCvCapture(_clip(tmp_path)) if kind == "opencv" else SyntheticCapture(64, 48, fail_reads_after=4)
+    assert cap.open()
+    for _ in range(4):
+        ok, frame = cap.read()
+        assert ok and frame is not None
+        assert frame.dtype == np.uint8 and frame.shape == (48, 64, 3)
+    ok, frame = cap.read()  # the end of the clip / a dead stream
+    assert not ok and frame is None
+    cap.release()
+    assert cap.read() == (False, None)
+
+
+def test_fake_source_pushes_into_a_pipeline() -> None:
+    from edge_agent.sources.fake import FakeSource
+
+    journal = Journal()
+    pipe = FakePipeline(journal)
+    src = FakeSource("fake", "p", pipe.submit)
+    src.start()
+    fut = src.push(image=Image.from_array(np.zeros((4, 4, 3), np.uint8)))
+    assert not fut.done() and src.health() == {"type": "fake", "state": "watching", "pushed": 1}
+    pipe.release_all()
+    assert fut.result(T) is not None
+    assert [i.input_id for i in pipe.items] == ["fake-1"]
