@@ -417,6 +417,10 @@ class Outbox:
         rows = self._read("SELECT MIN(seq) FROM results WHERE acked_at IS NULL")
         if rows and rows[0][0] is not None:
             return int(rows[0][0])
+        return self.next_seq()
+
+    def next_seq(self) -> int:
+        """The seq the next result will get (every assigned seq is below it)."""
         return int(self._read("SELECT value FROM counters WHERE name='next_seq'")[0][0])
 
     def ack_through(self, seq: int) -> int:

@@ -84,6 +84,7 @@ class Publisher:
                 "heartbeats",
                 "commands_ok",
                 "commands_refused",
+                "acks_ignored",
                 "errors",
             ),
             0,
@@ -257,8 +258,13 @@ class Publisher:
             except codec.CodecError as exc:
                 log.warning("publisher: ignoring malformed ack: %s", exc)
                 return
-            if ack.epoch == self.outbox.epoch and ack.device == self.device_id:
-                self._ack_seen = max(self._ack_seen, ack.seq)
+            if ack.epoch != self.outbox.epoch or ack.device != self.device_id or ack.seq <= self._ack_seen:
+                return
+            if ack.seq >= self.outbox.next_seq():  # acks a seq never assigned: a copied or restored outbox
+                self.counters["acks_ignored"] += 1
+                log.error("publisher: ignoring ack %d beyond our last seq (outbox copied or restored?)", ack.seq)
+                return
+            self._ack_seen = ack.seq
             return
         try:
             topic = codec.parse_topic(message.topic)

@@ -190,17 +190,19 @@ def test_heartbeat_carries_health_backlog_and_counters(rig: Rig) -> None:
     assert "backlog" in beat["outbox"] and "published" in beat["publisher"]
 
 
-def test_acks_for_another_epoch_or_device_are_ignored(rig: Rig) -> None:
+def test_acks_for_another_epoch_device_or_unassigned_seq_are_ignored(rig: Rig) -> None:
     rig.publisher.start()
     rig.add(5)
     wait_until(lambda: rig.publisher.counters["broker_acked"] >= 5, 5, "published")
-    for device, epoch in (("dev1", "other-epoch"), ("dev2", rig.outbox.epoch)):
-        ack = codec.ack_payload(device=device, epoch=epoch, seq=5, ts=1.0)
+    ours = rig.outbox.epoch
+    for device, epoch, seq in (("dev1", "other-epoch", 5), ("dev2", ours, 5), ("dev1", ours, 99)):
+        ack = codec.ack_payload(device=device, epoch=epoch, seq=seq, ts=1.0)
         rig.broker.route(codec.ack_topic("dev1"), codec.dumps(ack), True)
     rig.broker.route(codec.ack_topic("dev1"), b"garbage", False)
     rig.add(1, start=5)
     wait_until(lambda: rig.publisher.counters["published"] >= 6, 5, "still alive")
     assert rig.outbox.stats().backlog == 6
+    assert rig.publisher.counters["acks_ignored"] == 1  # seq 99 was never assigned: a forked outbox
 
 
 def test_commands_good_bad_and_replayed(tmp_path: Path) -> None:
