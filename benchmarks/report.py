@@ -95,9 +95,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{pl['fps']:.1f} fps vs bound {pl['bound_fps']:.1f} ({pl['workers']} workers); we got "
                 f"{pl.get('cpu_share', math.nan):.0%} of the cores; CPU-time ratio {pl.get('cpu_ratio', math.nan):.3f}")
     for pair in report.get("int8_vs_fp32", []):
+        if "error" in pair:
+            add(f"INT8/FP32 session.run {pair['int8']}", None, "< 1.0", None, f"INT8 model unusable: {pair['error']}")
+            continue
         lat = pair["latency"]
+        shipped = "shipped" if pair.get("shipped", True) else "not shipped, quantized by the benchmark"
         add(f"INT8/FP32 session.run {pair['int8']}", lat["run_ratio"], "< 1.0", lat["run_ratio"] < 1.0,
-            f"1-thread {pair.get('1thread', {}).get('run_ratio', 'n/a')}; loop {lat['loop_ratio']}")
+            f"{shipped}; 1-thread {pair.get('1thread', {}).get('run_ratio', 'n/a')}; loop {lat['loop_ratio']}")
     mem = report.get("memory", {})
     if "three_models" in mem:
         three = mem["three_models"]
@@ -163,10 +167,14 @@ def markdown(report: dict[str, Any]) -> str:
     pairs = report.get("int8_vs_fp32", [])
     if pairs:
         lines += ["", "## INT8 vs FP32 (same threads, interleaved)", "",
-                  "| fp32 | int8 | run ratio (latency threads) | loop ratio | run ratio (1 thread) |",
-                  "|---|---|---:|---:|---:|"]
+                  "| fp32 | int8 | shipped | run ratio (latency threads) | loop ratio | run ratio (1 thread) |",
+                  "|---|---|---|---:|---:|---:|"]
         for p in pairs:
-            lines.append(f"| {p['fp32']} | {p['int8']} | {_f(p['latency']['run_ratio'], 3)} "
+            if "error" in p:
+                lines.append(f"| {p['fp32']} | {p['int8']} | no | error: {p['error'][:120]} | | |")
+                continue
+            lines.append(f"| {p['fp32']} | {p['int8']} | {'yes' if p.get('shipped', True) else 'no'} "
+                         f"| {_f(p['latency']['run_ratio'], 3)} "
                          f"| {_f(p['latency']['loop_ratio'], 3)} | {_f(p.get('1thread', {}).get('run_ratio'), 3)} |")
     mem = report.get("memory", {})
     if mem:

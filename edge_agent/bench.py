@@ -524,14 +524,18 @@ def is_quantized(bundle: Bundle) -> bool:
 
 
 def int8_pairs(bundles: Sequence[Bundle]) -> list[tuple[Bundle, Bundle]]:
-    """(fp32, int8) bundle pairs: the INT8 one names ``*_int8`` or metadata ``fp32_bundle``/``quantized_from``."""
+    """(fp32, int8) bundle pairs: the INT8 one says ``metadata.quantization.from`` (edge_agent.quantize), or
+    ``fp32_bundle``/``quantized_from``, or is named like the FP32 one plus ``_int8``."""
     by_name = {b.name: b for b in bundles} | {b.directory.name: b for b in bundles}
     pairs: list[tuple[Bundle, Bundle]] = []
     for b in bundles:
         if not is_quantized(b):
             continue
         meta = b.manifest.metadata
+        quant = meta.get("quantization")
         ref = meta.get("fp32_bundle") or meta.get("quantized_from")
+        if ref is None and isinstance(quant, dict):
+            ref = quant.get("from")
         candidates = [str(ref)] if ref else []
         for n in (b.name, b.directory.name):
             for suffix in ("_int8", "-int8", "_qdq", "_u8s8"):

@@ -97,6 +97,18 @@ def test_bench_model_report_structure(models_dir: Path, inputs: bench.BenchInput
     orjson.dumps(doc)  # JSON-ready
 
 
+def test_int8_pairing_reads_quantize_metadata(models_dir: Path, tmp_path: Path) -> None:
+    fp32 = load_bundle(models_dir / "tiny_cls")
+    q = tmp_path / "anything"
+    q.mkdir()
+    shutil.copy(fp32.onnx_path, q / "model.onnx")
+    meta = {"quantization": {"method": "QDQ, QUInt8 activations, QInt8 weights", "from": "tiny_cls"}}
+    write_bundle(q, classifier_manifest(q / "model.onnx", ["a", "b", "c"], size=16, name="leafy", metadata=meta))
+    int8 = load_bundle(q)
+    assert bench.is_quantized(int8) and not bench.is_quantized(fp32)
+    assert bench.int8_pairs([int8, fp32]) == [(fp32, int8)]
+
+
 def test_int8_pairing_and_comparison(models_dir: Path, inputs: bench.BenchInputs) -> None:
     fp32, int8 = _bundles(models_dir)
     assert bench.int8_pairs([fp32, int8]) == [(fp32, int8)]
