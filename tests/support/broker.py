@@ -10,9 +10,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
+
+from tests.support.tls import TlsFiles
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -24,11 +27,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mqtt_ping(port: int, timeout: float = 1.0) -> bool:
-    """True when something on ``port`` answers an MQTT 3.1.1 CONNECT with a CONNACK."""
+def mqtt_ping(port: int, timeout: float = 1.0, ca_file: Path | None = None) -> bool:
+    """True when something on ``port`` answers an MQTT 3.1.1 CONNECT with a CONNACK (over TLS with ``ca_file``)."""
     packet = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x05\x00\x04ping"
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            sock = raw
+            if ca_file is not None:
+                sock = ssl.create_default_context(cafile=str(ca_file)).wrap_socket(raw, server_hostname="127.0.0.1")
             sock.sendall(packet)
             data = sock.recv(4)
             return len(data) >= 2 and data[0] == 0x20
@@ -48,6 +54,7 @@ class Broker:
         max_queued_messages: int = 1000,
         users: dict[str, str] | None = None,
         acl: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +63,7 @@ class Broker:
         self.max_queued_messages = max_queued_messages
         self.users = users
         self.acl = acl
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mosquitto.log"
 
@@ -77,6 +85,8 @@ class Broker:
             "log_type notice",
             f"log_dest file {self.log_path}",
         ]
+        if self.tls is not None:
+            lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to 'mosquitto' and cannot read the temp dir
         if self.users:
@@ -100,7 +110,7 @@ class Broker:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err} {self.read_log()}")
-            if mqtt_ping(self.port, timeout=0.5):
+            if mqtt_ping(self.port, timeout=0.5, ca_file=self.tls.ca if self.tls else None):
                 return
             time.sleep(0.02)  # polling a condition with a deadline, not synchronisation by sleep
         raise TimeoutError(f"mosquitto on port {self.port} not ready after {timeout} s")

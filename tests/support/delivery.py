@@ -76,11 +76,13 @@ def start_agent(
     keepalive_s: int = 30,
     username: str | None = None,
     password: str | None = None,
+    ca_file: Path | None = None,
 ) -> Agent:
     outbox = Outbox(state_dir / "outbox.db", device, limits)
     mqtt = MqttSettings(
         port=port, client_id=device, keepalive_s=keepalive_s, username=username, password=password,
         reconnect_min_s=1, reconnect_max_s=2, connect_timeout_s=2,
+        tls=ca_file is not None, ca_file=str(ca_file) if ca_file else None,
     )
     transport = PahoTransport(mqtt, availability_will(device))
     publisher = Publisher(outbox, transport, device, lambda: {"models": [{"name": "tiny", "version": "1"}]}, settings)
@@ -90,12 +92,12 @@ def start_agent(
 
 def start_coordinator(
     db: Path | str, port: int, client_id: str = "coord", *, share_group: str | None = None,
-    username: str | None = None, password: str | None = None, keepalive_s: int = 30,
+    username: str | None = None, password: str | None = None, keepalive_s: int = 30, ca_file: Path | None = None,
 ) -> Coordinator:
     mqtt = MqttSettings(
         port=port, client_id=client_id, keepalive_s=keepalive_s, clean_start=False, session_expiry_s=3600,
         manual_ack=True, username=username, password=password, reconnect_min_s=1, reconnect_max_s=2,
-        connect_timeout_s=2,
+        connect_timeout_s=2, tls=ca_file is not None, ca_file=str(ca_file) if ca_file else None,
     )
     store: Store
     if isinstance(db, str):  # a PostgreSQL DSN
