@@ -427,3 +427,50 @@ metrics:
         assert "s3cret" not in str(heartbeats)
     finally:
         assert service.stop(5)
+
+
+def test_sigkill_mid_stream_then_restart_gives_every_file_exactly_one_result(tmp_path: Path, models_dir: Path) -> None:
+    path = write_config(tmp_path, models_dir)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    n = 60
+    for i in range(n):
+        (staging / f"{i:03d}.png").write_bytes(png(i))
+    cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(path), "--log-level", "warning"]
+    root = Path(__file__).resolve().parent.parent
+
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    try:
+        for p in sorted(staging.iterdir()):
+            p.rename(inbox / p.name)
+        # kill it while files are in the spool / in the pipeline, not before and not after
+        assert wait_for(lambda: 5 <= len(folder_files(inbox / "done")) < n or first.poll() is not None, 60)
+        first.kill()
+        first.wait(10)
+        done_at_kill = len(folder_files(inbox / "done"))
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert done_at_kill < n, "the agent finished before it was killed: the test did not test a crash"
+
+    second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    try:
+        assert wait_for(lambda: len(folder_files(inbox / "done")) == n, 60)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(15) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    outbox = Outbox(tmp_path / "state" / "outbox.db", "dev-1")
+    try:
+        stats = outbox.stats()
+        assert stats.next_seq - 1 == n  # exactly one result per file: none lost, none doubled
+        assert stats.backlog == n and outbox.pending_inputs() == []
+    finally:
+        outbox.close()
+    assert folder_files(tmp_path / "state" / "spool" / "inbox") == []
+    assert sorted(folder_files(inbox / "done")) == sorted(f"{i:03d}.png" for i in range(n))
