@@ -121,7 +121,7 @@ def measure_mqtt(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
     from tests.support.broker import Broker
     from tests.support.delivery import start_coordinator
 
-    n = 1500 if quick else 10000
+    n = 1000 if quick else 10000
     body = _sample_body(bundles, inputs)
     out: dict[str, Any] = {"body_bytes": len(orjson.dumps(body)), "results": n, "qos": 1}
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
@@ -224,7 +224,7 @@ def _under_load(
 
     threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
     threads.append(threading.Thread(target=side, daemon=True))
-    seconds = 4.0 if quick else 15.0
+    seconds = 3.0 if quick else 15.0
     for t in threads:
         t.start()
     stop.wait(1.0)
@@ -294,7 +294,7 @@ def measure_http(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
     workers = bench.cpu_count()
     models, model_name = _crop_model(bundles, workers)
     clients = 4
-    seconds = 4.0 if quick else 15.0
+    seconds = 3.0 if quick else 15.0
     settings = HttpConfig(rate_limit_per_minute=1_000_000, rate_limit_burst=100_000)
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         holder: list[Pipeline] = []

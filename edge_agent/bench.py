@@ -110,7 +110,7 @@ class Budget:
     warmup: int = 3
 
 
-QUICK = Budget(seconds=0.5, min_reps=5, max_reps=500, warmup=2)
+QUICK = Budget(seconds=0.3, min_reps=4, max_reps=500, warmup=2)
 FULL = Budget(seconds=15.0, min_reps=15, max_reps=20000, warmup=5)
 
 
