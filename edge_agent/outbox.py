@@ -483,7 +483,8 @@ class Outbox:
     # ---------------------------------------------------------------- status
     def stats(self) -> OutboxStats:
         counters = dict(self._read("SELECT name, value FROM counters"))
-        oldest = self._read("SELECT MIN(created_at) FROM results WHERE acked_at IS NULL")[0][0]
+        first = self._read("SELECT created_at FROM results WHERE acked_at IS NULL ORDER BY seq LIMIT 1")
+        oldest = first[0][0] if first else None
         pending = self._read("SELECT COUNT(*) FROM inputs WHERE state = 'pending'")[0][0]
         return OutboxStats(
             backlog=int(counters["unacked_rows"]),
