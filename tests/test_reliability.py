@@ -379,3 +379,88 @@ def test_r10_garbage_in_the_outbox_database(tmp_path: Path, broker: Broker) -> N
         agent.stop()
         spy.transport.stop()
         coordinator.stop()
+
+
+def write_agent_config(tmp_path: Path, port: int) -> Path:
+    """The real agent (``edge-agent run``): a tiny classifier built here, a watched folder, MQTT to ``port``."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
+
+    labels = ["Apple___healthy", "Apple___Apple_scab", "Corn___healthy"]
+    bundle = tmp_path / "models" / "tiny_leaf"
+    bundle.mkdir(parents=True)
+    onnx_path = tiny_classifier(bundle / "model.onnx", n_classes=len(labels))
+    write_bundle(bundle, classifier_manifest(onnx_path, labels, name="tiny_leaf", thresholds={"ood": 5.0}))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(200):
+        buf = io.BytesIO()
+        PILImage.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+        (inbox / f"leaf-{i:03d}.png").write_bytes(buf.getvalue())
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"""\
+device_id: dev-e2e
+state_dir: {tmp_path / 'state'}
+models_dir: {tmp_path / 'models'}
+shutdown_timeout_s: 5
+models:
+  - name: leaf
+    bundle: tiny_leaf
+pipelines:
+  - name: crop
+    kind: crop
+    model: leaf
+    workers: 2
+    queue_size: 8
+sources:
+  - type: folder
+    name: inbox
+    pipeline: crop
+    path: {inbox}
+    poll_interval_s: 0.05
+    settle_s: 0.0
+mqtt:
+  host: 127.0.0.1
+  port: {port}
+  heartbeat_s: 1
+  reconnect_max_s: 1
+metrics:
+  enabled: false
+""")
+    return config
+
+
+def test_r3_real_agent_process_sigkilled_twice_mid_inference(tmp_path: Path, broker: Broker) -> None:
+    """End to end through ``edge-agent run`` (folder -> pipeline -> outbox -> MQTT -> coordinator)."""
+    config = write_agent_config(tmp_path, broker.port)
+    coordinator = start_coordinator(tmp_path / "c.db", broker.port)
+    cmd = [sys.executable, "-c", "from edge_agent.cli import main; main()", "run", "--config", str(config)]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def stored() -> int:
+        return coordinator.store.count_results("dev-e2e")
+
+    try:
+        for threshold in (20, 80):
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_until(lambda t=threshold: stored() > t, 60, f"more than {threshold} results")  # type: ignore[misc]
+            os.kill(procs[-1].pid, signal.SIGKILL)
+            procs[-1].wait()
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_until(lambda: stored() >= 200, 90, "all 200 files stored")
+        store = sqlite3.connect(tmp_path / "c.db")
+        inputs = [r for (r,) in store.execute("SELECT input_id FROM results WHERE device = 'dev-e2e'")]
+        store.close()
+        assert len(inputs) == len(set(inputs)) == 200  # every accepted file exactly one result
+        assert sorted(p.name for p in (tmp_path / "inbox").glob("*.png")) == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        coordinator.stop()
