@@ -283,3 +283,18 @@ def test_livestock_sector_skips_frames_that_arrive_out_of_order() -> None:
     assert sector(res, frame(3)) == {"skipped": "out_of_order_frame"}
     assert "tracks" in sector(res, frame(6))
     assert "tracks" in sector(res, InputItem(input_id="photo", pipeline="herd", source="inbox"))
+
+
+def test_metrics_scrape_never_raises_when_the_outbox_is_gone() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def broken() -> tuple[int, int, float]:
+        raise RuntimeError("closed")
+
+    metrics.bind_outbox(broken)
+    metrics.bind_publisher(lambda: {"published": 3, "rejected": 1, "errors": 0, "acked": 2, "state": "degraded"})
+    assert registry.get_sample_value("edge_agent_outbox_backlog") == -1
+    assert registry.get_sample_value("edge_agent_published_total") == 3
+    assert registry.get_sample_value("edge_agent_publish_failures_total", {"reason": "refused"}) == 1
+    assert registry.get_sample_value("edge_agent_mqtt_connected") == 0

@@ -465,3 +465,11 @@ def test_fake_source_pushes_into_a_pipeline() -> None:
     pipe.release_all()
     assert fut.result(T) is not None
     assert [i.input_id for i in pipe.items] == ["fake-1"]
+
+
+def test_keep_done_false_deletes_processed_files(tmp_path: Path) -> None:
+    src, _, _ = make_folder(tmp_path, keep_done=False)
+    (src.cfg.path / "leaf.jpg").write_bytes(b"image")
+    assert src.scan_once() == 1
+    assert list(src.done_dir.iterdir()) == [] and list(src.spool_dir.iterdir()) == []
+    assert src.health()["done"] == 1
