@@ -12,7 +12,7 @@ HOST=127.0.0.1
 PORT=1883
 DEMO=var/demo
 INBOX=var/edge-agent/inbox
-DASH_PORT=${DASH_PORT:-8090}
+DASH_PORT=${DASH_PORT:-$(.venv/bin/python -c 'import socket; s=socket.socket(); r=s.connect_ex(("127.0.0.1", 8090)); s.close(); print(8090 if r else 0)')}
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 mkdir -p "$DEMO" "$INBOX"
 
@@ -84,6 +84,9 @@ dashboard:
 EOF
 "$BIN/edge-coordinator" run --config "$DEMO/coordinator.yaml" 2> "$DEMO/coordinator.log" &
 pids+=($!)
+coordinator=${pids[-1]}
+wait_until 30 "the coordinator" grep -q "coordinator running" "$DEMO/coordinator.log"
+DASH_URL=$(grep -o 'dashboard on http://[^ ]*' "$DEMO/coordinator.log" | head -n 1 | cut -d' ' -f3)
 
 "$BIN/edge-agent" run 2> >(tee "$DEMO/agent.log" >&2) &
 pids+=($!)
@@ -95,9 +98,9 @@ cat <<EOF
 
   edge-agent is running (device edge-01).
   Drop a leaf photo into:   $PWD/$INBOX
-${sample:+  for example:            cp '$sample' $INBOX/
+${sample:+  for example:              cp '$sample' $INBOX/
 }  See results on MQTT:      mosquitto_sub -h $HOST -p $PORT -v -t 'edge/v1/#'
-  Coordinator dashboard:    http://127.0.0.1:$DASH_PORT/   (stored in $DEMO/coordinator.db)
+  Coordinator dashboard:    ${DASH_URL:-off}   (results stored in $DEMO/coordinator.db)
   Processed files:          $INBOX/done   rejected ones (with a .reason.json): $INBOX/rejected
   Logs:                     $DEMO/agent.log  $DEMO/coordinator.log
   Stop with Ctrl-C.
