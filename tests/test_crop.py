@@ -54,7 +54,7 @@ def test_crop_hint_reranks_within_the_named_crop() -> None:
     r = result(("Apple___Black_rot", 0.5), ("Bean___bean_rust", 0.3), ("Bean___angular_leaf_spot", 0.1))
     v = crop_verdict(r, {"crop": " bean "})
     assert v["crop_hint_applied"] is True and v["crop_hint"] == "Bean"
-    assert v["label"] == "Bean___bean_rust" and v["confidence"] == 0.75  # 0.3 / (0.3 + 0.1)
+    assert v["label"] == "Bean___bean_rust" and v["confidence"] == 0.3  # the model's own probability
     assert [e["label"] for e in v["top3"]] == ["Bean___bean_rust", "Bean___angular_leaf_spot"]
 
 

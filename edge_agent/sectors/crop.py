@@ -32,9 +32,10 @@ class CropOptions:
     """Tunable rules of the crop verdict.
 
     ``min_confidence``: below this top-1 score the leaf is reported as not recognised.
-    ``hint_min_mass``: a farmer's crop hint re-ranks the alternatives to that crop only when the
-    model gives that crop at least this much probability in total (otherwise the hint is
-    ignored: the photo most likely shows another plant, and saying so is more useful).
+    ``hint_min_mass``: a farmer's crop hint restricts the diagnosis and alternatives to that crop
+    only when the model gives that crop at least this much probability in total (otherwise the
+    hint is ignored: the photo most likely shows another plant, and saying so is more useful).
+    Confidences are always the model's own probabilities, never renormalised.
     """
 
     min_confidence: float = 0.0
@@ -94,7 +95,7 @@ def crop_verdict(
             hint_crop = split_label(matching[0][0])[0]
             mass = sum(s for _, s in matching)
             if mass >= options.hint_min_mass and mass > 0:
-                scores = [(label, s / mass) for label, s in matching]
+                scores = matching  # ranked within the named crop; scores stay the model's own probabilities
                 hint_applied = True
 
     top3 = [_entry(label, s) for label, s in scores[:3]]

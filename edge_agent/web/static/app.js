@@ -175,6 +175,7 @@
     return queueDel(rec.id).then(function () { status("badPhoto"); return true; });
   }
   function sendOne(rec) {
+    if (!rec.preview && rec.blob) { rec.preview = URL.createObjectURL(rec.blob); }
     return send(rec).then(function (r) { return outcome(rec, r); }, function () {
       status("saved"); scheduleRetry(0); return false;
     });
@@ -233,6 +234,14 @@
     store.set("history", list.slice(0, HISTORY_MAX));
     renderHistory();
   }
+  function renameInHistory(res) {
+    var list = store.get("history", []);
+    list.forEach(function (h) {
+      if (h.id === res.id) { h.name = res.diagnosis.name; h.crop = res.diagnosis.crop_name || ""; }
+    });
+    store.set("history", list);
+    renderHistory();
+  }
   function renderHistory() {
     var list = $("history-list"), items = store.get("history", []);
     list.textContent = "";
@@ -248,7 +257,7 @@
   }
   function refetch(id) {
     return request("GET", "/v1/results/" + encodeURIComponent(id) + "?lang=" + encodeURIComponent(state.lang)).then(function (r) {
-      if (r.status === 200 && r.data) { render(r.data); }
+      if (r.status === 200 && r.data) { render(r.data); renameInHistory(r.data); }
     }, function () { /* offline: keep what is shown */ });
   }
 
