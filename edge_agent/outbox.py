@@ -14,6 +14,7 @@ alarm is recorded in ``alarms`` (the publisher reports it as an ``outbox_corrupt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -243,16 +244,19 @@ class Outbox:
                 try:
                     outcomes.append((True, fn(conn)))
                     conn.execute("RELEASE op")
-                except Exception as exc:  # one failing call must not fail its neighbours
+                except Exception as exc:  # one failing call must not fail its neighbours...
+                    if not conn.in_transaction:
+                        raise  # ...unless SQLite rolled the whole transaction back (e.g. disk full)
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     outcomes.append((False, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            error = _translate(exc, "write")
-            log.error("outbox transaction failed: %s", exc)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = _translate(exc, "write") if isinstance(exc, sqlite3.Error) else StorageError(f"outbox write: {exc}")
+            log.error("outbox transaction failed, nothing of it was written: %s", exc)
             for _, fut in batch:
                 fut.set_exception(error)
             return

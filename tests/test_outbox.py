@@ -190,3 +190,23 @@ def test_listeners_hear_about_new_results(outbox: Outbox) -> None:
     outbox.add_listener(lambda: heard.append(1))
     add(outbox, "a")
     assert heard == [1]
+
+
+def test_a_real_disk_full_error_is_storage_full_and_nothing_half_written(tmp_path: Path) -> None:
+    """SQLite's max_page_count yields the genuine SQLITE_FULL path (no tmpfs or root needed)."""
+    ob = Outbox(tmp_path / "o.db", "d", OutboxLimits(min_free_bytes=0))
+    try:
+        pages = ob._writer.execute("PRAGMA page_count").fetchone()[0]
+        ob._write(lambda c: c.execute(f"PRAGMA max_page_count={pages + 2}").fetchone())
+        stored = 0
+        with pytest.raises(StorageFullError):
+            for i in range(100):
+                add(ob, f"i{i}", {"pad": "x" * 2000})
+                stored += 1
+        assert ob.input_state(f"i{stored}") == "pending"  # accepted, its result not written: recoverable
+        assert ob.stats().backlog == stored
+        ob._write(lambda c: c.execute("PRAGMA max_page_count=1073741823").fetchone())  # space is freed
+        ob.add_result(f"i{stored}", pipeline="crop", model="leaf", model_version="1", body={})
+        assert ob.stats().backlog == stored + 1 and ob.pending_inputs() == []
+    finally:
+        ob.close()
