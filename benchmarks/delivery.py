@@ -131,7 +131,7 @@ def measure_mqtt(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
         coordinator = start_coordinator(work / "coord.db", broker.port)
         try:
             phases = ("drain", "fill", "idle", "load") if quick else (
-                "drain", "fill", "idle", "load", "load_switch_1ms", "load_nice")
+                "drain", "fill", "idle", "load", "load_switch_1ms", "load_nice", "load_io_priority", "load_headroom")
             for phase in phases:
                 out.update(_phase(phase, work, broker.port, n, body, bundles, inputs, quick))
         finally:
@@ -171,18 +171,33 @@ def _phase(
         before = sys.getswitchinterval()
         if phase == "load_switch_1ms":
             sys.setswitchinterval(0.001)
+        if phase == "load_io_priority":
+            _renice_io_threads(-10)
         try:
-            res = _under_load(bundles, inputs, outbox, timed, quick, workers=0 if phase == "idle" else -1,
+            workers = {"idle": 0, "load_headroom": max(1, bench.cpu_count() - 1)}.get(phase, -1)
+            res = _under_load(bundles, inputs, outbox, timed, quick, workers=workers,
                               nice=10 if phase == "load_nice" else 0)
         finally:
             sys.setswitchinterval(before)
         _wait(lambda: outbox.stats().backlog == 0, 30)
         suffix = {"idle": "_idle", "load": "_under_load", "load_switch_1ms": "_under_load_switch_1ms",
-                  "load_nice": "_under_load_nice10"}[phase]
+                  "load_nice": "_under_load_nice10", "load_io_priority": "_under_load_io_nice_minus10",
+                  "load_headroom": "_under_load_one_core_free"}[phase]
         return {k.replace("_under_load", suffix): v for k, v in res.items()}
     finally:
         publisher.stop(5)
         outbox.close()
+
+
+def _renice_io_threads(nice: int) -> None:
+    """Give paho's network thread, the publisher and the outbox writer a higher CPU priority (needs root or
+    CAP_SYS_NICE); a test of what an agent could do, not something the agent does today."""
+    for t in threading.enumerate():
+        if t.native_id and (t.name.startswith("paho") or t.name in ("publisher", "outbox-writer")):
+            try:
+                os.setpriority(os.PRIO_PROCESS, t.native_id, nice)
+            except PermissionError:
+                log.warning("cannot renice %s (not root)", t.name)
 
 
 def _fill(outbox: Any, n: int, body: dict[str, Any], threads: int) -> None:
