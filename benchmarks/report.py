@@ -244,7 +244,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ms (p50 per stage)")
     ax.set_title(f"edge-agent per-stage time ({report['mode']}, {report['machine']['cpu']})", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

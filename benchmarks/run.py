@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-delivery", action="store_true", help="skip the outbox+MQTT and HTTP measurements")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("edge_agent").setLevel(logging.WARNING)  # not one line per session about missing GPU providers
     t_start = time.perf_counter()
     mode = "quick" if args.quick else "full"
     if args.quantize_missing is None:

@@ -70,6 +70,28 @@ def test_sampling_interleaves_rounds_and_honours_min_reps() -> None:
     assert set(series["a"].to_dict()) == {"total", "cpu", "stages"}
 
 
+def test_overlapped_sink_keeps_order_and_one_write_in_flight() -> None:
+    import threading
+
+    seen: list[str] = []
+    active = [0, 0]  # now, max
+    lock = threading.Lock()
+
+    def slow_sink(input_id: str, result: Any, doc: dict[str, Any]) -> None:
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        seen.append(input_id)
+        with lock:
+            active[0] -= 1
+
+    sink = bench.OverlappedSink(slow_sink)
+    for i in range(20):
+        sink(f"i{i}", None, {})  # type: ignore[arg-type]
+    sink.close()
+    assert seen == [f"i{i}" for i in range(20)] and active[1] == 1
+
+
 def test_reduction_matches_decoder_rule() -> None:
     assert bench.reduction_for((4000, 3000), (416, 312)) == 8
     assert bench.reduction_for((1920, 1080), (416, 234)) == 4
