@@ -14,8 +14,10 @@ run the whole service with fakes or with a real broker.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -95,6 +97,7 @@ class Service:
         self._metrics_server: Any = None
         self._recovery: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lock_fd: int | None = None
         self._ready = False
         self.state = "created"
         self.recovered = 0
@@ -118,6 +121,7 @@ class Service:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc.strerror}") from exc
+        self._lock_state_dir()
         o = cfg.outbox
         limits = OutboxLimits(
             max_bytes=o.max_bytes,
@@ -191,6 +195,9 @@ class Service:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
         self.state = "stopped"
         log.info("edge-agent stopped (%s)", "clean" if clean else "timed out; unfinished inputs stay pending")
         return clean
@@ -198,6 +205,17 @@ class Service:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    def _lock_state_dir(self) -> None:
+        """One agent per state directory: two writers on one outbox and spool would step on each other."""
+        path = self.state_dir / "agent.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"state_dir: another edge-agent is running with {self.state_dir}") from exc
+        self._lock_fd = fd
 
     # --- building ---------------------------------------------------------------------------------------------------
 

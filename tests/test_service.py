@@ -474,3 +474,19 @@ def test_sigkill_mid_stream_then_restart_gives_every_file_exactly_one_result(tmp
         outbox.close()
     assert folder_files(tmp_path / "state" / "spool" / "inbox") == []
     assert sorted(folder_files(inbox / "done")) == sorted(f"{i:03d}.png" for i in range(n))
+
+
+def test_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path, models_dir: Path) -> None:
+    from edge_agent.errors import ConfigError
+
+    cfg = load_config(write_config(tmp_path, models_dir))
+    first = Service(cfg)
+    first.start()
+    try:
+        with pytest.raises(ConfigError, match="another edge-agent is running"):
+            Service(cfg).start()
+    finally:
+        first.stop(5)
+    again = Service(cfg)  # the lock goes with the first agent
+    again.start()
+    again.stop(5)
