@@ -77,8 +77,16 @@ def run(
         str | None, typer.Option("--log-level", help="debug, info, warning or error (overrides the config).")
     ] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the config and exit.")] = False,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the config's JSON Schema (every key, documented) and exit.")
+    ] = False,
 ) -> None:
     """Run the agent: sources -> pipelines -> durable outbox -> MQTT, until SIGTERM."""
+    if schema:
+        import json
+
+        typer.echo(json.dumps(AgentConfig.model_json_schema(), indent=2))
+        return
     try:
         if config is not None:
             cfg = load_config(config)

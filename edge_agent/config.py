@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from .errors import ConfigError
 
@@ -200,7 +201,9 @@ class CameraSourceConfig(_Strict):
     max_in_flight: int = Field(
         default=2, ge=1, le=64, description="Frames submitted but unfinished; newer frames replace the waiting one."
     )
-    password: SecretStr | None = Field(default=None, exclude=True, description="Resolved by the loader; never in YAML.")
+    password: SkipJsonSchema[SecretStr | None] = Field(
+        default=None, exclude=True, description="Resolved by the loader; never in YAML."
+    )
 
 
 Source = Annotated[FolderSourceConfig | CameraSourceConfig, Field(discriminator="type")]
@@ -236,7 +239,9 @@ class MqttConfig(_Strict):
     reconnect_max_s: float = Field(
         default=30.0, ge=1.0, le=3600, description="Longest wait between broker reconnect attempts."
     )
-    password: SecretStr | None = Field(default=None, exclude=True, description="Resolved by the loader; never in YAML.")
+    password: SkipJsonSchema[SecretStr | None] = Field(
+        default=None, exclude=True, description="Resolved by the loader; never in YAML."
+    )
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:

@@ -190,3 +190,19 @@ def test_example_configs_parse(name: str) -> None:
     path = Path(__file__).resolve().parent.parent / "deploy" / name
     cfg = parse_config(path.read_text(), str(path))
     assert cfg.pipelines
+
+
+def test_cli_prints_the_documented_schema() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from edge_agent.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--schema"])
+    assert res.exit_code == 0
+    doc = json.loads(res.output)
+    assert doc["additionalProperties"] is False
+    assert doc["properties"]["mqtt"]["description"]
+    assert "password" not in doc["$defs"]["MqttConfig"]["properties"]  # resolved from a file/env, never written
+    assert "password_file" in doc["$defs"]["MqttConfig"]["properties"]
