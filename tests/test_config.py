@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,26 @@ def test_cli_prints_the_documented_schema() -> None:
     assert doc["properties"]["mqtt"]["description"]
     assert "password" not in doc["$defs"]["MqttConfig"]["properties"]  # resolved from a file/env, never written
     assert "password_file" in doc["$defs"]["MqttConfig"]["properties"]
+
+
+def test_state_dir_on_a_read_only_mount_fails(tmp_path: Path) -> None:
+    """A real unwritable state directory (even for root): a read-only tmpfs in a private mount namespace."""
+    import shutil
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        "state_dir: ro/state\nmodels: [{name: m, bundle: x}]\npipelines: [{name: p, kind: plain, model: m}]\n"
+    )
+    unshare = shutil.which("unshare")
+    assert unshare is not None
+    script = f"from edge_agent.config import load_config; load_config({str(cfg)!r})"
+    shell = f"mount -t tmpfs -o ro,size=1m tmpfs {ro} && exec {sys.executable} -c {script!r}"
+    flags = ["-m"] if os.geteuid() == 0 else ["-r", "-m"]
+    out = subprocess.run([unshare, *flags, "sh", "-c", shell], capture_output=True, timeout=60, check=False)
+    assert out.returncode != 0
+    last = out.stderr.decode().strip().splitlines()[-1]
+    assert last.endswith(f"ConfigError: {cfg}: state_dir: {ro} is not writable"), last
