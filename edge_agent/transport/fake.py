@@ -103,9 +103,11 @@ class FakeTransport:
         self.broker.detach(self, send_will=False)
 
     def kill(self) -> None:
-        """Drop the connection uncleanly: the broker publishes the will."""
-        self._connected = False
+        """Drop the connection uncleanly: the broker publishes the will and the client hears of the loss."""
+        was_connected, self._connected = self._connected, False
         self.broker.detach(self, send_will=True)
+        if was_connected and self.listener is not None:
+            self.listener.on_disconnected("connection lost")
 
     def mark_connected(self) -> None:
         self.filters = []
