@@ -773,3 +773,21 @@ def test_client_that_disconnects_mid_upload_leaves_nothing_behind(tmp_path: Path
             assert r.status_code == 200
     finally:
         h.close()
+
+
+def test_labels_without_advice_are_reported_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from edge_agent.api import ApiContext, create_app
+    from tests.support.api_harness import advice_book
+
+    ctx = ApiContext(
+        settings=HttpConfig(),
+        spool_dir=tmp_path,
+        outbox=None,  # type: ignore[arg-type]  # not used by create_app
+        submit=lambda item: None,  # type: ignore[arg-type,return-value]
+        models=lambda: [{"name": "m", "version": "1", "task": "classification", "labels": ["Tomato___Late_blight"]}],
+        is_ready=lambda: True,
+        advice=advice_book(),
+    )
+    with caplog.at_level("WARNING", logger="edge_agent.api.app"):
+        create_app(ctx)
+    assert "Tomato___Late_blight" in caplog.text

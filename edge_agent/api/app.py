@@ -117,6 +117,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     if not tokens.enabled and not is_loopback(settings.bind):
         raise ConfigError(f"http.tokens_file: required when http.bind ({settings.bind}) is not a loopback address")
     book = ctx.advice if ctx.advice is not None else load_advice()
+    _warn_missing_advice(ctx, book)
     registry = ctx.registry if ctx.registry is not None else CollectorRegistry()
     metrics = HttpMetrics(registry)
     uploads = _Uploads(settings.max_concurrent_uploads)
@@ -408,6 +409,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.add_middleware(Telemetry, metrics=metrics)
     app.state.advice = book
     return app
+
+
+def _warn_missing_advice(ctx: ApiContext, book: AdviceBook) -> None:
+    """Log (once, at start) crop labels of the loaded models that have no advice: farmers would see the raw label."""
+    labels = {str(x) for m in ctx.models() for x in m.get("labels", ()) if "___" in str(x)}
+    gaps = [g for g in book.missing(sorted(labels)) if not g.split(": ", 1)[1].startswith("crop ")]
+    if gaps:
+        log.warning("advice missing for %d label/language pairs, e.g. %s", len(gaps), ", ".join(gaps[:5]))
 
 
 def _storage_error(exc: OSError) -> ApiError:
