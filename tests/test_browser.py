@@ -159,6 +159,14 @@ def test_farmer_uploads_a_leaf_and_reads_the_advice_in_two_languages(agent: str,
     page.on("response", lambda r: loaded.append(len(r.body())) if r.ok else None)
     page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith((agent, "blob:", "data:")) else None)
 
+    page.add_init_script(
+        """window.__seen = [];
+        document.addEventListener("DOMContentLoaded", () => {
+          const el = document.getElementById("status-text");
+          new MutationObserver(() => { if (!el.closest("section").hidden) window.__seen.push(el.textContent); })
+            .observe(el, {childList: true, characterData: true, subtree: true});
+        });"""
+    )
     page.goto(agent + "/", wait_until="networkidle")
     assert sum(loaded) < 100 * 1024, f"{sum(loaded)} bytes before the first photo"
     assert page.eval_on_selector("html", "e => e.lang") == "fr"  # from the browser's language
@@ -173,6 +181,8 @@ def test_farmer_uploads_a_leaf_and_reads_the_advice_in_two_languages(agent: str,
     assert french["diagnosis"]["crop"] == "Bean" and french["crop_hint_applied"] is True
     check_rendered(page, french)
     assert page.is_visible("#preview")
+    seen = page.evaluate("window.__seen")
+    assert "Préparation de la photo…" in seen and "Examen de la feuille…" in seen, seen  # visible progress states
 
     page.select_option("#lang", "sw")
     page.wait_for_selector("#result[data-lang='sw']")

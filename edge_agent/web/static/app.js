@@ -135,6 +135,7 @@
       authHeader(xhr);
       if (onProgress && xhr.upload) {
         xhr.upload.onprogress = function (e) { if (e.lengthComputable) { onProgress(Math.round(100 * e.loaded / e.total)); } };
+        xhr.upload.onload = function () { onProgress(100); };
       }
       xhr.onload = function () {
         var data = null;
