@@ -201,3 +201,21 @@ def test_contract_will_fires_on_an_unclean_drop_and_publish_needs_a_connection(k
     wait_until(lambda: dying.disconnects >= 1, 10, "drop noticed by the client")
     if kit.kind == "fake":  # (paho reconnects at once through the healed proxy)
         assert transport.publish("edge/v1/d/results/p", b"x") is None
+
+
+def test_refused_then_healed_link_connects_without_a_restart(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    proxy = FaultProxy(broker.port)
+    proxy.set("refuse")
+    agent = start_agent(tmp_path / "a", proxy.port)
+    try:
+        assert agent.accept("r1")
+        wait_until(lambda: proxy.accepted >= 2, 10, "two refused attempts (the client keeps retrying)")
+        assert agent.publisher.state == "degraded" and not agent.transport.connected
+        proxy.set("pass")
+        wait_until(lambda: agent.publisher.state == "connected", 10, "connected once the link heals")
+    finally:
+        agent.stop()
+        proxy.close()
+        broker.close()
