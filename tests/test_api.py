@@ -791,3 +791,46 @@ def test_labels_without_advice_are_reported_at_start(tmp_path: Path, caplog: pyt
     with caplog.at_level("WARNING", logger="edge_agent.api.app"):
         create_app(ctx)
     assert "Tomato___Late_blight" in caplog.text
+
+
+def test_full_disk_refuses_the_upload_with_507_and_recovers(tmp_path: Path) -> None:
+    """A real full disk: the spool is a 1 MB tmpfs in a private mount namespace (R9 for uploads)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(root)!r})
+from pathlib import Path
+from fastapi.testclient import TestClient
+from tests.support.api_harness import build, leaf_jpeg
+h = build(Path({str(tmp_path)!r}))
+out = {{}}
+with TestClient(h.app) as c:
+    big = leaf_jpeg()[:3] + b"\\0" * 3_000_000
+    r = c.post("/v1/diagnose", content=big, headers={{"content-type": "image/jpeg"}})
+    out["full"] = [r.status_code, r.json()["error"]["code"], r.headers.get("retry-after")]
+    out["left"] = sorted(p.name for p in h.spool_dir.iterdir())
+    r = c.post("/v1/diagnose", content=leaf_jpeg(), headers={{"content-type": "image/jpeg"}})
+    out["after"] = r.status_code
+    out["pending"] = len(h.outbox.pending_inputs())
+h.close()
+print(json.dumps(out))
+"""
+    unshare = shutil.which("unshare")
+    assert unshare is not None
+    (tmp_path / "full_disk.py").write_text(script)
+    shell = f"mount -t tmpfs -o size=1m tmpfs {spool} && exec {sys.executable} {tmp_path / 'full_disk.py'}"
+    flags = ["-m"] if os.geteuid() == 0 else ["-r", "-m"]
+    run = subprocess.run([unshare, *flags, "sh", "-c", shell], capture_output=True, timeout=120, check=False, cwd=root)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    out = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    assert out["full"][:2] == [507, "storage_full"] and int(out["full"][2]) > 0
+    assert out["left"] == []  # the partial photo was removed, nothing half-accepted
+    assert out["after"] == 200 and out["pending"] == 0  # and the next upload works again
