@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models-dir", type=Path, default=default_models_dir())
     ap.add_argument("--model", action="append", default=[], help="only these bundles (folder or manifest name)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the result files: results/<quick|full>[-TAG].{json,md,png}")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads of the latency session (0 = cores)")
     ap.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=False,
                     help="intra-op thread spinning of the latency session (default off, as the agent's service runs)")
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             f"at end on {bench.cpu_count()} cores. Absolute times are inflated; ratios are side by side."
         )
     doc["targets"] = report.targets(doc)
-    stem = args.out / mode
+    stem = args.out / (f"{mode}-{args.tag}" if args.tag else mode)
     stem.with_suffix(".json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     stem.with_suffix(".md").write_text(report.markdown(doc), encoding="utf-8")
     report.chart(doc, stem.with_suffix(".png"))
