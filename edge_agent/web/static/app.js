@@ -176,7 +176,10 @@
     return queueDel(rec.id).then(function () { status("badPhoto"); return true; });
   }
   function sendOne(rec) {
-    if (!rec.preview && rec.blob) { rec.preview = URL.createObjectURL(rec.blob); }
+    if (!rec.preview && rec.blob) {
+      if (state.preview) { URL.revokeObjectURL(state.preview); }
+      rec.preview = state.preview = URL.createObjectURL(rec.blob);
+    }
     return send(rec).then(function (r) { return outcome(rec, r); }, function () {
       status("saved"); scheduleRetry(0); return false;
     });
@@ -191,10 +194,15 @@
       var chain = Promise.resolve(true);
       all.forEach(function (rec) { chain = chain.then(function (ok) { return ok ? sendOne(rec) : false; }); });
       return chain;
-    }).then(function (ok) { if (ok) { state.retryDelay = RETRY_MIN; } }).catch(function () { scheduleRetry(0); }).then(function () {
+    }).then(function (ok) {
+      if (ok) { state.retryDelay = RETRY_MIN; }
+      return ok;
+    }).catch(function () { scheduleRetry(0); return false; }).then(function (ok) {
       state.busy = false;
       $("take").classList.remove("busy");
-      return updateQueue();
+      return updateQueue().then(function (left) {
+        if (ok && left.length) { setTimeout(flush, 0); } // photos taken while this round was sending
+      });
     });
   }
   function scheduleRetry(afterS) {
@@ -271,16 +279,11 @@
     downscale(file).then(function (blob) {
       var rec = { id: String(Date.now()) + "-" + Math.random().toString(16).slice(2), created: Date.now(),
                   blob: blob, lang: state.lang, crop: $("crop").value };
-      if (state.preview) { URL.revokeObjectURL(state.preview); }
-      state.preview = URL.createObjectURL(blob);
-      rec.preview = state.preview;
       return queueAdd({ id: rec.id, created: rec.created, blob: blob, lang: rec.lang, crop: rec.crop }).then(function () {
         return updateQueue();
       }).then(function () {
-        if (state.busy) { return null; }
-        state.busy = true;
-        $("take").classList.add("busy");
-        return sendOne(rec).then(function () { state.busy = false; $("take").classList.remove("busy"); return flush(); });
+        state.retryDelay = RETRY_MIN;
+        return flush(); // sends the queue in order, this photo included
       });
     });
   }
