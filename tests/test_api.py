@@ -834,3 +834,31 @@ print(json.dumps(out))
     assert out["full"][:2] == [507, "storage_full"] and int(out["full"][2]) > 0
     assert out["left"] == []  # the partial photo was removed, nothing half-accepted
     assert out["after"] == 200 and out["pending"] == 0  # and the next upload works again
+
+
+def test_burst_of_concurrent_uploads_every_one_answered_with_a_result(tmp_path: Path) -> None:
+    """R13 (upload half, functional): 50 concurrent ~1 MB uploads through a small queue: no 5xx, every 2xx stored."""
+    import asyncio
+
+    settings = HttpConfig(rate_limit_burst=1000, queue_wait_s=60, result_timeout_s=60)
+    h = build(tmp_path, settings, workers=2, queue_size=4)
+    rng = np.random.default_rng(1)
+    photo = encode(PILImage.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)), "JPEG", quality=95)
+    assert len(photo) > 500_000
+
+    async def burst(port: int) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as c:
+            return await asyncio.gather(
+                *(c.post("/v1/diagnose", files={"image": ("p.jpg", photo, "image/jpeg")}) for _ in range(50))
+            )
+
+    try:
+        with serve(h.app) as port:
+            responses = asyncio.run(burst(port))
+        assert [r.status_code for r in responses] == [200] * 50
+        ids = {r.json()["id"] for r in responses}
+        assert len(ids) == 50 and all(h.outbox.get_result(i) is not None for i in ids)
+        assert h.outbox.pending_inputs() == [] and spool_names(h) == []
+    finally:
+        h.close()
