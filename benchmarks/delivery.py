@@ -130,7 +130,7 @@ def measure_mqtt(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
         broker.start()
         coordinator = start_coordinator(work / "coord.db", broker.port)
         try:
-            phases = ("drain", "fill", "idle", "load") if quick else (
+            phases = ("drain", "idle", "load") if quick else (
                 "drain", "fill", "idle", "load", "load_switch_1ms", "load_nice", "load_io_priority", "load_headroom")
             for phase in phases:
                 out.update(_phase(phase, work, broker.port, n, body, bundles, inputs, quick, broker.pid))

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         args.quantize_missing = not args.quick
     budget = bench.QUICK if args.quick else bench.FULL
     options = RuntimeOptions(intra_op_threads=args.threads, allow_spinning=args.spinning)
-    cfg = bench.BenchConfig(budget=budget, options=options, pipelined_seconds=1.5 if args.quick else 8.0)
+    cfg = bench.BenchConfig(budget=budget, options=options, pipelined_seconds=1.5 if args.quick else 8.0,
+                            naive_kinds=("12mp",) if args.quick else ("frame", "1080p", "12mp"))
     bundles: list[Bundle] = []
     for d in list_bundle_dirs(args.models_dir):
         if args.model and d.name not in args.model:
