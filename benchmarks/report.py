@@ -108,6 +108,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         shipped = "shipped" if pair.get("shipped", True) else "not shipped, quantized by the benchmark"
         add(f"INT8/FP32 session.run {pair['int8']}", lat["run_ratio"], "< 1.0", lat["run_ratio"] < 1.0,
             f"{shipped}; 1-thread {pair.get('1thread', {}).get('run_ratio', 'n/a')}; loop {lat['loop_ratio']}")
+    for failed in report.get("failed", []):
+        add(f"bundle {failed['name']}", None, "runs", False, failed["error"])
     mem = report.get("memory", {})
     if "three_models" in mem:
         three = mem["three_models"]

@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for b in bundles:
                 log.info("benchmarking %s", b.name)
-                doc["models"].append(bench.bench_model(b, inputs, cfg, sink))
+                try:
+                    doc["models"].append(bench.bench_model(b, inputs, cfg, sink))
+                except EdgeAgentError as exc:  # one broken bundle must not lose the others' figures
+                    log.error("%s: %s", b.name, exc)
+                    doc.setdefault("failed", []).append({"name": b.name, "error": str(exc)[:300]})
         finally:
             if box is not None:
                 box.close()
