@@ -231,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     photo_path.write_bytes(inputs.photos["1080p"])
     agent = pick_agent_models(bundles)
     log.info("memory and cold start: %s", ", ".join(b.name for b in agent))
-    doc["memory"] = {
-        "one_model": bench.probe_process([str(agent[0].directory)], str(photo_path)),
-        "three_models": bench.probe_process([str(b.directory) for b in agent], str(photo_path)),
-        "baseline": bench.probe_process([], str(photo_path)),
-    }
+    doc["memory"] = {}
+    for key, dirs in (("one_model", [str(agent[0].directory)]), ("three_models", [str(b.directory) for b in agent]),
+                      ("baseline", [])):
+        try:
+            doc["memory"][key] = bench.probe_process(dirs, str(photo_path))
+        except (RuntimeError, OSError) as exc:
+            log.error("memory probe %s failed: %s", key, exc)
+            doc["notes"].append(f"memory probe {key} failed: {str(exc)[:200]}")
     if not args.no_delivery:
         from . import delivery
 
