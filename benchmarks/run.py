@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("baseline", [])):
         try:
             doc["memory"][key] = bench.probe_process(dirs, str(photo_path))
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.error("memory probe %s failed: %s", key, exc)
             doc["notes"].append(f"memory probe {key} failed: {str(exc)[:200]}")
     if not args.no_delivery:
