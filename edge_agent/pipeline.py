@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,6 +154,7 @@ class Pipeline:
         queue_size: int = 16,
         metrics: Metrics | None = None,
         sinks: Sequence[tuple[str, Sink]] = (),
+        commit_concurrency: int = 16,
     ) -> None:
         if not models:
             raise ValueError("a pipeline needs at least one model (one per worker)")
@@ -169,6 +170,10 @@ class Pipeline:
         self._lock = threading.Lock()
         self._queued = 0
         self._busy = 0
+        self._committing = 0
+        self._idle = threading.Condition(self._lock)
+        self._commit_slots = threading.BoundedSemaphore(commit_concurrency)
+        self._commit_pool = ThreadPoolExecutor(commit_concurrency, thread_name_prefix=f"pipeline-{name}-commit")
         self._closed = False
         self._abort = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -202,7 +207,7 @@ class Pipeline:
     @property
     def in_flight(self) -> int:
         """Inputs queued or being processed."""
-        return self._queued + self._busy
+        return self._queued + self._busy + self._committing
 
     @property
     def capacity(self) -> int:
@@ -235,7 +240,11 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        clean = not any(t.is_alive() for t in self._threads)
+        with self._lock:  # results handed to the commit threads reach the disk before we say "stopped"
+            self._idle.wait_for(lambda: self._committing == 0, max(0.0, deadline - time.monotonic()))
+            committed = self._committing == 0
+        self._commit_pool.shutdown(wait=False)
+        clean = committed and not any(t.is_alive() for t in self._threads)
         if not clean:
             self._abort.set()  # workers fail what is still queued and exit after their current input
             log.warning(
@@ -303,6 +312,8 @@ class Pipeline:
             raise InputNotFoundError(f"spool file unreadable: {exc.strerror}") from exc
 
     def _process(self, model: Predictor, job: _Job) -> None:
+        """Inference and sector logic on the worker; the durable write goes to a commit thread so the worker
+        infers the next input while this one waits for its fsync (the outbox group-commits concurrent writes)."""
         item, fut = job.item, job.future
         if not fut.set_running_or_notify_cancel():
             return
@@ -311,11 +322,6 @@ class Pipeline:
             t1 = time.perf_counter()
             sector = self._sector(result, item)
             t2 = time.perf_counter()
-            body = {**result.to_dict(), "kind": self.kind, "source": item.source, "sector": sector}
-            stored = self._outbox.add_result(
-                item.input_id, pipeline=self.name, model=result.model, model_version=result.model_version, body=body
-            )
-            t3 = time.perf_counter()
         except InputError as exc:
             self._rejected(item, fut, exc)
             return
@@ -326,8 +332,42 @@ class Pipeline:
             log.exception("pipeline %s: unexpected error on input %s", self.name, item.input_id)
             self._errored(item, fut, EdgeAgentError(f"internal error: {type(exc).__name__}"))
             return
-        output = PipelineOutput(stored=stored, result=result, sector=sector)
-        self.processed += 1
+        self._commit_slots.acquire()  # bounded: at most commit_concurrency results wait for the disk
+        with self._lock:
+            self._committing += 1
+        try:
+            self._commit_pool.submit(self._commit, job, result, sector, t1, t2)
+        except RuntimeError:  # pool already shut down (stop timed out): commit here instead
+            self._commit(job, result, sector, t1, t2)
+
+    def _commit(self, job: _Job, result: Result, sector: dict[str, Any], t1: float, t2: float) -> None:
+        item, fut = job.item, job.future
+        try:
+            try:
+                body = {**result.to_dict(), "kind": self.kind, "source": item.source, "sector": sector}
+                stored = self._outbox.add_result(
+                    item.input_id, pipeline=self.name, model=result.model, model_version=result.model_version,
+                    body=body,
+                )
+                t3 = time.perf_counter()
+            except EdgeAgentError as exc:
+                self._errored(item, fut, exc)
+                return
+            except Exception as exc:
+                log.exception("pipeline %s: unexpected error storing input %s", self.name, item.input_id)
+                self._errored(item, fut, EdgeAgentError(f"internal error: {type(exc).__name__}"))
+                return
+            self._stored(job, PipelineOutput(stored=stored, result=result, sector=sector), t1, t2, t3)
+        finally:
+            self._commit_slots.release()
+            with self._lock:
+                self._committing -= 1
+                self._idle.notify_all()
+
+    def _stored(self, job: _Job, output: PipelineOutput, t1: float, t2: float, t3: float) -> None:
+        item, result = job.item, output.result
+        with self._lock:
+            self.processed += 1
         if self._metrics is not None:
             tm = result.timings
             self._metrics.observe_stages(
@@ -343,7 +383,7 @@ class Pipeline:
                 },
             )
             self._metrics.input_done(self.name, "ok")
-        fut.set_result(output)
+        job.future.set_result(output)
         for name, sink in self._sinks:
             try:
                 sink(output, item)
@@ -353,7 +393,8 @@ class Pipeline:
                     self._metrics.sink_error(self.name, name)
 
     def _rejected(self, item: InputItem, fut: Future[PipelineOutput], exc: EdgeAgentError) -> None:
-        self.failed += 1
+        with self._lock:
+            self.failed += 1
         log.info("pipeline %s: input %s rejected: [%s] %s", self.name, item.input_id, exc.code, exc.message)
         try:
             self._outbox.reject_input(item.input_id, exc.code, exc.message)
@@ -364,7 +405,8 @@ class Pipeline:
         fut.set_exception(exc)
 
     def _errored(self, item: InputItem, fut: Future[PipelineOutput], exc: EdgeAgentError) -> None:
-        self.failed += 1
+        with self._lock:
+            self.failed += 1
         log.warning("pipeline %s: input %s failed: [%s] %s", self.name, item.input_id, exc.code, exc.message)
         if self._metrics is not None:
             self._metrics.input_done(self.name, "error")

@@ -35,11 +35,13 @@ class FakeModel:
         self.name = name
         self.threads: set[str] = set()
         self.started = threading.Event()
+        self.calls = 0
 
     def predict(self, image: Image) -> Result:
         return self._result("good", image.original_size)
 
     def predict_bytes(self, data: bytes) -> Result:
+        self.calls += 1
         self.started.set()
         self.threads.add(threading.current_thread().name)
         if self.gate is not None:
@@ -298,3 +300,30 @@ def test_metrics_scrape_never_raises_when_the_outbox_is_gone() -> None:
     assert registry.get_sample_value("edge_agent_published_total") == 3
     assert registry.get_sample_value("edge_agent_publish_failures_total", {"reason": "refused"}) == 1
     assert registry.get_sample_value("edge_agent_mqtt_connected") == 0
+
+
+def test_worker_infers_the_next_input_while_a_result_waits_for_the_disk() -> None:
+    disk = threading.Event()
+
+    class SlowDisk(FakeOutbox):
+        def add_result(
+            self, input_id: str, *, pipeline: str, model: str, model_version: str, body: dict[str, Any]
+        ) -> Stored:
+            assert disk.wait(T)
+            return super().add_result(input_id, pipeline=pipeline, model=model, model_version=model_version, body=body)
+
+    model = FakeModel()
+    outbox = SlowDisk()
+    pipe = Pipeline("p", [model], outbox, queue_size=10, commit_concurrency=4)
+    pipe.start()
+    futs = [pipe.submit(item(i)) for i in range(3)]
+    deadline = threading.Event()
+    for _ in range(500):
+        if model.calls == 3:
+            break
+        deadline.wait(0.01)
+    assert model.calls == 3  # one worker inferred all three while none was durable yet
+    assert not any(f.done() for f in futs) and pipe.in_flight == 3
+    disk.set()
+    assert [outcome(f).stored.input_id for f in futs] == ["in-0", "in-1", "in-2"]
+    assert pipe.stop(T) and pipe.in_flight == 0
