@@ -9,6 +9,9 @@ with the :class:`EdgeAgentError` that stopped it. Bad input (an :class:`InputErr
 too large, missing spool file) is also journalled with ``outbox.reject_input``; any other failure
 (storage, runtime) leaves the input pending in the outbox, so a restart retries it.
 
+Workers infer; the durable write runs on a bounded pool of commit threads (concurrent writes
+share the outbox's group commit), so a worker is not idle while a result waits for its fsync.
+
 A full queue raises :class:`OverloadedError` at submit time. ``stop`` drains what is queued within
 its timeout; whatever is left is failed with ``OverloadedError`` (still pending in the outbox).
 Each worker signals end-of-stream in ``finally``. After the result is stored the pipeline calls its
