@@ -111,7 +111,7 @@ class Budget:
 
 
 QUICK = Budget(seconds=0.3, min_reps=4, max_reps=500, warmup=2)
-FULL = Budget(seconds=15.0, min_reps=15, max_reps=20000, warmup=5)
+FULL = Budget(seconds=10.0, min_reps=15, max_reps=20000, warmup=5)
 
 
 def sample_interleaved(steps: Mapping[str, Step], budget: Budget) -> dict[str, Series]:
