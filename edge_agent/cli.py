@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
 from .cli_bench import bench_command as _bench_command
+from .cli_models import eval_command, inspect_app, quantize_command
 from .cli_run import run as _run_agent
 from .errors import EdgeAgentError, InputNotFoundError
 
@@ -33,6 +34,9 @@ models_app = typer.Typer(help="Inspect the model bundles.", no_args_is_help=True
 app.add_typer(models_app, name="models")
 app.command("bench")(_bench_command)
 app.command("run")(_run_agent)
+app.command("eval")(eval_command)
+app.command("quantize")(quantize_command)
+app.add_typer(inspect_app, name="inspect")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

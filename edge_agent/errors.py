@@ -91,3 +91,13 @@ class StorageFullError(StorageError):
 
 class OverloadedError(EdgeAgentError):
     code = "overloaded"
+
+
+class QuantizationGateError(EdgeAgentError):
+    """Quantization failed or the INT8 model did not pass the accuracy-and-speed gate; nothing was written."""
+
+    code = "quantization_refused"
+
+    def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}

@@ -1,0 +1,177 @@
+"""``edge-agent eval``, ``edge-agent quantize`` and ``edge-agent inspect fit``: model tooling commands.
+
+Registered on the main app in ``cli.py``. Thin: parse, call evaluate/quantize/anomaly_fit, print.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .bundle import default_models_dir, find_bundle
+from .errors import EdgeAgentError, QuantizationGateError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ModelsDir = Annotated[
+    Path | None,
+    typer.Option("--models-dir", help="Folder of model bundles.", envvar="EDGE_AGENT_MODELS_DIR", show_default=False),
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+inspect_app = typer.Typer(
+    help="Inspection tools: fit an anomaly model from photos of good parts.", no_args_is_help=True
+)
+
+
+def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
+    msg = f"[{exc.code}] {exc.message}" if isinstance(exc, EdgeAgentError) else exc
+    err.print(f"[red]error[/red] {escape(msg)}", highlight=False)
+    return typer.Exit(code)
+
+
+def _json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _bar(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, disable=quiet, transient=True,
+    )
+
+
+def eval_command(
+    directory: Annotated[Path, typer.Argument(help="Labelled folder: <class>/*, MVTec test/<good|defect>/*, "
+                                              "or images/ + labels/ (YOLO).", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Bundle name.")],
+    models_dir: ModelsDir = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a confusion matrix / ROC curve PNG.")] = None,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Evaluate a model bundle on a labelled folder and print its metrics."""
+    from .evaluate import evaluate, public
+    from .evaluate import plot as draw
+    from .model import Model
+    from .runtime import RuntimeOptions
+
+    try:
+        m = Model.load(find_bundle(model, models_dir or default_models_dir()), RuntimeOptions(intra_op_threads=threads))
+        with _bar(as_json) as bar:
+            task = bar.add_task(f"eval {model}", total=None)
+            report = evaluate(m, directory, lambda done, total: bar.update(task, completed=done, total=total))
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if plot is not None:
+        draw(report, plot)
+    doc = public(report)
+    if as_json:
+        _json(doc)
+        return
+    _print_report(doc)
+
+
+def _print_report(doc: dict[str, Any]) -> None:
+    head = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    out.print("  ".join(f"[bold]{k}[/bold] {v}" for k, v in head.items()))
+    per = doc.get("per_class")
+    if isinstance(per, dict) and per and isinstance(next(iter(per.values())), dict):
+        table = Table("class", "n", "recall", "precision", "rejected")
+        for name, row in per.items():
+            table.add_row(name, str(row.get("n", "")), str(row.get("recall", "-")), str(row.get("precision", "-")),
+                          str(row.get("rejected", "-")))
+        out.print(table)
+
+
+def quantize_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="FP32 bundle to quantize.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images (searched recursively).")],
+    eval_dir: Annotated[Path, typer.Option("--eval", help="Labelled folder for the gate (as for `eval`).")],
+    out_name: Annotated[str, typer.Option("--out", help="Name of the INT8 bundle to write.")],
+    models_dir: ModelsDir = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
+                                                  "(default: <models-dir>/<out>).")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(help="Accuracy budget (fraction; 0.01 = 1 point).")] = 0.01,
+    max_auroc_drop: Annotated[float, typer.Option(help="AUROC budget for anomaly models.")] = 0.01,
+    runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 30,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Static INT8 quantization (QDQ, U8 activations, S8 per-channel weights) behind an accuracy-and-speed gate.
+
+    Writes the INT8 bundle only if it is faster than FP32 and within the budget; otherwise exits 1 with the reason.
+    """
+    from .quantize import GateConfig, quantize_and_gate
+
+    base = models_dir or default_models_dir()
+    config = GateConfig(max_accuracy_drop=max_accuracy_drop, max_auroc_drop=max_auroc_drop, latency_runs=runs,
+                        threads=threads)
+    try:
+        bundle = find_bundle(model, base)
+        with _bar(as_json) as bar:
+            task = bar.add_task("", total=None)
+            report = quantize_and_gate(
+                bundle, calib, eval_dir, out_dir or base / out_name, out_name, config,
+                progress=lambda msg: bar.update(task, description=msg, completed=0, total=None),
+                eval_progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except QuantizationGateError as exc:
+        if as_json:
+            _json({"passed": False, "error": exc.to_dict(), **{k: v for k, v in exc.report.items()
+                                                                if not k.endswith("_report")}})
+        raise _fail(exc, 1) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    doc = {k: v for k, v in report.to_dict().items() if not k.endswith("_report")}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]gate passed[/green] {escape(report.reason)}")
+    out.print(f"{report.metric}: FP32 {report.fp32:.4f}  INT8 {report.int8:.4f}   latency: FP32 "
+              f"{report.fp32_latency_ms:.2f} ms  INT8 {report.int8_latency_ms:.2f} ms  (x{report.speedup:.2f})")
+
+
+@inspect_app.command("fit")
+def fit_command(
+    good_dir: Annotated[Path, typer.Argument(help="Folder of photos of good parts (searched recursively).",
+                                             show_default=False)],
+    out_name: Annotated[str, typer.Option("--out", help="Name of the anomaly bundle to write.")],
+    models_dir: ModelsDir = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
+                                                  "(default: <models-dir>/<out>).")] = None,
+    backbone: Annotated[Path | None, typer.Option(help="EfficientNet-Lite0 ONNX with `features` output "
+                                                  "(default: the shipped one).")] = None,
+    coreset: Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank.")] = 0.1,
+    max_bank: Annotated[int, typer.Option(help="Upper bound on memory-bank size.")] = 4000,
+    holdout: Annotated[float, typer.Option(help="Fraction of good photos kept aside to set the threshold.")] = 0.2,
+    as_json: Json = False,
+) -> None:
+    """Build a PatchCore-style anomaly bundle from photos of good parts (CPU, minutes)."""
+    from .anomaly_fit import FitConfig, fit_bundle
+
+    base = models_dir or default_models_dir()
+    config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, holdout_fraction=holdout)
+    try:
+        with _bar(as_json) as bar:
+            task = bar.add_task("", total=None)
+            report = fit_bundle(
+                good_dir, out_dir or base / out_name, out_name, config, backbone=backbone,
+                progress=lambda msg, done, total: bar.update(task, description=msg, completed=done, total=total),
+            )
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _json(report)
+        return
+    out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} images fitted, bank "
+              f"{report['bank_size']} patches, threshold {report['threshold']:.4f}, {report['seconds']:.0f} s")

@@ -1,0 +1,1 @@
+"""Training code for the shipped model bundles (run with ``make models``; needs the ``train`` extra)."""

@@ -1,0 +1,207 @@
+"""Train and export the FP32 crop-disease and steel-defect classifiers (``make models`` step 1).
+
+    python -m models.training.build_classifiers --out var/models
+
+Writes FP32 bundles ``crop_disease_fp32`` and ``steel_defects_fp32`` under ``--out`` and the deterministic
+splits (symlink folders) under var/splits/ that ``edge-agent eval`` / ``quantize`` use afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import heads
+from .common import CACHE, DATASETS, REPO, Sample, list_class_folder, plantvillage_groups, split_groups
+from .export import OOD_NODES, classifier_graph, classifier_manifest, write_bundle
+from .features import extract
+
+log = logging.getLogger("build_classifiers")
+SPLITS = REPO / "var" / "splits"
+IBEAN_ALIASES = {
+    "angular_leaf_spot": "Bean___angular_leaf_spot",
+    "bean_rust": "Bean___bean_rust",
+    "healthy": "Bean___healthy",
+}
+OOD_K = 64
+HEAD_NODES = ["pool_p14", "pool_p7a", "concat_embedding", "head_fc"]
+OOD_PERCENTILE = 97.0
+CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
+STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
+
+
+def link_split(name: str, samples: Sequence[Sample]) -> Path:
+    """Materialise a split as ``var/splits/<name>/<class>/<file>`` symlinks (eval/quantize read folders)."""
+    root = SPLITS / name
+    for s in samples:
+        dst = root / s.label / s.path.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.is_symlink():
+            os.symlink(s.path, dst)
+    return root
+
+
+def _rows(d: dict[str, np.ndarray], samples: Sequence[Sample], all_samples: Sequence[Sample]) -> np.ndarray:
+    index = {str(s.path): i for i, s in enumerate(all_samples)}
+    return np.array([index[str(s.path)] for s in samples], dtype=np.int64)
+
+
+def ood_fit(emb: np.ndarray, y: np.ndarray, n_classes: int, k: int = OOD_K) -> tuple[np.ndarray, np.ndarray]:
+    """Whitened top-k subspace of the within-class covariance; returns (L (D,k), class means @ L (C,k))."""
+    means = np.stack([emb[y == c].mean(0) for c in range(n_classes)])
+    centred = emb - means[y]
+    cov = centred.T @ centred / max(1, len(emb) - n_classes)
+    evals, evecs = np.linalg.eigh(cov.astype(np.float64))
+    order = np.argsort(evals)[::-1][:k]
+    proj = evecs[:, order] / np.sqrt(evals[order] + 1e-6)
+    return proj.astype(np.float32), (means @ proj).astype(np.float32)
+
+
+def ood_score(emb: np.ndarray, proj: np.ndarray, means_p: np.ndarray) -> np.ndarray:
+    z = emb @ proj
+    d = (z**2).sum(1, keepdims=True) - 2 * z @ means_p.T + (means_p**2).sum(1)[None, :]
+    return np.asarray(d.min(1) / proj.shape[1])
+
+
+def build_crop(out: Path, epochs: int) -> dict[str, object]:
+    pv_root = DATASETS / "crops" / "plantvillage" / "train"
+    pv = list_class_folder(pv_root, plantvillage_groups(pv_root))
+    ib = list_class_folder(DATASETS / "crops" / "ibean" / "train")
+    pv_tr, pv_he = split_groups(pv)
+    ib_tr, ib_he = split_groups(ib)
+    link_split("crop_pv_holdout", pv_he)
+    link_split("crop_ibean_holdout", ib_he)
+    link_split("crop_calib", (pv_tr[::8] + ib_tr[::8]))
+    everything = pv + ib
+    data = extract(everything, "crops", 3)
+    labels = sorted({s.label for s in pv} | set(IBEAN_ALIASES.values()))
+    lab = {name: i for i, name in enumerate(labels)}
+    y_all = np.array([lab[IBEAN_ALIASES.get(s.label, s.label)] for s in everything])
+    tr = _rows(data, pv_tr + ib_tr, everything)
+    he = _rows(data, pv_he + ib_he, everything)
+    a7 = data["a7"]
+    extra = np.concatenate([data["p14"], a7.astype(np.float32).mean(axis=(3, 4))], axis=2)
+    tail_path = CACHE / f"crop_tail_e{epochs}.pt"
+    if tail_path.exists():
+        saved = torch.load(tail_path, weights_only=False)
+        tail, head = saved["tail"], saved["head"]
+    else:
+        tail, head, _, _ = heads.train(extra[tr], y_all[tr], len(labels), a7=a7[tr], epochs=epochs)
+        torch.save({"tail": tail, "head": head}, tail_path)
+    emb_tr = heads.embed(tail, extra[tr, 0], a7[tr, 0])
+    emb_he = heads.embed(tail, extra[he, 0], a7[he, 0])
+    proj, means_p = ood_fit(emb_tr, y_all[tr], len(labels))
+    held_scores = ood_score(emb_he, proj, means_p)
+    threshold = float(np.percentile(held_scores, OOD_PERCENTILE))
+    pred = (emb_he @ head.weight.T + head.bias).argmax(1)
+    is_pv = np.array([s in pv_he for s in pv_he + ib_he])
+    ok = pred == y_all[he]
+    stats: dict[str, object] = {
+        "split": "leaf-grouped 80/20 of train/ (seed fixed); figures on the held-out 20%",
+        "fp32_pv_accuracy": round(float(ok[is_pv].mean()), 4),
+        "fp32_ibean_accuracy": round(float(ok[~is_pv].mean()), 4),
+        "n_pv": int(is_pv.sum()),
+        "n_ibean": int((~is_pv).sum()),
+        "ood_threshold": threshold,
+        "ood_leaf_rejected": round(float((held_scores > threshold).mean()), 4),
+    }
+    # off-domain photos, measured only (never trained on)
+    off = offdomain_embeddings(tail)
+    stats["ood_offdomain_rejected"] = round(float((ood_score(off, proj, means_p) > threshold).mean()), 4)
+    stats["n_offdomain"] = len(off)
+    log.info("crop: %s", stats)
+    model = classifier_graph(["p14", "p7a", "features"], head.weight, head.bias, tail.onnx_arrays() if tail else None,
+                             ood=(proj, means_p))
+    manifest = classifier_manifest(
+        "crop_disease_fp32",
+        labels,
+        CROP_LICENSE,
+        "edge-agent models/training/build_classifiers.py from ../shared/datasets/crops (PlantVillage subset, iBean)",
+        "Leaf disease classifier: 12 PlantVillage classes + 3 iBean bean classes; rejects non-leaf photos.",
+        ood_threshold=threshold,
+        label_aliases=IBEAN_ALIASES,
+        metadata={"quantize": {"nodes_to_exclude": HEAD_NODES + OOD_NODES},
+                  "training": {"epochs": epochs, "recipe": "fine-tune block 15 + head conv on cached block-14 "
+                               "activations, 3 views (as is, h-flip, crop+v-flip); linear head on "
+                               "[pool(block10), pool(block14), features]"}, "holdout": stats},
+    )
+    write_bundle(out / "crop_disease_fp32", model, manifest, "crop_disease_fp32.onnx")
+    return stats
+
+
+def offdomain_samples() -> list[Sample]:
+    tiles = list_class_folder(DATASETS / "inspection" / "magnetic_tile" / "train")
+    coco_dir = DATASETS / "livestock" / "coco_demo" / "images"
+    coco = [Sample(p, "coco", p.name) for p in sorted(coco_dir.iterdir())]
+    return tiles + coco
+
+
+def offdomain_embeddings(tail: heads.Tail | None) -> np.ndarray:
+    steel = extract(list_class_folder(DATASETS / "inspection" / "neu_steel" / "train"), "steel", 3)
+    extra = extract(offdomain_samples(), "offdomain_extra", 1)
+    embs = []
+    for d in (steel, extra):
+        ex = np.concatenate([d["p14"][:, 0], d["a7"][:, 0].astype(np.float32).mean(axis=(2, 3))], axis=1)
+        embs.append(heads.embed(tail, ex, d["a7"][:, 0]))
+    return np.concatenate(embs)
+
+
+def build_steel(out: Path) -> dict[str, object]:
+    steel = list_class_folder(DATASETS / "inspection" / "neu_steel" / "train")
+    tr_s, he_s = split_groups(steel)
+    link_split("steel_holdout", he_s)
+    link_split("steel_calib", tr_s[::4])
+    data = extract(steel, "steel", 3)
+    labels = sorted({s.label for s in steel})
+    lab = {name: i for i, name in enumerate(labels)}
+    y = np.array([lab[s.label] for s in steel])
+    tr, he = _rows(data, tr_s, steel), _rows(data, he_s, steel)
+    extra = np.concatenate([data["p14"], data["p7"], data["feat"]], axis=2)
+    _, head, _, _ = heads.train(extra[tr], y[tr], len(labels), epochs=30)
+    pred = (extra[he, 0] @ head.weight.T + head.bias).argmax(1)
+    stats: dict[str, object] = {
+        "split": "stratified 80/20 of train/ (seed fixed); figures on the held-out 20%",
+        "fp32_accuracy": round(float((pred == y[he]).mean()), 4),
+        "n": len(he),
+    }
+    log.info("steel: %s", stats)
+    model = classifier_graph(["p14", "p7b", "features"], head.weight, head.bias)
+    manifest = classifier_manifest(
+        "steel_defects_fp32",
+        labels,
+        STEEL_LICENSE,
+        "edge-agent models/training/build_classifiers.py from ../shared/datasets/inspection/neu_steel",
+        "Hot-rolled steel surface defect classifier (NEU, 6 classes).",
+        metadata={"quantize": {"nodes_to_exclude": ["pool_p14", "pool_p7b", "concat_embedding", "head_fc"]},
+                  "training": {"epochs": 30, "recipe": "frozen EfficientNet-Lite0; linear head on "
+                               "[pool(block10), pool(block15), features], 3 views"}, "holdout": stats},
+    )
+    write_bundle(out / "steel_defects_fp32", model, manifest, "steel_defects_fp32.onnx")
+    return stats
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=REPO / "var" / "models")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--only", choices=["crop", "steel"], default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    report: dict[str, object] = {}
+    if args.only in (None, "steel"):
+        report["steel"] = build_steel(args.out)
+    if args.only in (None, "crop"):
+        report["crop"] = build_crop(args.out, args.epochs)
+    suffix = f"_{args.only}" if args.only else ""
+    (args.out / f"classifiers_report{suffix}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Build the shipped ONNX graphs from the shared backbone plus trained parameters (onnx.helper, no torch export)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .common import T_7A, T_7B, T_14, T_FEAT, sha256_file, uint8_backbone, write_json
+
+POOLED = {"p14": T_14, "p7a": T_7A, "p7b": T_7B}
+
+
+def _replace_inits(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    for init in model.graph.initializer:
+        if init.name in arrays:
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+
+
+def classifier_graph(
+    parts: Sequence[str],
+    weight: np.ndarray,
+    bias: np.ndarray,
+    tail_arrays: dict[str, np.ndarray] | None = None,
+    ood: tuple[np.ndarray, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """uint8 pixels -> embedding = concat(parts) -> ``logits``; optional ``ood`` output.
+
+    ``parts`` names pooled stage outputs (p14, p7a, p7b) or ``features`` (1280, after the tail).
+    ``ood`` = (L (D, k), M (C, k)): score = min_c ||emb @ L - M_c||^2 / k (Mahalanobis to the class means
+    in a whitened subspace).
+    """
+    tensors = [POOLED.get(p, T_FEAT) for p in parts]
+    model = uint8_backbone(tensors)
+    if tail_arrays:
+        _replace_inits(model, tail_arrays)
+    g = model.graph
+    del g.output[:]
+    names = []
+    for p, t in zip(parts, tensors, strict=True):
+        if p in POOLED:
+            g.node.append(helper.make_node("ReduceMean", [t], [p], axes=[2, 3], keepdims=0, name=f"pool_{p}"))
+            names.append(p)
+        else:
+            names.append(t)
+    g.node.append(helper.make_node("Concat", names, ["embedding"], axis=1, name="concat_embedding"))
+    g.initializer.extend([
+        numpy_helper.from_array(weight.astype(np.float32), "head_w"),
+        numpy_helper.from_array(bias.astype(np.float32), "head_b"),
+    ])
+    g.node.append(helper.make_node("Gemm", ["embedding", "head_w", "head_b"], ["logits"], transB=1, name="head_fc"))
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", weight.shape[0]]))
+    if ood is not None:
+        proj, means = ood
+        k = proj.shape[1]
+        g.initializer.extend([
+            numpy_helper.from_array(proj.astype(np.float32), "ood_proj"),
+            numpy_helper.from_array((-2.0 * means.T).astype(np.float32), "ood_means_t2"),
+            numpy_helper.from_array((means**2).sum(1).astype(np.float32), "ood_means_sq"),
+            numpy_helper.from_array(np.array(1.0 / k, np.float32), "ood_inv_k"),
+        ])
+        g.node.extend([
+            helper.make_node("MatMul", ["embedding", "ood_proj"], ["ood_z"], name="ood_project"),
+            helper.make_node("MatMul", ["ood_z", "ood_means_t2"], ["ood_cross"], name="ood_cross"),
+            helper.make_node("ReduceSumSquare", ["ood_z"], ["ood_zz"], axes=[1], keepdims=1, name="ood_norm"),
+            helper.make_node("Add", ["ood_cross", "ood_zz"], ["ood_d0"], name="ood_add1"),
+            helper.make_node("Add", ["ood_d0", "ood_means_sq"], ["ood_d"], name="ood_add2"),
+            helper.make_node("ReduceMin", ["ood_d"], ["ood_min"], axes=[1], keepdims=1, name="ood_min"),
+            helper.make_node("Mul", ["ood_min", "ood_inv_k"], ["ood"], name="ood_scale"),
+        ])
+        g.output.append(helper.make_tensor_value_info("ood", TensorProto.FLOAT, ["N", 1]))
+    model.producer_name = "edge-agent models/training"
+    onnx.checker.check_model(model)
+    return model
+
+
+OOD_NODES = ["ood_project", "ood_cross", "ood_norm", "ood_add1", "ood_add2", "ood_min", "ood_scale"]
+
+
+def write_bundle(out_dir: Path, model: onnx.ModelProto, manifest: dict[str, Any], model_file: str) -> Path:
+    """Write ``model_file`` + manifest.json (sha256 filled in) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / model_file
+    onnx.save(model, str(onnx_path))
+    doc = dict(manifest)
+    doc["model_file"] = model_file
+    doc["sha256"] = sha256_file(onnx_path)
+    write_json(out_dir / "manifest.json", doc)
+    return onnx_path
+
+
+def classifier_manifest(
+    name: str,
+    labels: Sequence[str],
+    license_: str,
+    source: str,
+    description: str,
+    ood_threshold: float | None = None,
+    label_aliases: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    decoder: dict[str, Any] = {"type": "softmax", "output": "logits", "apply_softmax": True, "top_k": 5}
+    thresholds: dict[str, Any] = {}
+    if ood_threshold is not None:
+        decoder["ood_output"] = "ood"
+        decoder["ood_label"] = "not_recognised"
+        thresholds["ood"] = round(float(ood_threshold), 6)
+    return {
+        "schema_version": 1,
+        "name": name,
+        "version": "1.0.0",
+        "task": "classification",
+        "model_file": "model.onnx",
+        "sha256": "0" * 64,
+        "license": license_,
+        "source": source,
+        "description": description,
+        "input": {
+            "name": "pixels",
+            "width": 224,
+            "height": 224,
+            "layout": "NCHW",
+            "dtype": "uint8",
+            "color": "RGB",
+            "resize": {"mode": "stretch", "interpolation": "linear"},
+            "normalize": {"scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+        },
+        "decoder": decoder,
+        "labels": list(labels),
+        "label_aliases": label_aliases or {},
+        "thresholds": thresholds,
+        "metadata": metadata or {},
+    }
