@@ -220,7 +220,8 @@
     $("diag-name").textContent = d.name;
     $("diag-crop").textContent = d.crop_name || "";
     $("diag-conf").textContent = pct(d.confidence);
-    show("unsure", !d.recognised || d.confidence < 0.5);
+    show("conf-line", d.recognised); // a score for "not a leaf" would only confuse
+    show("unsure", d.recognised && d.confidence < 0.5);
     $("advice-desc").textContent = res.advice ? res.advice.description : "";
     fill($("advice-now"), res.advice ? res.advice.now : []);
     fill($("advice-prevention"), res.advice ? res.advice.prevention : []);
