@@ -1,10 +1,11 @@
 """``edge-agent inspect fit``: build a PatchCore-style anomaly bundle from photos of good parts, on a CPU.
 
 Recipe (after Roth et al. 2022, "Towards Total Recall in Industrial Anomaly Detection"): EfficientNet-Lite0
-(ImageNet) stage outputs at 28x28 (40 ch) and 14x14 (112 ch, upsampled) are concatenated and averaged over
-3x3 neighbourhoods; patch vectors of the good photos form a memory bank, thinned by greedy k-centre coreset
-selection. The exported ONNX graph computes, per patch, the distance to its nearest bank vector: the
-``anomaly_map`` (1, 1, 28, 28) and its maximum, the image ``score``. The threshold is the highest score among
+(ImageNet) outputs of blocks 14 and 15 (7x7, 192 + 320 channels) are concatenated and averaged over 3x3
+neighbourhoods (deeper features beat the 28x28 ones on magnetic tiles: image AUROC 0.93 against 0.77);
+patch vectors of the good photos form a memory bank, thinned by greedy k-centre coreset selection.
+The exported ONNX graph computes, per patch, the distance to its nearest bank vector: the
+``anomaly_map`` (1, 1, 7, 7) and its maximum, the image ``score``. The threshold is the highest score among
 good photos held out from the bank (so those would all pass).
 
 The graph is built with ``onnx.helper`` from the backbone ONNX; fitting uses onnxruntime + numpy only.
@@ -34,18 +35,19 @@ FitProgress = Callable[[str, int, int], None]
 F32 = npt.NDArray[np.float32]
 
 SIZE = 224
-GRID = 28
-T_28 = "/_blocks.4/Add_output_0"
-T_14 = "/_blocks.10/Add_output_0"
-BACKBONE_DIR = "tile_anomaly_backbone"
-BACKBONE_FILE = "efficientnet_lite0_patch_features.onnx"
+GRID = 7
+T_A = "/_blocks.14/Add_output_0"  # (N, 192, 7, 7)
+T_B = "/_blocks.15/_project_conv/Conv_output_0"  # (N, 320, 7, 7)
+DIM = 512
+DEFAULT_SOURCE_BUNDLE = "tile_anomaly"
 DIST_NODES = ["pc_sq", "pc_cross", "pc_add", "pc_add2", "pc_min", "pc_relu", "pc_sqrt", "pc_map", "pc_score"]
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    coreset_fraction: float = 0.1
+    coreset_fraction: float = 0.25
     max_bank: int = 4000
+    max_candidates: int = 60000
     holdout_fraction: float = 0.2
     projection_dim: int = 64
     seed: int = 0
@@ -54,11 +56,16 @@ class FitConfig:
 
 
 def default_backbone(models_dir: Path | None = None) -> Path:
-    return (models_dir or default_models_dir()) / BACKBONE_DIR / BACKBONE_FILE
+    """The shipped tile anomaly bundle's ONNX: its feature part (up to ``patches``) is reused for new fits."""
+    base = models_dir or default_models_dir()
+    try:
+        return load_bundle(base / DEFAULT_SOURCE_BUNDLE).onnx_path
+    except ManifestError:
+        return base / DEFAULT_SOURCE_BUNDLE / f"{DEFAULT_SOURCE_BUNDLE}.onnx"
 
 
 def feature_graph(backbone: Path) -> Any:
-    """uint8 NCHW ``pixels`` -> ``patches`` (N, 152, 28, 28): the backbone cut after block 10 + aggregation.
+    """uint8 NCHW ``pixels`` -> ``patches`` (N, 512, 7, 7): the backbone cut after block 15 + aggregation.
 
     Accepts the full EfficientNet-Lite0 export (float input named ``input``, normalised (x-127)/128) or a graph
     that already takes uint8 ``pixels`` (the shipped, truncated one).
@@ -72,9 +79,11 @@ def feature_graph(backbone: Path) -> Any:
         raise ManifestError(f"{backbone}: cannot read backbone ONNX: {exc}") from exc
     g = model.graph
     produced = {o for n in g.node for o in n.output}
-    if T_28 not in produced or T_14 not in produced:
-        raise ManifestError(f"{backbone}: not an EfficientNet-Lite0 export (missing {T_28} / {T_14})")
-    if g.input[0].name != "pixels":
+    if T_A not in produced or T_B not in produced:
+        raise ManifestError(f"{backbone}: not an EfficientNet-Lite0 export (missing {T_A} / {T_B})")
+    if g.input[0].name == "pixels":
+        g.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
+    else:
         old = g.input[0].name
         g.input.pop()
         g.input.append(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
@@ -91,7 +100,7 @@ def feature_graph(backbone: Path) -> Any:
         del g.node[:]
         g.node.extend(nodes)
     # keep only what the two stage outputs need
-    needed = {T_28, T_14}
+    needed = {T_A, T_B}
     keep = []
     for node in reversed(list(g.node)):
         if any(o in needed for o in node.output):
@@ -105,20 +114,18 @@ def feature_graph(backbone: Path) -> Any:
     g.initializer.extend(inits)
     del g.value_info[:]
     del g.output[:]
-    g.initializer.append(numpy_helper.from_array(np.array([1.0, 1.0, 2.0, 2.0], np.float32), "pc_up_scales"))
     g.node.extend([
-        helper.make_node("Resize", [T_14, "", "pc_up_scales"], ["pc_up"], mode="linear", name="pc_upsample"),
-        helper.make_node("Concat", [T_28, "pc_up"], ["pc_cat"], axis=1, name="pc_concat"),
+        helper.make_node("Concat", [T_A, T_B], ["pc_cat"], axis=1, name="pc_concat"),
         helper.make_node("AveragePool", ["pc_cat"], ["patches"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
                          count_include_pad=0, name="pc_local"),
     ])
-    g.output.append(helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["N", 152, GRID, GRID]))
+    g.output.append(helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["N", DIM, GRID, GRID]))
     model.producer_name = "edge-agent anomaly_fit"
     return model
 
 
 def anomaly_graph(features: Any, bank: F32) -> Any:
-    """Append nearest-neighbour scoring against ``bank`` (M, 152) to the feature graph (batch 1)."""
+    """Append nearest-neighbour scoring against ``bank`` (M, 512) to the feature graph (batch 1)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -207,7 +214,7 @@ def _session(model: Any, threads: int) -> Any:
 def extract_patches(
     session: Any, paths: Sequence[Path], batch: int, progress: FitProgress | None = None, label: str = "features"
 ) -> F32:
-    """(len(paths), 784, 152) patch vectors."""
+    """(len(paths), 49, 512) patch vectors."""
     out = []
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
@@ -265,10 +272,15 @@ def fit_bundle(
     features = feature_graph(backbone_path)
     session = _session(features, config.threads)
     patches = extract_patches(session, fit_paths, config.batch, progress)
+    t_features = time.perf_counter() - t0
     flat = patches.reshape(-1, patches.shape[-1])
     k = max(1, min(config.max_bank, round(len(flat) * config.coreset_fraction)))
+    if len(flat) > config.max_candidates:  # random pre-selection keeps the coreset step fast on 2 cores
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(flat), config.max_candidates, replace=False))
+        flat = flat[keep]
     idx = greedy_coreset(flat, k, config.projection_dim, config.seed, progress)
     bank = np.ascontiguousarray(flat[np.sort(idx)])
+    t_coreset = time.perf_counter() - t0 - t_features
     if progress is not None:
         progress("threshold", 0, max(1, len(held)))
     if held:
@@ -304,7 +316,7 @@ def fit_bundle(
         "metadata": {
             "quantize": {"nodes_to_exclude": [*DIST_NODES, "pc_reshape", "pc_transpose"]},
             "fit": {
-                "recipe": "EfficientNet-Lite0 block 4 + block 10 (upsampled) features, 3x3 average, greedy coreset",
+                "recipe": "EfficientNet-Lite0 block 14 + block 15 features (7x7), 3x3 average, greedy coreset",
                 "n_fit": len(fit_paths),
                 "n_threshold": len(held),
                 "bank_size": len(bank),
@@ -326,6 +338,8 @@ def fit_bundle(
         "bank_size": len(bank),
         "threshold": threshold,
         "seconds": round(seconds, 2),
+        "seconds_features": round(t_features, 2),
+        "seconds_coreset": round(t_coreset, 2),
     }
 
 

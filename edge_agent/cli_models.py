@@ -149,9 +149,9 @@ def fit_command(
     models_dir: ModelsDir = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
                                                   "(default: <models-dir>/<out>).")] = None,
-    backbone: Annotated[Path | None, typer.Option(help="EfficientNet-Lite0 ONNX with `features` output "
-                                                  "(default: the shipped one).")] = None,
-    coreset: Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank.")] = 0.1,
+    backbone: Annotated[Path | None, typer.Option(help="EfficientNet-Lite0 ONNX, or an anomaly bundle "
+                                                  "made by this command (default: the shipped tile_anomaly).")] = None,
+    coreset: Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank.")] = 0.25,
     max_bank: Annotated[int, typer.Option(help="Upper bound on memory-bank size.")] = 4000,
     holdout: Annotated[float, typer.Option(help="Fraction of good photos kept aside to set the threshold.")] = 0.2,
     as_json: Json = False,

@@ -32,6 +32,8 @@ IBEAN_ALIASES = {
 }
 OOD_K = 64
 HEAD_NODES = ["pool_p14", "pool_p7a", "concat_embedding", "head_fc"]
+# Kept in float by the INT8 quantizer: the stem and block 0 (quantizing them cost steel 2 points) and the head.
+STEM_NODES = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
 OOD_PERCENTILE = 97.0
 CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
 STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
@@ -127,7 +129,7 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
         "Leaf disease classifier: 12 PlantVillage classes + 3 iBean bean classes; rejects non-leaf photos.",
         ood_threshold=threshold,
         label_aliases=IBEAN_ALIASES,
-        metadata={"quantize": {"nodes_to_exclude": HEAD_NODES + OOD_NODES},
+        metadata={"quantize": {"nodes_to_exclude": STEM_NODES + HEAD_NODES + OOD_NODES},
                   "training": {"epochs": epochs, "recipe": "fine-tune block 15 + head conv on cached block-14 "
                                "activations, 3 views (as is, h-flip, crop+v-flip); linear head on "
                                "[pool(block10), pool(block14), features]"}, "holdout": stats},
@@ -179,7 +181,8 @@ def build_steel(out: Path) -> dict[str, object]:
         STEEL_LICENSE,
         "edge-agent models/training/build_classifiers.py from ../shared/datasets/inspection/neu_steel",
         "Hot-rolled steel surface defect classifier (NEU, 6 classes).",
-        metadata={"quantize": {"nodes_to_exclude": ["pool_p14", "pool_p7b", "concat_embedding", "head_fc"]},
+        metadata={"quantize": {"nodes_to_exclude": [*STEM_NODES, "pool_p14", "pool_p7b", "concat_embedding",
+                                                      "head_fc"]},
                   "training": {"epochs": 30, "recipe": "frozen EfficientNet-Lite0; linear head on "
                                "[pool(block10), pool(block15), features], 3 views"}, "holdout": stats},
     )
