@@ -6,6 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak
 
+# Rebuild every shipped model bundle from ../shared (training extra: torch CPU; ~20-40 min on 2 cores).
+.PHONY: models
+models: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,train]'
+	$(BIN)/python -m models.training.build_all
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
