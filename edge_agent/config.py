@@ -550,7 +550,7 @@ metrics:
 def default_config(
     cwd: Path | None = None,
     environ: Mapping[str, str] | None = None,
-    bundle: str = "crop_leaf",
+    bundle: str = "crop_disease",
     kind: Literal["crop", "inspection", "livestock", "plain"] = "crop",
 ) -> AgentConfig:
     """The embedded default (``edge-agent run`` with no ``--config``); state under ``<cwd>/var/edge-agent``."""

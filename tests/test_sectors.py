@@ -165,3 +165,8 @@ def test_sources_are_tracked_independently() -> None:
     b = tracker.update(moving_cow(10), source="b")
     assert a["tracks"][0]["id"] == 1 and b["tracks"][0]["id"] == 1
     assert tracker.update(moving_cow(12), source="a")["counts"]["unique"] == 1
+
+
+def test_anomaly_score_is_reported_on_good_parts_too() -> None:
+    out = inspection_verdict(result(AnomalyScore(0.2, 0.5)))
+    assert out["verdict"] == "pass" and out["score"] == pytest.approx(0.2)

@@ -11,6 +11,8 @@ thing must not pass parts). Pure: no I/O, no globals. The verdict is JSON-ready:
 
     {"verdict": "pass" | "fail", "passed": bool, "reasons": [str, ...],
      "defects": [{"label", "score", "box"?}], "score": float, "signal": "reject" | None}
+
+``score`` is the highest defect score, or the anomaly score (also on a good part).
 """
 
 from __future__ import annotations
@@ -69,10 +71,10 @@ def inspection_verdict(result: Result, rules: InspectionRules = InspectionRules(
         reasons.append("defect_detected")
 
     for anomaly in (p for p in result.predictions if isinstance(p, AnomalyScore)):
+        score = max(score, anomaly.score)  # reported on good parts too: operators watch the margin
         if anomaly.is_anomalous:
             defects.append({"label": "anomaly", "score": round(anomaly.score, 6)})
             reasons.append("anomaly_above_threshold")
-            score = max(score, anomaly.score)
 
     passed = not reasons
     return {
