@@ -85,13 +85,14 @@ EOF
 "$BIN/edge-coordinator" run --config "$DEMO/coordinator.yaml" 2> "$DEMO/coordinator.log" &
 pids+=($!)
 coordinator=${pids[-1]}
-wait_until 30 "the coordinator" grep -q "coordinator running" "$DEMO/coordinator.log"
+wait_until 30 "the coordinator" grep -qs "coordinator running" "$DEMO/coordinator.log"
 DASH_URL=$(grep -o 'dashboard on http://[^ ]*' "$DEMO/coordinator.log" | head -n 1 | cut -d' ' -f3)
 
-"$BIN/edge-agent" run 2> >(tee "$DEMO/agent.log" >&2) &
+: > "$DEMO/agent.log"
+"$BIN/edge-agent" run 2> >(tee -a "$DEMO/agent.log" >&2) &
 pids+=($!)
 agent=${pids[-1]}
-wait_until 120 "the agent" grep -q "running: pipelines" "$DEMO/agent.log"
+wait_until 120 "the agent" grep -qs "running: pipelines" "$DEMO/agent.log"
 
 sample=$(find ../shared/datasets/crops -name '*.jpg' 2>/dev/null | sort | head -n 1 || true)
 cat <<EOF
