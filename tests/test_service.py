@@ -490,3 +490,29 @@ def test_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path, models_di
     again = Service(cfg)  # the lock goes with the first agent
     again.start()
     again.stop(5)
+
+
+def test_embedded_default_runs_the_bundled_crop_model(tmp_path: Path) -> None:
+    from edge_agent.bundle import default_models_dir
+    from edge_agent.cli_run import pick_default_bundle
+    from edge_agent.config import default_config
+
+    bundle, kind = pick_default_bundle(default_models_dir())
+    assert kind == "crop"
+    cfg = default_config(cwd=tmp_path, environ={}, bundle=bundle, kind=kind)
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"enabled": False})})
+    leaf = sorted((Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "crops" / "plantvillage"
+                   / "train" / "Apple___Apple_scab").glob("*.jpg"))[0]
+    service = Service(cfg)
+    service.start()
+    try:
+        inbox = tmp_path / "var" / "edge-agent" / "inbox"
+        (inbox / "leaf.jpg").write_bytes(leaf.read_bytes())
+        assert service.outbox is not None
+        ob = service.outbox
+        assert wait_for(lambda: ob.stats().backlog == 1, 60)
+        (stored,) = ob.unacked()
+        assert stored.model == bundle and stored.body["kind"] == "crop"
+        assert stored.body["sector"]["recognised"] is True and stored.body["sector"]["crop"] == "Apple"
+    finally:
+        service.stop(5)
