@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from . import postprocess as pp
 from .bundle import Bundle
@@ -21,6 +22,7 @@ from .manifest import (
     Manifest,
     NanodetDecoder,
     SoftmaxDecoder,
+    Thresholds,
     Yolov8Decoder,
     YoloxDecoder,
 )
@@ -106,6 +108,24 @@ class Model:
             timings=Timings(decode_ms, (t1 - t0) * _ms, (t2 - t1) * _ms, (t3 - t2) * _ms),
             rejected=rejected,
         )
+
+    def set_thresholds(self, **changes: float) -> dict[str, Any]:
+        """Change score/iou (detection) or anomaly (anomaly) thresholds at run time, all or nothing.
+
+        Raises ValueError naming the key when a change does not apply to this model's task or is
+        out of range; returns the thresholds now in force. The swap is atomic for concurrent callers.
+        """
+        allowed = {"detection": {"score", "iou"}, "anomaly": {"anomaly"}, "classification": set()}[self.manifest.task]
+        wrong = sorted(set(changes) - allowed)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} does not apply to {self.manifest.task} model {self.manifest.name}")
+        merged = {**self.manifest.thresholds.model_dump(), **changes}
+        try:
+            new = Thresholds.model_validate(merged)
+        except ValidationError as exc:
+            raise ValueError(str(exc.errors()[0]["msg"])) from exc
+        self.manifest = self.manifest.model_copy(update={"thresholds": new})
+        return new.model_dump(exclude_none=True)
 
     def warmup(self, runs: int = 2) -> None:
         """Run the model on a blank image so the first real request is not the slow one."""

@@ -199,6 +199,17 @@ class Pipeline:
             for t in self._threads:
                 t.start()
 
+    def set_thresholds(self, **changes: float) -> dict[str, Any]:
+        """Apply threshold changes to every worker's model (validated on the first: all or nothing)."""
+        setters = [getattr(m, "set_thresholds", None) for m in self._models]
+        if any(s is None for s in setters):
+            raise ValueError(f"the models of pipeline {self.name} have no adjustable thresholds")
+        applied: dict[str, Any] = {}
+        for setter in setters:
+            assert setter is not None
+            applied = setter(**changes)
+        return applied
+
     def add_sink(self, name: str, sink: Sink) -> None:
         self._sinks.append((name, sink))
 

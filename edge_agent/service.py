@@ -29,6 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .bundle import Bundle, default_models_dir, find_bundle, load_bundle
+from .commands import Command, CommandError
 from .config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
 from .errors import ConfigError, InputError, ModelNotFoundError, OverloadedError
 from .metrics import Metrics
@@ -277,6 +278,7 @@ class Service:
             transport,
             self.cfg.device_id,
             health=self.health,
+            command_handler=self.handle_command,
             settings=PublisherSettings(
                 window=m.max_inflight,
                 heartbeat_s=m.heartbeat_s,
@@ -425,6 +427,22 @@ class Service:
             }
             for name, b in self._bundles.items()
         ]
+
+    def handle_command(self, command: Command) -> dict[str, Any]:
+        """Commands that change the running agent (the publisher handles its own first)."""
+        if command.name == "set_thresholds":
+            args = dict(command.args)
+            name = str(args.pop("pipeline"))
+            pipeline = self.pipelines.get(name)
+            if pipeline is None:
+                raise CommandError(f"unknown pipeline {name!r}", "command_invalid", command.id)
+            try:
+                applied = pipeline.set_thresholds(**{k: float(v) for k, v in args.items()})
+            except ValueError as exc:
+                raise CommandError(str(exc), "command_invalid", command.id) from exc
+            log.info("thresholds of pipeline %s set to %s", name, applied)
+            return {"pipeline": name, "thresholds": applied}
+        raise CommandError(f"command {command.name} is not supported here", "command_unsupported", command.id)
 
     def health(self) -> dict[str, Any]:
         """Status for heartbeats and ``/healthz``: ok, degraded (broker, camera or outbox trouble) or not ready."""
