@@ -38,9 +38,18 @@ def _gate(src: str, calib: Path, eval_dir: Path, name: str) -> dict[str, object]
     except QuantizationGateError as exc:
         log.warning("%s", exc.message)
         return {"passed": False, **{k: v for k, v in exc.report.items() if not k.endswith("_report")}}
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.move(str(staging), str(out))
+    _replace_bundle(staging, out)
     return {k: v for k, v in report.to_dict().items() if not k.endswith("_report")}
+
+
+def _replace_bundle(src: Path, out: Path) -> None:
+    """Put the new manifest + ONNX in ``out``; keep hand-written files there (MODEL_CARD.md, licence notes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.onnx"):
+        old.unlink()
+    for f in src.iterdir():
+        shutil.copyfile(f, out / f.name)
+    shutil.rmtree(src, ignore_errors=True)
 
 
 def _crop_gate_folder() -> Path:
@@ -72,8 +81,7 @@ def main() -> None:
     summary["tile_fit"] = fit_bundle(tiles / "train" / "good", fp32_dir, "tile_anomaly", FitConfig(), backbone=BACKBONE)
     summary["tile_gate"] = _gate("tile_anomaly", tiles / "train" / "good", tiles, "tile_anomaly")
     if not summary["tile_gate"].get("passed"):  # type: ignore[attr-defined]
-        shutil.rmtree(MODELS / "tile_anomaly", ignore_errors=True)
-        shutil.copytree(fp32_dir, MODELS / "tile_anomaly")
+        _replace_bundle(fp32_dir, MODELS / "tile_anomaly")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (VAR / "build_report.json").write_text(json.dumps(summary, indent=2, default=str))
     log.info("done in %.0f s: %s", summary["seconds"], json.dumps(summary, default=str))
