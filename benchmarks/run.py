@@ -59,9 +59,12 @@ def load_sources(per_glob: int = 6) -> tuple[list[Any], str]:
 def pick_agent_models(bundles: list[Bundle]) -> list[Bundle]:
     """One crop, one inspection and one livestock bundle (FP32 preferred... INT8 when both exist: smaller)."""
     def find(words: tuple[str, ...]) -> Bundle | None:
-        hits = [b for b in bundles if any(w in b.name.lower() for w in words)]
-        hits.sort(key=lambda b: (not bench.is_quantized(b), b.name))
-        return hits[0] if hits else None
+        for w in words:  # in order of preference
+            hits = [b for b in bundles if w in b.name.lower()]
+            hits.sort(key=lambda b: (not bench.is_quantized(b), b.name))
+            if hits:
+                return hits[0]
+        return None
 
     chosen = [find(("crop", "plant", "leaf", "bean")), find(("steel", "tile", "inspect", "defect", "anomaly")),
               find(("livestock", "cattle", "cow", "yolox", "nanodet"))]
