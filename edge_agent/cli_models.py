@@ -56,11 +56,16 @@ def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Bundle name.")],
     models_dir: ModelsDir = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a confusion matrix / ROC curve PNG.")] = None,
+    class_map: Annotated[
+        list[str] | None,
+        typer.Option("--class-map", help="Detection: dataset class id = model label, e.g. 0=cow (repeatable); "
+                     "without it AP50 is class-agnostic."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
     as_json: Json = False,
 ) -> None:
     """Evaluate a model bundle on a labelled folder and print its metrics."""
-    from .evaluate import evaluate, public
+    from .evaluate import evaluate, evaluate_detection, public
     from .evaluate import plot as draw
     from .model import Model
     from .runtime import RuntimeOptions
@@ -69,7 +74,11 @@ def eval_command(
         m = Model.load(find_bundle(model, models_dir or default_models_dir()), RuntimeOptions(intra_op_threads=threads))
         with _bar(as_json) as bar:
             task = bar.add_task(f"eval {model}", total=None)
-            report = evaluate(m, directory, lambda done, total: bar.update(task, completed=done, total=total))
+            progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+            if class_map and m.manifest.task == "detection":
+                report = evaluate_detection(m, directory, _parse_class_map(class_map), progress)
+            else:
+                report = evaluate(m, directory, progress)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if plot is not None:
@@ -79,6 +88,16 @@ def eval_command(
         _json(doc)
         return
     _print_report(doc)
+
+
+def _parse_class_map(items: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for item in items:
+        key, sep, label = item.partition("=")
+        if not sep or not key.strip().isdigit() or not label.strip():
+            raise typer.BadParameter(f"--class-map {item!r}: expected ID=LABEL, e.g. 0=cow")
+        out[int(key)] = label.strip()
+    return out
 
 
 def _print_report(doc: dict[str, Any]) -> None:

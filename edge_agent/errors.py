@@ -16,7 +16,8 @@ The tree::
     ├── RuntimeBackendError           runtime_error
     ├── StorageError                  storage_error
     │   └── StorageFullError          storage_full
-    └── OverloadedError               overloaded (a bounded queue is full; retry later)
+    ├── OverloadedError               overloaded (a bounded queue is full; retry later)
+    └── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
 
 Third-party errors are translated at the boundary with ``raise ... from exc``.
 """

@@ -110,3 +110,13 @@ def test_eval_cli_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "input_not_found" in result.output
+
+
+def test_parse_class_map() -> None:
+    import typer
+
+    from edge_agent.cli_models import _parse_class_map
+
+    assert _parse_class_map(["0=cow", "2 = horse"]) == {0: "cow", 2: "horse"}
+    with pytest.raises(typer.BadParameter):
+        _parse_class_map(["cow"])
