@@ -57,7 +57,7 @@ def load_sources(per_glob: int = 6) -> tuple[list[Any], str]:
 
 
 def pick_agent_models(bundles: list[Bundle]) -> list[Bundle]:
-    """One crop, one inspection and one livestock bundle (FP32 preferred... INT8 when both exist: smaller)."""
+    """One crop, one inspection and one livestock bundle; an INT8 one when it exists (what a board would run)."""
     def find(words: tuple[str, ...]) -> Bundle | None:
         for w in words:  # in order of preference
             hits = [b for b in bundles if w in b.name.lower()]
