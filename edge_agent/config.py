@@ -74,6 +74,12 @@ class ModelConfig(_Strict):
         description="onnxruntime execution providers in order of preference; unavailable ones are skipped.",
     )
     warmup: bool = Field(default=True, description="Run one inference before the model is reported ready.")
+    max_pixels: int = Field(
+        default=40_000_000,
+        gt=0,
+        description="Images from any source (upload, folder) with more pixels are refused, judged from the header "
+        "before any pixel is decoded (error code image_too_large).",
+    )
 
 
 class InspectionOptions(_Strict):
@@ -272,7 +278,6 @@ class HttpConfig(_Strict):
     port: Port = Field(default=8080, description="Port to listen on.")
     tokens_file: Path | None = Field(default=None, description="File with one API token per line; null: no auth.")
     max_body_bytes: ByteSize = Field(default=16 * 1024**2, description="Request bodies larger than this get 413.")
-    max_pixels: int = Field(default=40_000_000, gt=0, description="Images with more pixels are refused.")
     rate_limit_per_minute: int = Field(default=120, ge=1, description="Requests per minute per client.")
     default_language: str = Field(
         default="en", pattern=r"^[a-z]{2}(-[A-Za-z]{2})?$", description="Language of the page and advice."

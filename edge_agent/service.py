@@ -58,7 +58,7 @@ def _onnx_model(bundle: Bundle, cfg: ModelConfig) -> Predictor:
     from .runtime import RuntimeOptions
 
     opts = RuntimeOptions(providers=cfg.providers, intra_op_threads=cfg.threads, allow_spinning=False)
-    model = Model.load(bundle, opts)
+    model = Model.load(bundle, opts, max_pixels=cfg.max_pixels)
     if cfg.warmup:
         model.warmup(1)
     return model

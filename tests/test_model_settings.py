@@ -1,4 +1,5 @@
-"""Run-time threshold changes: the `set_thresholds` MQTT command reaches the models of a pipeline.
+"""Model settings at run time: the `set_thresholds` MQTT command reaches the models of a pipeline,
+and the per-model pixel cap comes from the config.
 
 Given a running agent with a detection pipeline, when the command changes its score threshold,
 then the next results obey it; a change that does not fit the model or the range is refused as a
@@ -82,5 +83,35 @@ metrics:
         with pytest.raises(CommandError) as info:
             service.handle_command(Command(id="t4", name="reboot", args={}))
         assert info.value.code == "command_unsupported"
+    finally:
+        assert service.stop(5)
+
+
+def test_model_pixel_cap_comes_from_config(tmp_path: Path) -> None:
+    from edge_agent.errors import ImageTooLargeError
+
+    cfg_path = tmp_path / "agent.yaml"
+    cfg_path.write_text(f"""\
+models_dir: {MODELS}
+state_dir: state
+models:
+  - name: det
+    bundle: yolox_nano
+    max_pixels: 100000
+pipelines:
+  - name: herd
+    kind: plain
+    model: det
+mqtt:
+  enabled: false
+metrics:
+  enabled: false
+""")
+    service = Service(load_config(cfg_path))
+    service.start()
+    try:
+        model = service.pipelines["herd"]._models[0]
+        with pytest.raises(ImageTooLargeError):  # 640x383 = 245,120 pixels > 100,000
+            model.predict_bytes(COWS.read_bytes())
     finally:
         assert service.stop(5)
