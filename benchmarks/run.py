@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-outbox", action="store_true", help="leave the outbox write out of the loop")
     ap.add_argument("--quantize-missing", action=argparse.BooleanOptionalAction, default=None,
                     help="also quantize FP32 bundles that ship no INT8 twin and compare (default: on in the full run)")
+    ap.add_argument("--twins-dir", type=Path, default=ROOT / "var" / "models",
+                    help="extra bundles used only as FP32 twins of shipped INT8 bundles (default: var/models)")
+    ap.add_argument("--only-int8", action="store_true", help="only the INT8/FP32 comparisons")
     ap.add_argument("--no-delivery", action="store_true", help="skip the outbox+MQTT and HTTP measurements")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -203,11 +206,22 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [],
         "loadavg_start": os.getloadavg()[0],
     }
+    twins: list[Bundle] = []
+    for d in list_bundle_dirs(args.twins_dir):
+        try:
+            twins.append(load_bundle(d))
+        except EdgeAgentError as exc:
+            log.warning("skipping twin %s: %s", d.name, exc)
+    if args.only_int8:
+        bundles_to_time: list[Bundle] = []
+        args.no_delivery = True
+    else:
+        bundles_to_time = bundles
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         sink, box = (None, None) if args.no_outbox else outbox_sink(Path(tmp))
         doc["settings"]["outbox_in_loop"] = sink is not None
         try:
-            for b in bundles:
+            for b in bundles_to_time:
                 log.info("benchmarking %s", b.name)
                 try:
                     doc["models"].append(bench.bench_model(b, inputs, cfg, sink))
@@ -217,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if box is not None:
                 box.close()
-    for fp32, int8 in bench.int8_pairs(bundles):
+    shipped = {id(b) for b in bundles}
+    for fp32, int8 in [p for p in bench.int8_pairs(bundles + twins) if id(p[1]) in shipped]:
         log.info("INT8 vs FP32: %s / %s", int8.name, fp32.name)
         doc.setdefault("int8_vs_fp32", []).append({**bench.bench_int8(fp32, int8, inputs, cfg), "shipped": True})
     if args.quantize_missing:
@@ -231,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                 doc.setdefault("int8_vs_fp32", []).append(res)
     if not any(bench.is_quantized(b) for b in bundles):
         doc["notes"].append("No INT8 bundle found under models/.")
+    if args.only_int8:
+        return _write(doc, args, mode, t_start)
     photo_path = tmp_root / "photo_1080p.jpg"
     photo_path.write_bytes(inputs.photos["1080p"])
     agent = pick_agent_models(bundles)
@@ -247,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import delivery
 
         doc.update(delivery.measure(bundles, inputs, quick=args.quick, tmp_root=tmp_root))
+    return _write(doc, args, mode, t_start)
+
+
+def _write(doc: dict[str, Any], args: argparse.Namespace, mode: str, t_start: float) -> int:
     doc["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     doc["loadavg_end"] = os.getloadavg()[0]
     if max(doc["loadavg_start"], doc["loadavg_end"]) > bench.cpu_count():
