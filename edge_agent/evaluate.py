@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from .errors import EdgeAgentError, InputNotFoundError
 from .model import Model
+from .postprocess import box_iou
 from .types import AnomalyScore, Classification, Detection
 
 log = logging.getLogger(__name__)
@@ -102,20 +103,6 @@ def roc_curve(
     tp = np.concatenate([[0], np.cumsum(pos[order])])
     fp = np.concatenate([[0], np.cumsum(~pos[order])])
     return fp / max(1, int((~pos).sum())), tp / max(1, int(pos.sum()))
-
-
-def box_iou(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """IoU matrix of (N, 4) and (M, 4) x1, y1, x2, y2 boxes."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9))
 
 
 def average_precision(

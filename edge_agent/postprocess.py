@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,15 +51,17 @@ def top_k(probs: F32, k: int) -> tuple[I64, F32]:
     return idx.astype(np.int64), probs[idx]
 
 
-def box_iou(a: F32, b: F32) -> F32:
-    """IoU matrix (N, M) between (N, 4) and (M, 4) xyxy boxes."""
-    tl = np.maximum(a[:, None, :2], b[None, :, :2])
-    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+def box_iou(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
+    """IoU matrix (N, M) between (N, 4) and (M, 4) xyxy boxes; 0 where the union is empty."""
+    a64 = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b64 = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    tl = np.maximum(a64[:, None, :2], b64[None, :, :2])
+    br = np.minimum(a64[:, None, 2:], b64[None, :, 2:])
     inter = np.clip(br - tl, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    area_a = np.clip(a64[:, 2:] - a64[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b64[:, 2:] - b64[:, :2], 0, None).prod(axis=1)
     union = area_a[:, None] + area_b[None, :] - inter
-    out: F32 = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0).astype(np.float32)
+    out: npt.NDArray[np.float64] = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
     return out
 
 

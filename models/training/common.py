@@ -111,14 +111,6 @@ def to_input(rgb: np.ndarray, flip: bool = False) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def uint8_backbone(outputs: Iterable[str]) -> onnx.ModelProto:
     """The shared backbone with a uint8 NCHW input (``pixels``), (x-127)/128 folded in, and the given outputs."""
     model = onnx.load(str(BACKBONE))
