@@ -176,11 +176,11 @@ class Model:
         dets: tuple[Prediction, ...] = tuple(
             Detection(
                 label=labels[c] if 0 <= c < len(labels) else str(c),
-                score=float(s),
-                class_id=int(c),
-                box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                score=s,
+                class_id=c,
+                box=(b[0], b[1], b[2], b[3]),
             )
-            for b, s, c in zip(xyxy, boxes.scores, boxes.class_ids.tolist(), strict=True)
+            for b, s, c in zip(xyxy.tolist(), boxes.scores.tolist(), boxes.class_ids.tolist(), strict=True)
         )
         return dets, False
 

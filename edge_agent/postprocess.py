@@ -53,16 +53,21 @@ def top_k(probs: F32, k: int) -> tuple[I64, F32]:
 
 def box_iou(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """IoU matrix (N, M) between (N, 4) and (M, 4) xyxy boxes; 0 where the union is empty."""
-    a64 = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b64 = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    tl = np.maximum(a64[:, None, :2], b64[None, :, :2])
-    br = np.minimum(a64[:, None, 2:], b64[None, :, 2:])
-    inter = np.clip(br - tl, 0, None).prod(axis=2)
-    area_a = np.clip(a64[:, 2:] - a64[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b64[:, 2:] - b64[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    out: npt.NDArray[np.float64] = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    a64 = np.asarray(a, dtype=np.float64).reshape(-1, 4).T
+    b64 = np.asarray(b, dtype=np.float64).reshape(-1, 4).T
+    w = np.minimum(a64[2][:, None], b64[2]) - np.maximum(a64[0][:, None], b64[0])
+    h = np.minimum(a64[3][:, None], b64[3]) - np.maximum(a64[1][:, None], b64[1])
+    inter = np.maximum(w, 0.0) * np.maximum(h, 0.0)
+    area_a = np.maximum(a64[2] - a64[0], 0.0) * np.maximum(a64[3] - a64[1], 0.0)
+    area_b = np.maximum(b64[2] - b64[0], 0.0) * np.maximum(b64[3] - b64[1], 0.0)
+    union = area_a[:, None] + area_b - inter
+    out: npt.NDArray[np.float64] = inter / np.maximum(union, 1e-12)
+    out[union <= 0] = 0.0
     return out
+
+
+_NMS_MATRIX_MAX = 512
+"""Up to this many candidates, NMS builds the full IoU matrix (512^2 float64 = 2 MiB)."""
 
 
 def nms(xyxy: F32, scores: F32, iou_threshold: float) -> I64:
@@ -71,6 +76,16 @@ def nms(xyxy: F32, scores: F32, iou_threshold: float) -> I64:
     Invariants: no two kept boxes overlap with IoU > ``iou_threshold``; the best box is kept.
     """
     order = np.argsort(-scores, kind="stable")
+    if order.size <= _NMS_MATRIX_MAX:
+        # one vectorised IoU matrix, then a cheap greedy pass over its rows
+        over = box_iou(xyxy[order], xyxy[order]) > iou_threshold
+        suppressed = np.zeros(order.size, dtype=bool)
+        kept: list[int] = []
+        for i in range(order.size):
+            if not suppressed[i]:
+                kept.append(i)
+                suppressed |= over[i]
+        return order[kept].astype(np.int64)
     x1, y1, x2, y2 = xyxy[:, 0], xyxy[:, 1], xyxy[:, 2], xyxy[:, 3]
     areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
     keep: list[int] = []
@@ -115,11 +130,14 @@ def _grid(width: int, height: int, strides: tuple[int, ...]) -> tuple[F32, F32]:
 
 
 def _select(scores_all: F32, score_threshold: float) -> tuple[npt.NDArray[np.intp], I64, F32]:
-    """Per row best class; returns (rows kept, class ids, scores) above the threshold."""
-    cls = scores_all.argmax(axis=1)
-    best = scores_all[np.arange(scores_all.shape[0]), cls]
-    rows = np.nonzero(best >= score_threshold)[0]
-    return rows, cls[rows].astype(np.int64), best[rows].astype(np.float32)
+    """Per row best class; returns (rows kept, class ids, scores) above the threshold.
+
+    The class is looked up only for the rows that pass, which are few in a real frame.
+    """
+    best = scores_all.max(axis=1)
+    rows = np.flatnonzero(best >= score_threshold)
+    cls = scores_all[rows].argmax(axis=1).astype(np.int64)
+    return rows, cls, best[rows].astype(np.float32)
 
 
 def decode_yolox(output: F32, input_size: tuple[int, int], strides: tuple[int, ...], score_threshold: float) -> Boxes:
@@ -130,11 +148,16 @@ def decode_yolox(output: F32, input_size: tuple[int, int], strides: tuple[int, .
     """
     out = output[0]
     grid, stride = _grid(input_size[0], input_size[1], strides)
-    scores_all = out[:, 4:5] * out[:, 5:]
-    rows, cls, scores = _select(scores_all, score_threshold)
-    if rows.size == 0:
+    # obj * cls <= obj (both in [0, 1]): only rows whose objectness passes can pass at all
+    cand = np.flatnonzero(out[:, 4] >= score_threshold)
+    if cand.size == 0:
         return Boxes.empty()
-    sel = out[rows]
+    sub = out[cand]
+    local, cls, scores = _select(sub[:, 4:5] * sub[:, 5:], score_threshold)
+    if local.size == 0:
+        return Boxes.empty()
+    rows = cand[local]
+    sel = sub[local]
     s = stride[rows, None]
     centre = (sel[:, 0:2] + grid[rows]) * s
     wh = np.exp(sel[:, 2:4]) * s
@@ -156,11 +179,18 @@ def decode_nanodet(
     distance bins for left, top, right, bottom. Cell centre = (col*s + (s-1)/2, row*s + (s-1)/2);
     distance = s * sum(softmax(bins) * [0..reg_max]).
     """
-    cls_all = np.concatenate([c[0] for c in cls_outputs], axis=0)
-    rows, cls, scores = _select(cls_all, score_threshold)
+    parts = []
+    offset = 0
+    for c_out, r_out in zip(cls_outputs, reg_outputs, strict=True):
+        local, c_ids, c_scores = _select(c_out[0], score_threshold)
+        parts.append((local + offset, c_ids, c_scores, r_out[0][local]))
+        offset += c_out.shape[1]
+    rows = np.concatenate([p[0] for p in parts])
     if rows.size == 0:
         return Boxes.empty()
-    reg_all = np.concatenate([r[0] for r in reg_outputs], axis=0)[rows]
+    cls = np.concatenate([p[1] for p in parts])
+    scores = np.concatenate([p[2] for p in parts])
+    reg_all = np.concatenate([p[3] for p in parts])
     grid, stride = _grid(input_size[0], input_size[1], strides)
     s = stride[rows, None]
     centre = grid[rows] * s + (s - 1) / 2
