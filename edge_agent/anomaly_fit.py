@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import onnx
 
 from .bundle import MANIFEST_NAME, default_models_dir, load_bundle, sha256_file
 from .decode import decode_image
@@ -54,6 +57,27 @@ class FitConfig:
     batch: int = 16
     threads: int = 0
 
+
+
+def prune_graph(model: onnx.ModelProto, keep_outputs: Iterable[str]) -> onnx.ModelProto:
+    """Drop the nodes, initializers and value_info that none of ``keep_outputs`` depends on (in place)."""
+    g = model.graph
+    needed = set(keep_outputs)
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    vis = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    return model
 
 def default_backbone(models_dir: Path | None = None) -> Path:
     """The shipped tile anomaly bundle's ONNX: its feature part (up to ``patches``) is reused for new fits."""
@@ -100,18 +124,7 @@ def feature_graph(backbone: Path) -> Any:
         del g.node[:]
         g.node.extend(nodes)
     # keep only what the two stage outputs need
-    needed = {T_A, T_B}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [i for i in g.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    prune_graph(model, {T_A, T_B})
     del g.value_info[:]
     del g.output[:]
     g.node.extend([

@@ -21,6 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image, ImageOps
 
+from edge_agent.anomaly_fit import prune_graph
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,23 +140,7 @@ def uint8_backbone(outputs: Iterable[str]) -> onnx.ModelProto:
 
 def prune(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop nodes and initializers that no graph output depends on."""
-    g = model.graph
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [i for i in g.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    vis = [v for v in g.value_info if v.name in needed]
-    del g.value_info[:]
-    g.value_info.extend(vis)
-    return model
+    return prune_graph(model, (o.name for o in model.graph.output))
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
