@@ -31,18 +31,10 @@ from edge_agent.transport.fake import FakeBroker, FakeTransport
 from tests.support.broker import Broker, free_port
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 
+from .support.wait import wait_for
+
 T = 20.0
 LABELS = ["Apple___healthy", "Apple___Apple_scab", "Corn___healthy"]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = T) -> bool:
-    deadline = time.monotonic() + timeout
-    ev = threading.Event()
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        ev.wait(0.02)
-    return cond()
 
 
 def png(seed: int) -> bytes:

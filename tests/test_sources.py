@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -33,18 +31,9 @@ from edge_agent.sources.folder import FolderSource
 from edge_agent.sources.opencv import OpenCvCapture
 from edge_agent.types import Image
 
+from .support.wait import wait_for
+
 T = 10.0
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = T) -> bool:
-    """Wait on a condition with a deadline (polls a cheap predicate; not a sleep-as-synchronisation)."""
-    deadline = time.monotonic() + timeout
-    ev = threading.Event()
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        ev.wait(0.01)
-    return cond()
 
 
 class Journal:
