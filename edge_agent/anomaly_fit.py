@@ -79,6 +79,29 @@ def prune_graph(model: onnx.ModelProto, keep_outputs: Iterable[str]) -> onnx.Mod
     g.value_info.extend(vis)
     return model
 
+
+def fold_uint8_input(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
+    """Replace an EfficientNet-Lite float input with uint8 NCHW ``pixels`` and (x - 127) / 128 in the graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    old_input = g.input[0].name
+    g.input.pop()
+    g.input.append(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, size, size]))
+    g.initializer.extend([
+        numpy_helper.from_array(np.array(127.0, dtype=np.float32), "pre_mean"),
+        numpy_helper.from_array(np.array(1.0 / 128.0, dtype=np.float32), "pre_scale"),
+    ])
+    pre = [
+        helper.make_node("Cast", ["pixels"], ["pre_f"], to=TensorProto.FLOAT, name="pre_cast"),
+        helper.make_node("Sub", ["pre_f", "pre_mean"], ["pre_c"], name="pre_sub"),
+        helper.make_node("Mul", ["pre_c", "pre_scale"], [old_input], name="pre_mul"),
+    ]
+    nodes = pre + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
+
 def default_backbone(models_dir: Path | None = None) -> Path:
     """The shipped tile anomaly bundle's ONNX: its feature part (up to ``patches``) is reused for new fits."""
     base = models_dir or default_models_dir()
@@ -95,7 +118,7 @@ def feature_graph(backbone: Path) -> Any:
     that already takes uint8 ``pixels`` (the shipped, truncated one).
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     try:
         model = onnx.load(str(backbone))
@@ -108,21 +131,7 @@ def feature_graph(backbone: Path) -> Any:
     if g.input[0].name == "pixels":
         g.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
     else:
-        old = g.input[0].name
-        g.input.pop()
-        g.input.append(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
-        g.initializer.extend([
-            numpy_helper.from_array(np.array(127.0, np.float32), "pre_mean"),
-            numpy_helper.from_array(np.array(1.0 / 128.0, np.float32), "pre_scale"),
-        ])
-        pre = [
-            helper.make_node("Cast", ["pixels"], ["pre_f"], to=TensorProto.FLOAT, name="pre_cast"),
-            helper.make_node("Sub", ["pre_f", "pre_mean"], ["pre_c"], name="pre_sub"),
-            helper.make_node("Mul", ["pre_c", "pre_scale"], [old], name="pre_mul"),
-        ]
-        nodes = pre + list(g.node)
-        del g.node[:]
-        g.node.extend(nodes)
+        fold_uint8_input(model, SIZE)
     # keep only what the two stage outputs need
     prune_graph(model, {T_A, T_B})
     del g.value_info[:]

@@ -18,10 +18,10 @@ from typing import Any
 import cv2
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from PIL import Image, ImageOps
 
-from edge_agent.anomaly_fit import prune_graph
+from edge_agent.anomaly_fit import fold_uint8_input, prune_graph
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +116,8 @@ def to_input(rgb: np.ndarray, flip: bool = False) -> np.ndarray:
 def uint8_backbone(outputs: Iterable[str]) -> onnx.ModelProto:
     """The shared backbone with a uint8 NCHW input (``pixels``), (x-127)/128 folded in, and the given outputs."""
     model = onnx.load(str(BACKBONE))
+    fold_uint8_input(model, SIZE)
     g = model.graph
-    old_input = g.input[0].name
-    g.input.pop()
-    g.input.append(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
-    g.initializer.extend([
-        numpy_helper.from_array(np.array(127.0, dtype=np.float32), "pre_mean"),
-        numpy_helper.from_array(np.array(1.0 / 128.0, dtype=np.float32), "pre_scale"),
-    ])
-    pre = [
-        helper.make_node("Cast", ["pixels"], ["pre_f"], to=TensorProto.FLOAT, name="pre_cast"),
-        helper.make_node("Sub", ["pre_f", "pre_mean"], ["pre_c"], name="pre_sub"),
-        helper.make_node("Mul", ["pre_c", "pre_scale"], [old_input], name="pre_mul"),
-    ]
-    nodes = pre + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes)
     del g.output[:]
     for name in outputs:
         g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
