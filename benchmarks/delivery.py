@@ -5,14 +5,25 @@
   = results / time until the outbox has every row acknowledged end to end;
 - ``fill_and_ack_per_s``: the same while 4 threads write the results into the outbox (group
   commit) at full speed, i.e. durable write + publish + e2e ack together;
-- ``publish_p99_ms_under_load``: publish-to-PUBACK latency of each result while one worker per
-  core runs the detector flat out and writes its results to the outbox (GIL starvation check).
+- ``publish_p99_ms_under_load``: publish-to-PUBACK latency of each result (the Publisher's
+  ``transport.publish()`` call to paho's PUBACK callback) while one worker per core runs the detector
+  flat out and writes its results to the outbox (GIL starvation check);
+- ``commit_to_puback_p99_ms_under_load``: what a user waits for once the result is durable: from the
+  commit of the result's outbox transaction (the outbox's listener call right after that commit) to
+  the PUBACK. ``publish_*`` alone misses the time a committed row waits before ``publish()`` is called,
+  which was the larger part before the Publisher stopped blocking on the outbox's fsync of
+  acknowledged-row deletions;
+- ``result_to_puback_p99_ms_under_load``: from the result's ``created_at`` (stamped inside its outbox
+  transaction, so this adds that transaction's group commit and fsync) to the PUBACK.
 
-Reuses the test harness's Mosquitto runner (started on a free port, stopped by PID).
+Reuses the test harness's Mosquitto runner (started on a free port, stopped by PID). The coordinator
+runs in its own process, as it would on a server: on the same cores here, but not sharing the agent's
+GIL (in-process it also stole the agent's GIL for its commits and acks).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import subprocess
@@ -38,16 +49,39 @@ log = logging.getLogger("benchmarks.delivery")
 
 
 class TimedTransport:
-    """Wraps a Transport; records publish-to-PUBACK latency of result publishes."""
+    """Wraps a Transport; records publish-to-PUBACK and result-created-to-PUBACK latency of result publishes."""
 
     def __init__(self, inner: Transport) -> None:
         self.inner = inner
         self.listener: TransportListener | None = None
         self.latencies_ms: list[float] = []
         self.recording = False
-        self._sent: dict[int, float] = {}
-        self._early: dict[int, float] = {}
+        self._sent: dict[int, tuple[float, bytes]] = {}
+        self._early: dict[int, tuple[float, float]] = {}
+        self._acked: list[tuple[bytes, float]] = []  # (payload, PUBACK wall-clock time): parsed after the run
+        self._commits: list[float] = []  # wall-clock times of the outbox commits that stored results
         self._lock = threading.Lock()
+
+    def note_commit(self) -> None:
+        """An outbox listener: called on the outbox writer right after each commit that stored results."""
+        self._commits.append(time.time())
+
+    def result_latencies_ms(self) -> tuple[list[float], list[float]]:
+        """Per timed result, in ms: PUBACK minus its ``created_at``, and PUBACK minus its commit.
+
+        A row's ``created_at`` is stamped inside its transaction and transactions run one after another on
+        the writer, so its commit is the first commit noted at or after ``created_at``."""
+        with self._lock:
+            acked = list(self._acked)
+        commits = sorted(self._commits)
+        created, committed = [], []
+        for payload, t in acked:
+            c = float(orjson.loads(payload)["created_at"])
+            created.append((t - c) * 1000.0)
+            i = bisect.bisect_left(commits, c)
+            if i < len(commits):
+                committed.append((t - commits[i]) * 1000.0)
+        return created, committed
 
     @property
     def connected(self) -> bool:
@@ -65,11 +99,12 @@ class TimedTransport:
         token = self.inner.publish(topic, payload, qos=qos, retain=retain)
         if token is not None and "/results/" in topic and self.recording:
             with self._lock:
-                acked = self._early.pop(token, None)
-                if acked is not None:
-                    self.latencies_ms.append((acked - t0) * 1000.0)
+                early = self._early.pop(token, None)
+                if early is not None:  # the PUBACK callback ran before publish() returned
+                    self.latencies_ms.append((early[0] - t0) * 1000.0)
+                    self._acked.append((payload, early[1]))
                 else:
-                    self._sent[token] = t0
+                    self._sent[token] = (t0, payload)
         return token
 
     def subscribe(self, filters: Sequence[str], qos: int = 1) -> None:
@@ -91,14 +126,15 @@ class TimedTransport:
         self.listener.on_message(message)
 
     def on_published(self, token: int, ok: bool, reason: str) -> None:
-        now = time.perf_counter()
+        now, wall = time.perf_counter(), time.time()
         if self.recording:
             with self._lock:
-                t0 = self._sent.pop(token, None)
-                if t0 is not None:
-                    self.latencies_ms.append((now - t0) * 1000.0)
+                sent = self._sent.pop(token, None)
+                if sent is not None:
+                    self.latencies_ms.append((now - sent[0]) * 1000.0)
+                    self._acked.append((sent[1], wall))
                 else:
-                    self._early[token] = now
+                    self._early[token] = (now, wall)
         assert self.listener is not None
         self.listener.on_published(token, ok, reason)
 
@@ -120,7 +156,6 @@ def _sample_body(bundles: list[Bundle], inputs: bench.BenchInputs) -> dict[str, 
 
 def measure_mqtt(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: bool, tmp_root: Path) -> dict[str, Any]:
     from tests.support.broker import Broker
-    from tests.support.delivery import start_coordinator
 
     n = 1000 if quick else 10000
     body = _sample_body(bundles, inputs)
@@ -129,7 +164,7 @@ def measure_mqtt(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
         work = Path(tmp)
         broker = Broker(work / "broker")
         broker.start()
-        coordinator = start_coordinator(work / "coord.db", broker.port)
+        coordinator = CoordinatorProcess(work / "coord.db", broker.port)
         try:
             phases = ("drain", "idle", "load") if quick else (
                 "drain", "fill", "idle", "load", "load_other_processes", "load_switch_1ms", "load_nice",
@@ -140,6 +175,38 @@ def measure_mqtt(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
             coordinator.stop(5)
             broker.close()
     return out
+
+
+_COORDINATOR = (
+    "import sys; from pathlib import Path; from tests.support.delivery import start_coordinator; "
+    "c = start_coordinator(Path(sys.argv[1]), int(sys.argv[2])); ok = c.connected.wait(30); "
+    "print('up' if ok else 'down', flush=True); sys.stdin.read(); c.stop(5)"
+)
+
+
+class CoordinatorProcess:
+    """The test harness's coordinator (SQLite store) in a child process; stops when its stdin closes."""
+
+    def __init__(self, db: Path, port: int) -> None:
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-c", _COORDINATOR, str(db), str(port)], cwd=root,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != b"up":
+            self.stop(5)
+            raise RuntimeError(f"benchmark coordinator did not connect ({line!r})")
+
+    def stop(self, timeout: float) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout + 5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def _phase(
@@ -157,6 +224,7 @@ def _phase(
     if phase == "drain":
         _fill(outbox, n, body, threads=4)
     timed = TimedTransport(PahoTransport(MqttSettings(port=port, client_id=device), availability_will(device)))
+    outbox.add_listener(timed.note_commit)
     publisher = Publisher(outbox, timed, device, lambda: {"models": []})
     publisher.start()
     try:
@@ -283,14 +351,23 @@ def _under_load(
     for t in threads:
         t.join(30)
     lat = np.asarray(timed.latencies_ms) if timed.latencies_ms else np.asarray([np.nan])
+    created, committed = timed.result_latencies_ms()
+    e2e, c2p = np.asarray(created or [np.nan]), np.asarray(committed or [np.nan])
     return {
         "load_model_under_load": det.name,
         "load_workers_under_load": workers,
         "load_fps_under_load": round(frames / elapsed, 2),
+        "loadavg_1m_under_load": round(os.getloadavg()[0], 2),
         "publishes_timed_under_load": len(timed.latencies_ms),
         "publish_p50_ms_under_load": round(float(np.percentile(lat, 50)), 3),
         "publish_p99_ms_under_load": round(float(np.percentile(lat, 99)), 3),
         "publish_max_ms_under_load": round(float(lat.max()), 3),
+        "commit_to_puback_p50_ms_under_load": round(float(np.percentile(c2p, 50)), 3),
+        "commit_to_puback_p99_ms_under_load": round(float(np.percentile(c2p, 99)), 3),
+        "commit_to_puback_max_ms_under_load": round(float(c2p.max()), 3),
+        "result_to_puback_p50_ms_under_load": round(float(np.percentile(e2e, 50)), 3),
+        "result_to_puback_p99_ms_under_load": round(float(np.percentile(e2e, 99)), 3),
+        "result_to_puback_max_ms_under_load": round(float(e2e.max()), 3),
     }
 
 

@@ -107,28 +107,13 @@ def unshipped_int8(bundles: list[Bundle], tmp: Path, limit: int = 24) -> list[tu
         out = tmp / name
         out.mkdir(parents=True, exist_ok=True)
         try:
-            quantize_onnx(_opset13(b, out), calib[:limit], out / f"{name}.onnx")
+            quantize_onnx(b, calib[:limit], out / f"{name}.onnx")  # prepares the graph (opset 13) itself
         except EdgeAgentError as exc:
             log.warning("quantizing %s failed: %s", b.name, exc)
             continue
         manifest = b.manifest.model_copy(update={"name": name, "model_file": f"{name}.onnx"})
         pairs.append((b, Bundle(directory=out, manifest=manifest)))
     return pairs
-
-
-def _opset13(b: Bundle, tmp: Path) -> Bundle:
-    """The bundle itself, or an opset-13 copy of its model: per-channel QDQ needs DequantizeLinear's ``axis``."""
-    import onnx
-    from onnx import version_converter
-
-    model = onnx.load(str(b.onnx_path))
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
-    if opset >= 13:
-        return b
-    log.info("%s: opset %d -> 13 before quantizing (per-channel QDQ needs it)", b.name, opset)
-    path = tmp / "opset13.onnx"
-    onnx.save(version_converter.convert_version(model, 13), str(path))
-    return Bundle(directory=tmp, manifest=b.manifest.model_copy(update={"model_file": path.name}))
 
 
 def outbox_sink(tmp: Path) -> tuple[bench.ResultSink | None, Any]:
@@ -162,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra bundles used only as FP32 twins of shipped INT8 bundles (default: var/models)")
     ap.add_argument("--only-int8", action="store_true", help="only the INT8/FP32 comparisons")
     ap.add_argument("--no-delivery", action="store_true", help="skip the outbox+MQTT and HTTP measurements")
+    ap.add_argument("--only-delivery", action="store_true",
+                    help="only the outbox+MQTT and HTTP measurements (no per-model timings, INT8 or memory probes)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("edge_agent").setLevel(logging.WARNING)  # not one line per session about missing GPU providers
@@ -171,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         args.quantize_missing = not args.quick
     budget = bench.QUICK if args.quick else bench.FULL
     options = RuntimeOptions(intra_op_threads=args.threads, allow_spinning=args.spinning)
-    cfg = bench.BenchConfig(budget=budget, options=options, pipelined_seconds=1.5 if args.quick else 8.0,
+    cfg = bench.BenchConfig(budget=budget, options=options, pipelined_seconds=1.5 if args.quick else 9.0,
                             naive_kinds=("12mp",) if args.quick else ("frame", "1080p", "12mp"))
     bundles: list[Bundle] = []
     for d in list_bundle_dirs(args.models_dir):
@@ -215,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_int8:
         bundles_to_time: list[Bundle] = []
         args.no_delivery = True
+    elif args.only_delivery:
+        bundles_to_time = []
+        args.quantize_missing = False
     else:
         bundles_to_time = bundles
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
@@ -232,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             if box is not None:
                 box.close()
     shipped = {id(b) for b in bundles}
-    for fp32, int8 in [p for p in bench.int8_pairs(bundles + twins) if id(p[1]) in shipped]:
+    for fp32, int8 in [p for p in bench.int8_pairs(bundles + twins) if id(p[1]) in shipped and not args.only_delivery]:
         log.info("INT8 vs FP32: %s / %s", int8.name, fp32.name)
         doc.setdefault("int8_vs_fp32", []).append({**bench.bench_int8(fp32, int8, inputs, cfg), "shipped": True})
     if args.quantize_missing:
@@ -253,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     agent = pick_agent_models(bundles)
     log.info("memory and cold start: %s", ", ".join(b.name for b in agent))
     doc["memory"] = {}
-    for key, dirs in (("one_model", [str(agent[0].directory)]), ("three_models", [str(b.directory) for b in agent]),
-                      ("baseline", [])):
+    probes: list[tuple[str, list[str]]] = [("one_model", [str(agent[0].directory)]),
+                                           ("three_models", [str(b.directory) for b in agent]), ("baseline", [])]
+    for key, dirs in [] if args.only_delivery else probes:
         try:
             doc["memory"][key] = bench.probe_process(dirs, str(photo_path))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:

@@ -44,6 +44,8 @@ T_B = "/_blocks.15/_project_conv/Conv_output_0"  # (N, 320, 7, 7)
 DIM = 512
 DEFAULT_SOURCE_BUNDLE = "tile_anomaly"
 DIST_NODES = ["pc_sq", "pc_cross", "pc_add", "pc_add2", "pc_min", "pc_relu", "pc_sqrt", "pc_map", "pc_score"]
+FLOAT_STEM = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
+"""EfficientNet-Lite0 nodes kept in float when quantizing: INT8 there cost 0.03 image AUROC on magnetic tiles."""
 
 
 @dataclass(frozen=True)
@@ -336,7 +338,8 @@ def fit_bundle(
         "labels": ["good", "anomalous"],
         "thresholds": {"anomaly": round(threshold, 6)},
         "metadata": {
-            "quantize": {"nodes_to_exclude": [*DIST_NODES, "pc_reshape", "pc_transpose"]},
+            "quantize": {"nodes_to_exclude": [*DIST_NODES, "pc_reshape", "pc_transpose", "pc_concat", "pc_local",
+                                              *FLOAT_STEM]},
             "fit": {
                 "recipe": "EfficientNet-Lite0 block 14 + block 15 features (7x7), 3x3 average, greedy coreset",
                 "n_fit": len(fit_paths),

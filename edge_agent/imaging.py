@@ -43,6 +43,14 @@ def resize(src: U8Image, size: tuple[int, int], interpolation: Interpolation = "
     return np.asarray(out, dtype=np.uint8)
 
 
+def split_into(src: U8Image, planes: list[U8Image]) -> None:
+    """De-interleave (h, w, 3) ``src`` into three preallocated (h, w) uint8 ``planes`` (channel order kept)."""
+    out = cv2.split(src, planes)
+    for got, want in zip(out, planes, strict=True):
+        if got is not want and not np.shares_memory(got, want):  # OpenCV could not write in place
+            want[...] = got
+
+
 def decode_jpeg_reduced(data: bytes, factor: int) -> U8Image | None:
     """Decode JPEG bytes at 1/``factor`` size (factor in 1, 2, 4, 8); BGR (h, w, 3) or None on failure.
 

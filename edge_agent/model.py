@@ -140,11 +140,15 @@ class Model:
         th = m.thresholds
         if isinstance(dec, SoftmaxDecoder):
             logits = np.asarray(outputs[dec.output], dtype=np.float32).reshape(-1)
-            probs = pp.softmax(logits) if dec.apply_softmax else logits
-            idx, vals = pp.top_k(probs, dec.top_k)
+            if logits.size <= pp.SMALL_CLASSES:
+                idx, vals = pp.softmax_top_k_small(logits.tolist(), dec.top_k, dec.apply_softmax)
+            else:
+                probs = pp.softmax(logits) if dec.apply_softmax else logits
+                top_idx, top_vals = pp.top_k(probs, dec.top_k)
+                idx, vals = top_idx.tolist(), top_vals.tolist()
+            labels = m.labels
             preds: tuple[Prediction, ...] = tuple(
-                Classification(label=m.labels[int(i)], score=float(v), index=int(i))
-                for i, v in zip(idx, vals, strict=True)
+                Classification(label=labels[i], score=v, index=i) for i, v in zip(idx, vals, strict=True)
             )
             rejected = False
             if dec.ood_output is not None and th.ood is not None:

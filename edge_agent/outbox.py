@@ -2,7 +2,9 @@
 
 SQLite in WAL mode with ``synchronous=FULL``. Every write goes through one writer thread that
 commits whatever callers queued meanwhile in a single transaction (group commit); a call returns
-once its transaction is on disk. Reads use their own connection (WAL readers never block the writer).
+once its transaction is on disk (``ack_through_async`` returns a future instead, so that the
+publisher never waits for an fsync). Reads use their own connection (WAL readers never block the
+writer). Listeners hear about new results from the writer thread right after the commit.
 
 Results get a deterministic ``result_id`` (device, input, model, model version) and a per-device
 ``seq`` that only goes up within an ``epoch`` (a random id minted when the database is created, so a
@@ -260,6 +262,8 @@ class Outbox:
             for _, fut in batch:
                 fut.set_exception(error)
             return
+        if any(ok and isinstance(value, StoredResult) for ok, value in outcomes):
+            self._notify()  # straight from here: no wait until each caller thread gets the GIL back
         for (ok, value), (_, fut) in zip(outcomes, batch, strict=True):
             if ok:
                 fut.set_result(value)
@@ -268,12 +272,23 @@ class Outbox:
             else:
                 fut.set_exception(value)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener must never stop the writer
+                log.exception("outbox: result listener failed")
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Queue ``fn`` for the next group commit; the future resolves once its transaction is on disk."""
         if self._closed:
             raise StorageError("outbox is closed")
         fut: Future[T] = Future()
         self._ops.put((fn, fut))
-        return fut.result()
+        return fut
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._submit(fn).result()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._read_lock:
@@ -377,13 +392,11 @@ class Outbox:
             self._bump(conn, "unacked_bytes", size)
             return StoredResult(result_id, seq, input_id, pipeline, model, model_version, now, body, size)
 
-        stored = self._write(op)
-        for listener in list(self._listeners):
-            listener()
-        return stored
+        return self._write(op)
 
     def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` (cheap, non-blocking) after each stored result: the publisher's wake-up."""
+        """Call ``listener()`` (cheap, non-blocking; on the writer thread) after each commit that stored
+        results, before their ``add_result`` calls return: the publisher's wake-up."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
@@ -429,6 +442,11 @@ class Outbox:
 
     def ack_through(self, seq: int) -> int:
         """Cumulative end-to-end ack: every result with seq <= ``seq`` is delivered. Returns rows newly acked."""
+        return self.ack_through_async(seq).result()
+
+    def ack_through_async(self, seq: int) -> Future[int]:
+        """``ack_through`` without waiting: the future resolves (rows newly acked, or the StorageError) once the
+        deletion is on disk. Until then the rows are still unacked here, which is safe: at worst re-sent."""
 
         def op(conn: sqlite3.Connection) -> int:
             count, size = conn.execute(
@@ -445,10 +463,14 @@ class Outbox:
             self._bump(conn, "acked_total", count)
             return int(count)
 
-        return self._write(op)
+        return self._submit(op)
 
     def prune(self) -> dict[str, int]:
         """Delete acked rows past retention, expire unacked rows past ``max_age_s`` (counted), forget old inputs."""
+        return self.prune_async().result()
+
+    def prune_async(self) -> Future[dict[str, int]]:
+        """``prune`` without waiting for its commit."""
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
@@ -472,7 +494,7 @@ class Outbox:
             ).rowcount
             return {"pruned": pruned, "expired": int(count), "inputs_forgotten": forgotten}
 
-        return self._write(op)
+        return self._submit(op)
 
     # ---------------------------------------------------------------- commands
     def record_command(self, command_id: str, name: str) -> bool:

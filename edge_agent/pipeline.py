@@ -397,7 +397,8 @@ class Pipeline:
                 },
             )
             self._metrics.input_done(self.name, "ok")
-        job.future.set_result(output)
+        # Sinks run before the future resolves: whoever waits on a result (an upload, a test) knows its events and
+        # signals have gone out, so a caller submitting one input after another sees the sinks in that order.
         for name, sink in self._sinks:
             try:
                 sink(output, item)
@@ -405,6 +406,7 @@ class Pipeline:
                 log.exception("pipeline %s: sink %s failed on input %s", self.name, name, item.input_id)
                 if self._metrics is not None:
                     self._metrics.sink_error(self.name, name)
+        job.future.set_result(output)
 
     def _rejected(self, item: InputItem, fut: Future[PipelineOutput], exc: EdgeAgentError) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ No I/O, no state beyond cached anchor grids (read-only arrays keyed by geometry)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -37,6 +38,11 @@ class Boxes:
 
 def softmax(logits: F32) -> F32:
     """Softmax over the last axis of (..., C) logits, numerically stable."""
+    if logits.ndim == 1:  # the per-image case: fewest numpy calls, it runs once per frame
+        e = np.exp(logits - logits.max())
+        e /= e.sum()
+        one: F32 = e.astype(np.float32, copy=False)
+        return one
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     out: F32 = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32, copy=False)
@@ -44,11 +50,34 @@ def softmax(logits: F32) -> F32:
 
 
 def top_k(probs: F32, k: int) -> tuple[I64, F32]:
-    """Indices and values of the ``k`` largest of (C,) ``probs``, best first."""
-    k = min(k, probs.shape[0])
-    idx = np.argpartition(-probs, k - 1)[:k]
-    idx = idx[np.argsort(-probs[idx], kind="stable")]
-    return idx.astype(np.int64), probs[idx]
+    """Indices and values of the ``k`` largest of (C,) ``probs``, best first (ties: lower index first)."""
+    n = probs.shape[0]
+    k = min(k, n)
+    if n <= 1024:  # one stable sort beats partition + sort at classifier sizes
+        idx = np.argsort(-probs, kind="stable")[:k]
+    else:
+        idx = np.argpartition(-probs, k - 1)[:k]
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+    return idx.astype(np.int64, copy=False), probs[idx]
+
+
+SMALL_CLASSES = 64
+"""Up to this many classes, :func:`softmax_top_k_small` (plain Python) beats numpy: right after
+``session.run`` the caches are cold and each numpy call costs tens of microseconds to warm up
+(measured: 0.14 ms vs 0.28 ms for 15 classes on the crop model)."""
+
+
+def softmax_top_k_small(logits: list[float], k: int, apply_softmax: bool = True) -> tuple[list[int], list[float]]:
+    """Indices and (softmax) values of the ``k`` largest of a short list, best first, ties by lower index."""
+    if apply_softmax:
+        top = max(logits)
+        e = [math.exp(v - top) for v in logits]
+        total = sum(e)
+        probs = [v / total for v in e]
+    else:
+        probs = list(logits)
+    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]  # stable: ties keep index order
+    return order, [probs[i] for i in order]
 
 
 def box_iou(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
@@ -70,6 +99,25 @@ _NMS_MATRIX_MAX = 512
 """Up to this many candidates, NMS builds the full IoU matrix (512^2 float64 = 2 MiB)."""
 
 
+def _overlaps(xyxy: F32, iou_threshold: float) -> npt.NDArray[np.bool_]:
+    """(N, N) IoU > threshold, as ``inter > threshold * union`` with in-place outer ops (no division, few
+    temporaries: 3-4x cheaper than :func:`box_iou` at a few hundred boxes; the same answer off the exact tie)."""
+    x1, y1, x2, y2 = np.asarray(xyxy, dtype=np.float64).T
+    area = np.maximum(x2 - x1, 0.0) * np.maximum(y2 - y1, 0.0)
+    w = np.minimum.outer(x2, x2)
+    w -= np.maximum.outer(x1, x1)
+    np.maximum(w, 0.0, out=w)
+    h = np.minimum.outer(y2, y2)
+    h -= np.maximum.outer(y1, y1)
+    np.maximum(h, 0.0, out=h)
+    w *= h  # intersection
+    union = np.add.outer(area, area)
+    union -= w
+    union *= iou_threshold
+    over: npt.NDArray[np.bool_] = w > union
+    return over
+
+
 def nms(xyxy: F32, scores: F32, iou_threshold: float) -> I64:
     """Greedy non-maximum suppression; returns kept indices, highest score first.
 
@@ -77,8 +125,8 @@ def nms(xyxy: F32, scores: F32, iou_threshold: float) -> I64:
     """
     order = np.argsort(-scores, kind="stable")
     if order.size <= _NMS_MATRIX_MAX:
-        # one vectorised IoU matrix, then a cheap greedy pass over its rows
-        over = box_iou(xyxy[order], xyxy[order]) > iou_threshold
+        # one vectorised "IoU > threshold" matrix, then a cheap greedy pass over its rows
+        over = _overlaps(xyxy[order], iou_threshold)
         suppressed = np.zeros(order.size, dtype=bool)
         kept: list[int] = []
         for i in range(order.size):
@@ -134,10 +182,15 @@ def _select(scores_all: F32, score_threshold: float) -> tuple[npt.NDArray[np.int
 
     The class is looked up only for the rows that pass, which are few in a real frame.
     """
-    best = scores_all.max(axis=1)
-    rows = np.flatnonzero(best >= score_threshold)
-    cls = scores_all[rows].argmax(axis=1).astype(np.int64)
-    return rows, cls, best[rows].astype(np.float32)
+    # One flat compare over all scores (SIMD) finds the few passing rows; a row-wise max over (N, C) costs 3-4x
+    # more at detector sizes (measured 28 vs 99 us for 1600 x 80).
+    hits = np.flatnonzero(scores_all.reshape(-1) >= score_threshold)
+    if hits.size == 0:
+        return hits, np.empty(0, np.int64), np.empty(0, np.float32)
+    rows = np.unique(hits // scores_all.shape[1])
+    sub = scores_all[rows]
+    cls = sub.argmax(axis=1).astype(np.int64)
+    return rows, cls, sub[np.arange(rows.size), cls].astype(np.float32)
 
 
 def decode_yolox(output: F32, input_size: tuple[int, int], strides: tuple[int, ...], score_threshold: float) -> Boxes:
@@ -148,21 +201,27 @@ def decode_yolox(output: F32, input_size: tuple[int, int], strides: tuple[int, .
     """
     out = output[0]
     grid, stride = _grid(input_size[0], input_size[1], strides)
-    # obj * cls <= obj (both in [0, 1]): only rows whose objectness passes can pass at all
+    # obj * cls <= obj (both in [0, 1]): only rows whose objectness passes can pass at all. Few numpy calls
+    # from here on: right after session.run each one runs with cold caches (tens of microseconds apiece).
     cand = np.flatnonzero(out[:, 4] >= score_threshold)
     if cand.size == 0:
         return Boxes.empty()
     sub = out[cand]
-    local, cls, scores = _select(sub[:, 4:5] * sub[:, 5:], score_threshold)
-    if local.size == 0:
+    cls_scores = sub[:, 5:] * sub[:, 4:5]
+    cls = cls_scores.argmax(axis=1)
+    scores = np.take_along_axis(cls_scores, cls[:, None], axis=1)[:, 0]
+    keep = np.flatnonzero(scores >= score_threshold)
+    if keep.size == 0:
         return Boxes.empty()
-    rows = cand[local]
-    sel = sub[local]
+    rows = cand[keep]
+    sel = sub[keep]
     s = stride[rows, None]
+    xyxy = np.empty((keep.size, 4), np.float32)
     centre = (sel[:, 0:2] + grid[rows]) * s
-    wh = np.exp(sel[:, 2:4]) * s
-    xyxy = np.concatenate([centre - wh / 2, centre + wh / 2], axis=1).astype(np.float32)
-    return Boxes(xyxy, scores, cls)
+    half = np.exp(sel[:, 2:4]) * (s * 0.5)
+    np.subtract(centre, half, out=xyxy[:, 0:2])
+    np.add(centre, half, out=xyxy[:, 2:4])
+    return Boxes(xyxy, scores[keep].astype(np.float32, copy=False), cls[keep].astype(np.int64))
 
 
 def decode_nanodet(
@@ -179,25 +238,41 @@ def decode_nanodet(
     distance bins for left, top, right, bottom. Cell centre = (col*s + (s-1)/2, row*s + (s-1)/2);
     distance = s * sum(softmax(bins) * [0..reg_max]).
     """
-    parts = []
+    rows_l: list[npt.NDArray[np.intp]] = []
+    best_l: list[F32] = []
+    cls_l: list[npt.NDArray[np.intp]] = []
+    reg_l: list[F32] = []
     offset = 0
     for c_out, r_out in zip(cls_outputs, reg_outputs, strict=True):
-        local, c_ids, c_scores = _select(c_out[0], score_threshold)
-        parts.append((local + offset, c_ids, c_scores, r_out[0][local]))
-        offset += c_out.shape[1]
-    rows = np.concatenate([p[0] for p in parts])
-    if rows.size == 0:
+        scores_all = c_out[0]
+        hits = np.flatnonzero(scores_all.reshape(-1) >= score_threshold)  # one flat SIMD compare per level
+        if hits.size:
+            local = hits // scores_all.shape[1]
+            if local.size > 1:  # hits are sorted: drop repeated rows (several classes of one cell)
+                local = local[np.concatenate(([True], local[1:] != local[:-1]))]
+            sub = scores_all[local]
+            cls = sub.argmax(axis=1)
+            best_l.append(np.take_along_axis(sub, cls[:, None], axis=1)[:, 0])
+            cls_l.append(cls)
+            rows_l.append(local + offset)
+            reg_l.append(r_out[0][local])
+        offset += scores_all.shape[0]
+    if not rows_l:
         return Boxes.empty()
-    cls = np.concatenate([p[1] for p in parts])
-    scores = np.concatenate([p[2] for p in parts])
-    reg_all = np.concatenate([p[3] for p in parts])
+    one = len(rows_l) == 1
+    rows = rows_l[0] if one else np.concatenate(rows_l)
+    reg_all = reg_l[0] if one else np.concatenate(reg_l)
     grid, stride = _grid(input_size[0], input_size[1], strides)
     s = stride[rows, None]
     centre = grid[rows] * s + (s - 1) / 2
     bins = softmax(reg_all.reshape(-1, 4, reg_max + 1))
-    dist = (bins * np.arange(reg_max + 1, dtype=np.float32)).sum(axis=2) * s
-    xyxy = np.concatenate([centre - dist[:, 0:2], centre + dist[:, 2:4]], axis=1).astype(np.float32)
-    return Boxes(xyxy, scores, cls)
+    dist = (bins @ np.arange(reg_max + 1, dtype=np.float32)) * s
+    xyxy = np.empty((rows.size, 4), np.float32)
+    np.subtract(centre, dist[:, 0:2], out=xyxy[:, 0:2])
+    np.add(centre, dist[:, 2:4], out=xyxy[:, 2:4])
+    scores = (best_l[0] if one else np.concatenate(best_l)).astype(np.float32, copy=False)
+    cls_ids = (cls_l[0] if one else np.concatenate(cls_l)).astype(np.int64)
+    return Boxes(xyxy, scores, cls_ids)
 
 
 def decode_yolov8(output: F32, score_threshold: float) -> Boxes:

@@ -64,6 +64,11 @@ class Preprocessor:
         self._add = (-np.asarray(norm.mean, dtype=np.float64) / std).astype(np.float32)
         self._identity = bool(np.all(self._mul == 1.0) and np.all(self._add == 0.0))
         self._crop_buffers: dict[tuple[int, int], U8Image] = {}
+        # Letterbox: the padding of a stream of same-sized frames never changes, so it is written into the
+        # canvas and the tensor once per geometry; later frames only touch the picture's region.
+        self._letterbox: tuple[int, int, int, int] | None = None
+        self._region: tuple[slice, slice] | None = None
+        self._planes: dict[tuple[int, int], list[U8Image]] = {}
 
     def required_size(self, width: int, height: int) -> tuple[int, int]:
         """Minimum decoded size of a (width, height) image that loses nothing at model resolution."""
@@ -78,7 +83,8 @@ class Preprocessor:
         return (max(1, math.ceil(width * r)), max(1, math.ceil(height * r)))
 
     def run(self, image: Image) -> tuple[npt.NDArray[np.generic], PreprocessMeta]:
-        """Return (tensor, meta); ``tensor`` is this instance's buffer (do not keep it)."""
+        """Return (tensor, meta); ``tensor`` is this instance's buffer (do not keep it, do not write to it)."""
+        self._region = None
         meta = self._resize(image)
         self._fill_tensor(image.color)
         return self._tensor, meta
@@ -97,7 +103,12 @@ class Preprocessor:
             return PreprocessMeta(spec.width / orig_w, spec.height / orig_h, 0.0, 0.0, image.original_size)
         if mode == "letterbox":
             (nw, nh), (px, py) = letterbox_geometry((src_w, src_h), big, spec.resize.placement)
-            canvas.fill(spec.resize.pad_value)
+            geometry = (nw, nh, px, py)
+            if geometry == self._letterbox:  # the pad is one grey level: the same in any channel order
+                self._region = (slice(py, py + nh), slice(px, px + nw))
+            else:  # new geometry: pad the whole canvas; _fill_tensor then converts all of it once
+                canvas.fill(spec.resize.pad_value)
+                self._letterbox = geometry
             imaging.resize_into(src, canvas[py : py + nh, px : px + nw], interp)
             return PreprocessMeta(nw / orig_w, nh / orig_h, float(px), float(py), image.original_size)
         (rw, rh), (ox, oy) = center_crop_geometry((src_w, src_h), big, spec.resize.crop_fraction)
@@ -114,15 +125,24 @@ class Preprocessor:
         canvas = self._canvas
         tensor = self._tensor
         swap = color != self.spec.color
+        if self._region is not None:  # same letterbox as last time: the padding is already in the tensor
+            rows, cols = self._region
+            canvas = canvas[rows, cols]
+            tensor = tensor[:, :, rows, cols] if self.spec.layout == "NCHW" else tensor[:, rows, cols]
         if self.spec.layout == "NCHW":
+            dst = [tensor[0, 2 - c] if swap else tensor[0, c] for c in range(3)]  # in the canvas's channel order
+            if self._identity and tensor.dtype == np.uint8 and all(d.flags.c_contiguous for d in dst):
+                imaging.split_into(canvas, dst)  # one OpenCV pass: de-interleave straight into the planes
+                return
+            planes = self._planes_for(canvas.shape[0], canvas.shape[1])
+            imaging.split_into(canvas, planes)  # contiguous planes: numpy's casts below then run at full speed
             for c in range(3):
-                src_c = 2 - c if swap else c
-                plane = tensor[0, c]
                 if self._identity:
-                    np.copyto(plane, canvas[:, :, src_c], casting="unsafe")
+                    np.copyto(dst[c], planes[c], casting="unsafe")
                 else:
-                    np.multiply(canvas[:, :, src_c], self._mul[c], out=plane, casting="unsafe")
-                    np.add(plane, self._add[c], out=plane, casting="unsafe")
+                    k = 2 - c if swap else c  # tensor channel fed by canvas channel c
+                    np.multiply(planes[c], self._mul[k], out=dst[c], casting="unsafe")
+                    np.add(dst[c], self._add[k], out=dst[c], casting="unsafe")
             return
         src = canvas[:, :, ::-1] if swap else canvas
         if self._identity:
@@ -130,6 +150,14 @@ class Preprocessor:
         else:
             np.multiply(src, self._mul, out=tensor[0], casting="unsafe")
             np.add(tensor[0], self._add, out=tensor[0], casting="unsafe")
+
+    def _planes_for(self, h: int, w: int) -> list[U8Image]:
+        planes = self._planes.get((h, w))
+        if planes is None:
+            if len(self._planes) > 8:
+                self._planes.clear()
+            planes = self._planes[(h, w)] = [np.empty((h, w), np.uint8) for _ in range(3)]
+        return planes
 
 
 def map_boxes_to_original(boxes: npt.NDArray[np.float32], meta: PreprocessMeta) -> npt.NDArray[np.float32]:

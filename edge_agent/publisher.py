@@ -5,7 +5,8 @@ deadlock against the transport's network thread. Protocol (see ``docs/mqtt.md``)
 
 * results are published in seq order, QoS 1, at most ``window`` published-but-unacknowledged;
 * a broker PUBACK only means the broker has it; rows are deleted on the cumulative end-to-end ack
-  (``edge/v1/<device>/ack``) of the coordinator, for this outbox's epoch;
+  (``edge/v1/<device>/ack``) of the coordinator, for this outbox's epoch; the deletion is committed in
+  the background (at most one in flight) so that publishing never waits for the outbox's fsync;
 * whatever stays unacknowledged for ``ack_timeout_s`` is published again, at most ``republish_per_s``;
 * after a reconnect everything unacknowledged is sent again from the oldest (duplicates are harmless:
   the coordinator de-duplicates by result id);
@@ -21,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -100,6 +102,7 @@ class Publisher:
         self._cursor = 0
         self._acked = 0
         self._deleted = 0
+        self._deleting: tuple[int, Future[int]] | None = None
         self._ack_seen = 0
         self._tokens = 0.0
         self._alarms_sent = 0
@@ -187,15 +190,15 @@ class Publisher:
                 if any(kind == "stop" for kind, _ in events):
                     self._handle_all([e for e in events if e[0] != "stop"])
                     self._absorb_acks()
-                    self._commit_acks()
+                    self._commit_acks(wait=True)
                     self._shutdown()
                     return
                 self._handle_all(events)
                 self._absorb_acks()
                 if self._connected:
-                    self._fill()  # refill the window before the (fsync-bound) delete of acked rows
+                    self._fill()
                     self._retry(now)
-                self._commit_acks()
+                self._commit_acks()  # never blocks: the delete commits on the outbox writer meanwhile
                 self._timers(now)
             except Exception:
                 self.counters["errors"] += 1
@@ -217,6 +220,10 @@ class Publisher:
                 self._on_inbound(value)
             elif kind == "event":
                 self._send_event(*value)
+            elif kind == "pruned" and value.exception() is not None:
+                self.counters["errors"] += 1
+                log.error("publisher: outbox prune failed: %s", value.exception())
+            # "wake" only ends the wait; the loop then does the work
 
     def _reset_inflight(self) -> None:
         self._outstanding.clear()
@@ -281,10 +288,32 @@ class Publisher:
         for seq in [s for s in self._outstanding if s <= self._acked]:
             del self._outstanding[seq]
 
-    def _commit_acks(self) -> None:
+    def _commit_acks(self, wait: bool = False) -> None:
+        """Delete acknowledged rows: settle the deletion in flight (``wait``: block for it), then start the next."""
+        if self._deleting is not None:
+            seq, fut = self._deleting
+            if not wait and not fut.done():
+                return
+            self._deleting = None
+            try:
+                fut.result()  # counted in _count_deleted already
+                self._deleted = seq
+            except EdgeAgentError as exc:  # rows stay, are re-sent at worst; retried on the next loop
+                self.counters["errors"] += 1
+                log.error("publisher: deleting acknowledged rows through seq %d failed: %s", seq, exc)
+                if wait:
+                    return
         if self._acked > self._deleted:
-            self.counters["acked"] += self.outbox.ack_through(self._acked)
-            self._deleted = self._acked
+            fut = self.outbox.ack_through_async(self._acked)
+            self._deleting = (self._acked, fut)  # settled on a later loop: no extra wake-up per deletion
+            fut.add_done_callback(self._count_deleted)
+            if wait:
+                self._commit_acks(wait=True)
+
+    def _count_deleted(self, fut: Future[int]) -> None:
+        """Done callback (outbox writer thread): count the rows as soon as their deletion is on disk."""
+        if not fut.cancelled() and fut.exception() is None:
+            self.counters["acked"] += fut.result()  # the only writer of this counter; one deletion at a time
 
     def _publish_row(self, row: StoredResult, base: int) -> bool:
         payload = codec.result_payload(
@@ -347,7 +376,7 @@ class Publisher:
             self._send_heartbeat()
         if now >= self._next_prune:
             self._next_prune = now + self.settings.prune_s
-            self.outbox.prune()
+            self.outbox.prune_async().add_done_callback(lambda fut: self._events.put(("pruned", fut)))
 
     def _send_heartbeat(self) -> None:
         try:

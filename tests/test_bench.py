@@ -103,12 +103,13 @@ def test_bench_model_report_structure(models_dir: Path, inputs: bench.BenchInput
     cfg = bench.BenchConfig(budget=TINY, pipelined_workers=2, pipelined_seconds=0.2)
     doc = bench.bench_model(_bundles(models_dir)[0], inputs, cfg, sink=lambda i, r, d: written.append((i, r)))
     assert doc["name"] == "tiny_cls" and doc["provider"] == "CPUExecutionProvider" and not doc["quantized"]
-    assert set(doc["frame"]) == {"floor_run", "loop", "loop_overlapped", "naive"}
+    assert set(doc["frame"]) == {"floor_run", "loop", "naive", "loop_write_waited", "floor_run_for_waited"}
     loop = doc["frame"]["loop"]
     assert set(loop["stages"]) == {"decode", "preprocess", "inference", "postprocess", "encode", "outbox"}
     assert loop["total"]["n"] >= TINY.min_reps and loop["total"]["p50"] > 0
     for kind in ("1080p", "12mp"):
-        assert set(doc[kind]) == {"floor_decode", "floor_run", "loop", "loop_overlapped", "naive", "reduction"}
+        assert set(doc[kind]) == {"floor_decode", "floor_run", "loop", "naive", "reduction", "loop_write_waited",
+                                   "floor_decode_for_waited", "floor_run_for_waited"}
         assert doc[kind]["loop"]["stages"]["decode"]["p50"] > 0
         assert doc[kind]["naive"]["stages"]["inference"]["n"] == doc[kind]["naive"]["total"]["n"]
     assert doc["12mp"]["reduction"] == 8  # 200x150 -> 16x16 needs 1/8 only

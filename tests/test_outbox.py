@@ -186,10 +186,28 @@ def test_commands_run_at_most_once_even_across_restarts(tmp_path: Path) -> None:
 
 
 def test_listeners_hear_about_new_results(outbox: Outbox) -> None:
-    heard: list[int] = []
-    outbox.add_listener(lambda: heard.append(1))
+    heard: list[str] = []
+    outbox.add_listener(lambda: heard.append(threading.current_thread().name))
     add(outbox, "a")
-    assert heard == [1]
+    assert heard == ["outbox-writer"]  # from the writer right after the commit, before add_result returns
+
+
+def test_a_failing_listener_neither_fails_the_write_nor_stops_the_writer(outbox: Outbox) -> None:
+    def broken() -> None:
+        raise RuntimeError("listener bug")
+
+    outbox.add_listener(broken)
+    assert add(outbox, "a").seq == 1
+    assert add(outbox, "b").seq == 2
+
+
+def test_ack_through_async_resolves_once_the_deletion_is_committed(outbox: Outbox) -> None:
+    for i in range(4):
+        add(outbox, f"i{i}")
+    fut = outbox.ack_through_async(2)
+    assert fut.result(timeout=10) == 2
+    assert [r.seq for r in outbox.unacked()] == [3, 4]
+    assert outbox.stats().acked_total == 2
 
 
 def test_a_real_disk_full_error_is_storage_full_and_nothing_half_written(tmp_path: Path) -> None:

@@ -162,3 +162,19 @@ def test_anomaly_helpers_accept_common_shapes() -> None:
 def test_softmax_is_stable_for_huge_logits() -> None:
     probs = pp.softmax(np.array([1.0, 1000.0], np.float32))
     assert np.isfinite(probs).all() and probs[1] == 1.0
+
+
+@given(
+    st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=1, max_size=pp.SMALL_CLASSES),
+    st.integers(1, 8),
+    st.booleans(),
+)
+def test_small_softmax_top_k_matches_the_numpy_path(logits: list[float], k: int, apply: bool) -> None:
+    arr = np.asarray(logits, dtype=np.float32)
+    probs = pp.softmax(arr) if apply else arr
+    want_idx, want_vals = pp.top_k(probs, k)
+    idx, vals = pp.softmax_top_k_small(arr.tolist(), k, apply)
+    np.testing.assert_allclose(vals, want_vals, rtol=1e-5, atol=1e-7)
+    # same order wherever the values are not (numerically) tied
+    for a, b, va in zip(idx, want_idx.tolist(), vals, strict=True):
+        assert a == b or abs(float(probs[a]) - float(probs[b])) <= 1e-6 * max(1.0, abs(va))

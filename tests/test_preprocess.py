@@ -124,3 +124,25 @@ def test_required_size_never_exceeds_the_image() -> None:
     pre = Preprocessor(_spec(width=416, height=416, resize=Resize(mode="letterbox")))
     assert pre.required_size(4000, 3000) == (416, 312)
     assert pre.required_size(100, 50) == (100, 50)
+
+
+def test_letterbox_stream_matches_a_fresh_preprocessor_for_every_frame() -> None:
+    """Padding is written once per geometry; frames of the same size then only refresh the picture's region.
+    Every tensor must still equal what a fresh instance makes (sizes and channel orders change mid-stream)."""
+    rng = np.random.default_rng(1)
+    norm = Normalize(scale=1.0, mean=(103.5, 116.3, 123.7), std=(57.4, 57.1, 58.4))
+    frames = [
+        Image(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), color, (w, h))  # type: ignore[arg-type]
+        for (w, h), color in [((64, 36), "BGR"), ((64, 36), "BGR"), ((30, 50), "BGR"), ((64, 36), "RGB"),
+                              ((64, 36), "BGR"), ((32, 32), "BGR"), ((64, 36), "BGR")]
+    ]
+    for layout in ("NCHW", "NHWC"):
+        for placement in ("center", "top_left"):
+            spec = _spec(width=32, height=32, resize=Resize(mode="letterbox", pad_value=114, placement=placement),
+                         color="BGR", normalize=norm, layout=layout)
+            shared = Preprocessor(spec)
+            for frame in frames:
+                got, meta = shared.run(frame)
+                want, want_meta = Preprocessor(spec).run(frame)
+                np.testing.assert_array_equal(got, want)
+                assert meta == want_meta

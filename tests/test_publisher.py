@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -122,6 +123,30 @@ def test_broker_ack_alone_deletes_nothing_and_the_window_stays_bounded(rig: Rig)
     rig.start_coordinator()
     wait_until(lambda: rig.outbox.stats().backlog == 0, 10, "drain after late coordinator")
     assert rig.publisher.counters["republished"] >= 50
+
+
+def test_publishing_goes_on_while_the_outbox_cannot_commit_the_deletion_of_acked_rows(tmp_path: Path) -> None:
+    """Deleting acknowledged rows waits for the outbox writer's fsync; publishing must not wait with it."""
+    r = Rig(tmp_path, PublisherSettings(window=2, batch=2, ack_timeout_s=30, heartbeat_s=60))
+    stall = sqlite3.connect(r.outbox.path, isolation_level=None)
+    try:
+        r.add(6)
+        stall.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the outbox writer cannot commit
+        coordinator = r.start_coordinator()
+        r.publisher.start()
+        # window 2: rows 3-6 only go out after acks whose deletions cannot commit yet
+        wait_until(lambda: coordinator.store.count_results() == 6, 10, "all rows delivered while the writer stalls")
+        assert r.outbox.stats().backlog == 6  # nothing deleted yet: still safe to re-send after a crash
+        assert r.publisher.counters["acked"] == 0
+        stall.execute("ROLLBACK")
+        wait_until(lambda: r.outbox.stats().backlog == 0, 10, "acked rows deleted once the writer can commit")
+        wait_until(lambda: r.publisher.counters["acked"] == 6, 5, "deletions counted")
+        assert r.publisher.counters["errors"] == 0
+    finally:
+        if stall.in_transaction:
+            stall.execute("ROLLBACK")
+        stall.close()
+        r.close()
 
 
 def test_republish_rate_is_bounded(tmp_path: Path) -> None:

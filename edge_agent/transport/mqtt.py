@@ -3,11 +3,21 @@
 paho keeps QoS 1 messages in memory only and its ``is_published()`` breaks for messages published
 while disconnected, so this adapter reports delivery solely through ``on_published`` (from paho's
 ``on_publish``, with the MQTT 5 reason code) and refuses to publish while disconnected.
+
+paho leaves Nagle's algorithm on, and so does Mosquitto by default (``set_tcp_nodelay false``): a small
+PUBLISH written while an earlier segment is still unacknowledged then waits for the broker's delayed
+TCP ACK (40 ms on Linux), which made publish-to-PUBACK p99 40-50 ms whenever publishes came in bursts.
+Every socket this adapter opens gets ``TCP_NODELAY``. The same stall happens the other way round: a
+broker with Nagle on (Mosquitto's default) holds a PUBACK until we have ACKed its previous segment,
+and Linux delays that ACK; so after each read of the socket the client asks for the ACK at once
+(``TCP_QUICKACK``, Linux only). Together they took publish-to-PUBACK p99 under inference load on a
+2-core board from ~45 ms to ~11 ms.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +32,24 @@ from edge_agent.errors import ConfigError
 from edge_agent.transport.base import InboundMessage, MqttSettings, TransportListener, Will
 
 log = logging.getLogger(__name__)
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+class _Client(paho.Client):
+    """paho's client, sending the TCP ACK for whatever it has just read at once (see the module docstring)."""
+
+    quickacks = 0
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        setsockopt = getattr(self._sock, "setsockopt", None)
+        if _QUICKACK is not None and setsockopt is not None:
+            try:
+                setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                self.quickacks += 1
+            except OSError:  # not a TCP socket, or closed meanwhile
+                pass
+        return rc
 
 
 class PahoTransport:
@@ -39,7 +67,7 @@ class PahoTransport:
 
     def _build(self) -> paho.Client:
         s = self.settings
-        client = paho.Client(
+        client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=paho.MQTTv5,
@@ -62,6 +90,7 @@ class PahoTransport:
         low = max(1, round(s.reconnect_min_s))
         client.reconnect_delay_set(min_delay=low, max_delay=max(low, round(s.reconnect_max_s)))
         client.connect_timeout = s.connect_timeout_s
+        client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -118,6 +147,12 @@ class PahoTransport:
             client.ack(message.token, message.qos)
 
     # paho callbacks (network thread): translate and hand over, never block
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        try:  # before CONNECT is written, on every (re)connect; see the module docstring
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError) as exc:  # not a TCP socket (e.g. a unix socket or websocket wrapper)
+            log.debug("mqtt: cannot set TCP_NODELAY: %s", exc)
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.warning("mqtt: connection refused: %s", reason)
