@@ -177,6 +177,32 @@ class QuantizeOptions:
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
+def drop_initializer_inputs(path: Path) -> int:
+    """Drop graph inputs that are initializers (old PyTorch exports list every weight as an input); returns how many.
+
+    onnxruntime treats such a weight as overridable, so it neither constant-folds it nor fuses the convolutions
+    and batch norms around it. On NanoDet-m (185 weights listed as inputs) this made ``session.run`` 9.1 ms instead
+    of 6.9 ms on a 2-core Zen 5, with the same outputs (max difference 3e-6). The file is rewritten only if needed.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    dropped = _drop_initializer_inputs(model)
+    if dropped:
+        onnx.save(model, str(path))
+    return dropped
+
+
+def _drop_initializer_inputs(model: Any) -> int:
+    weights = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in weights]
+    dropped = len(model.graph.input) - len(keep)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    return dropped
+
+
 def prepare_for_quantization(model: Any) -> list[str]:
     """Fix an in-memory ``onnx.ModelProto`` so that its QDQ version runs; returns what was changed.
 
@@ -184,6 +210,8 @@ def prepare_for_quantization(model: Any) -> list[str]:
     - ``Resize`` with an empty ``roi`` initializer -> roi omitted (``""``). With the roi present, onnxruntime's
       NHWC layout pass for a quantized Resize (ORT_ENABLE_ALL) gathers from the empty tensor and the session
       fails at run time (``Gather ... idx=0 must be within the inclusive range [0,-1]``, NanoDet).
+    - Weights listed as graph inputs -> inputs removed (see :func:`drop_initializer_inputs`): otherwise the FP32
+      side of the comparison is needlessly slow, and the quantized graph keeps them as inputs too.
     """
     import onnx
     from onnx import numpy_helper, version_converter
@@ -194,6 +222,9 @@ def prepare_for_quantization(model: Any) -> list[str]:
         converted = version_converter.convert_version(model, 13)
         model.CopyFrom(converted)
         changes.append(f"opset {opset} -> 13")
+    dropped = _drop_initializer_inputs(model)
+    if dropped:
+        changes.append(f"{dropped} weights listed as graph inputs: removed from the inputs")
     empty = {i.name for i in model.graph.initializer if numpy_helper.to_array(i).size == 0}
     for node in model.graph.node:
         if node.op_type == "Resize" and len(node.input) > 1 and node.input[1] in empty:

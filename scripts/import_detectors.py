@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_agent.quantize import drop_initializer_inputs  # noqa: E402
 
 
 def _sha256(path: Path) -> str:
@@ -96,6 +99,9 @@ def main() -> None:
         dst.mkdir(parents=True, exist_ok=True)
         for f in spec["files"]:
             shutil.copyfile(src / f, dst / f)
+        dropped = drop_initializer_inputs(dst / spec["manifest"]["model_file"])
+        if dropped:
+            print(f"{name}: {dropped} weights were listed as graph inputs; removed from the inputs")
         manifest = dict(spec["manifest"])
         manifest["sha256"] = _sha256(dst / manifest["model_file"])
         manifest["labels"] = _labels(dst / "coco_classes.txt")

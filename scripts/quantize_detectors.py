@@ -34,7 +34,13 @@ from edge_agent.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file  #
 from edge_agent.model import Model  # noqa: E402
 from edge_agent.postprocess import box_iou  # noqa: E402
 from edge_agent.preprocess import Preprocessor  # noqa: E402
-from edge_agent.quantize import QuantizeOptions, compare_latency, preprocess_file, quantize_onnx  # noqa: E402
+from edge_agent.quantize import (  # noqa: E402
+    QuantizeOptions,
+    compare_latency,
+    drop_initializer_inputs,
+    preprocess_file,
+    quantize_onnx,
+)
 from edge_agent.runtime import OrtRuntime, RuntimeOptions  # noqa: E402
 
 log = logging.getLogger("quantize_detectors")
@@ -99,6 +105,7 @@ def write_bundle(fp32: Bundle, int8_path: Path, out_dir: Path, report: dict[str,
         old.unlink()
     model_file = f"{name}.onnx"
     shutil.copyfile(int8_path, out_dir / model_file)
+    drop_initializer_inputs(out_dir / model_file)  # the quantizer lists some constants as inputs too
     for f in EXTRA_FILES:
         if (fp32.directory / f).is_file():
             shutil.copyfile(fp32.directory / f, out_dir / f)

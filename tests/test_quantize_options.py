@@ -12,7 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.errors import ManifestError
-from edge_agent.quantize import QuantizeOptions, nodes_kept_float, prepare_for_quantization, quantize_onnx, tail_nodes
+from edge_agent.quantize import (
+    QuantizeOptions,
+    drop_initializer_inputs,
+    nodes_kept_float,
+    prepare_for_quantization,
+    quantize_onnx,
+    tail_nodes,
+)
 from tests.support.color_models import write_bundle, write_images
 
 RNG = np.random.default_rng(0)
@@ -65,6 +72,27 @@ def test_prepare_upgrades_opset_and_drops_empty_resize_roi(tmp_path: Path) -> No
     resize = next(n for n in model.graph.node if n.op_type == "Resize")
     assert resize.input[1] == ""
     assert prepare_for_quantization(model) == []  # idempotent
+
+
+def test_weights_listed_as_inputs_are_dropped_and_outputs_unchanged(tmp_path: Path) -> None:
+    """Old exports list weights as graph inputs, which keeps onnxruntime from folding and fusing them."""
+    path = _resize_model(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    model.graph.input.extend(
+        helper.make_tensor_value_info(i.name, TensorProto.FLOAT, list(i.dims)) for i in model.graph.initializer
+    )
+    onnx.save(model, str(path))
+    x = np.random.default_rng(0).integers(0, 255, (1, 3, 16, 16)).astype(np.uint8)
+    before = _session(path).run(None, {"pixels": x})[0]
+    assert drop_initializer_inputs(path) == 8  # w1 b1 wd bd w2 b2 roi scales
+    after_model = onnx.load(str(path))
+    assert [i.name for i in after_model.graph.input] == ["pixels"]
+    np.testing.assert_array_equal(_session(path).run(None, {"pixels": x})[0], before)
+    assert drop_initializer_inputs(path) == 0  # idempotent: nothing rewritten
+    listed = onnx.load(str(path))
+    listed.graph.input.extend([helper.make_tensor_value_info("w1", TensorProto.FLOAT, [8, 3, 3, 3])])
+    assert any("1 weights listed as graph inputs" in c for c in prepare_for_quantization(listed))
+    assert [i.name for i in listed.graph.input] == ["pixels"]
 
 
 def test_quantized_resize_model_runs_with_all_optimisations(tmp_path: Path) -> None:
