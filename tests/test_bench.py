@@ -14,6 +14,7 @@ from benchmarks import report
 from edge_agent import bench
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.cli import app
+from edge_agent.manifest import InputSpec
 from edge_agent.types import Result
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 
@@ -92,6 +93,15 @@ def test_overlapped_sink_keeps_order_and_one_write_in_flight() -> None:
     assert seen == [f"i{i}" for i in range(20)] and active[1] == 1
 
 
+def test_resize_size_follows_the_preprocessing_geometry() -> None:
+    spec = InputSpec.model_validate({"name": "x", "width": 320, "height": 320, "resize": {"mode": "letterbox"}})
+    assert bench.resize_size(spec, (1920, 1080)) == (320, 180)
+    stretch = spec.model_copy(update={"resize": spec.resize.model_copy(update={"mode": "stretch"})})
+    assert bench.resize_size(stretch, (1920, 1080)) == (320, 320)
+    crop = spec.model_copy(update={"resize": spec.resize.model_copy(update={"mode": "center_crop"})})
+    assert bench.resize_size(crop, (1920, 1080)) == (650, 366)  # 320 is 0.875 of the short side (366)
+
+
 def test_reduction_matches_decoder_rule() -> None:
     assert bench.reduction_for((4000, 3000), (416, 312)) == 8
     assert bench.reduction_for((1920, 1080), (416, 234)) == 4
@@ -103,7 +113,9 @@ def test_bench_model_report_structure(models_dir: Path, inputs: bench.BenchInput
     cfg = bench.BenchConfig(budget=TINY, pipelined_workers=2, pipelined_seconds=0.2)
     doc = bench.bench_model(_bundles(models_dir)[0], inputs, cfg, sink=lambda i, r, d: written.append((i, r)))
     assert doc["name"] == "tiny_cls" and doc["provider"] == "CPUExecutionProvider" and not doc["quantized"]
-    assert set(doc["frame"]) == {"floor_run", "loop", "naive", "loop_write_waited", "floor_run_for_waited"}
+    assert set(doc["frame"]) == {"floor_run", "loop", "naive", "loop_write_waited", "floor_run_for_waited",
+                                 "run_then_resize"}
+    assert set(doc["frame"]["run_then_resize"]["stages"]) == {"inference", "resize"}
     loop = doc["frame"]["loop"]
     assert set(loop["stages"]) == {"decode", "preprocess", "inference", "postprocess", "encode", "outbox"}
     assert loop["total"]["n"] >= TINY.min_reps and loop["total"]["p50"] > 0
