@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
 from .cli_bench import bench_command as _bench_command
-from .cli_models import eval_command, inspect_app, quantize_command
+from .cli_models import eval_command, inspect_app, quantize_command, register_update_commands
 from .cli_run import run as _run_agent
 from .errors import EdgeAgentError, InputNotFoundError
 
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect the model bundles.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+register_update_commands(models_app)
 app.command("bench")(_bench_command)
 app.command("run")(_run_agent)
 app.command("eval")(eval_command)

@@ -1,4 +1,4 @@
-"""``edge-agent eval``, ``edge-agent quantize`` and ``edge-agent inspect fit``: model tooling commands.
+"""``edge-agent eval``, ``quantize``, ``inspect fit`` and ``models keygen/sign/verify/install/rollback``.
 
 Registered on the main app in ``cli.py``. Thin: parse, call evaluate/quantize/anomaly_fit, print.
 """
@@ -194,3 +194,136 @@ def fit_command(
         return
     out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} images fitted, bank "
               f"{report['bank_size']} patches, threshold {report['threshold']:.4f}, {report['seconds']:.0f} s")
+
+
+# --- signed model updates (docs/model-updates.md) ---------------------------------------------------------------------
+
+ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The agent's YAML config (its state_dir receives "
+                                          "the update).", show_default=False)]
+
+
+def keygen_command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the key pair.", show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="File name stem: <name>.key and <name>.pub.")] = "edge-update",
+    as_json: Json = False,
+) -> None:
+    """Make an Ed25519 signing key pair: <name>.key (private, mode 0600, keep it off the boards) and <name>.pub."""
+    from .update_format import key_id
+    from .updates import generate_keys, load_public_key
+
+    try:
+        private, public = generate_keys(out_dir, name)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    doc = {"private_key": str(private), "public_key": str(public), "key_id": key_id(load_public_key(public))}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]wrote[/green] {escape(str(private))} (private, 0600) and {escape(str(public))} "
+              f"(key id {doc['key_id']}); list the .pub under updates.trusted_keys on each agent")
+
+
+def sign_command(
+    bundle_dir: Annotated[Path, typer.Argument(help="The bundle folder (manifest.json + ONNX).", show_default=False)],
+    key: Annotated[Path, typer.Option("--key", help="Private key from `models keygen`.", show_default=False)],
+    out_file: Annotated[Path, typer.Option("--out", help="Update file to write.", show_default=False)],
+    golden: Annotated[Path | None, typer.Option("--golden", help="An image the new model must label as "
+                                                "--golden-label before it goes into service.")] = None,
+    golden_label: Annotated[str | None, typer.Option("--golden-label", help="Expected label of --golden.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Sign a bundle into one update file (tar: signed statement of name, version and every file's sha256)."""
+    from .updates import load_private_key, sign_bundle
+
+    try:
+        statement = sign_bundle(bundle_dir, load_private_key(key), out_file, golden=golden, golden_label=golden_label)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    doc = {"file": str(out_file), "model": statement.name, "version": statement.version,
+           "files": len(statement.files), "golden": statement.golden is not None}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]signed[/green] {statement.name} {statement.version} ({len(statement.files)} files) "
+              f"-> {escape(str(out_file))}")
+
+
+def verify_command(
+    update: Annotated[Path, typer.Argument(help="Update file.", show_default=False)],
+    trusted_key: Annotated[list[Path], typer.Option("--trusted-key", help="Public key to trust (repeatable).")],
+    as_json: Json = False,
+) -> None:
+    """Check an update file the way an agent will (signature, every sha256, manifest) without installing it."""
+    import shutil
+    import tempfile
+
+    from .updates import load_trusted_keys, stage_update
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
+            staged = stage_update(update, Path(tmp), load_trusted_keys(trusted_key))
+            shutil.rmtree(staged.root, ignore_errors=True)
+    except EdgeAgentError as exc:
+        if as_json:
+            _json({"ok": False, "error": exc.to_dict()})
+        raise _fail(exc, 1) from None
+    s = staged.statement
+    doc = {"ok": True, "model": s.name, "version": s.version, "files": len(s.files), "golden": s.golden is not None}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]ok[/green] {s.name} {s.version}: signature and {len(s.files)} files verified")
+
+
+def install_command(
+    update: Annotated[Path, typer.Argument(help="Update file (e.g. from a USB stick).", show_default=False)],
+    config: ConfigFile,
+    trusted_key: Annotated[list[Path] | None, typer.Option("--trusted-key", help="Public key to trust instead of "
+                                                           "updates.trusted_keys (repeatable).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Install an update offline (agent stopped): verify, smoke-test, switch; the agent runs it at its next start."""
+    from .config import load_config
+    from .model_updates import install_offline
+    from .service import onnx_model_factory
+
+    try:
+        doc = install_offline(load_config(config), update, onnx_model_factory, trusted_key or ())
+    except EdgeAgentError as exc:
+        if as_json:
+            _json({"outcome": "rejected", "error": exc.to_dict()})
+        raise _fail(exc, 1) from None
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]installed[/green] {doc['model']} {doc['version']} (was {doc['previous']}) in "
+              f"{escape(doc['state_dir'])}")
+
+
+def rollback_command(
+    model: Annotated[str, typer.Argument(help="Model (manifest) name.", show_default=False)],
+    config: ConfigFile,
+    as_json: Json = False,
+) -> None:
+    """Offline rollback, with the agent stopped: the previous version (or the configured bundle) back in force."""
+    from .config import load_config
+    from .model_updates import rollback_offline
+    from .service import onnx_model_factory
+
+    try:
+        doc = rollback_offline(load_config(config), model, onnx_model_factory)
+    except EdgeAgentError as exc:
+        raise _fail(exc, 1) from None
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]rolled back[/green] {doc['model']} {doc['from_version']} -> {doc['version']}")
+
+
+def register_update_commands(models_app: typer.Typer) -> None:
+    """``edge-agent models keygen | sign | verify | install | rollback``."""
+    models_app.command("keygen")(keygen_command)
+    models_app.command("sign")(sign_command)
+    models_app.command("verify")(verify_command)
+    models_app.command("install")(install_command)
+    models_app.command("rollback")(rollback_command)

@@ -1,6 +1,9 @@
 """Validation of MQTT commands (``edge/v1/<device>/cmd/<name>``). Pure: no I/O.
 
-A command payload is ``{"v": 1, "id": "<unique id>", "args": {...}}`` (``v`` optional). Anything
+A command payload is ``{"v": 1, "id": "<unique id>", "args": {...}}`` (``v`` optional). Commands:
+``ping``, ``heartbeat``, ``republish``, ``set_heartbeat_interval {seconds}``, ``set_thresholds {pipeline, score?,
+iou?, anomaly?}``, ``model_update {file}`` (a file name in the update drop folder) and ``model_rollback {model}``
+(see docs/model-updates.md). Anything
 malformed is refused as a whole (no partial change) with a stable code:
 
 =========================  ==========================================================
@@ -30,6 +33,7 @@ from edge_agent.errors import EdgeAgentError
 MAX_COMMAND_BYTES = 64 * 1024
 ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class CommandError(EdgeAgentError):
@@ -68,6 +72,16 @@ def _name(key: str, value: Any) -> str:
     return value
 
 
+def _file_name(key: str, value: Any) -> str:
+    """A plain file name (no folder part): the file must already sit in the agent's update drop folder."""
+    if not isinstance(value, str) or not FILE_RE.match(value):
+        raise CommandError(
+            f"argument {key!r} must be a file name in the drop folder matching [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}",
+            "command_invalid",
+        )
+    return value
+
+
 # name -> (required args, optional args); each arg maps to its checker
 _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable[[str, Any], Any]]]] = {
     "ping": ({}, {}),
@@ -78,6 +92,8 @@ _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable
         {"pipeline": _name},
         {"score": _number(0.0, 1.0), "iou": _number(0.0, 1.0), "anomaly": _number(0.0, 1e9)},
     ),
+    "model_update": ({"file": _file_name}, {}),
+    "model_rollback": ({"model": _name}, {}),
 }
 KNOWN_COMMANDS = frozenset(_SPECS)
 

@@ -300,6 +300,41 @@ class MetricsConfig(_Strict):
     port: Port = Field(default=9108, description="Port of the metrics endpoint (0 is not allowed).")
 
 
+class UpdatesConfig(_Strict):
+    """Signed over-the-air model updates (docs/model-updates.md). Off unless enabled with trusted keys."""
+
+    enabled: bool = Field(default=False, description="Watch the drop folder and accept model_update commands.")
+    trusted_keys: tuple[Path, ...] = Field(
+        default=(), description="Ed25519 public keys (PEM files) whose signatures are accepted."
+    )
+    drop_dir: Path | None = Field(
+        default=None, description="Folder polled for update files; default <state_dir>/updates. Processed files "
+        "go to done/, refused ones to rejected/ with a <name>.reason.json."
+    )
+    watch: bool = Field(
+        default=True, description="Install files appearing in drop_dir; off: only on a model_update command."
+    )
+    poll_interval_s: float = Field(default=2.0, gt=0.0, le=3600, description="Seconds between drop_dir scans.")
+    max_update_bytes: ByteSize = Field(
+        default=512 * 1024 * 1024, description="Largest update file, and the most bytes it may unpack to."
+    )
+    probation_inputs: int = Field(
+        default=20, ge=1, le=100_000,
+        description="After a swap, the first N inputs of the new model are watched (errors are retried on the "
+        "previous model); too many errors roll it back.",
+    )
+    max_error_rate: float = Field(
+        default=0.1, ge=0.0, lt=1.0,
+        description="Errors allowed among the probation inputs, as a fraction; one more rolls back.",
+    )
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> UpdatesConfig:
+        if self.enabled and not self.trusted_keys:
+            raise ValueError("@trusted_keys@ updates.enabled needs at least one trusted key")
+        return self
+
+
 class AgentConfig(_Strict):
     device_id: Name = Field(default="edge-01", description="This device's id: MQTT topics, result ids.")
     state_dir: Path = Field(default=Path("var/edge-agent"), description="Outbox, spool and other state.")
@@ -315,6 +350,7 @@ class AgentConfig(_Strict):
     outbox: OutboxConfig = Field(default=OutboxConfig(), description="Durable result store limits.")
     http: HttpConfig = Field(default=HttpConfig(), description="HTTP API (uploads, status, farmer page).")
     metrics: MetricsConfig = Field(default=MetricsConfig(), description="Prometheus endpoint.")
+    updates: UpdatesConfig = Field(default=UpdatesConfig(), description="Signed model updates with rollback.")
 
     @model_validator(mode="after")
     def _references(self) -> AgentConfig:
@@ -502,6 +538,14 @@ def finalize(cfg: AgentConfig, source: str, base: Path, environ: Mapping[str, st
             raise ConfigError(f"{source}: http.tokens_file: file not found: {tokens}")
         http = http.model_copy(update={"tokens_file": tokens})
 
+    upd = cfg.updates
+    keys = tuple(_resolve(base, k) for k in upd.trusted_keys)
+    for i, key_path in enumerate(keys):
+        if upd.enabled and not key_path.is_file():
+            raise ConfigError(f"{source}: updates.trusted_keys.{i}: file not found: {key_path}")
+    drop_dir = _resolve(base, upd.drop_dir) if upd.drop_dir is not None else state_dir / "updates"
+    updates = upd.model_copy(update={"trusted_keys": keys, "drop_dir": drop_dir})
+
     return cfg.model_copy(
         update={
             "state_dir": state_dir,
@@ -509,6 +553,7 @@ def finalize(cfg: AgentConfig, source: str, base: Path, environ: Mapping[str, st
             "mqtt": mqtt,
             "sources": tuple(sources),
             "http": http,
+            "updates": updates,
         }
     )
 

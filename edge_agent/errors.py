@@ -17,7 +17,21 @@ The tree::
     ├── StorageError                  storage_error
     │   └── StorageFullError          storage_full
     ├── OverloadedError               overloaded (a bounded queue is full; retry later)
-    └── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
+    ├── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
+    └── UpdateError                   update_invalid (a signed model update refused; see docs/model-updates.md)
+        ├── UpdateUnsignedError       update_unsigned
+        ├── UpdateUntrustedKeyError   update_untrusted_key
+        ├── UpdateBadSignatureError   update_bad_signature
+        ├── UpdateCorruptError        update_corrupt (not a readable update archive, truncated, bad statement)
+        ├── UpdateChecksumError       update_checksum_mismatch
+        ├── UpdateUnsafePathError     update_unsafe_path (traversal, absolute path, link, device)
+        ├── UpdateTooLargeError       update_too_large
+        ├── UpdateManifestError       update_manifest_invalid
+        ├── UpdateNotNewerError       update_not_newer
+        ├── UpdateUnknownModelError   update_unknown_model
+        ├── UpdateSmokeTestError      update_smoke_test_failed
+        ├── UpdateNotFoundError       update_not_found (no such file in the drop folder)
+        └── UpdateRollbackError       update_rollback_unavailable (nothing to roll back to)
 
 Third-party errors are translated at the boundary with ``raise ... from exc``.
 """
@@ -102,3 +116,62 @@ class QuantizationGateError(EdgeAgentError):
     def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.report = report or {}
+
+
+class UpdateError(EdgeAgentError):
+    """A model update was refused; the running model was not touched. ``model``: its name, once known."""
+
+    code = "update_invalid"
+    model: str | None = None
+
+
+class UpdateUnsignedError(UpdateError):
+    code = "update_unsigned"
+
+
+class UpdateUntrustedKeyError(UpdateError):
+    code = "update_untrusted_key"
+
+
+class UpdateBadSignatureError(UpdateError):
+    code = "update_bad_signature"
+
+
+class UpdateCorruptError(UpdateError):
+    code = "update_corrupt"
+
+
+class UpdateChecksumError(UpdateError):
+    code = "update_checksum_mismatch"
+
+
+class UpdateUnsafePathError(UpdateError):
+    code = "update_unsafe_path"
+
+
+class UpdateTooLargeError(UpdateError):
+    code = "update_too_large"
+
+
+class UpdateManifestError(UpdateError):
+    code = "update_manifest_invalid"
+
+
+class UpdateNotNewerError(UpdateError):
+    code = "update_not_newer"
+
+
+class UpdateUnknownModelError(UpdateError):
+    code = "update_unknown_model"
+
+
+class UpdateSmokeTestError(UpdateError):
+    code = "update_smoke_test_failed"
+
+
+class UpdateNotFoundError(UpdateError):
+    code = "update_not_found"
+
+
+class UpdateRollbackError(UpdateError):
+    code = "update_rollback_unavailable"

@@ -24,6 +24,9 @@ Names::
     edge_agent_publish_failures_total{reason}       counter    refused (broker said no, e.g. ACL) | error
     edge_agent_e2e_acked_total                      counter    results the coordinator acknowledged
     edge_agent_mqtt_connected                       gauge      1 when the publisher state is "connected"
+    edge_agent_model_updates_total{model,outcome}   counter    installed|rejected|rolled_back (model "unknown"
+                                                               when refused before its statement was read)
+    edge_agent_model_version{model,version}         gauge      1 for the version in force
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ class Metrics:
         self.outbox_oldest_age = Gauge(
             "edge_agent_outbox_oldest_age_seconds", "Age of the oldest unacknowledged result.", registry=r
         )
+        self.model_updates = Counter(
+            "edge_agent_model_updates_total", "Model updates by outcome.", ["model", "outcome"], registry=r
+        )
+        self.model_version = Gauge(
+            "edge_agent_model_version", "1 for the model version in force.", ["model", "version"], registry=r
+        )
+        self._versions: dict[str, str] = {}
         self._publisher: Callable[[], Mapping[str, Any]] | None = None
         r.register(_PublisherCollector(self))
 
@@ -108,6 +118,17 @@ class Metrics:
 
     def sink_error(self, pipeline: str, sink: str) -> None:
         self.sink_errors.labels(pipeline=pipeline, sink=sink).inc()
+
+    def model_update(self, model: str, outcome: str) -> None:
+        self.model_updates.labels(model=model, outcome=outcome).inc()
+
+    def set_model_version(self, model: str, version: str) -> None:
+        """The version in force for ``model`` (the previous version's series is removed)."""
+        old = self._versions.get(model)
+        if old is not None and old != version:
+            self.model_version.remove(model, old)
+        self._versions[model] = version
+        self.model_version.labels(model=model, version=version).set(1)
 
     def bind_publisher(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
         """Export the publisher's counters (``Publisher.snapshot``) at scrape time."""

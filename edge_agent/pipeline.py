@@ -192,8 +192,8 @@ class Pipeline:
         with self._lock:
             if self._threads:
                 return
-            for i, model in enumerate(self._models):
-                t = threading.Thread(target=self._worker, args=(model,), name=f"pipeline-{self.name}-{i}", daemon=True)
+            for i in range(len(self._models)):
+                t = threading.Thread(target=self._worker, args=(i,), name=f"pipeline-{self.name}-{i}", daemon=True)
                 self._threads.append(t)
                 self._alive += 1
             for t in self._threads:
@@ -209,6 +209,25 @@ class Pipeline:
             assert setter is not None
             applied = setter(**changes)
         return applied
+
+    @property
+    def models(self) -> list[Predictor]:
+        """The workers' models, in worker order (a copy)."""
+        with self._lock:
+            return list(self._models)
+
+    def replace_models(self, models: Sequence[Predictor]) -> list[Predictor]:
+        """Give each worker a new model (one per worker, same order); returns the models they had.
+
+        Safe while inputs flow: a worker takes its model afresh for each input, so an input already being
+        processed finishes on the old model and every later one runs on the new. The queue is not touched:
+        nothing accepted is dropped or failed by a swap.
+        """
+        if len(models) != len(self._models):
+            raise ValueError(f"pipeline {self.name} has {len(self._models)} workers, got {len(models)} models")
+        with self._lock:
+            old, self._models = self._models, list(models)
+        return old
 
     def add_sink(self, name: str, sink: Sink) -> None:
         self._sinks.append((name, sink))
@@ -268,7 +287,7 @@ class Pipeline:
 
     # --- work -----------------------------------------------------------------------------------------------------
 
-    def _worker(self, model: Predictor) -> None:
+    def _worker(self, index: int) -> None:
         try:
             while True:
                 job = self._queue.get()
@@ -282,7 +301,7 @@ class Pipeline:
                     if self._abort.is_set():
                         self._fail_unrun(job)
                     else:
-                        self._process(model, job)
+                        self._process(self._models[index], job)  # read per input: replace_models swaps between
                 finally:
                     with self._lock:
                         self._busy -= 1

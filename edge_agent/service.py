@@ -1,7 +1,8 @@
 """The composition root: the one place where the agent's concrete parts are built, started and stopped.
 
-    config -> outbox -> models (one session per pipeline worker, warmed up) -> pipelines
-           -> publisher (MQTT; never blocks start-up) -> restart recovery -> sources -> HTTP API -> /metrics
+    config -> outbox -> model store (installed updates) -> models (one session per pipeline worker, warmed up)
+           -> pipelines -> publisher (MQTT; never blocks start-up) -> model updater (drop folder, when enabled)
+           -> restart recovery -> sources -> HTTP API -> /metrics
 
 ``stop(timeout)`` undoes it in reverse within a bounded time: sources stop taking input, the API
 stops, pipelines drain (what they cannot finish stays pending in the outbox for the next start),
@@ -28,11 +29,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from .bundle import Bundle, default_models_dir, find_bundle, load_bundle
+from .bundle import Bundle
 from .commands import Command, CommandError
 from .config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
-from .errors import ConfigError, InputError, ModelNotFoundError, OverloadedError
+from .errors import ConfigError, InputError, OverloadedError, UpdateError
 from .metrics import Metrics
+from .model_updates import ModelSlot, ModelUpdater, configured_bundle, in_force
 from .outbox import Outbox, OutboxLimits
 from .pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
 from .publisher import Publisher, PublisherSettings, availability_will
@@ -40,6 +42,7 @@ from .sources import Source
 from .sources.camera import CameraSource, CaptureFactory
 from .sources.folder import FolderSource
 from .transport.base import MqttSettings, Transport, Will
+from .updates import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ def _onnx_model(bundle: Bundle, cfg: ModelConfig) -> Predictor:
     if cfg.warmup:
         model.warmup(1)
     return model
+
+
+onnx_model_factory = _onnx_model
+"""The model factory the agent uses (also for ``edge-agent models install``)."""
 
 
 def _opencv_capture(url: str) -> Any:
@@ -93,6 +100,10 @@ class Service:
         self.pipelines: dict[str, Pipeline] = {}
         self.sources: dict[str, Source] = {}
         self._bundles: dict[str, Bundle] = {}
+        self._sources: dict[str, str] = {}  # config model name -> "config" | "update"
+        self._slots: dict[str, ModelSlot] = {}
+        self.store: ModelStore | None = None
+        self.updater: ModelUpdater | None = None
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self._metrics_server: Any = None
@@ -123,6 +134,8 @@ class Service:
         except OSError as exc:
             raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc.strerror}") from exc
         self._lock_state_dir()
+        self.store = ModelStore(self.state_dir / "models")
+        self.store.clean()  # staging leftovers and versions a crash left unswitched
         o = cfg.outbox
         limits = OutboxLimits(
             max_bytes=o.max_bytes,
@@ -142,10 +155,13 @@ class Service:
         try:
             self._build_pipelines()
             self._build_publisher()
+            self._build_updater()
             for p in self.pipelines.values():
                 p.start()
             if self.publisher is not None:
                 self.publisher.start()
+            if self.updater is not None and cfg.updates.enabled:
+                self.updater.start()
             self._recover()
             self._build_sources()
             for s in self.sources.values():
@@ -187,6 +203,8 @@ class Service:
                 clean &= not self._http_thread.is_alive()
         if self._recovery is not None:
             self._recovery.join(min(left(0.1), 1.0))
+        if self.updater is not None:
+            clean &= self.updater.stop(min(left(0.3), 5.0))
         for pipeline in self.pipelines.values():
             clean &= pipeline.stop(left(0.6))
         if self.publisher is not None:
@@ -221,18 +239,18 @@ class Service:
     # --- building ---------------------------------------------------------------------------------------------------
 
     def _bundle(self, mcfg: ModelConfig) -> Bundle:
+        """The bundle in force for ``mcfg``: an installed update when the model store's pointer names one."""
         if mcfg.name in self._bundles:
             return self._bundles[mcfg.name]
-        models_dir = self.cfg.models_dir or default_models_dir()
-        ref = Path(mcfg.bundle)
-        if ref.is_absolute() or len(ref.parts) > 1:
-            if not ref.is_dir():
-                raise ModelNotFoundError(f"models.{mcfg.name}.bundle: no bundle folder {ref}")
-            bundle = load_bundle(ref)
-        else:
-            bundle = find_bundle(mcfg.bundle, models_dir)
-        self._bundles[mcfg.name] = bundle
-        return bundle
+        assert self.store is not None
+        configured = configured_bundle(self.cfg, mcfg)
+        bundle, source = in_force(self.store, configured)
+        name = configured.manifest.name
+        if name not in self._slots:
+            self._slots[name] = ModelSlot(name, configured, bundle, source, mcfg)
+        slot = self._slots[name]
+        self._bundles[mcfg.name], self._sources[mcfg.name] = slot.bundle, slot.source
+        return slot.bundle
 
     def _build_pipelines(self) -> None:
         assert self.outbox is not None
@@ -252,6 +270,25 @@ class Service:
             )
             pipeline.add_sink("events", self._events_sink)
             self.pipelines[pcfg.name] = pipeline
+            self._slots[bundle.manifest.name].users.append((pipeline, mcfg))
+
+    def _build_updater(self) -> None:
+        assert self.store is not None
+
+        def on_change(name: str, bundle: Bundle) -> None:
+            slot = self._slots[name]
+            for cname, b in list(self._bundles.items()):
+                if b.manifest.name == name:
+                    self._bundles[cname], self._sources[cname] = bundle, slot.source
+
+        self.updater = ModelUpdater(
+            self.cfg.updates, self.store, self._slots, model_factory=self._model_factory, metrics=self.metrics,
+            publish_event=self._publish_event, on_change=on_change,
+        )
+
+    def _publish_event(self, event: str, severity: str, data: dict[str, Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_event(event, severity, data)  # type: ignore[arg-type]
 
     def _build_publisher(self) -> None:
         m = self.cfg.mqtt
@@ -424,6 +461,7 @@ class Service:
                 "labels": list(b.manifest.labels),
                 "license": b.manifest.license,
                 "config_name": name,
+                "installed_from": self._sources.get(name, "config"),
             }
             for name, b in self._bundles.items()
         ]
@@ -442,6 +480,20 @@ class Service:
                 raise CommandError(str(exc), "command_invalid", command.id) from exc
             log.info("thresholds of pipeline %s set to %s", name, applied)
             return {"pipeline": name, "thresholds": applied}
+        if command.name in ("model_update", "model_rollback"):
+            if self.updater is None or not self.cfg.updates.enabled:
+                raise CommandError("model updates are disabled on this agent (updates.enabled)",
+                                   "command_unsupported", command.id)
+            try:
+                if command.name == "model_update":
+                    path = self.updater.request_file(str(command.args["file"]))
+                    return {"accepted": True, "file": path.name, "outcome": "reported as a model_updated or "
+                            "model_update_rejected event"}
+                self.updater.request_rollback(str(command.args["model"]))
+                return {"accepted": True, "model": command.args["model"],
+                        "outcome": "reported as a model_rolled_back event"}
+            except UpdateError as exc:
+                raise CommandError(exc.message, exc.code, command.id) from exc
         raise CommandError(f"command {command.name} is not supported here", "command_unsupported", command.id)
 
     def health(self) -> dict[str, Any]:
@@ -458,7 +510,9 @@ class Service:
             "ready": self._ready,
             "device": self.cfg.device_id,
             "problems": problems,
-            "models": [{"name": m["name"], "version": m["version"]} for m in self.models_info()],
+            "models": [{"name": m["name"], "version": m["version"], "installed_from": m["installed_from"]}
+                       for m in self.models_info()],
+            "updates": self.updater.status() if self.updater is not None else None,
             "pipelines": {
                 name: {"kind": p.kind, "depth": p.depth, "in_flight": p.in_flight, "processed": p.processed,
                        "failed": p.failed}
