@@ -292,7 +292,8 @@ class ModelUpdater:
                     if self.settings.watch:
                         self._scan()
                 elif kind == "file":
-                    self.process_file(arg)
+                    if arg.exists() or arg.is_symlink():  # a scan may have taken it since the command
+                        self.process_file(arg)
                 elif kind == "rollback":
                     model, reason, probation = arg
                     self._rollback_job(model, reason, probation)

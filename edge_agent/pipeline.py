@@ -16,6 +16,9 @@ A full queue raises :class:`OverloadedError` at submit time. ``stop`` drains wha
 its timeout; whatever is left is failed with ``OverloadedError`` (still pending in the outbox).
 Each worker signals end-of-stream in ``finally``. After the result is stored the pipeline calls its
 sinks; one failing sink is counted and logged and never stops the others.
+
+``replace_models`` gives the workers new models (a model update) between inputs: an input already running
+finishes on the old model, every later one runs on the new; the queue is untouched, so nothing is lost.
 """
 
 from __future__ import annotations

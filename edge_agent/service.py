@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -288,7 +288,10 @@ class Service:
 
     def _publish_event(self, event: str, severity: str, data: dict[str, Any]) -> None:
         if self.publisher is not None:
-            self.publisher.publish_event(event, severity, data)  # type: ignore[arg-type]
+            level: Literal["info", "warning", "alarm"] = (
+                "alarm" if severity == "alarm" else "warning" if severity == "warning" else "info"
+            )
+            self.publisher.publish_event(event, level, data)
 
     def _build_publisher(self) -> None:
         m = self.cfg.mqtt
