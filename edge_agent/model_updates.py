@@ -232,8 +232,10 @@ class ModelUpdater:
 
     @property
     def drop_dir(self) -> Path:
-        assert self.settings.drop_dir is not None  # set by config.finalize
-        return self.settings.drop_dir
+        """``updates.drop_dir`` (set by ``config.finalize``), else ``<state_dir>/updates``."""
+        if self.settings.drop_dir is not None:
+            return self.settings.drop_dir
+        return self.store.root.parent / "updates"
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -370,7 +372,11 @@ class ModelUpdater:
                 raise
             self._settle_probation(slot)  # a newer update supersedes one still on probation
             from_version = slot.bundle.manifest.version if slot.source == "update" else None
-            self.store.switch(name, version, from_version)
+            try:
+                self.store.switch(name, version, from_version)
+            except OSError as exc:  # disk full, I/O error: the old pointer (and model) stay in force
+                self.store.discard(name, version)
+                raise UpdateError(f"cannot switch {name} to {version}: {exc}") from exc
             old_version = slot.bundle.manifest.version
             probation = self._swap_in(slot, bundle, fresh)
             outcome = {

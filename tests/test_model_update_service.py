@@ -505,3 +505,81 @@ def test_commands_are_refused_when_updates_are_disabled(tmp_path: Path) -> None:
         assert service.health()["updates"]["watching"] is False
     finally:
         service.stop()
+
+
+def test_mqtt_model_update_command_and_outcome_events_over_the_fake_broker(tmp_path: Path) -> None:
+    from edge_agent import codec
+    from edge_agent.transport.base import MqttSettings, Transport, Will
+    from edge_agent.transport.fake import FakeBroker, FakeTransport
+
+    broker = FakeBroker()
+
+    def transports(settings: MqttSettings, will: Will) -> Transport:
+        return FakeTransport(broker, will)
+
+    env = make_env(tmp_path)
+    config = write_config(env, watch=False)
+    config.write_text(config.read_text().replace("mqtt:\n  enabled: false\n", "mqtt:\n  heartbeat_s: 0.2\n"))
+    service = Service(load_config(config), transport_factory=transports)
+    service.start()
+
+    def events(name: str) -> list[dict[str, Any]]:
+        docs = [orjson.loads(p) for t, p in list(broker.published) if t.endswith("/events")]
+        return [d for d in docs if d.get("event") == name]
+
+    try:
+        assert wait_for(lambda: service.health()["mqtt"] == "connected", T)
+        good = drop(service, signed_update(env, "1.1.0"))
+        bad = drop(service, craft(env.root / "unsigned.update", _good_members(env, "1.2.0"), None))
+        broker.route(codec.command_topic("dev-1", "model_update"),
+                     orjson.dumps({"id": "u-1", "args": {"file": bad.name}}), False)
+        broker.route(codec.command_topic("dev-1", "model_update"),
+                     orjson.dumps({"id": "u-2", "args": {"file": good.name}}), False)
+        assert wait_for(lambda: len(events("model_updated")) == 1 and len(events("model_update_rejected")) == 1, T)
+        rejected = events("model_update_rejected")[0]["data"]
+        assert rejected["code"] == "update_unsigned" and rejected["file"] == "unsigned.update"
+        updated = events("model_updated")[0]["data"]
+        assert (updated["model"], updated["version"], updated["previous"]) == (NAME, "1.1.0", "1.0.0")
+        results = [e["data"] for e in events("command_result")]
+        assert {r["id"] for r in results if r["ok"]} == {"u-1", "u-2"}  # accepted; the outcome is the event
+        beats = [orjson.loads(p) for t, p in list(broker.published) if t.endswith("/heartbeat")]
+        assert wait_for(lambda: any(
+            m.get("version") == "1.1.0" and m.get("installed_from") == "update"
+            for t, p in list(broker.published) if t.endswith("/heartbeat")
+            for m in orjson.loads(p).get("health", {}).get("models", [])), T), beats[-1:]
+    finally:
+        service.stop()
+
+
+def test_failed_switch_keeps_the_old_model_serving_and_a_restart_runs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.updates import ModelStore
+
+    env = make_env(tmp_path)
+    config = write_config(env)
+    service = start(config)
+    try:
+        baseline = predictions(run_batch(service, "base"))
+        real_write = ModelStore.write_pointer
+
+        def power_cut(self: ModelStore, name: str, pointer: Any) -> None:
+            (self.model_dir(name) / "current.json.tmp").write_bytes(b'{"current": "1.')  # torn write
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(ModelStore, "write_pointer", power_cut)
+        update = drop(service, signed_update(env, "1.1.0"))
+        reason = reason_of(service, update.name)
+        assert reason["code"] == "update_invalid" and "Input/output error" in reason["message"]
+        assert version_in_force(service) == "1.0.0"
+        assert predictions(run_batch(service, "after")) == baseline
+        assert not (service.cfg.state_dir / "models" / NAME / "versions" / "1.1.0").exists()
+        monkeypatch.setattr(ModelStore, "write_pointer", real_write)
+    finally:
+        service.stop()
+    service = start(config)
+    try:
+        assert version_in_force(service) == "1.0.0"
+        assert predictions(run_batch(service, "restarted")) == baseline
+    finally:
+        service.stop()
