@@ -224,6 +224,7 @@ class ModelUpdater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, tuple[int, int]] = {}
+        self._stuck: dict[str, tuple[int, int]] = {}
         self.last: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         for slot in self.slots.values():
@@ -282,18 +283,20 @@ class ModelUpdater:
 
     def _run(self) -> None:
         interval = self.settings.poll_interval_s
+        next_scan = time.monotonic() + interval
         while not self._stop.is_set():
             try:
-                kind, arg = self._jobs.get(timeout=interval)
+                kind, arg = self._jobs.get(timeout=max(0.0, next_scan - time.monotonic()))
             except queue.Empty:
-                kind, arg = "scan", None
+                kind, arg = "none", None
             try:
                 if kind == "stop":
                     return
-                if kind == "scan":
+                if time.monotonic() >= next_scan:  # scans keep their pace however many jobs come in
                     if self.settings.watch:
                         self._scan()
-                elif kind == "file":
+                    next_scan = time.monotonic() + interval
+                if kind == "file":
                     if arg.exists() or arg.is_symlink():  # a scan may have taken it since the command
                         self.process_file(arg)
                 elif kind == "rollback":
@@ -321,13 +324,19 @@ class ModelUpdater:
             except OSError:
                 continue
             mark = (st.st_size, st.st_mtime_ns)
+            if self._stuck.get(name) == mark:  # processed, but it could not be moved away: not again
+                continue
             if self._seen.get(name) != mark:  # still being copied, or new: look again next scan
                 self._seen[name] = mark
                 continue
             self._seen.pop(name, None)
             self.process_file(p)
+            if os.path.lexists(p):
+                self._stuck[name] = mark
         for gone in set(self._seen) - present:
             del self._seen[gone]
+        for gone in set(self._stuck) - present:
+            del self._stuck[gone]
 
     def process_file(self, path: Path) -> dict[str, Any]:
         """Install ``path`` and file it under ``done/`` or ``rejected/`` (with a reason file)."""

@@ -249,6 +249,11 @@ class Service:
         if name not in self._slots:
             self._slots[name] = ModelSlot(name, configured, bundle, source, mcfg)
         slot = self._slots[name]
+        if slot.configured.directory.resolve() != configured.directory.resolve():
+            raise ConfigError(
+                f"models.{mcfg.name}.bundle: model {name!r} is already loaded from {slot.configured.directory}; "
+                "one bundle folder per model name (updates are installed by name)"
+            )
         self._bundles[mcfg.name], self._sources[mcfg.name] = slot.bundle, slot.source
         return slot.bundle
 

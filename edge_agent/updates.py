@@ -481,6 +481,8 @@ class ModelStore:
             if self.pointer(s.name).current == s.version:
                 raise UpdateCorruptError(f"{s.name} {s.version} is the version in force")
             shutil.rmtree(target)
+        for d in [staged.bundle_dir, *(p for p in staged.bundle_dir.rglob("*") if p.is_dir())]:
+            _fsync_dir(d)  # the files' directory entries are on disk before the rename
         os.rename(staged.bundle_dir, target)
         _fsync_dir(target.parent)
         shutil.rmtree(staged.root, ignore_errors=True)
