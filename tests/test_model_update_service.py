@@ -466,8 +466,7 @@ def test_commands_install_from_the_drop_folder_and_roll_back(tmp_path: Path) -> 
     try:
         update = signed_update(env, "2.0.0")
         placed = drop(service, update)
-        assert wait_for(lambda: True, 0.2) and placed.is_file()  # not watched: nothing happens on its own
-        assert version_in_force(service) == "1.0.0"
+        assert placed.is_file() and version_in_force(service) == "1.0.0"  # not watched: waits for the command
         cmd = parse_command("model_update", orjson.dumps({"id": "u-1", "args": {"file": update.name}}))
         assert service.handle_command(cmd)["accepted"] is True
         assert wait_for(lambda: version_in_force(service) == "2.0.0", T)
@@ -581,5 +580,37 @@ def test_failed_switch_keeps_the_old_model_serving_and_a_restart_runs_it(
     try:
         assert version_in_force(service) == "1.0.0"
         assert predictions(run_batch(service, "restarted")) == baseline
+    finally:
+        service.stop()
+
+
+def test_update_superseding_one_on_probation_then_rollback_during_probation(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    config = write_config(env, probation=1000)  # probation outlasts the test
+    service = start(config)
+
+    def installed(version: str) -> Callable[[], bool]:
+        return lambda: (service.health()["updates"]["last"] or {}).get("version") == version
+
+    try:
+        drop(service, signed_update(env, "1.1.0"))
+        assert wait_for(installed("1.1.0"), T)
+        assert {o.result.model_version for o in run_batch(service, "a")} == {"1.1.0"}
+        drop(service, signed_update(env, "1.2.0"))
+        assert wait_for(installed("1.2.0"), T)
+        status = service.health()["updates"]["models"][NAME]
+        assert status["previous"] == "1.1.0" and status["probation"]["state"] == "running"
+        assert {o.result.model_version for o in run_batch(service, "b")} == {"1.2.0"}
+        assert len(service.pipelines["line"].models) == 2
+        service.handle_command(Command("r-1", "model_rollback", {"model": NAME}))  # from memory: on probation
+        assert wait_for(lambda: version_in_force(service) == "1.1.0", T)
+        assert {o.result.model_version for o in run_batch(service, "c")} == {"1.1.0"}
+        assert not any(hasattr(m, "probation") for m in service.pipelines["line"].models)
+    finally:
+        service.stop()
+    service = start(config)
+    try:
+        assert version_in_force(service) == "1.1.0"
+        assert service.health()["updates"]["models"][NAME]["rolled_back"]["version"] == "1.2.0"
     finally:
         service.stop()
