@@ -26,7 +26,7 @@ from .manifest import (
     Yolov8Decoder,
     YoloxDecoder,
 )
-from .preprocess import Preprocessor, map_boxes_to_original
+from .preprocess import Preprocessor, map_box_to_original
 from .runtime import Array, OrtRuntime, Runtime, RuntimeOptions
 from .types import (
     AnomalyScore,
@@ -174,17 +174,23 @@ class Model:
         else:
             assert isinstance(dec, Yolov8Decoder)
             boxes = pp.decode_yolov8(outputs[dec.output], th.score)
-        boxes = pp.batched_nms(boxes, th.iou, th.max_detections)
-        xyxy = map_boxes_to_original(boxes.xyxy, meta)
+        if len(boxes) <= pp.SMALL_NMS:  # a real frame: a few dozen candidates, plain Python from here on
+            xyxy, scores, cls = boxes.xyxy.tolist(), boxes.scores.tolist(), boxes.class_ids.tolist()
+            keep = pp.batched_nms_keep(xyxy, scores, cls, th.iou, th.max_detections)
+        else:
+            boxes = pp.batched_nms(boxes, th.iou, th.max_detections)
+            xyxy, scores, cls = boxes.xyxy.tolist(), boxes.scores.tolist(), boxes.class_ids.tolist()
+            keep = list(range(len(scores)))
         labels = m.labels
+        n_labels = len(labels)
         dets: tuple[Prediction, ...] = tuple(
             Detection(
-                label=labels[c] if 0 <= c < len(labels) else str(c),
-                score=s,
-                class_id=c,
-                box=(b[0], b[1], b[2], b[3]),
+                label=labels[cls[i]] if 0 <= cls[i] < n_labels else str(cls[i]),
+                score=scores[i],
+                class_id=cls[i],
+                box=map_box_to_original(xyxy[i], meta),
             )
-            for b, s, c in zip(xyxy.tolist(), boxes.scores.tolist(), boxes.class_ids.tolist(), strict=True)
+            for i in keep
         )
         return dets, False
 

@@ -6,6 +6,7 @@ No I/O, no state beyond cached anchor grids (read-only arrays keyed by geometry)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -148,6 +149,41 @@ def nms(xyxy: F32, scores: F32, iou_threshold: float) -> I64:
         iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
         order = rest[iou <= iou_threshold]
     return np.asarray(keep, dtype=np.int64)
+
+
+SMALL_NMS = 128
+"""Up to this many candidates the detector tail (NMS, box mapping) runs in plain Python on lists: right after
+``session.run`` each numpy call costs tens of microseconds (cold caches), and a real frame leaves a few dozen
+candidates. Measured on 2-core Zen 5, 43-88 candidates: NMS + mapping 0.16-0.25 ms (numpy) -> 0.09-0.17 ms."""
+
+
+def batched_nms_keep(
+    xyxy: Sequence[Sequence[float]], scores: Sequence[float], class_ids: Sequence[int], iou_threshold: float,
+    max_detections: int,
+) -> list[int]:
+    """Class-aware greedy NMS in plain Python: indices kept, best first (ties: lower index first).
+
+    Same rule as :func:`batched_nms` (a box goes when ``intersection > iou_threshold * union`` with a kept box of
+    its class), for the few candidates of a real frame; use :func:`batched_nms` for thousands.
+    """
+    order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable, like argsort(-s, "stable")
+    kept: list[tuple[int, float, float, float, float, float, int]] = []
+    for i in order:
+        x1, y1, x2, y2 = xyxy[i]
+        c = class_ids[i]
+        area = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+        for kc, kx1, ky1, kx2, ky2, karea, _ in kept:
+            if kc != c:
+                continue
+            w = min(x2, kx2) - max(x1, kx1)
+            h = min(y2, ky2) - max(y1, ky1)
+            if w > 0.0 and h > 0.0 and w * h > iou_threshold * (area + karea - w * h):
+                break
+        else:
+            kept.append((c, x1, y1, x2, y2, area, i))
+            if len(kept) == max_detections:
+                break
+    return [k[6] for k in kept]
 
 
 def batched_nms(boxes: Boxes, iou_threshold: float, max_detections: int) -> Boxes:

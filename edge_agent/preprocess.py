@@ -7,6 +7,7 @@ next call on the same instance. Use one instance per worker thread.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -158,6 +159,15 @@ class Preprocessor:
                 self._planes.clear()
             planes = self._planes[(h, w)] = [np.empty((h, w), np.uint8) for _ in range(3)]
         return planes
+
+
+def map_box_to_original(box: Sequence[float], meta: PreprocessMeta) -> tuple[float, float, float, float]:
+    """:func:`map_boxes_to_original` for one (x1, y1, x2, y2) box, in plain Python (a frame's few detections)."""
+    x1, y1, x2, y2 = box
+    sx, sy, px, py = meta.scale_x, meta.scale_y, meta.pad_x, meta.pad_y
+    w, h = meta.original_size
+    return (min(max((x1 - px) / sx, 0.0), w), min(max((y1 - py) / sy, 0.0), h),
+            min(max((x2 - px) / sx, 0.0), w), min(max((y2 - py) / sy, 0.0), h))
 
 
 def map_boxes_to_original(boxes: npt.NDArray[np.float32], meta: PreprocessMeta) -> npt.NDArray[np.float32]:

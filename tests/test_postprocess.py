@@ -3,6 +3,7 @@ against an independent loop-based reference."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -58,6 +59,35 @@ def test_batched_nms_never_suppresses_across_classes(
     for c in np.unique(b.class_ids):
         sub = b.take(np.nonzero(b.class_ids == c)[0])
         assert (out.class_ids == c).sum() == pp.nms(sub.xyxy, sub.scores, thr).size
+
+
+@settings(max_examples=80)
+@given(rows=box_lists, thr=st.floats(0.1, 0.9), max_det=st.integers(1, 50))
+def test_plain_python_nms_keeps_what_the_numpy_nms_keeps(
+    rows: list[tuple[float, float, float, float, float, int]], thr: float, max_det: int
+) -> None:
+    """The detector tail's list-based NMS (few candidates) against the vectorised one, class by class."""
+    b = _boxes(rows)
+    xyxy, scores, cls = b.xyxy.tolist(), b.scores.tolist(), b.class_ids.tolist()
+    keep = pp.batched_nms_keep(xyxy, scores, cls, thr, max_det)
+    assert len(keep) <= max_det and len(set(keep)) == len(keep)
+    assert all(scores[a] >= scores[c] for a, c in itertools.pairwise(keep)), "best first"
+    full = pp.batched_nms_keep(xyxy, scores, cls, thr, 10_000)
+    assert keep == full[:max_det]
+    for c in set(cls):  # per class, the same indices as numpy's greedy NMS (same arithmetic, same tie order)
+        idx = [i for i in range(len(cls)) if cls[i] == c]
+        ref = [idx[k] for k in pp.nms(b.xyxy[idx], b.scores[idx], thr).tolist()]
+        assert [i for i in full if cls[i] == c] == ref
+
+
+def test_plain_python_nms_suppresses_within_a_class_only() -> None:
+    xyxy = [[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]]
+    scores = [0.9, 0.8, 0.7, 0.95]
+    cls = [0, 0, 1, 0]
+    assert pp.batched_nms_keep(xyxy, scores, cls, 0.5, 100) == [3, 0, 2]  # 1 overlaps 0 (IoU 0.68); 2 is class 1
+    assert pp.batched_nms_keep(xyxy, scores, cls, 0.7, 100) == [3, 0, 1, 2]  # IoU 0.68 <= 0.7: kept
+    assert pp.batched_nms_keep(xyxy, scores, cls, 0.5, 2) == [3, 0]
+    assert pp.batched_nms_keep([], [], [], 0.5, 10) == []
 
 
 def test_softmax_and_top_k() -> None:
