@@ -197,6 +197,26 @@ class ModelSlot:
     previous_models: list[tuple[Pipeline, list[Predictor]]] = field(default_factory=list)
 
 
+def load_checked(
+    factory: ModelFactory, slot: ModelSlot, bundle: Bundle, golden: tuple[bytes, str] | None
+) -> list[tuple[Pipeline, list[Predictor]]]:
+    """One new model per worker of each pipeline that runs ``slot``, each smoke-tested (one model when no pipeline
+    runs it); raises UpdateSmokeTestError when any does not load or fails."""
+    fresh: list[tuple[Pipeline, list[Predictor]]] = []
+    try:
+        for pipeline, mcfg in slot.users:
+            fresh.append((pipeline, [factory(bundle, mcfg) for _ in pipeline.models]))
+        checks = [m for _, ms in fresh for m in ms] or [factory(bundle, slot.config)]
+    except UpdateError:
+        raise
+    except Exception as exc:
+        msg = exc.message if isinstance(exc, EdgeAgentError) else f"{type(exc).__name__}: {exc}"
+        raise UpdateSmokeTestError(f"{bundle.name} {bundle.manifest.version} does not load: {msg}") from exc
+    for model in checks:
+        smoke_test(model, bundle, golden)
+    return fresh
+
+
 class ModelUpdater:
     """Installs and rolls back model updates in a running agent (one background thread; one change at a time)."""
 
@@ -373,7 +393,7 @@ class ModelUpdater:
             version_dir = self.store.promote(staged)
             try:
                 bundle = bundle_from(version_dir)
-                fresh = self._load_checked(slot, bundle, golden)
+                fresh = load_checked(self._factory, slot, bundle, golden)
             except BaseException as exc:
                 self.store.discard(name, version)
                 if isinstance(exc, UpdateError):
@@ -396,24 +416,6 @@ class ModelUpdater:
                  name, version, path.name, old_version, probation.inputs)
         self._record(outcome, "model_updated", "info")
         return outcome
-
-    def _load_checked(
-        self, slot: ModelSlot, bundle: Bundle, golden: tuple[bytes, str] | None
-    ) -> list[tuple[Pipeline, list[Predictor]]]:
-        """One new model per pipeline worker, each smoke-tested; UpdateSmokeTestError when any fails."""
-        fresh: list[tuple[Pipeline, list[Predictor]]] = []
-        try:
-            for pipeline, mcfg in slot.users:
-                fresh.append((pipeline, [self._factory(bundle, mcfg) for _ in pipeline.models]))
-            checks = [m for _, ms in fresh for m in ms] or [self._factory(bundle, slot.config)]
-        except UpdateError:
-            raise
-        except Exception as exc:
-            msg = exc.message if isinstance(exc, EdgeAgentError) else f"{type(exc).__name__}: {exc}"
-            raise UpdateSmokeTestError(f"{bundle.name} {bundle.manifest.version} does not load: {msg}") from exc
-        for model in checks:
-            smoke_test(model, bundle, golden)
-        return fresh
 
     def _swap_in(self, slot: ModelSlot, bundle: Bundle, fresh: list[tuple[Pipeline, list[Predictor]]]) -> Probation:
         s = self.settings
@@ -482,7 +484,7 @@ class ModelUpdater:
                 pointer = self.store.pointer(name)
                 target = (bundle_from(self.store.version_dir(name, pointer.previous)) if pointer.previous
                           else slot.configured)
-                fresh = self._load_checked(slot, target, None)
+                fresh = load_checked(self._factory, slot, target, None)
                 for pipeline, models in fresh:
                     pipeline.replace_models(models)
             pointer = self.store.rollback(name, reason)
@@ -602,8 +604,7 @@ def install_offline(
         version_dir = store.promote(staged)
         try:
             bundle = bundle_from(version_dir)
-            updater = ModelUpdater(cfg.updates, store, slots, model_factory=model_factory)
-            updater._load_checked(slot, bundle, golden)
+            load_checked(model_factory, slot, bundle, golden)
         except BaseException as exc:
             store.discard(name, version)
             if isinstance(exc, UpdateError):
@@ -629,7 +630,7 @@ def rollback_offline(cfg: AgentConfig, model: str, model_factory: ModelFactory) 
             raise UpdateRollbackError(f"{model} runs its configured bundle: there is no update to roll back")
         pointer = store.pointer(model)
         target = bundle_from(store.version_dir(model, pointer.previous)) if pointer.previous else slot.configured
-        ModelUpdater(cfg.updates, store, slots, model_factory=model_factory)._load_checked(slot, target, None)
+        load_checked(model_factory, slot, target, None)
         store.rollback(model, "requested on the command line")
         return {"outcome": "rolled_back", "model": model, "version": target.manifest.version,
                 "from_version": slot.bundle.manifest.version}

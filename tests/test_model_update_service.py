@@ -384,7 +384,9 @@ def test_good_update_swaps_in_while_inputs_keep_flowing_and_restart_keeps_it(tmp
         assert (service.cfg.updates.drop_dir / "done" / f"{NAME}-1.1.0.update").is_file()  # type: ignore[operator]
         assert service.registry.get_sample_value(
             "edge_agent_model_updates_total", {"model": NAME, "outcome": "installed"}) == 1.0
-        assert service.registry.get_sample_value("edge_agent_model_version", {"model": NAME, "version": "1.1.0"}) == 1
+        gauge = service.registry.get_sample_value
+        assert gauge("edge_agent_model_version", {"model": NAME, "version": "1.1.0"}) == 1
+        assert gauge("edge_agent_model_version", {"model": NAME, "version": "1.0.0"}) is None
     finally:
         stop.set()
         if feeder.is_alive():
