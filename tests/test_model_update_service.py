@@ -378,10 +378,12 @@ def test_good_update_swaps_in_while_inputs_keep_flowing_and_restart_keeps_it(tmp
         after = run_batch(service, "after")
         assert predictions(after) == predictions(before)  # same weights, new version
         assert {o.result.model_version for o in after} == {"1.1.0"}
-        health = service.health()
-        assert health["models"][0]["installed_from"] == "update"
-        assert health["updates"]["models"][NAME]["probation"] is None  # passed: more inputs than probation_inputs
-        assert (service.cfg.updates.drop_dir / "done" / f"{NAME}-1.1.0.update").is_file()  # type: ignore[operator]
+        assert service.health()["models"][0]["installed_from"] == "update"
+        # passed (more inputs than probation_inputs): the updater thread releases the previous models
+        assert wait_for(lambda: service.health()["updates"]["models"][NAME]["probation"] is None, T)
+        assert not any(hasattr(m, "probation") for m in service.pipelines["line"].models)
+        done = service.cfg.updates.drop_dir / "done" / f"{NAME}-1.1.0.update"  # type: ignore[operator]
+        assert wait_for(done.is_file, T)
         assert service.registry.get_sample_value(
             "edge_agent_model_updates_total", {"model": NAME, "outcome": "installed"}) == 1.0
         gauge = service.registry.get_sample_value
@@ -443,7 +445,7 @@ def test_new_model_erroring_on_its_first_inputs_is_rolled_back_and_no_input_fail
         assert predictions(outs) == baseline
         assert {o.result.model_version for o in outs} == {"1.0.0"}
         assert wait_for(lambda: (service.health()["updates"]["last"] or {}).get("outcome") == "rolled_back", T)
-        assert sum(b.calls for b in broken) == 3
+        assert sum(b.calls for b in broken) >= 3  # a 4th may have started on the other worker as the 3rd failed
         last = service.health()["updates"]["last"]
         assert last["version"] == "1.0.0" and last["from_version"] == "1.2.0"
         assert "3 errors" in last["reason"] and "execution provider lost its device" in last["reason"]
@@ -472,7 +474,7 @@ def test_commands_install_from_the_drop_folder_and_roll_back(tmp_path: Path) -> 
         cmd = parse_command("model_update", orjson.dumps({"id": "u-1", "args": {"file": update.name}}))
         assert service.handle_command(cmd)["accepted"] is True
         assert wait_for(lambda: version_in_force(service) == "2.0.0", T)
-        assert not placed.exists()
+        assert wait_for(lambda: not placed.exists(), T)  # filed under done/
         with pytest.raises(CommandError) as missing:
             service.handle_command(Command("u-2", "model_update", {"file": "nope.update"}))
         assert missing.value.code == "update_not_found"
