@@ -56,6 +56,7 @@ from .errors import (
     UpdateUnsafePathError,
 )
 from .manifest import AnomalyDecoder, SoftmaxDecoder
+from .types import Image
 from .update_format import (
     BUNDLE_PREFIX,
     MAX_FILES,
@@ -548,8 +549,6 @@ class Smokeable(Protocol):
 
 def smoke_test(model: Smokeable, bundle: Bundle, golden: tuple[bytes, str] | None = None) -> dict[str, Any]:
     """Run a freshly loaded model on a blank image (and the golden image); raises UpdateSmokeTestError."""
-    from .types import Image
-
     m = bundle.manifest
     spec = m.input
     blank = Image.from_array(np.full((spec.height, spec.width, 3), 127, np.uint8), "RGB")
