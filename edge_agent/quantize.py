@@ -22,7 +22,9 @@ feeding it) stayed float and the stem + block 0 stayed float (AUROC 0.926 vs 0.9
 Conv or keeping depthwise convs in float was slower or lost accuracy. YOLOX-Nano (SiLU everywhere) found 0-11 of the 24
 coco_demo animals (FP32: 18) until its stem (first two convs and their SiLU) stayed float; then 17/24, but at
 0.94-1.09x FP32 at 2 threads (two gate runs): the 8-bit SiLU (QLinearSigmoid + QLinearMul) costs more than the
-fused float one, eating the convolutions' gain. It ships no INT8 twin.
+fused float one, eating the convolutions' gain. It ships no INT8 twin. Re-checked on a 2-core Zen 5 with AVX-512
+VNNI (gate runs, FP32 8-9 ms): the same options 0.92x at 2 threads but 1.23x at 1 thread (17/24); Conv only
+1.34x; depthwise convolutions in float 1.19x and 14/24. NanoDet-m there: 0.68x at 2 threads, 0.77x at 1.
 
 The gate evaluates the FP32 and the INT8 model on the same labelled folder and times both in the same run,
 interleaved. It refuses (:class:`~edge_agent.errors.QuantizationGateError`, nothing written) unless INT8 is
