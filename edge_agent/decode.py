@@ -5,7 +5,9 @@ Rules (see shared design RELIABILITY.md):
 - the pixel count is checked from the header, before any pixel is decoded;
 - EXIF orientation is applied, so photos come out upright;
 - a JPEG much larger than the model input is decoded at 1/2, 1/4 or 1/8 size in the DCT
-  (OpenCV reduced decode, after Pillow has read and checked the header).
+  (OpenCV reduced decode). For a complete 8-bit RGB or grey JPEG the header (size, EXIF orientation)
+  comes from a bounds-checked walk over its markers (:func:`jpeg_header`); anything else, or anything
+  odd about it, goes through Pillow, which reads and checks the header and gives the errors.
 """
 
 from __future__ import annotations
@@ -60,6 +62,92 @@ def _orientation(im: PILImage.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_MAX_SEGMENTS = 256
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, EXIF orientation) of an 8-bit JPEG from its markers, or None.
+
+    A quick look for the fast path only: the markers before the first scan are walked with bounds checks,
+    and anything unexpected (no or several frame headers, a bad length, 12-bit samples) returns None, so
+    that Pillow reads the file instead and gives its error. Pillow's own header parse costs 0.14 ms right
+    after a ``session.run`` (cold caches; 2-core Zen 5), a tenth of the photo path's 10% budget.
+    """
+    n = len(data)
+    pos = 2
+    frame: tuple[int, int, int] | None = None
+    orientation = 1
+    exif_seen = False
+    try:
+        for _ in range(_MAX_SEGMENTS):
+            while pos < n and data[pos] == 0xFF and pos + 1 < n and data[pos + 1] == 0xFF:
+                pos += 1  # fill bytes
+            if pos + 4 > n or data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                pos += 2
+                continue
+            if marker in (0xDA, 0xD9):  # start of scan / end of image: the header is over
+                break
+            length = struct.unpack_from(">H", data, pos + 2)[0]
+            end = pos + 2 + length
+            if length < 2 or end > n:
+                return None
+            if marker in _SOF:
+                if frame is not None or length < 8 or data[pos + 4] != 8:
+                    return None
+                h, w = struct.unpack_from(">HH", data, pos + 5)
+                frame = (w, h, data[pos + 9])
+            elif marker == 0xE1 and not exif_seen and data[pos + 4 : pos + 10] == b"Exif\0\0":
+                exif_seen = True  # Pillow, too, reads the first EXIF block only
+                orientation = _exif_orientation(data, pos + 10, end)
+            pos = end
+        else:
+            return None
+    except (struct.error, IndexError):
+        return None
+    if frame is None:
+        return None
+    return frame[0], frame[1], frame[2], orientation
+
+
+def _exif_orientation(data: bytes, start: int, end: int) -> int:
+    """Orientation tag (0x0112) of IFD0 in the TIFF block ``data[start:end]``; 1 if absent or malformed."""
+    try:
+        order = data[start : start + 2]
+        if order == b"II":
+            e = "<"
+        elif order == b"MM":
+            e = ">"
+        else:
+            return 1
+        magic, ifd = struct.unpack_from(e + "HI", data, start + 2)
+        at = start + ifd
+        if magic != 42 or at + 2 > end:
+            return 1
+        count = struct.unpack_from(e + "H", data, at)[0]
+        for i in range(min(count, 512)):
+            entry = at + 2 + 12 * i
+            if entry + 12 > end:
+                return 1
+            tag, kind, n = struct.unpack_from(e + "HHI", data, entry)
+            if tag == 0x0112:
+                if n == 0:
+                    return 1
+                if kind == 3:  # SHORT
+                    value = struct.unpack_from(e + "H", data, entry + 8)[0]
+                elif kind == 4:  # LONG
+                    value = struct.unpack_from(e + "I", data, entry + 8)[0]
+                else:
+                    return 1
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
+
+
 def _reduction(size: tuple[int, int], need: tuple[int, int]) -> int:
     """Largest JPEG DCT reduction (8, 4, 2, 1) that still yields at least ``need`` pixels."""
     w, h = size
@@ -107,6 +195,10 @@ def decode_image(
     fmt = sniff_format(data)
     if fmt is None:
         raise UnsupportedFormatError("not a JPEG, PNG or WebP image")
+    if fmt == "JPEG" and fast_jpeg:
+        fast = _fast_jpeg(data, size_hint, max_pixels)
+        if fast is not None:
+            return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
@@ -147,6 +239,26 @@ def decode_image(
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ImageError("image did not decode to 3 channels")
     return Image(pixels=np.ascontiguousarray(pixels), color="RGB", original_size=upright)
+
+
+def _fast_jpeg(data: bytes, size_hint: SizeHint | None, max_pixels: int) -> Image | None:
+    """An 8-bit RGB or grey JPEG, complete (ends with EOI): header from :func:`jpeg_header`, pixels from OpenCV's
+    reduced-size decode. None when any of that does not hold: the caller then goes the Pillow way."""
+    header = jpeg_header(data)
+    if header is None or header[2] not in (1, 3) or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
+        return None
+    w, h, _, orientation = header
+    if w < 1 or h < 1:
+        return None
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"image has {w}x{h} pixels, limit is {max_pixels}")
+    upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    need = size_hint(*upright) if size_hint is not None else upright
+    need_stored = (need[1], need[0]) if orientation in (5, 6, 7, 8) else need
+    bgr = imaging.decode_jpeg_reduced(data, _reduction((w, h), need_stored))
+    if bgr is None:
+        return None
+    return Image(pixels=_orient_array(bgr, orientation), color="BGR", original_size=upright)
 
 
 def _to_rgb(im: PILImage.Image) -> PILImage.Image:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from edge_agent.decode import decode_image, sniff_format
+from edge_agent.decode import decode_image, jpeg_header, sniff_format
 from edge_agent.errors import ImageEmptyError, ImageError, ImageTooLargeError, UnsupportedFormatError
 
 from .conftest import COCO_DEMO
@@ -204,3 +204,63 @@ def test_sniff_format() -> None:
     assert sniff_format(b"\x89PNG\r\n\x1a\n....") == "PNG"
     assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "WEBP"
     assert sniff_format(b"GIF89a") is None
+
+
+def _pillow_header(data: bytes) -> tuple[int, int, str, int]:
+    im = PILImage.open(io.BytesIO(data))
+    value = im.getexif().get(0x0112, 1)
+    return im.size[0], im.size[1], im.mode, value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _exif_jpeg(orientation_entry: bytes, order: bytes = b"MM") -> bytes:
+    """A JPEG whose EXIF IFD0 holds the one raw 12-byte entry given (in ``order`` byte order)."""
+    e = ">" if order == b"MM" else "<"
+    tiff = order + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1) + orientation_entry + b"\0\0\0\0"
+    return _encode(_marked(), exif=b"Exif\x00\x00" + tiff)
+
+
+def test_jpeg_header_agrees_with_pillow_on_real_and_crafted_jpegs() -> None:
+    samples = [p.read_bytes() for p in sorted((COCO_DEMO / "images").glob("*.jpg"))[:10]]
+    for orientation in range(1, 9):
+        exif = PILImage.Exif()
+        exif[0x0112] = orientation
+        samples.append(_encode(_marked(), exif=exif.tobytes()))
+    samples += [
+        _encode(_marked(), progressive=True),
+        _encode(_marked()[:, :, 0]),  # grey
+        _encode(_marked(), exif=b"Exif\x00\x00MM\x00*garbage"),  # malformed EXIF: upright
+        _exif_jpeg(struct.pack("<HHI", 0x0112, 3, 1) + struct.pack("<HH", 6, 0), b"II"),  # little-endian SHORT
+        _exif_jpeg(struct.pack(">HHI", 0x0112, 4, 1) + struct.pack(">I", 8)),  # LONG
+        _exif_jpeg(struct.pack(">HHI", 0x0112, 3, 2) + struct.pack(">HH", 6, 3)),  # two values: Pillow takes the first
+        _exif_jpeg(struct.pack(">HHI", 0x0112, 3, 0) + struct.pack(">HH", 6, 0)),  # no value
+        _exif_jpeg(struct.pack(">HHI", 0x0112, 3, 1) + struct.pack(">HH", 9, 0)),  # out of range
+    ]
+    assert jpeg_header(_jpeg_claiming(65500, 65500)) == (65500, 65500, 3, 1)  # Pillow refuses to open it at all
+    for data in samples:
+        mine = jpeg_header(data)
+        assert mine is not None
+        w, h, mode, orientation = _pillow_header(data)
+        assert (mine[0], mine[1], mine[3]) == (w, h, orientation)
+        assert {1: "L", 3: "RGB"}[mine[2]] == mode
+
+
+def test_jpeg_header_gives_up_on_anything_odd_and_pillow_decides() -> None:
+    good = _encode(_marked())
+    sof = good.find(b"\xff\xc0")
+    assert jpeg_header(good[:sof]) is None  # no frame header before the data ends
+    assert jpeg_header(good[:sof] + b"\xff\xc0\x00\x40" + good[sof + 4 :]) is None  # length past the end... or odd
+    assert jpeg_header(good[:sof] + good[sof : sof + 4] + b"\x0c" + good[sof + 5 :]) is None  # 12-bit samples
+    twice = good[:sof] + good[sof : sof + 19] + good[sof:]
+    assert jpeg_header(twice) is None  # two frame headers
+    buf = io.BytesIO()
+    PILImage.fromarray(_marked()).convert("CMYK").save(buf, format="JPEG")
+    cmyk = buf.getvalue()
+    assert jpeg_header(cmyk) is not None and jpeg_header(cmyk)[2] == 4  # type: ignore[index]
+    assert decode_image(cmyk).pixels.shape == (32, 64, 3)  # 4 components: the Pillow path converts it
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # bit flips in the header: a tuple or None, never an exception
+        flipped = bytearray(good)
+        for at in rng.integers(2, min(len(good), 700), 3):
+            flipped[at] ^= 1 << int(rng.integers(0, 8))
+        out = jpeg_header(bytes(flipped))
+        assert out is None or (len(out) == 4 and 1 <= out[3] <= 8)
