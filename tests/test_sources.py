@@ -462,3 +462,84 @@ def test_keep_done_false_deletes_processed_files(tmp_path: Path) -> None:
     assert src.scan_once() == 1
     assert list(src.done_dir.iterdir()) == [] and list(src.spool_dir.iterdir()) == []
     assert src.health()["done"] == 1
+
+
+# --- a real network camera: MJPEG over HTTP through OpenCV's FFmpeg backend ----------------------------------------
+
+
+class _StreamCamera:
+    """tests/support/mjpeg_camera.py in its own process on ``port``; ``stop`` kills it (only it) by PID."""
+
+    def __init__(self, port: int, level: int) -> None:
+        import subprocess
+        import sys
+
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.mjpeg_camera", str(port), str(level)],
+                                     cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port = port
+        if not wait_for(self._listening, timeout=T):
+            self.stop()
+            raise AssertionError("the stream camera did not start")
+
+    def _listening(self) -> bool:
+        import socket
+
+        if self.proc.poll() is not None:
+            return False  # exited: wait_for runs out and the caller says so
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(T)
+
+
+def test_camera_source_reconnects_to_a_real_network_stream_that_goes_away() -> None:
+    """The camera (an MJPEG-over-HTTP server in its own process) is killed mid-stream and comes back: the source
+    notices through OpenCV's real FFmpeg backend, reconnects with backoff and streams the new camera's frames."""
+    from tests.support.broker import free_port
+
+    port = free_port()
+    levels: list[float] = []
+    lock = threading.Lock()
+
+    def submit(item: InputItem) -> Future[PipelineOutput]:
+        assert item.image is not None
+        with lock:
+            levels.append(float(item.image.pixels[:, 100:, :].mean()))  # right of the moving bar
+        fut: Future[PipelineOutput] = Future()
+        fut.set_result(PipelineOutput(stored=None, result=None, sector={}))  # type: ignore[arg-type]
+        return fut
+
+    def seen(lo: float, hi: float) -> int:
+        with lock:
+            return sum(lo <= v <= hi for v in levels)
+
+    cfg = cam_cfg(url=f"http://127.0.0.1:{port}/stream.mjpg", max_fps=100.0, read_failures=1,
+                  reconnect=Backoff(initial_s=0.05, max_s=0.2, multiplier=2.0))
+    src = CameraSource(cfg, submit=submit,
+                       capture_factory=lambda url: OpenCvCapture(url, open_timeout_ms=2000, read_timeout_ms=2000))
+    first = _StreamCamera(port, 60)
+    second: _StreamCamera | None = None
+    src.start()
+    try:
+        assert wait_for(lambda: seen(40, 80) >= 10, timeout=30), src.health()
+        assert src.health()["state"] == "streaming" and src.reconnects == 0
+        first.stop()  # the camera goes away mid-stream
+        assert wait_for(lambda: src.reconnects >= 1 and src.health()["state"] in ("backoff", "connecting"),
+                        timeout=30), src.health()
+        second = _StreamCamera(port, 180)  # ... and comes back (another picture, to tell its frames apart)
+        assert wait_for(lambda: seen(160, 200) >= 10, timeout=30), src.health()
+        assert src.health()["state"] == "streaming"
+    finally:
+        src.stop(T)
+        first.stop()
+        if second is not None:
+            second.stop()
+    frames = src.health()["frames"]
+    assert frames >= 20 and seen(40, 80) + seen(160, 200) == len(levels), levels  # whole frames, from one camera
