@@ -468,19 +468,25 @@ def test_keep_done_false_deletes_processed_files(tmp_path: Path) -> None:
 
 
 class _StreamCamera:
-    """tests/support/mjpeg_camera.py in its own process on ``port``; ``stop`` kills it (only it) by PID."""
+    """A camera server in its own process on ``port`` (MJPEG over HTTP, or RTSP through GStreamer's RTSP server);
+    ``stop`` kills it (only it) by PID."""
 
-    def __init__(self, port: int, level: int) -> None:
+    def __init__(self, kind: str, port: int, level: int) -> None:
         import subprocess
         import sys
 
         root = Path(__file__).resolve().parent.parent
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.mjpeg_camera", str(port), str(level)],
-                                     cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kind == "mjpeg":
+            cmd = [sys.executable, "-m", "tests.support.mjpeg_camera", str(port), str(level)]
+            self.url = f"http://127.0.0.1:{port}/stream.mjpg"
+        else:  # the GObject bindings are a Debian package: the system Python has them, the venv does not
+            cmd = ["/usr/bin/python3", str(root / "tests" / "support" / "rtsp_camera.py"), str(port), str(level)]
+            self.url = f"rtsp://127.0.0.1:{port}/cam"
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.port = port
         if not wait_for(self._listening, timeout=T):
             self.stop()
-            raise AssertionError("the stream camera did not start")
+            raise AssertionError(f"the {kind} camera did not start: {self.proc.stderr.read()[-2000:]!r}")  # type: ignore[union-attr]
 
     def _listening(self) -> bool:
         import socket
@@ -497,11 +503,15 @@ class _StreamCamera:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(T)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
-def test_camera_source_reconnects_to_a_real_network_stream_that_goes_away() -> None:
-    """The camera (an MJPEG-over-HTTP server in its own process) is killed mid-stream and comes back: the source
-    notices through OpenCV's real FFmpeg backend, reconnects with backoff and streams the new camera's frames."""
+@pytest.mark.parametrize("kind", ["mjpeg", "rtsp"])
+def test_camera_source_reconnects_to_a_real_network_stream_that_goes_away(kind: str) -> None:
+    """The camera (an MJPEG-over-HTTP or an RTSP server in its own process) is killed mid-stream and comes back: the
+    source notices through OpenCV's real FFmpeg backend, reconnects with backoff and streams the new camera's
+    frames."""
     from tests.support.broker import free_port
 
     port = free_port()
@@ -520,20 +530,20 @@ def test_camera_source_reconnects_to_a_real_network_stream_that_goes_away() -> N
         with lock:
             return sum(lo <= v <= hi for v in levels)
 
-    cfg = cam_cfg(url=f"http://127.0.0.1:{port}/stream.mjpg", max_fps=100.0, read_failures=1,
+    first = _StreamCamera(kind, port, 60)
+    second: _StreamCamera | None = None
+    cfg = cam_cfg(url=first.url, max_fps=100.0, read_failures=1,
                   reconnect=Backoff(initial_s=0.05, max_s=0.2, multiplier=2.0))
     src = CameraSource(cfg, submit=submit,
                        capture_factory=lambda url: OpenCvCapture(url, open_timeout_ms=2000, read_timeout_ms=2000))
-    first = _StreamCamera(port, 60)
-    second: _StreamCamera | None = None
-    src.start()
     try:
+        src.start()
         assert wait_for(lambda: seen(40, 80) >= 10, timeout=30), src.health()
         assert src.health()["state"] == "streaming" and src.reconnects == 0
         first.stop()  # the camera goes away mid-stream
         assert wait_for(lambda: src.reconnects >= 1 and src.health()["state"] in ("backoff", "connecting"),
                         timeout=30), src.health()
-        second = _StreamCamera(port, 180)  # ... and comes back (another picture, to tell its frames apart)
+        second = _StreamCamera(kind, port, 180)  # ... and comes back (another picture, to tell its frames apart)
         assert wait_for(lambda: seen(160, 200) >= 10, timeout=30), src.health()
         assert src.health()["state"] == "streaming"
     finally:
