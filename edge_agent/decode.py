@@ -216,14 +216,8 @@ def decode_image(
         if w * h > max_pixels:
             raise ImageTooLargeError(f"image has {w}x{h} pixels, limit is {max_pixels}")
         orientation = _orientation(im)
-        upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        need = size_hint(*upright) if size_hint is not None else upright
-        need_stored = (need[1], need[0]) if orientation in (5, 6, 7, 8) else need
+        upright, need_stored = _geometry(w, h, orientation, size_hint)
         pixels: U8Image | None = None
-        if fmt == "JPEG" and fast_jpeg and im.mode in ("RGB", "L") and data.rstrip(b"\0")[-2:] == b"\xff\xd9":
-            bgr = imaging.decode_jpeg_reduced(data, _reduction((w, h), need_stored))
-            if bgr is not None:
-                return Image(pixels=_orient_array(bgr, orientation), color="BGR", original_size=upright)
         try:
             if fmt == "JPEG" and size_hint is not None:
                 im.draft("RGB", need_stored)
@@ -241,9 +235,20 @@ def decode_image(
     return Image(pixels=np.ascontiguousarray(pixels), color="RGB", original_size=upright)
 
 
+def _geometry(
+    w: int, h: int, orientation: int, size_hint: SizeHint | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(upright size, size needed in stored orientation) of a stored ``w`` x ``h`` picture."""
+    turned = orientation in (5, 6, 7, 8)
+    upright = (h, w) if turned else (w, h)
+    need = size_hint(*upright) if size_hint is not None else upright
+    return upright, ((need[1], need[0]) if turned else need)
+
+
 def _fast_jpeg(data: bytes, size_hint: SizeHint | None, max_pixels: int) -> Image | None:
     """An 8-bit RGB or grey JPEG, complete (ends with EOI): header from :func:`jpeg_header`, pixels from OpenCV's
-    reduced-size decode. None when any of that does not hold: the caller then goes the Pillow way."""
+    reduced-size decode. None when any of that does not hold: the caller then goes the Pillow way (Pillow's own
+    reduced-size ``draft`` decode)."""
     header = jpeg_header(data)
     if header is None or header[2] not in (1, 3) or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
         return None
@@ -252,9 +257,7 @@ def _fast_jpeg(data: bytes, size_hint: SizeHint | None, max_pixels: int) -> Imag
         return None
     if w * h > max_pixels:
         raise ImageTooLargeError(f"image has {w}x{h} pixels, limit is {max_pixels}")
-    upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    need = size_hint(*upright) if size_hint is not None else upright
-    need_stored = (need[1], need[0]) if orientation in (5, 6, 7, 8) else need
+    upright, need_stored = _geometry(w, h, orientation, size_hint)
     bgr = imaging.decode_jpeg_reduced(data, _reduction((w, h), need_stored))
     if bgr is None:
         return None

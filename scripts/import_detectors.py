@@ -6,7 +6,6 @@ Copies the ONNX files and licences and writes manifest.json with the sha256 of e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -16,11 +15,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_agent.bundle import sha256_file  # noqa: E402
 from edge_agent.quantize import drop_initializer_inputs  # noqa: E402
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _labels(path: Path) -> list[str]:
@@ -103,7 +99,7 @@ def main() -> None:
         if dropped:
             print(f"{name}: {dropped} weights were listed as graph inputs; removed from the inputs")
         manifest = dict(spec["manifest"])
-        manifest["sha256"] = _sha256(dst / manifest["model_file"])
+        manifest["sha256"] = sha256_file(dst / manifest["model_file"])
         manifest["labels"] = _labels(dst / "coco_classes.txt")
         (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"{name}: {dst}")
