@@ -34,7 +34,16 @@ from PIL import Image as PILImage
 from . import imaging
 from . import postprocess as pp
 from .bundle import Bundle
-from .manifest import AnomalyDecoder, InputSpec, Manifest, NanodetDecoder, SoftmaxDecoder, YoloxDecoder
+from .manifest import (
+    AnomalyDecoder,
+    DetectionsDecoder,
+    InputSpec,
+    Manifest,
+    NanodetDecoder,
+    SoftmaxDecoder,
+    YoloxDecoder,
+    decoder_feeds,
+)
 from .model import Model
 from .preprocess import center_crop_geometry, letterbox_geometry
 from .runtime import RuntimeOptions
@@ -245,7 +254,7 @@ class NaiveLoop:
         t1 = time.perf_counter()
         x = self._preprocess(im, spec)
         t2 = time.perf_counter()
-        outs = self.session.run(None, {spec.name: x})
+        outs = self.session.run(None, {spec.name: x, **decoder_feeds(self.m)})
         t3 = time.perf_counter()
         self._postprocess(dict(zip([o.name for o in self.session.get_outputs()], outs, strict=True)))
         t4 = time.perf_counter()
@@ -295,6 +304,9 @@ class NaiveLoop:
             return [(m.labels[i], float(probs[i])) for i in top]
         if isinstance(dec, AnomalyDecoder):
             return [float(outs[dec.score_output].reshape(-1)[0])]
+        if isinstance(dec, DetectionsDecoder):  # the graph already filtered, decoded and NMS-ed
+            return [(int(c), float(s), b.tolist()) for b, s, c in zip(
+                outs[dec.boxes_output], outs[dec.scores_output], outs[dec.class_ids_output], strict=True)]
         size = (m.input.width, m.input.height)
         if isinstance(dec, YoloxDecoder):  # decode every anchor, then filter (YOLOX demo style)
             boxes = pp.decode_yolox(outs[dec.output], size, dec.strides, 0.0)
@@ -408,7 +420,6 @@ def bench_model(
     model = Model.load(bundle, cfg.options)
     model.warmup(2)
     session = session_of(model)
-    name = model.manifest.input.name
     overlapped = OverlappedSink(sink) if sink is not None else None
     finish = _encode_step(model, overlapped)
     finish_waited = _encode_step(model, sink, "-waited") if sink is not None and cfg.wait_for_write else None
@@ -416,7 +427,7 @@ def bench_model(
     frame = inputs.frame
     frame_image = Image.from_array(frame, "BGR")
     tensor = model.preprocessor.run(frame_image)[0].copy()
-    feeds = {name: tensor}
+    feeds = model.feeds(tensor)
 
     def floor_run() -> None:
         session.run(None, feeds)
@@ -515,7 +526,7 @@ def bench_pipelined(bundle: Bundle, stream: Sequence[bytes], workers: int, cfg: 
     data = stream[0]
     factor = reduction_for(jpeg_size(data), first.preprocessor.required_size(*jpeg_size(data)))
     tensor = first.preprocessor.run(first.decode(data))[0].copy()
-    feeds = {first.manifest.input.name: tensor}
+    feeds = first.feeds(tensor)
 
     def cpu_timed(fn: Callable[[], object]) -> Step:
         def step() -> Stages:
@@ -654,7 +665,7 @@ def bench_int8(fp32: Bundle, int8: Bundle, inputs: BenchInputs, cfg: BenchConfig
             m = Model.load(b, opts)
             m.warmup(1)
             sess = session_of(m)
-            feeds = {m.manifest.input.name: m.preprocessor.run(Image.from_array(inputs.frame, "BGR"))[0].copy()}
+            feeds = m.feeds(m.preprocessor.run(Image.from_array(inputs.frame, "BGR"))[0].copy())
             steps[f"{tag}_run"] = lambda s=sess, f=feeds: (s.run(None, f), None)[1]  # type: ignore[misc]
             steps[f"{tag}_loop"] = lambda m=m: (m.predict(Image.from_array(inputs.frame, "BGR")), None)[1]  # type: ignore[misc]
         res = sample_interleaved(steps, cfg.budget)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ManifestError
@@ -101,6 +103,22 @@ class Yolov8Decoder(_Strict):
     output: str = Field(description="(1, 4+nc, N): cx, cy, w, h in input pixels, then class scores.")
 
 
+class DetectionsDecoder(_Strict):
+    """Post-processing inside the graph (``edge_agent.detector_heads``): filtered, decoded, class-aware NMS-ed.
+
+    The graph takes the thresholds as 0-d inputs (fed from ``thresholds`` on every run) and returns the kept
+    detections best first; boxes are x1, y1, x2, y2 in model-input pixels.
+    """
+
+    type: Literal["detections"]
+    boxes_output: str = Field(default="boxes", description="(M, 4) float32 x1, y1, x2, y2, model-input pixels.")
+    scores_output: str = Field(default="scores", description="(M,) float32, best first.")
+    class_ids_output: str = Field(default="class_ids", description="(M,) int64 indices into labels.")
+    score_threshold_input: str = Field(default="score_threshold", description="0-d float32 input.")
+    iou_threshold_input: str = Field(default="iou_threshold", description="0-d float32 input.")
+    max_detections_input: str = Field(default="max_detections", description="0-d int64 input.")
+
+
 class AnomalyDecoder(_Strict):
     type: Literal["anomaly"]
     score_output: str = Field(description="(1,) or (1, 1) image anomaly score.")
@@ -108,7 +126,7 @@ class AnomalyDecoder(_Strict):
 
 
 Decoder = Annotated[
-    SoftmaxDecoder | YoloxDecoder | NanodetDecoder | Yolov8Decoder | AnomalyDecoder,
+    SoftmaxDecoder | YoloxDecoder | NanodetDecoder | Yolov8Decoder | DetectionsDecoder | AnomalyDecoder,
     Field(discriminator="type"),
 ]
 
@@ -147,6 +165,7 @@ class Manifest(_Strict):
             "yolox": "detection",
             "nanodet": "detection",
             "yolov8": "detection",
+            "detections": "detection",
             "anomaly": "anomaly",
         }[self.decoder.type]
         if expected != self.task:
@@ -154,6 +173,27 @@ class Manifest(_Strict):
         if self.task == "anomaly" and self.thresholds.anomaly is None:
             raise ValueError("anomaly bundles need thresholds.anomaly")
         return self
+
+
+def decoder_feeds(manifest: Manifest) -> dict[str, npt.NDArray[Any]]:
+    """Inputs besides the image that the decoder needs on every run: the thresholds of a ``detections`` graph."""
+    dec = manifest.decoder
+    if not isinstance(dec, DetectionsDecoder):
+        return {}
+    th = manifest.thresholds
+    return {
+        dec.score_threshold_input: np.array(th.score, np.float32),
+        dec.iou_threshold_input: np.array(th.iou, np.float32),
+        dec.max_detections_input: np.array(th.max_detections, np.int64),
+    }
+
+
+def decoder_inputs(manifest: Manifest) -> list[str]:
+    """Names of the graph inputs :func:`decoder_feeds` fills."""
+    dec = manifest.decoder
+    if not isinstance(dec, DetectionsDecoder):
+        return []
+    return [dec.score_threshold_input, dec.iou_threshold_input, dec.max_detections_input]
 
 
 def upgrade(doc: dict[str, Any]) -> dict[str, Any]:

@@ -19,12 +19,15 @@ from .decode import DEFAULT_MAX_PIXELS, decode_image
 from .errors import ManifestError
 from .manifest import (
     AnomalyDecoder,
+    DetectionsDecoder,
     Manifest,
     NanodetDecoder,
     SoftmaxDecoder,
     Thresholds,
     Yolov8Decoder,
     YoloxDecoder,
+    decoder_feeds,
+    decoder_inputs,
 )
 from .preprocess import Preprocessor, map_box_to_original
 from .runtime import Array, OrtRuntime, Runtime, RuntimeOptions
@@ -61,6 +64,13 @@ class Model:
                 f"{manifest.name}: field decoder: outputs {missing} not in the model "
                 f"(outputs: {', '.join(runtime.output_names)})"
             )
+        missing = [i for i in decoder_inputs(manifest) if i not in runtime.input_names]
+        if missing:
+            raise ManifestError(
+                f"{manifest.name}: field decoder: inputs {missing} not in the model "
+                f"(inputs: {', '.join(runtime.input_names)})"
+            )
+        self._extra: tuple[Thresholds, dict[str, Array]] = (manifest.thresholds, decoder_feeds(manifest))
 
     @classmethod
     def load(cls, bundle: Bundle, options: RuntimeOptions | None = None, **kwargs: Any) -> Model:
@@ -91,13 +101,24 @@ class Model:
         image = self.decode(data)
         return self.predict(image, decode_ms=(time.perf_counter() - t0) * _ms)
 
+    def feeds(self, tensor: Array, manifest: Manifest | None = None) -> dict[str, Array]:
+        """The feeds of one run: the image ``tensor`` and what the decoder needs (the thresholds of a
+        ``detections`` graph), for ``manifest`` (default: the model's current one)."""
+        m = manifest or self.manifest
+        thresholds, extra = self._extra
+        if thresholds is not m.thresholds:  # set_thresholds swapped them: build the threshold tensors once
+            extra = decoder_feeds(m)
+            self._extra = (m.thresholds, extra)
+        return {m.input.name: tensor, **extra} if extra else {m.input.name: tensor}
+
     def predict(self, image: Image, *, decode_ms: float = 0.0) -> Result:
+        m = self.manifest  # one snapshot: set_thresholds may swap it meanwhile
         t0 = time.perf_counter()
         tensor, meta = self.preprocessor.run(image)
         t1 = time.perf_counter()
-        outputs = self.runtime.run({self.manifest.input.name: tensor})
+        outputs = self.runtime.run(self.feeds(tensor, m))
         t2 = time.perf_counter()
-        predictions, rejected = self._postprocess(outputs, meta)
+        predictions, rejected = self._postprocess(outputs, meta, m)
         t3 = time.perf_counter()
         return Result(
             model=self.manifest.name,
@@ -134,8 +155,10 @@ class Model:
         for _ in range(runs):
             self.predict(blank)
 
-    def _postprocess(self, outputs: dict[str, Array], meta: PreprocessMeta) -> tuple[tuple[Prediction, ...], bool]:
-        m = self.manifest
+    def _postprocess(
+        self, outputs: dict[str, Array], meta: PreprocessMeta, manifest: Manifest | None = None
+    ) -> tuple[tuple[Prediction, ...], bool]:
+        m = manifest or self.manifest
         dec = m.decoder
         th = m.thresholds
         if isinstance(dec, SoftmaxDecoder):
@@ -159,6 +182,13 @@ class Model:
             heat = pp.anomaly_map(outputs[dec.map_output]) if dec.map_output else None
             assert th.anomaly is not None  # guaranteed by the manifest validator
             return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat),), False
+        if isinstance(dec, DetectionsDecoder):  # filtered, decoded and NMS-ed in the graph, best first
+            xyxy = outputs[dec.boxes_output].tolist()
+            scores = outputs[dec.scores_output].tolist()
+            cls = outputs[dec.class_ids_output].tolist()
+            t = th.score  # a candidate under it may survive NMS (it cannot suppress a better box): drop it here
+            keep = [i for i, s in enumerate(scores[: th.max_detections]) if s >= t]
+            return self._detections(xyxy, scores, cls, keep, meta, m), False
         size = (m.input.width, m.input.height)
         if isinstance(dec, YoloxDecoder):
             boxes = pp.decode_yolox(outputs[dec.output], size, dec.strides, th.score)
@@ -181,9 +211,16 @@ class Model:
             boxes = pp.batched_nms(boxes, th.iou, th.max_detections)
             xyxy, scores, cls = boxes.xyxy.tolist(), boxes.scores.tolist(), boxes.class_ids.tolist()
             keep = list(range(len(scores)))
+        return self._detections(xyxy, scores, cls, keep, meta, m), False
+
+    @staticmethod
+    def _detections(
+        xyxy: list[list[float]], scores: list[float], cls: list[int], keep: list[int], meta: PreprocessMeta,
+        m: Manifest,
+    ) -> tuple[Prediction, ...]:
         labels = m.labels
         n_labels = len(labels)
-        dets: tuple[Prediction, ...] = tuple(
+        return tuple(
             Detection(
                 label=labels[cls[i]] if 0 <= cls[i] < n_labels else str(cls[i]),
                 score=scores[i],
@@ -192,7 +229,6 @@ class Model:
             )
             for i in keep
         )
-        return dets, False
 
 
 def _decoder_outputs(manifest: Manifest) -> list[str]:
@@ -203,4 +239,6 @@ def _decoder_outputs(manifest: Manifest) -> list[str]:
         return [dec.score_output] + ([dec.map_output] if dec.map_output else [])
     if isinstance(dec, NanodetDecoder):
         return [*dec.cls_outputs, *dec.reg_outputs]
+    if isinstance(dec, DetectionsDecoder):
+        return [dec.boxes_output, dec.scores_output, dec.class_ids_output]
     return [dec.output]

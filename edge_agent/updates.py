@@ -55,7 +55,7 @@ from .errors import (
     UpdateTooLargeError,
     UpdateUnsafePathError,
 )
-from .manifest import AnomalyDecoder, SoftmaxDecoder
+from .manifest import AnomalyDecoder, SoftmaxDecoder, decoder_feeds
 from .types import Image
 from .update_format import (
     BUNDLE_PREFIX,
@@ -584,7 +584,7 @@ def _check_outputs(model: Smokeable, bundle: Bundle, blank: Any) -> None:
         return
     m = bundle.manifest
     tensor, _meta = pre.run(blank)
-    outputs = runtime.run({m.input.name: tensor})
+    outputs = runtime.run({m.input.name: tensor, **decoder_feeds(m)})
     for name, value in outputs.items():
         if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
             raise UpdateSmokeTestError(f"{m.name} {m.version}: output {name} is not finite on a blank image")

@@ -2,6 +2,8 @@
 
 Usage: python scripts/import_detectors.py [SHARED_MODELS_DIR] [MODELS_DIR]
 Copies the ONNX files and licences and writes manifest.json with the sha256 of each file.
+YOLOX-Nano gets its post-processing (candidate filter, decode, class-aware NMS) and a uint8 image input inside the
+graph (``edge_agent.detector_heads``; decoder ``detections``): same detections, 0.4-0.6 ms less per 1080p frame.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_agent import detector_heads  # noqa: E402
 from edge_agent.bundle import sha256_file  # noqa: E402
 from edge_agent.quantize import drop_initializer_inputs  # noqa: E402
 
@@ -29,27 +32,32 @@ BUNDLES: dict[str, dict[str, Any]] = {
         "manifest": {
             "schema_version": 1,
             "name": "yolox_nano",
-            "version": "1.0.0",
+            "version": "1.1.0",
             "task": "detection",
             "model_file": "yolox_nano.onnx",
             "license": "Apache-2.0",
             "source": "Megvii YOLOX-Nano COCO weights (Apache-2.0), ONNX export from "
             "Kazuhito00/YOLOX-ONNX-TFLite-Sample @ 3d4f1119; see SOURCE.md",
-            "description": "YOLOX-Nano COCO-80 detector, 416x416, 0.91M parameters.",
+            "description": "YOLOX-Nano COCO-80 detector, 416x416, 0.91M parameters; uint8 input, post-processing "
+            "(filter, decode, class-aware NMS) in the graph.",
             "input": {
                 "name": "images",
                 "width": 416,
                 "height": 416,
                 "layout": "NCHW",
-                "dtype": "float32",
+                "dtype": "uint8",
                 "color": "BGR",
                 "resize": {"mode": "letterbox", "pad_value": 114, "placement": "top_left"},
                 "normalize": {"scale": 1.0, "mean": [0, 0, 0], "std": [1, 1, 1]},
             },
-            "decoder": {"type": "yolox", "output": "output", "strides": [8, 16, 32]},
+            "decoder": {"type": "detections"},
             "thresholds": {"score": 0.3, "iou": 0.45, "max_detections": 100},
-            # INT8 (edge_agent.quantize): the stem's SiLU in 8 bits cost 8 of 18 found animals on coco_demo
-            "metadata": {"quantize": {"nodes_to_exclude": ["Conv_41", "Sigmoid_42", "Mul_43", "Conv_44"]}},
+            # INT8 (edge_agent.quantize): the stem's SiLU in 8 bits cost 8 of 18 found animals on coco_demo;
+            # the post-processing after the last convolutions stays float
+            "metadata": {"quantize": {"nodes_to_exclude": ["Conv_41", "Sigmoid_42", "Mul_43", "Conv_44"],
+                                      "float_tail": True}},
+            # graph surgery applied after copying (see main)
+            "head": {"kind": "yolox", "output": "output", "strides": [8, 16, 32], "uint8_input": "images"},
         },
     },
     "nanodet_m_320": {
@@ -87,6 +95,16 @@ BUNDLES: dict[str, dict[str, Any]] = {
 }
 
 
+def add_head(path: Path, head: dict[str, Any], size: tuple[int, int]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    detector_heads.add_yolox_postprocess(model, size, tuple(head["strides"]), head["output"])
+    if head.get("uint8_input"):
+        detector_heads.cast_uint8_input(model, head["uint8_input"])
+    onnx.save(model, str(path))
+
+
 def main() -> None:
     shared = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "models"
     out_root = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "models"
@@ -94,11 +112,17 @@ def main() -> None:
         src, dst = shared / name, out_root / name
         dst.mkdir(parents=True, exist_ok=True)
         for f in spec["files"]:
+            if f == "SOURCE.md" and (dst / f).is_file():
+                continue  # the bundle's SOURCE.md extends the shared one with what importing changed
             shutil.copyfile(src / f, dst / f)
         dropped = drop_initializer_inputs(dst / spec["manifest"]["model_file"])
         if dropped:
             print(f"{name}: {dropped} weights were listed as graph inputs; removed from the inputs")
         manifest = dict(spec["manifest"])
+        head = manifest.pop("head", None)
+        if head is not None:
+            add_head(dst / manifest["model_file"], head, (manifest["input"]["width"], manifest["input"]["height"]))
+            print(f"{name}: post-processing and uint8 input moved into the graph")
         manifest["sha256"] = sha256_file(dst / manifest["model_file"])
         manifest["labels"] = _labels(dst / "coco_classes.txt")
         (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
