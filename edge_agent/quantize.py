@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from . import detector_heads
 from .bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
 from .decode import decode_image
 from .errors import EdgeAgentError, InputNotFoundError, ManifestError, QuantizationGateError
@@ -118,10 +119,10 @@ def preprocess_file(pre: Preprocessor, path: Path) -> np.ndarray:
 class _FolderReader:
     """onnxruntime CalibrationDataReader over a list of image files."""
 
-    def __init__(self, manifest: Manifest, paths: Sequence[Path]) -> None:
+    def __init__(self, manifest: Manifest, paths: Sequence[Path], decoder_inputs: bool = True) -> None:
         self._pre = Preprocessor(manifest.input)
         self._name = manifest.input.name
-        self._extra = decoder_feeds(manifest)
+        self._extra = decoder_feeds(manifest) if decoder_inputs else {}
         self._paths = list(paths)
         self._iter: Iterator[Path] = iter(self._paths)
 
@@ -317,7 +318,7 @@ def quantize_onnx(
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self.inner = _FolderReader(bundle.manifest, calib)
+            self.inner = _FolderReader(bundle.manifest, calib, decoder_inputs=head is None)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return self.inner.get_next()
@@ -330,7 +331,10 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         source = bundle.onnx_path
         model = onnx.load(str(source))
+        head = detector_heads.detach_head(model)  # post-processing in the graph: quantize the body, then put it back
         changes = prepare_for_quantization(model)
+        if head is not None:
+            changes.append("post-processing detached (kept float)")
         if changes:
             log.info("%s: before quantizing: %s", bundle.name, "; ".join(changes))
             source = Path(tmp) / "fixed.onnx"
@@ -364,6 +368,10 @@ def quantize_onnx(
             )
         except Exception as exc:
             raise QuantizationGateError(f"{bundle.name}: quantization failed: {exc}") from exc
+        if head is not None:
+            quantized = onnx.load(str(out_path))
+            detector_heads.attach_head(quantized, head)
+            onnx.save(quantized, str(out_path))
 
 
 def compare_latency(

@@ -185,3 +185,25 @@ def test_nanodet_quantizes_to_a_model_that_runs(tmp_path: Path) -> None:
     outputs = sess.run(None, {"input.1": np.zeros((1, 3, 320, 320), np.float32)})
     assert [o.shape for o in outputs] == [(1, 1600, 80), (1, 400, 80), (1, 100, 80), (1, 1600, 32), (1, 400, 32),
                                           (1, 100, 32)]
+
+
+def test_yolox_with_post_processing_in_the_graph_quantizes_and_keeps_its_head(tmp_path: Path) -> None:
+    """The calibrator cannot take the head's variable-length candidate tensors: the body is quantized alone and
+    the float post-processing put back; the INT8 model takes the thresholds and still finds the cows."""
+    from edge_agent.model import Model
+    from edge_agent.runtime import OrtRuntime
+
+    from .conftest import COCO_DEMO, MODELS
+
+    bundle = load_bundle(MODELS / "yolox_nano")
+    out = tmp_path / "int8.onnx"
+    photos = sorted((COCO_DEMO / "images").glob("*.jpg"))
+    quantize_onnx(bundle, photos[:2], out)
+    graph = onnx.load(str(out)).graph
+    assert {i.name for i in graph.input} == {"images", "score_threshold", "iou_threshold", "max_detections"}
+    assert [o.name for o in graph.output] == ["boxes", "scores", "class_ids"]
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0].startswith("pp_") for n in graph.node)
+    model = Model(bundle.manifest, OrtRuntime(out))
+    cows = model.predict_bytes((COCO_DEMO / "images" / "000000573455.jpg").read_bytes()).detections
+    assert sum(d.label == "cow" for d in cows) >= 3
