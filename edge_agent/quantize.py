@@ -32,6 +32,10 @@ DequantizeLinear -> QuickGelu -> QuantizeLinear) brought 1 thread to 0.99-1.03x 
 1.15-1.17x: the graph has twice the nodes, and with spinning off each parallel node wakes the other thread; the
 stem still has to stay float (all int8: 9/24). Not kept.
 
+A graph with its post-processing inside (decoder ``detections``, ``edge_agent.detector_heads``) is quantized
+without it: the calibrator cannot take the variable-length candidate tensors, and the head stays float anyway; the
+head is put back on the quantized body.
+
 The gate evaluates the FP32 and the INT8 model on the same labelled folder and times both in the same run,
 interleaved. It refuses (:class:`~edge_agent.errors.QuantizationGateError`, nothing written) unless INT8 is
 faster and loses at most the budget: ``max_accuracy_drop`` (fraction, 0.01 = 1 point) for classifiers,
