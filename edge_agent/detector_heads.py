@@ -22,14 +22,15 @@ thresholds are graph inputs (0-d tensors) fed by :class:`edge_agent.model.Model`
 every run, so ``set_thresholds`` keeps working. Candidates whose best score is under the threshold may survive NMS
 (they cannot suppress a better box); the model drops them.
 
-:func:`cast_uint8_input` makes the image input uint8 with a Cast in the graph (for models whose normalisation is
-the identity, like YOLOX's 0-255 floats): the pre-processing then writes 1 byte per value instead of 4, and the
-first convolution reads a tensor the Cast just wrote (measured: 0.07 ms less pre-processing and 0.15 ms less
-``session.run`` per 1080p frame for YOLOX-Nano).
+:func:`cast_uint8_input` makes the image input uint8, with the cast and the normalisation in the graph: the
+pre-processing then writes 1 byte per value instead of 4, and the first convolution reads a tensor the graph just
+wrote (measured per 1080p frame: YOLOX-Nano 0.07 ms less pre-processing and 0.15 ms less ``session.run``;
+NanoDet-m 0.10 ms less pre-processing, ``session.run`` the same).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,95 @@ def _grid(width: int, height: int, strides: tuple[int, ...]) -> tuple[np.ndarray
     return grid, np.concatenate(steps).astype(np.float32)
 
 
+class _Builder:
+    """Appends ``pp_``-named nodes and constants to a graph (the prefix is how :func:`detach_head` finds them)."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import helper, numpy_helper
+
+        self.g = graph
+        self._helper = helper
+        self._numpy_helper = numpy_helper
+        self.nodes: list[Any] = []
+
+    def const(self, name: str, value: Any) -> str:
+        self.g.initializer.append(self._numpy_helper.from_array(np.asarray(value), f"pp_{name}"))
+        return f"pp_{name}"
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        out = f"pp_{name}"
+        self.nodes.append(self._helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def output_op(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> None:
+        self.nodes.append(self._helper.make_node(op_type, inputs, [output], name=f"pp_out_{output}", **attrs))
+
+    def candidates(self, value: str) -> str:
+        """(K,) int64 positions where (1, N) ``value`` >= ``score_threshold`` (Not(Less) keeps ">=" exact)."""
+        below = self.op("Less", [value, SCORE_THRESHOLD], "below")
+        passing = self.op("Not", [below], "pass")
+        nz = self.op("NonZero", [passing], "nz")  # (2, K): batch, anchor
+        return self.op("Gather", [nz, self.const("one", np.int64(1))], "idx", axis=0)
+
+    def nms(self, boxes: str, best: str, cid: str, span: float) -> None:
+        """Class-aware greedy NMS of (K, 4) ``boxes``, (K,) ``best`` scores, (K,) int64 ``cid``; writes the outputs.
+
+        Boxes of class k are shifted by k * ``span`` (more than any coordinate), so classes never suppress each
+        other; ``NonMaxSuppression`` keeps at most ``max_detections``, best first.
+        """
+        cidf = self.op("Cast", [cid], "cidf", to=TensorProto_FLOAT)
+        off = self.op("Mul", [cidf, self.const("span", np.float32(span))], "off")
+        off_col = self.op("Reshape", [off, self.const("col", np.array([-1, 1], np.int64))], "off_col")
+        shifted = self.op("Add", [boxes, off_col], "shifted")
+        batch_boxes = self.op("Reshape", [shifted, self.const("b_k4", np.array([1, -1, 4], np.int64))], "nms_boxes")
+        batch_scores = self.op("Reshape", [best, self.const("b_1k", np.array([1, 1, -1], np.int64))], "nms_scores")
+        vec = self.const("vec1", np.array([1], np.int64))
+        max_det = self.op("Reshape", [MAX_DETECTIONS, vec], "max")
+        iou = self.op("Reshape", [IOU_THRESHOLD, vec], "iou")
+        sel = self.op("NonMaxSuppression", [batch_boxes, batch_scores, max_det, iou], "nms", center_point_box=0)
+        keep = self.op("Gather", [sel, self.const("two", np.int64(2))], "keep", axis=1)  # (M,)
+        self.output_op("Gather", [boxes, keep], BOXES, axis=0)
+        self.output_op("Gather", [best, keep], SCORES, axis=0)
+        self.output_op("Gather", [cid, keep], CLASS_IDS, axis=0)
+
+    def finish(self, model: Any, remove: list[Any], old_outputs: set[str]) -> None:
+        import onnx
+        from onnx import TensorProto
+
+        g = self.g
+        drop = {id(n) for n in remove}
+        _keep(g.node, [n for n in g.node if id(n) not in drop] + self.nodes)
+        _keep(g.output, [o for o in g.output if o.name not in old_outputs])
+        h = self._helper
+        g.output.extend([
+            h.make_tensor_value_info(BOXES, TensorProto.FLOAT, ["detections", 4]),
+            h.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["detections"]),
+            h.make_tensor_value_info(CLASS_IDS, TensorProto.INT64, ["detections"]),
+        ])
+        g.input.extend([
+            h.make_tensor_value_info(SCORE_THRESHOLD, TensorProto.FLOAT, []),
+            h.make_tensor_value_info(IOU_THRESHOLD, TensorProto.FLOAT, []),
+            h.make_tensor_value_info(MAX_DETECTIONS, TensorProto.INT64, []),
+        ])
+        del g.value_info[:]  # shapes of the replaced tail are stale
+        onnx.checker.check_model(model)
+
+
+TensorProto_FLOAT = 1  # onnx.TensorProto.FLOAT, without importing onnx at module level
+
+
+def _transpose_input(model: Any, output: str, what: str) -> tuple[Any, str]:
+    """The (0, 2, 1) Transpose node producing graph output ``output``, and its input (channel-major)."""
+    g = model.graph
+    producer = next((n for n in g.node if output in n.output), None)
+    perm = [] if producer is None else next((list(a.ints) for a in producer.attribute if a.name == "perm"), [])
+    if producer is None or producer.op_type != "Transpose" or perm != [0, 2, 1]:
+        raise ManifestError(f"{output!r} is not the (0, 2, 1) Transpose of a {what} head; cannot add post-processing")
+    if not any(o.name == output for o in g.output):
+        raise ManifestError(f"{output!r} is not an output of the graph")
+    return producer, producer.input[0]
+
+
 def add_yolox_postprocess(
     model: Any, input_size: tuple[int, int], strides: tuple[int, ...], output: str = "output"
 ) -> None:
@@ -64,111 +154,89 @@ def add_yolox_postprocess(
     ``model`` is an ``onnx.ModelProto`` from YOLOX's ``export_onnx.py`` (no decode in graph): ``output`` is the
     Transpose (perm 0, 2, 1) of a channel-major (1, 5 + C, N) tensor. Raises :class:`ManifestError` otherwise.
     """
+    producer, raw = _transpose_input(model, output, "YOLOX")  # raw: (1, 5 + C, N)
+    grid, stride = _grid(input_size[0], input_size[1], strides)
+    b = _Builder(model.graph)
+    obj = b.op("Gather", [raw, b.const("obj_ch", np.int64(4))], "obj", axis=1)  # (1, N)
+    idx = b.candidates(obj)  # objectness is necessary: score = obj * cls <= obj
+    rows = b.op("Gather", [raw, idx], "rows", axis=2)  # (1, 5 + C, K)
+    axis1 = b.const("axis1", np.array([1], np.int64))
+
+    def channels(lo: int, hi: int, name: str) -> str:
+        return b.op("Slice", [rows, b.const(f"{name}_lo", np.array([lo], np.int64)),
+                              b.const(f"{name}_hi", np.array([hi], np.int64)), axis1], name)
+
+    xy, wh, o = channels(0, 2, "xy"), channels(2, 4, "wh"), channels(4, 5, "o")
+    cls = channels(5, np.iinfo(np.int64).max, "cls")
+    sc = b.op("Mul", [cls, o], "sc")  # (1, C, K)
+    flat = b.const("flat", np.array([-1], np.int64))
+    best = b.op("Reshape", [b.op("ReduceMax", [sc], "best3", axes=[1], keepdims=1), flat], "best")  # (K,)
+    cid = b.op("Reshape", [b.op("ArgMax", [sc], "cid3", axis=1, keepdims=1), flat], "cid")  # (K,), first max
+    st = b.op("Gather", [b.const("stride", stride[None, None]), idx], "st", axis=2)  # (1, 1, K)
+    ctr = b.op("Mul", [b.op("Add", [xy, b.op("Gather", [b.const("grid", grid[None]), idx], "g", axis=2)], "c0"),
+                       st], "ctr")
+    half = b.op("Mul", [b.op("Mul", [b.op("Exp", [wh], "e"), st], "size"), b.const("half", np.float32(0.5))], "hs")
+    box = b.op("Concat", [b.op("Sub", [ctr, half], "p1"), b.op("Add", [ctr, half], "p2")], "box", axis=1)
+    boxes = b.op("Reshape", [b.op("Transpose", [box], "boxt", perm=[0, 2, 1]),
+                             b.const("k4", np.array([-1, 4], np.int64))], "boxes")  # (K, 4)
+    b.nms(boxes, best, cid, span=float(max(input_size)) * 4.0 + 1.0)
+    b.finish(model, [producer], {output})
+
+
+def add_nanodet_postprocess(
+    model: Any, input_size: tuple[int, int], strides: tuple[int, ...], reg_max: int,
+    cls_outputs: tuple[str, ...], reg_outputs: tuple[str, ...],
+) -> None:
+    """Replace NanoDet's per-stride class scores and distance bins by filtered, decoded, NMS-ed detections.
+
+    ``cls_outputs[i]`` (1, N_i, C) sigmoid scores and ``reg_outputs[i]`` (1, N_i, 4 * (reg_max + 1)) bins must be
+    (0, 2, 1) Transposes of channel-major tensors (NanoDet's export). Score = best class; box = cell centre
+    (col * s + (s - 1) / 2, ...) -/+ s * sum(softmax(bins) * [0..reg_max]) per side.
+    """
+    cls_t = [_transpose_input(model, n, "NanoDet") for n in cls_outputs]
+    reg_t = [_transpose_input(model, n, "NanoDet") for n in reg_outputs]
+    grid, stride = _grid(input_size[0], input_size[1], strides)
+    centre = (grid.T * stride[:, None] + (stride[:, None] - 1) / 2).astype(np.float32)  # (N, 2)
+    bins = reg_max + 1
+    b = _Builder(model.graph)
+    cls = b.op("Concat", [raw for _, raw in cls_t], "cls", axis=2)  # (1, C, N)
+    reg = b.op("Concat", [raw for _, raw in reg_t], "reg", axis=2)  # (1, 4 * bins, N)
+    flat = b.const("flat", np.array([-1], np.int64))
+    best_all = b.op("ReduceMax", [cls], "best_all", axes=[1], keepdims=0)  # (1, N)
+    idx = b.candidates(best_all)
+    best = b.op("Gather", [b.op("Reshape", [best_all, flat], "best_flat"), idx], "best", axis=0)  # (K,)
+    cid = b.op("Reshape", [b.op("ArgMax", [b.op("Gather", [cls, idx], "cls_rows", axis=2)], "cid3",
+                                axis=1, keepdims=1), flat], "cid")  # (K,), first max
+    rows = b.op("Transpose", [b.op("Gather", [reg, idx], "reg_rows", axis=2)], "reg_t", perm=[0, 2, 1])  # (1, K, 4b)
+    side_bins = b.op("Reshape", [rows, b.const("k4b", np.array([-1, 4, bins], np.int64))], "bins")  # (K, 4, bins)
+    prob = b.op("Softmax", [side_bins], "prob", axis=2)  # over the bins (the last axis, in every opset)
+    dist = b.op("MatMul", [prob, b.const("proj", np.arange(bins, dtype=np.float32))], "dist_bins")  # (K, 4)
+    st = b.op("Gather", [b.const("stride", stride[:, None]), idx], "st", axis=0)  # (K, 1)
+    dist_px = b.op("Mul", [dist, st], "dist")
+    ctr = b.op("Gather", [b.const("centre", centre), idx], "ctr", axis=0)  # (K, 2)
+    axis1 = b.const("axis1", np.array([1], np.int64))
+
+    def sides(lo: int, hi: int, name: str) -> str:
+        return b.op("Slice", [dist_px, b.const(f"{name}_lo", np.array([lo], np.int64)),
+                              b.const(f"{name}_hi", np.array([hi], np.int64)), axis1], name)
+
+    boxes = b.op("Concat", [b.op("Sub", [ctr, sides(0, 2, "lt")], "p1"), b.op("Add", [ctr, sides(2, 4, "rb")], "p2")],
+                 "boxes", axis=1)  # (K, 4)
+    b.nms(boxes, best, cid, span=float(max(input_size)) * 4.0 + 1.0)
+    b.finish(model, [p for p, _ in cls_t + reg_t], set(cls_outputs) | set(reg_outputs))
+
+
+def cast_uint8_input(
+    model: Any, name: str, scale: float = 1.0, mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> None:
+    """Make NCHW graph input ``name`` uint8 and do the float conversion (and normalisation) in the graph (in place).
+
+    The graph computes ``(x * scale - mean) / std`` per channel, as the manifest's ``normalize`` did; the bundle's
+    manifest then says ``dtype: uint8`` with no normalisation.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    g = model.graph
-    producer = next((n for n in g.node if output in n.output), None)
-    perm = [] if producer is None else next((list(a.ints) for a in producer.attribute if a.name == "perm"), [])
-    if producer is None or producer.op_type != "Transpose" or perm != [0, 2, 1]:
-        raise ManifestError(f"{output!r} is not the (0, 2, 1) Transpose of a YOLOX head; cannot add post-processing")
-    if not any(o.name == output for o in g.output):
-        raise ManifestError(f"{output!r} is not an output of the graph")
-    raw = producer.input[0]  # (1, 5 + C, N)
-    grid, stride = _grid(input_size[0], input_size[1], strides)
-    span = float(max(input_size)) * 4.0 + 1.0  # class offset for NMS: larger than any box coordinate
-
-    def const(name: str, value: Any) -> str:
-        g.initializer.append(numpy_helper.from_array(np.asarray(value), f"pp_{name}"))
-        return f"pp_{name}"
-
-    c = {
-        "obj_ch": const("obj_ch", np.int64(4)),
-        "one": const("one", np.int64(1)),
-        "two": const("two", np.int64(2)),
-        "grid": const("grid", grid[None]),  # (1, 2, N)
-        "stride": const("stride", stride[None, None]),  # (1, 1, N)
-        "half": const("half", np.float32(0.5)),
-        "span": const("span", np.float32(span)),
-        "s0": const("s0", np.array([0], np.int64)),
-        "s2": const("s2", np.array([2], np.int64)),
-        "s4": const("s4", np.array([4], np.int64)),
-        "s5": const("s5", np.array([5], np.int64)),
-        "end": const("end", np.array([np.iinfo(np.int64).max], np.int64)),
-        "axis1": const("axis1", np.array([1], np.int64)),
-        "vec1": const("vec1", np.array([1], np.int64)),
-        "flat": const("flat", np.array([-1], np.int64)),
-        "flat4": const("flat4", np.array([-1, 4], np.int64)),
-    }
-    node = helper.make_node
-    new_nodes = [
-        # 1. candidates: objectness >= score_threshold (Not(Less) keeps ">=" exact)
-        node("Gather", [raw, c["obj_ch"]], ["pp_obj"], axis=1, name="pp_obj"),  # (1, N)
-        node("Less", ["pp_obj", SCORE_THRESHOLD], ["pp_below"], name="pp_below"),
-        node("Not", ["pp_below"], ["pp_pass"], name="pp_pass"),
-        node("NonZero", ["pp_pass"], ["pp_nz"], name="pp_nz"),  # (2, K): batch, anchor
-        node("Gather", ["pp_nz", c["one"]], ["pp_idx"], axis=0, name="pp_idx"),  # (K,)
-        node("Gather", [raw, "pp_idx"], ["pp_rows"], axis=2, name="pp_rows"),  # (1, 5 + C, K)
-        # 2. score, class and box per candidate
-        node("Slice", ["pp_rows", c["s0"], c["s2"], c["axis1"]], ["pp_xy"], name="pp_xy"),
-        node("Slice", ["pp_rows", c["s2"], c["s4"], c["axis1"]], ["pp_wh"], name="pp_wh"),
-        node("Slice", ["pp_rows", c["s4"], c["s5"], c["axis1"]], ["pp_o"], name="pp_o"),
-        node("Slice", ["pp_rows", c["s5"], c["end"], c["axis1"]], ["pp_cls"], name="pp_cls"),
-        node("Mul", ["pp_cls", "pp_o"], ["pp_sc"], name="pp_sc"),  # (1, C, K)
-        node("ReduceMax", ["pp_sc"], ["pp_best"], axes=[1], keepdims=1, name="pp_best"),  # (1, 1, K)
-        node("ArgMax", ["pp_sc"], ["pp_cid"], axis=1, keepdims=1, name="pp_cid"),  # (1, 1, K), first max
-        node("Gather", [c["grid"], "pp_idx"], ["pp_g"], axis=2, name="pp_g"),
-        node("Gather", [c["stride"], "pp_idx"], ["pp_st"], axis=2, name="pp_st"),
-        node("Add", ["pp_xy", "pp_g"], ["pp_c0"], name="pp_c0"),
-        node("Mul", ["pp_c0", "pp_st"], ["pp_ctr"], name="pp_ctr"),
-        node("Exp", ["pp_wh"], ["pp_e"], name="pp_e"),
-        node("Mul", ["pp_e", "pp_st"], ["pp_size"], name="pp_size"),
-        node("Mul", ["pp_size", c["half"]], ["pp_hs"], name="pp_hs"),
-        node("Sub", ["pp_ctr", "pp_hs"], ["pp_p1"], name="pp_p1"),
-        node("Add", ["pp_ctr", "pp_hs"], ["pp_p2"], name="pp_p2"),
-        node("Concat", ["pp_p1", "pp_p2"], ["pp_box"], axis=1, name="pp_box"),  # (1, 4, K)
-        node("Transpose", ["pp_box"], ["pp_boxes"], perm=[0, 2, 1], name="pp_boxes"),  # (1, K, 4)
-        # 3. class-aware NMS: boxes of class k shifted by k * span never overlap another class's
-        node("Cast", ["pp_cid"], ["pp_cidf"], to=TensorProto.FLOAT, name="pp_cidf"),
-        node("Mul", ["pp_cidf", c["span"]], ["pp_off"], name="pp_off"),
-        node("Transpose", ["pp_off"], ["pp_offt"], perm=[0, 2, 1], name="pp_offt"),  # (1, K, 1)
-        node("Add", ["pp_boxes", "pp_offt"], ["pp_shifted"], name="pp_shifted"),
-        node("Reshape", [MAX_DETECTIONS, c["vec1"]], ["pp_max"], name="pp_max"),
-        node("Reshape", [IOU_THRESHOLD, c["vec1"]], ["pp_iou"], name="pp_iou"),
-        node("NonMaxSuppression", ["pp_shifted", "pp_best", "pp_max", "pp_iou"], ["pp_sel"],
-             center_point_box=0, name="pp_nms"),  # (M, 3): batch, class 0, candidate; best first
-        node("Gather", ["pp_sel", c["two"]], ["pp_keep"], axis=1, name="pp_keep"),  # (M,)
-        node("Gather", ["pp_boxes", "pp_keep"], ["pp_kept_boxes"], axis=1, name="pp_kept_boxes"),
-        node("Reshape", ["pp_kept_boxes", c["flat4"]], [BOXES], name="pp_out_boxes"),
-        node("Reshape", ["pp_best", c["flat"]], ["pp_best_flat"], name="pp_best_flat"),
-        node("Gather", ["pp_best_flat", "pp_keep"], [SCORES], axis=0, name="pp_out_scores"),
-        node("Reshape", ["pp_cid", c["flat"]], ["pp_cid_flat"], name="pp_cid_flat"),
-        node("Gather", ["pp_cid_flat", "pp_keep"], [CLASS_IDS], axis=0, name="pp_out_class_ids"),
-    ]
-    kept = [n for n in g.node if n is not producer]
-    del g.node[:]
-    g.node.extend(kept + new_nodes)
-    outputs = [o for o in g.output if o.name != output]
-    del g.output[:]
-    g.output.extend(outputs)
-    g.output.extend([
-        helper.make_tensor_value_info(BOXES, TensorProto.FLOAT, ["detections", 4]),
-        helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["detections"]),
-        helper.make_tensor_value_info(CLASS_IDS, TensorProto.INT64, ["detections"]),
-    ])
-    g.input.extend([
-        helper.make_tensor_value_info(SCORE_THRESHOLD, TensorProto.FLOAT, []),
-        helper.make_tensor_value_info(IOU_THRESHOLD, TensorProto.FLOAT, []),
-        helper.make_tensor_value_info(MAX_DETECTIONS, TensorProto.INT64, []),
-    ])
-    del g.value_info[:]  # shapes of the replaced tail are stale
-    onnx.checker.check_model(model)
-
-
-def cast_uint8_input(model: Any, name: str) -> None:
-    """Make graph input ``name`` uint8 and Cast it to float32 inside the graph (in place)."""
-    import onnx
-    from onnx import TensorProto, helper
 
     g = model.graph
     inp = next((i for i in g.input if i.name == name), None)
@@ -176,13 +244,31 @@ def cast_uint8_input(model: Any, name: str) -> None:
         raise ManifestError(f"{name!r} is not an input of the graph")
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ManifestError(f"input {name!r} is not float32")
-    cast_out = f"{name}_float"
+    out = f"{name}_float"
     for n in g.node:
         for k, x in enumerate(n.input):
             if x == name:
-                n.input[k] = cast_out
+                n.input[k] = out
     inp.type.tensor_type.elem_type = TensorProto.UINT8
-    nodes = [helper.make_node("Cast", [name], [cast_out], to=TensorProto.FLOAT, name=f"{name}_cast"), *g.node]
+    m = np.asarray(mean, np.float64).reshape(1, 3, 1, 1)
+    sd = np.asarray(std, np.float64).reshape(1, 3, 1, 1)
+    steps: list[Any] = []
+    x = f"{name}_cast"
+    steps.append(helper.make_node("Cast", [name], [x], to=TensorProto.FLOAT, name=x))
+    if scale != 1.0:
+        g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"))
+        steps.append(helper.make_node("Mul", [x, f"{name}_scale"], [f"{name}_scaled"], name=f"{name}_scaled"))
+        x = f"{name}_scaled"
+    if np.any(m != 0.0):
+        g.initializer.append(numpy_helper.from_array(m.astype(np.float32), f"{name}_mean"))
+        steps.append(helper.make_node("Sub", [x, f"{name}_mean"], [f"{name}_centred"], name=f"{name}_centred"))
+        x = f"{name}_centred"
+    if np.any(sd != 1.0):
+        g.initializer.append(numpy_helper.from_array((1.0 / sd).astype(np.float32), f"{name}_inv_std"))
+        steps.append(helper.make_node("Mul", [x, f"{name}_inv_std"], [f"{name}_scaled_std"], name=f"{name}_std"))
+        x = f"{name}_scaled_std"
+    steps.append(helper.make_node("Identity", [x], [out], name=f"{name}_float"))
+    nodes = [*steps, *g.node]
     del g.node[:]
     g.node.extend(nodes)
     onnx.checker.check_model(model)
@@ -192,7 +278,8 @@ def cast_uint8_input(model: Any, name: str) -> None:
 class Head:
     """The post-processing nodes of a ``detections`` graph, taken out by :func:`detach_head`."""
 
-    raw: str
+    raw: list[str]
+    """The body's tensors the head reads (they become the body's outputs while it is detached)."""
     nodes: list[Any]
     initializers: list[Any]
     inputs: list[Any]
@@ -200,9 +287,9 @@ class Head:
 
 
 def detach_head(model: Any) -> Head | None:
-    """Take the post-processing added by :func:`add_yolox_postprocess` out of ``model`` (in place).
+    """Take the post-processing added by ``add_*_postprocess`` out of ``model`` (in place).
 
-    The graph then ends at the raw head tensor (a float output), as exported: that is what gets quantized (the
+    The graph then ends at the raw head tensors (float outputs), as exported: that is what gets quantized (the
     calibrator cannot take the variable-length candidate tensors, and the head stays float anyway). Returns None
     when the graph has no such head.
     """
@@ -212,7 +299,8 @@ def detach_head(model: Any) -> Head | None:
     nodes = [n for n in g.node if n.name.startswith(_PREFIX)]
     if not nodes:
         return None
-    raw = next(n.input[0] for n in nodes if n.name == "pp_obj")
+    body_made = {o for n in g.node if not n.name.startswith(_PREFIX) for o in n.output}
+    raw = list(dict.fromkeys(x for n in nodes for x in n.input if x in body_made))
     head = Head(
         raw=raw,
         nodes=nodes,
@@ -224,7 +312,7 @@ def detach_head(model: Any) -> Head | None:
     _keep(g.initializer, [i for i in g.initializer if not i.name.startswith(_PREFIX)])
     _keep(g.input, [i for i in g.input if i.name not in _INPUTS])
     _keep(g.output, [o for o in g.output if o.name not in _OUTPUTS])
-    g.output.append(helper.make_tensor_value_info(raw, TensorProto.FLOAT, None))
+    g.output.extend(helper.make_tensor_value_info(r, TensorProto.FLOAT, None) for r in raw)
     return head
 
 
@@ -233,9 +321,10 @@ def attach_head(model: Any, head: Head) -> None:
     import onnx
 
     g = model.graph
-    if not any(o.name == head.raw for o in g.output):
-        raise ManifestError(f"{head.raw!r} is not an output of the graph; cannot attach the post-processing")
-    _keep(g.output, [o for o in g.output if o.name != head.raw])
+    missing = [r for r in head.raw if not any(o.name == r for o in g.output)]
+    if missing:
+        raise ManifestError(f"{missing} are not outputs of the graph; cannot attach the post-processing")
+    _keep(g.output, [o for o in g.output if o.name not in head.raw])
     g.node.extend(head.nodes)
     g.initializer.extend(head.initializers)
     g.input.extend(head.inputs)

@@ -1,8 +1,8 @@
 """Post-processing inside the detector graph (``edge_agent.detector_heads``, decoder ``detections``).
 
-Given the shipped YOLOX-Nano bundle, whose graph filters, decodes and NMS-es its candidates, when it runs on the
-annotated COCO demo photos at several score and IoU thresholds fed at run time, then it returns the same
-detections, in the same order, as the numpy decoder + Python NMS on the original export's raw output. A graph
+Given the shipped YOLOX-Nano and NanoDet-m bundles, whose graphs filter, decode and NMS their candidates, when
+they run on the annotated COCO demo photos at several score and IoU thresholds fed at run time, then they return
+the same detections, in the same order, as the numpy decoders + Python NMS on the original exports' raw outputs. A graph
 without the threshold inputs is refused at load; a graph that is not a YOLOX export is refused by the surgery.
 """
 
@@ -26,8 +26,6 @@ from edge_agent.runtime import OrtRuntime
 
 from .conftest import COCO_DEMO, MODELS, SHARED
 
-ORIGINAL = SHARED / "models" / "yolox_nano" / "yolox_nano.onnx"
-
 
 @pytest.fixture
 def yolox() -> Model:
@@ -36,20 +34,35 @@ def yolox() -> Model:
     return model
 
 
+def _reference(name: str, original: OrtRuntime, tensor: np.ndarray, score: float) -> pp.Boxes:
+    """The numpy decoder on the original export's raw outputs (the bundles before the surgery)."""
+    if name == "yolox_nano":
+        raw = original.run({"images": tensor.astype(np.float32)})
+        return pp.decode_yolox(raw["output"], (416, 416), (8, 16, 32), score)
+    pixels = tensor.astype(np.float32)  # the bundle takes uint8 and normalises in the graph; the export took this
+    mean = np.array([103.53, 116.28, 123.675], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([57.375, 57.12, 58.395], np.float32).reshape(1, 3, 1, 1)
+    raw = original.run({"input.1": (pixels - mean) / std})
+    return pp.decode_nanodet([raw[f"cls_pred_stride_{s}"] for s in (8, 16, 32)],
+                             [raw[f"dis_pred_stride_{s}"] for s in (8, 16, 32)], (320, 320), (8, 16, 32), 7, score)
+
+
+@pytest.mark.parametrize("name", ["yolox_nano", "nanodet_m_320"])
 @pytest.mark.parametrize(("score", "iou"), [(0.3, 0.45), (0.1, 0.3), (0.5, 0.7)])
-def test_graph_post_processing_matches_numpy_decode_and_python_nms(yolox: Model, score: float, iou: float) -> None:
-    original = OrtRuntime(ORIGINAL)
-    yolox.set_thresholds(score=score, iou=iou)
-    m = yolox.manifest
+def test_graph_post_processing_matches_numpy_decode_and_python_nms(name: str, score: float, iou: float) -> None:
+    model = Model.load(find_bundle(name, MODELS))
+    assert isinstance(model.manifest.decoder, DetectionsDecoder)
+    original = OrtRuntime(SHARED / "models" / name / f"{name}.onnx")
+    model.set_thresholds(score=score, iou=iou)
+    m = model.manifest
     compared = 0
     for path in sorted((COCO_DEMO / "images").glob("*.jpg")):
-        image = yolox.decode(path.read_bytes())
-        tensor, meta = yolox.preprocessor.run(image)
-        raw = original.run({"images": tensor.astype(np.float32)})["output"]
-        boxes = pp.decode_yolox(raw, (416, 416), (8, 16, 32), score)
+        image = model.decode(path.read_bytes())
+        tensor, meta = model.preprocessor.run(image)
+        boxes = _reference(name, original, tensor, score)
         xyxy, scores, cls = boxes.xyxy.tolist(), boxes.scores.tolist(), boxes.class_ids.tolist()
         keep = pp.batched_nms_keep(xyxy, scores, cls, iou, m.thresholds.max_detections)
-        got = yolox.predict(image).detections
+        got = model.predict(image).detections
         assert [d.class_id for d in got] == [cls[k] for k in keep]
         for d, k in zip(got, keep, strict=True):
             assert abs(d.score - scores[k]) <= 1e-5

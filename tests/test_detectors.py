@@ -8,11 +8,14 @@ reference implementation on the real raw outputs (1 px, 1e-4).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
+from edge_agent import detector_heads
 from edge_agent.bundle import find_bundle
 from edge_agent.manifest import DetectionsDecoder, NanodetDecoder, YoloxDecoder
 from edge_agent.model import Model
@@ -20,7 +23,7 @@ from edge_agent.postprocess import box_iou
 from edge_agent.preprocess import map_boxes_to_original
 from edge_agent.runtime import OrtRuntime, RuntimeOptions
 
-from .conftest import COCO_DEMO, MODELS, SHARED
+from .conftest import COCO_DEMO, MODELS
 from .test_postprocess import _ref_nanodet, _ref_yolox
 
 DETECTORS = ["yolox_nano", "nanodet_m_320", "nanodet_m_320_int8"]  # the INT8 twin: scripts/quantize_detectors.py
@@ -63,17 +66,29 @@ def test_detectors_find_most_cows_and_horses(detector: Model, coco: dict[str, An
         assert found >= 17, f"{detector.name}: recall {found}/{total}"
 
 
-def test_decoder_matches_reference_on_real_outputs(detector: Model) -> None:
+def _raw_head_outputs(detector: Model, tensor: np.ndarray, tmp: Path) -> tuple[dict[str, np.ndarray], Any]:
+    """Run the bundle's graph with its post-processing detached; raw tensors in the exports' (1, N, C) layout."""
+    model = onnx.load(str(MODELS / detector.name / detector.manifest.model_file))
+    head = detector_heads.detach_head(model)
+    assert head is not None
+    onnx.save(model, str(tmp / "body.onnx"))
+    outs = OrtRuntime(tmp / "body.onnx").run({detector.manifest.input.name: tensor})
+    raw = [np.ascontiguousarray(outs[r].transpose(0, 2, 1)) for r in head.raw]
+    if len(raw) == 1:  # YOLOX: (1, 5 + C, N)
+        return {"output": raw[0]}, YoloxDecoder(type="yolox", output="output")
+    names = [f"{kind}_pred_stride_{s}" for kind in ("cls", "dis") for s in (8, 16, 32)]
+    return dict(zip(names, raw, strict=True)), NanodetDecoder(
+        type="nanodet", cls_outputs=tuple(names[:3]), reg_outputs=tuple(names[3:]))
+
+
+def test_decoder_matches_reference_on_real_outputs(detector: Model, tmp_path: Path) -> None:
     data = (COCO_DEMO / "images" / "000000573455.jpg").read_bytes()
     image = detector.decode(data)
     tensor, meta = detector.preprocessor.run(image)
     dec = detector.manifest.decoder
     if isinstance(dec, DetectionsDecoder):
-        # post-processing in the graph: the reference decodes the original export's raw output (shared/models),
-        # fed the same pixels as float
-        original = OrtRuntime(SHARED / "models" / detector.name / f"{detector.name}.onnx")
-        raw = original.run({detector.manifest.input.name: tensor.astype(np.float32)})
-        dec = YoloxDecoder(type="yolox", output="output")
+        # post-processing in the graph: the reference decodes the raw head tensors of the same graph without it
+        raw, dec = _raw_head_outputs(detector, tensor, tmp_path)
     else:
         raw = detector.runtime.run({detector.manifest.input.name: tensor})
     thr = detector.manifest.thresholds.score
