@@ -197,7 +197,7 @@ def batched_nms(boxes: Boxes, iou_threshold: float, max_detections: int) -> Boxe
 
 
 @lru_cache(maxsize=16)
-def _grid(width: int, height: int, strides: tuple[int, ...]) -> tuple[F32, F32]:
+def anchor_grid(width: int, height: int, strides: tuple[int, ...]) -> tuple[F32, F32]:
     """Cell (col, row) grid (N, 2) and per-cell stride (N,) for row-major feature maps per stride."""
     grids = []
     steps = []
@@ -236,7 +236,7 @@ def decode_yolox(output: F32, input_size: tuple[int, int], strides: tuple[int, .
     sigmoid-ed; N = sum over strides of (W/s)*(H/s). Score = obj * cls.
     """
     out = output[0]
-    grid, stride = _grid(input_size[0], input_size[1], strides)
+    grid, stride = anchor_grid(input_size[0], input_size[1], strides)
     # obj * cls <= obj (both in [0, 1]): only rows whose objectness passes can pass at all. Few numpy calls
     # from here on: right after session.run each one runs with cold caches (tens of microseconds apiece).
     cand = np.flatnonzero(out[:, 4] >= score_threshold)
@@ -298,7 +298,7 @@ def decode_nanodet(
     one = len(rows_l) == 1
     rows = rows_l[0] if one else np.concatenate(rows_l)
     reg_all = reg_l[0] if one else np.concatenate(reg_l)
-    grid, stride = _grid(input_size[0], input_size[1], strides)
+    grid, stride = anchor_grid(input_size[0], input_size[1], strides)
     s = stride[rows, None]
     centre = grid[rows] * s + (s - 1) / 2
     bins = softmax(reg_all.reshape(-1, 4, reg_max + 1))
