@@ -188,14 +188,6 @@ def decoder_feeds(manifest: Manifest) -> dict[str, npt.NDArray[Any]]:
     }
 
 
-def decoder_inputs(manifest: Manifest) -> list[str]:
-    """Names of the graph inputs :func:`decoder_feeds` fills."""
-    dec = manifest.decoder
-    if not isinstance(dec, DetectionsDecoder):
-        return []
-    return [dec.score_threshold_input, dec.iou_threshold_input, dec.max_detections_input]
-
-
 def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
     """Bring an older manifest document to SCHEMA_VERSION (pure; returns a new dict)."""
     version = doc.get("schema_version")

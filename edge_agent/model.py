@@ -27,7 +27,6 @@ from .manifest import (
     Yolov8Decoder,
     YoloxDecoder,
     decoder_feeds,
-    decoder_inputs,
 )
 from .preprocess import Preprocessor, map_box_to_original
 from .runtime import Array, OrtRuntime, Runtime, RuntimeOptions
@@ -64,13 +63,14 @@ class Model:
                 f"{manifest.name}: field decoder: outputs {missing} not in the model "
                 f"(outputs: {', '.join(runtime.output_names)})"
             )
-        missing = [i for i in decoder_inputs(manifest) if i not in runtime.input_names]
+        extra = decoder_feeds(manifest)
+        missing = [i for i in extra if i not in runtime.input_names]
         if missing:
             raise ManifestError(
                 f"{manifest.name}: field decoder: inputs {missing} not in the model "
                 f"(inputs: {', '.join(runtime.input_names)})"
             )
-        self._extra: tuple[Thresholds, dict[str, Array]] = (manifest.thresholds, decoder_feeds(manifest))
+        self._extra: tuple[Thresholds, dict[str, Array]] = (manifest.thresholds, extra)
 
     @classmethod
     def load(cls, bundle: Bundle, options: RuntimeOptions | None = None, **kwargs: Any) -> Model:
@@ -187,7 +187,7 @@ class Model:
             scores = outputs[dec.scores_output].tolist()
             cls = outputs[dec.class_ids_output].tolist()
             t = th.score  # a candidate under it may survive NMS (it cannot suppress a better box): drop it here
-            keep = [i for i, s in enumerate(scores[: th.max_detections]) if s >= t]
+            keep = [i for i, s in enumerate(scores) if s >= t]
             return self._detections(xyxy, scores, cls, keep, meta, m), False
         size = (m.input.width, m.input.height)
         if isinstance(dec, YoloxDecoder):

@@ -2,8 +2,9 @@
 
 Usage: python scripts/import_detectors.py [SHARED_MODELS_DIR] [MODELS_DIR]
 Copies the ONNX files and licences and writes manifest.json with the sha256 of each file.
-Both get their post-processing (candidate filter, decode, class-aware NMS) inside the graph, YOLOX-Nano also a uint8
-image input (``edge_agent.detector_heads``; decoder ``detections``): same detections, less time per frame.
+Both get their post-processing (candidate filter, decode, class-aware NMS) and a uint8 image input (cast and
+normalisation) inside the graph (``edge_agent.detector_heads``; decoder ``detections``): same detections, less time
+per frame.
 """
 
 from __future__ import annotations
