@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.int8_silu [--quick] [--int8 PATH] [--out benchmarks/results]
 
-Writes ``results/int8_silu[-quick].{json,md}``. Two parts, each measured side by side in one run:
+Writes ``results/int8_silu[-quick][-TAG].{json,md}``. Two parts, each measured side by side in one run:
 
 1. **One activation** (YOLOX-Nano's 1x64x52x52 head tensor), every way onnxruntime can apply SiLU to it, timed
    call by call in alternating rounds (``edge_agent.bench.sample_interleaved``), same thread settings:
@@ -228,13 +228,21 @@ def profile_pair(fp32: Path, int8: Path, threads: int, runs: int) -> dict[str, A
     split: dict[str, dict[str, float]] = {}
     for kind in ("conv", "depthwise"):
         members = [names for k, names in blocks.values() if k == kind]
-        cost = [(sum(per_node["fp32"].get(n, 0.0) for n in names), sum(per_node["int8"].get(n, 0.0) for n in names))
-                for names in members]
-        f = sum(c[0] for c in cost)
-        q = sum(c[1] for c in cost)
-        slower = sum(1 for a, b in cost if b > a)
-        split[kind] = {"blocks": len(members), "fp32_ms": round(f, 3), "int8_ms": round(q, 3),
-                       "int8_minus_fp32_ms": round(q - f, 3), "blocks_slower_in_int8": slower}
+
+        def ms(tag: str, part: slice, members: list[list[str]] = members) -> list[float]:
+            return [sum(per_node[tag].get(n, 0.0) for n in names[part]) for names in members]
+
+        conv_f, conv_q = ms("fp32", slice(0, 1)), ms("int8", slice(0, 1))
+        silu_f, silu_q = ms("fp32", slice(1, None)), ms("int8", slice(1, None))
+        split[kind] = {
+            "blocks": len(members),
+            "conv_fp32_ms": round(sum(conv_f), 3), "conv_int8_ms": round(sum(conv_q), 3),
+            "silu_fp32_ms": round(sum(silu_f), 3), "silu_int8_ms": round(sum(silu_q), 3),
+            "int8_minus_fp32_ms": round(sum(conv_q) + sum(silu_q) - sum(conv_f) - sum(silu_f), 3),
+            "convs_slower_in_int8": sum(1 for a, b in zip(conv_f, conv_q, strict=True) if b > a),
+            "blocks_slower_in_int8": sum(1 for a, b, c, d in zip(conv_f, conv_q, silu_f, silu_q, strict=True)
+                                         if b + d > a + c),
+        }
     out["blocks"] = split
     out["run_ratio_int8_fp32"] = round(out["int8"]["run_ms_p50"] / out["fp32"]["run_ms_p50"], 3)
     return out
@@ -252,14 +260,18 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"| {t} | {name} | {r['p50_us']} | {r['ns_per_element']} | {r['vs_fp32_quickgelu']} |")
     if doc.get("model"):
         lines += ["", f"## {doc['model_name']}: FP32 vs INT8 (onnxruntime profiler)", "",
-                  "| threads | run p50 FP32 / INT8 ms | ratio | kernels per run FP32 / INT8 | conv blocks INT8-FP32 ms"
-                  " | depthwise blocks INT8-FP32 ms (slower/all) |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| threads | run p50 FP32 / INT8 ms | ratio | kernels per run FP32 / INT8 | blocks"
+                  " | conv FP32 / INT8 ms | their SiLU FP32 / INT8 ms | block INT8-FP32 ms"
+                  " | convs / blocks slower in INT8 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in doc["model"]:
-            c, d = p["blocks"]["conv"], p["blocks"]["depthwise"]
-            lines.append(f"| {p['threads']} | {p['fp32']['run_ms_p50']} / {p['int8']['run_ms_p50']} | "
-                         f"{p['run_ratio_int8_fp32']} | {p['fp32']['kernels_per_run']} / {p['int8']['kernels_per_run']}"
-                         f" | {c['int8_minus_fp32_ms']:+.3f} | {d['int8_minus_fp32_ms']:+.3f} "
-                         f"({d['blocks_slower_in_int8']}/{d['blocks']}) |")
+            for kind, b in p["blocks"].items():
+                lines.append(
+                    f"| {p['threads']} | {p['fp32']['run_ms_p50']} / {p['int8']['run_ms_p50']} | "
+                    f"{p['run_ratio_int8_fp32']} | {p['fp32']['kernels_per_run']} / {p['int8']['kernels_per_run']} | "
+                    f"{b['blocks']} {kind} | {b['conv_fp32_ms']} / {b['conv_int8_ms']} | "
+                    f"{b['silu_fp32_ms']} / {b['silu_int8_ms']} | {b['int8_minus_fp32_ms']:+.3f} | "
+                    f"{b['convs_slower_in_int8']} / {b['blocks_slower_in_int8']} |")
         lines += ["", "Kernel time by op type (ms per run):", ""]
         for p in doc["model"]:
             for tag in ("fp32", "int8"):
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--int8", type=Path, help="an INT8 YOLOX-Nano ONNX file (default: quantize one here)")
     ap.add_argument("--no-model", action="store_true", help="part 1 only")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the result files: results/int8_silu[-quick][-TAG].{json,md}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs per tensor on the root logger
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in threads:
                 log.info("%s FP32 vs INT8, %d thread(s)", MODEL, t)
                 doc["model"].append(profile_pair(fp32.onnx_path, int8, t, runs=20 if args.quick else 100))
-    stem = "int8_silu-quick" if args.quick else "int8_silu"
+    stem = "-".join(p for p in ("int8_silu", "quick" if args.quick else "", args.tag) if p)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     (args.out / f"{stem}.md").write_text(render(doc))
