@@ -260,6 +260,8 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"| {t} | {name} | {r['p50_us']} | {r['ns_per_element']} | {r['vs_fp32_quickgelu']} |")
     if doc.get("model"):
         lines += ["", f"## {doc['model_name']}: FP32 vs INT8 (onnxruntime profiler)", "",
+                  "Run times here are with the profiler on, which costs per kernel (INT8 runs more kernels); the "
+                  "unprofiled INT8/FP32 ratio is `make bench`'s.", "",
                   "| threads | run p50 FP32 / INT8 ms | ratio | kernels per run FP32 / INT8 | blocks"
                   " | conv FP32 / INT8 ms | their SiLU FP32 / INT8 ms | block INT8-FP32 ms"
                   " | convs / blocks slower in INT8 |",
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short budgets (about a minute with quantization)")
     ap.add_argument("--models-dir", type=Path, default=default_models_dir())
-    ap.add_argument("--int8", type=Path, help="an INT8 YOLOX-Nano ONNX file (default: quantize one here)")
+    ap.add_argument("--model", default=MODEL, help="the FP32 bundle of part 2 (default: yolox_nano)")
+    ap.add_argument("--int8", type=Path, help="its INT8 ONNX file (default: quantize one here)")
     ap.add_argument("--no-model", action="store_true", help="part 1 only")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="suffix of the result files: results/int8_silu[-quick][-TAG].{json,md}")
@@ -302,19 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info("one activation, %d thread(s)", t)
         doc["activation"][str(t)] = bench_activation(t, budget)
     if not args.no_model:
-        fp32 = load_bundle(args.models_dir / MODEL)
+        fp32 = load_bundle(args.models_dir / args.model)
         with tempfile.TemporaryDirectory() as tmp:
             int8 = args.int8
             if int8 is None:
-                log.info("quantizing %s with edge_agent.quantize (as make bench does)", MODEL)
+                log.info("quantizing %s with edge_agent.quantize (as make bench does)", fp32.name)
                 pairs = unshipped_int8([fp32], Path(tmp))
                 if not pairs:
-                    raise SystemExit(f"{MODEL}: could not quantize (no calibration photos under ../shared?)")
+                    raise SystemExit(f"{fp32.name}: could not quantize (no calibration photos under ../shared?)")
                 int8 = pairs[0][1].onnx_path
-            doc["model_name"] = MODEL
+            doc["model_name"] = fp32.name
             doc["model"] = []
             for t in threads:
-                log.info("%s FP32 vs INT8, %d thread(s)", MODEL, t)
+                log.info("%s FP32 vs INT8, %d thread(s)", fp32.name, t)
                 doc["model"].append(profile_pair(fp32.onnx_path, int8, t, runs=20 if args.quick else 100))
     stem = "-".join(p for p in ("int8_silu", "quick" if args.quick else "", args.tag) if p)
     args.out.mkdir(parents=True, exist_ok=True)

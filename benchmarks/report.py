@@ -112,7 +112,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         lat = pair["latency"]
         shipped = "shipped" if pair.get("shipped", True) else "not shipped, quantized by the benchmark"
         add(f"INT8/FP32 session.run {pair['int8']}", lat["run_ratio"], "< 1.0", lat["run_ratio"] < 1.0,
-            f"{shipped}; 1-thread {pair.get('1thread', {}).get('run_ratio', 'n/a')}; loop {lat['loop_ratio']}")
+            f"{shipped}; 1-thread {pair.get('1thread', {}).get('run_ratio', 'n/a')}; loop {lat['loop_ratio']}"
+            + ("" if lat["run_ratio"] < 1.0 else
+               f"; time per op type and per conv block: python -m benchmarks.int8_silu --model {pair['fp32']}"))
     for failed in report.get("failed", []):
         add(f"bundle {failed['name']}", None, "runs", False, failed["error"])
     mem = report.get("memory", {})

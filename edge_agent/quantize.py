@@ -31,7 +31,8 @@ one fused op (Sigmoid + Mul rewritten to ``com.microsoft.QuickGelu`` before quan
 DequantizeLinear -> QuickGelu -> QuantizeLinear) brought 1 thread to 0.99-1.03x (17/24) but 2 threads only to
 1.15-1.17x: the graph has twice the nodes, and with spinning off each parallel node wakes the other thread; the
 stem still has to stay float (all int8: 9/24). Not kept. Per-tensor weights (1.14x at 1 thread, 1.21x at 2) and
-full-range weights (1.16x, 1.24x) change nothing.
+full-range weights (1.16x, 1.24x) change nothing. Where the time goes, per op type and per conv block (8-bit SiLU
+and depthwise convolutions): ``python -m benchmarks.int8_silu``, ``benchmarks/README.md``.
 
 A graph with its post-processing inside (decoder ``detections``, ``edge_agent.detector_heads``) is quantized
 without it: the calibrator cannot take the variable-length candidate tensors, and the head stays float anyway; the
