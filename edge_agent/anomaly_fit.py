@@ -27,10 +27,10 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import onnx
 
-from .bundle import MANIFEST_NAME, default_models_dir, load_bundle, sha256_file
-from .decode import decode_image
-from .errors import EdgeAgentError, InputNotFoundError, ManifestError
-from .evaluate import IMAGE_SUFFIXES
+from edge_agent.bundle import MANIFEST_NAME, default_models_dir, load_bundle, sha256_file
+from edge_agent.decode import decode_image
+from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError
+from edge_agent.evaluate import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

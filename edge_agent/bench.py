@@ -31,10 +31,10 @@ import numpy.typing as npt
 import orjson
 from PIL import Image as PILImage
 
-from . import imaging
-from . import postprocess as pp
-from .bundle import Bundle
-from .manifest import (
+from edge_agent import imaging
+from edge_agent import postprocess as pp
+from edge_agent.bundle import Bundle
+from edge_agent.manifest import (
     AnomalyDecoder,
     DetectionsDecoder,
     InputSpec,
@@ -44,10 +44,10 @@ from .manifest import (
     YoloxDecoder,
     decoder_feeds,
 )
-from .model import Model
-from .preprocess import center_crop_geometry, letterbox_geometry
-from .runtime import RuntimeOptions
-from .types import Image, Result, U8Image
+from edge_agent.model import Model
+from edge_agent.preprocess import center_crop_geometry, letterbox_geometry
+from edge_agent.runtime import RuntimeOptions
+from edge_agent.types import Image, Result, U8Image
 
 log = logging.getLogger(__name__)
 
@@ -705,7 +705,7 @@ def machine_info() -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    from .runtime import available_providers
+    from edge_agent.runtime import available_providers
 
     return {
         "hostname": platform.node(),
@@ -742,7 +742,7 @@ def probe_child(argv: Sequence[str], interpreter_ready: float) -> None:
     import sys
     from pathlib import Path
 
-    from .bundle import load_bundle
+    from edge_agent.bundle import load_bundle
 
     spawned_at = float(argv[0])
     photo = Path(argv[1]).read_bytes()

@@ -6,8 +6,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ChecksumError, ManifestError, ModelNotFoundError
-from .manifest import Manifest, parse_manifest
+from edge_agent.errors import ChecksumError, ManifestError, ModelNotFoundError
+from edge_agent.manifest import Manifest, parse_manifest
 
 MANIFEST_NAME = "manifest.json"
 

@@ -17,11 +17,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
-from .cli_bench import bench_command as _bench_command
-from .cli_models import eval_command, inspect_app, quantize_command, register_update_commands
-from .cli_run import run as _run_agent
-from .errors import EdgeAgentError, InputNotFoundError
+from edge_agent.bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
+from edge_agent.cli_bench import bench_command as _bench_command
+from edge_agent.cli_models import eval_command, inspect_app, quantize_command, register_update_commands
+from edge_agent.cli_run import run as _run_agent
+from edge_agent.errors import EdgeAgentError, InputNotFoundError
 
 app = typer.Typer(
     name="edge-agent",
@@ -117,7 +117,7 @@ def models_list(models_dir: ModelsDir = None, as_json: Json = False) -> None:  #
 @app.command()
 def providers(as_json: Json = False) -> None:
     """Show the execution providers this machine offers and which would be used."""
-    from .runtime import DEFAULT_PROVIDERS, available_providers, select_providers
+    from edge_agent.runtime import DEFAULT_PROVIDERS, available_providers, select_providers
 
     avail = available_providers()
     chosen, skipped = select_providers(DEFAULT_PROVIDERS, avail)
@@ -139,8 +139,8 @@ def infer(
     as_json: Json = False,
 ) -> None:
     """Run a model on images: one JSON object per image with --json."""
-    from .model import Model
-    from .runtime import RuntimeOptions
+    from edge_agent.model import Model
+    from edge_agent.runtime import RuntimeOptions
 
     try:
         m = Model.load(find_bundle(model, _models_dir(models_dir)), RuntimeOptions(intra_op_threads=threads))

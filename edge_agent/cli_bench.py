@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError
 
 _out = Console(soft_wrap=True)
 _err = Console(stderr=True, soft_wrap=True)
@@ -72,9 +72,9 @@ def bench_command(
     import numpy as np
     from PIL import Image as PILImage
 
-    from . import bench
-    from .bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
-    from .runtime import RuntimeOptions
+    from edge_agent import bench
+    from edge_agent.bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
+    from edge_agent.runtime import RuntimeOptions
 
     folder = models_dir if models_dir is not None else default_models_dir()
     try:

@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .bundle import default_models_dir, find_bundle
-from .errors import EdgeAgentError, QuantizationGateError
+from edge_agent.bundle import default_models_dir, find_bundle
+from edge_agent.errors import EdgeAgentError, QuantizationGateError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -65,10 +65,10 @@ def eval_command(
     as_json: Json = False,
 ) -> None:
     """Evaluate a model bundle on a labelled folder and print its metrics."""
-    from .evaluate import evaluate, evaluate_detection, public
-    from .evaluate import plot as draw
-    from .model import Model
-    from .runtime import RuntimeOptions
+    from edge_agent.evaluate import evaluate, evaluate_detection, public
+    from edge_agent.evaluate import plot as draw
+    from edge_agent.model import Model
+    from edge_agent.runtime import RuntimeOptions
 
     try:
         m = Model.load(find_bundle(model, models_dir or default_models_dir()), RuntimeOptions(intra_op_threads=threads))
@@ -130,7 +130,7 @@ def quantize_command(
 
     Writes the INT8 bundle only if it is faster than FP32 and within the budget; otherwise exits 1 with the reason.
     """
-    from .quantize import GateConfig, quantize_and_gate
+    from edge_agent.quantize import GateConfig, quantize_and_gate
 
     base = models_dir or default_models_dir()
     config = GateConfig(max_accuracy_drop=max_accuracy_drop, max_auroc_drop=max_auroc_drop, latency_runs=runs,
@@ -176,7 +176,7 @@ def fit_command(
     as_json: Json = False,
 ) -> None:
     """Build a PatchCore-style anomaly bundle from photos of good parts (CPU, minutes)."""
-    from .anomaly_fit import FitConfig, fit_bundle
+    from edge_agent.anomaly_fit import FitConfig, fit_bundle
 
     base = models_dir or default_models_dir()
     config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, holdout_fraction=holdout)
@@ -208,8 +208,8 @@ def keygen_command(
     as_json: Json = False,
 ) -> None:
     """Make an Ed25519 signing key pair: <name>.key (private, mode 0600, keep it off the boards) and <name>.pub."""
-    from .update_format import key_id
-    from .updates import generate_keys, load_public_key
+    from edge_agent.update_format import key_id
+    from edge_agent.updates import generate_keys, load_public_key
 
     try:
         private, public = generate_keys(out_dir, name)
@@ -233,7 +233,7 @@ def sign_command(
     as_json: Json = False,
 ) -> None:
     """Sign a bundle into one update file (tar: signed statement of name, version and every file's sha256)."""
-    from .updates import load_private_key, sign_bundle
+    from edge_agent.updates import load_private_key, sign_bundle
 
     try:
         statement = sign_bundle(bundle_dir, load_private_key(key), out_file, golden=golden, golden_label=golden_label)
@@ -257,7 +257,7 @@ def verify_command(
     import shutil
     import tempfile
 
-    from .updates import load_trusted_keys, stage_update
+    from edge_agent.updates import load_trusted_keys, stage_update
 
     try:
         with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
@@ -283,9 +283,9 @@ def install_command(
     as_json: Json = False,
 ) -> None:
     """Install an update offline (agent stopped): verify, smoke-test, switch; the agent runs it at its next start."""
-    from .config import load_config
-    from .model_updates import install_offline
-    from .service import onnx_model_factory
+    from edge_agent.config import load_config
+    from edge_agent.model_updates import install_offline
+    from edge_agent.service import onnx_model_factory
 
     try:
         doc = install_offline(load_config(config), update, onnx_model_factory, trusted_key or ())
@@ -306,9 +306,9 @@ def rollback_command(
     as_json: Json = False,
 ) -> None:
     """Offline rollback, with the agent stopped: the previous version (or the configured bundle) back in force."""
-    from .config import load_config
-    from .model_updates import rollback_offline
-    from .service import onnx_model_factory
+    from edge_agent.config import load_config
+    from edge_agent.model_updates import rollback_offline
+    from edge_agent.service import onnx_model_factory
 
     try:
         doc = rollback_offline(load_config(config), model, onnx_model_factory)

@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from .config import AgentConfig, default_config, load_config
-from .errors import EdgeAgentError
+from edge_agent.config import AgentConfig, default_config, load_config
+from edge_agent.errors import EdgeAgentError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ Kind = Literal["crop", "inspection", "livestock", "plain"]
 
 def pick_default_bundle(models_dir: Path) -> tuple[str, Kind]:
     """The bundle the embedded default runs: a crop classifier, else a detector that knows cows, else any."""
-    from .bundle import list_bundle_dirs, load_bundle
+    from edge_agent.bundle import list_bundle_dirs, load_bundle
 
     found: list[tuple[int, str, Kind]] = []
     for d in list_bundle_dirs(models_dir):
@@ -55,7 +55,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _describe(cfg: AgentConfig) -> None:
-    from .config import FolderSourceConfig
+    from edge_agent.config import FolderSourceConfig
 
     for s in cfg.sources:
         if isinstance(s, FolderSourceConfig):
@@ -91,7 +91,7 @@ def run(
         if config is not None:
             cfg = load_config(config)
         else:
-            from .bundle import default_models_dir
+            from edge_agent.bundle import default_models_dir
 
             bundle, kind = pick_default_bundle(default_models_dir())
             cfg = default_config(bundle=bundle, kind=kind)
@@ -103,7 +103,7 @@ def run(
         return
     _configure_logging(log_level or cfg.log_level)
     _describe(cfg)
-    from .service import run_service
+    from edge_agent.service import run_service
 
     try:
         code = run_service(cfg)

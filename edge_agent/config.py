@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from .errors import ConfigError
+from edge_agent.errors import ConfigError
 
 _NAME = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}

@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from . import imaging
-from .errors import ImageEmptyError, ImageError, ImageTooLargeError, UnsupportedFormatError
-from .types import Image, U8Image
+from edge_agent import imaging
+from edge_agent.errors import ImageEmptyError, ImageError, ImageTooLargeError, UnsupportedFormatError
+from edge_agent.types import Image, U8Image
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """40 MP: above any phone photo, far below a decompression bomb."""

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ManifestError
-from .postprocess import anchor_grid
+from edge_agent.errors import ManifestError
+from edge_agent.postprocess import anchor_grid
 
 SCORE_THRESHOLD = "score_threshold"
 IOU_THRESHOLD = "iou_threshold"

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import EdgeAgentError, InputNotFoundError
-from .model import Model
-from .postprocess import box_iou
-from .types import AnomalyScore, Classification, Detection
+from edge_agent.errors import EdgeAgentError, InputNotFoundError
+from edge_agent.model import Model
+from edge_agent.postprocess import box_iou
+from edge_agent.types import AnomalyScore, Classification, Detection
 
 log = logging.getLogger(__name__)
 

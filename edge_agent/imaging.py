@@ -12,7 +12,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from .types import U8Image
+from edge_agent.types import U8Image
 
 Interpolation = Literal["linear", "area", "nearest"]
 

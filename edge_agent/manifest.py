@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ManifestError
+from edge_agent.errors import ManifestError
 
 SCHEMA_VERSION = 1
 

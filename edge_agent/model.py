@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from . import postprocess as pp
-from .bundle import Bundle
-from .decode import DEFAULT_MAX_PIXELS, decode_image
-from .errors import ManifestError
-from .manifest import (
+from edge_agent import postprocess as pp
+from edge_agent.bundle import Bundle
+from edge_agent.decode import DEFAULT_MAX_PIXELS, decode_image
+from edge_agent.errors import ManifestError
+from edge_agent.manifest import (
     AnomalyDecoder,
     DetectionsDecoder,
     Manifest,
@@ -28,18 +28,9 @@ from .manifest import (
     YoloxDecoder,
     decoder_feeds,
 )
-from .preprocess import Preprocessor, map_box_to_original
-from .runtime import Array, OrtRuntime, Runtime, RuntimeOptions
-from .types import (
-    AnomalyScore,
-    Classification,
-    Detection,
-    Image,
-    Prediction,
-    PreprocessMeta,
-    Result,
-    Timings,
-)
+from edge_agent.preprocess import Preprocessor, map_box_to_original
+from edge_agent.runtime import Array, OrtRuntime, Runtime, RuntimeOptions
+from edge_agent.types import AnomalyScore, Classification, Detection, Image, Prediction, PreprocessMeta, Result, Timings
 
 _ms = 1000.0
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import orjson
 
-from .bundle import Bundle, default_models_dir, find_bundle, load_bundle
-from .config import AgentConfig, ModelConfig, UpdatesConfig
-from .errors import (
+from edge_agent.bundle import Bundle, default_models_dir, find_bundle, load_bundle
+from edge_agent.config import AgentConfig, ModelConfig, UpdatesConfig
+from edge_agent.errors import (
     ConfigError,
     EdgeAgentError,
     InputError,
@@ -41,11 +41,11 @@ from .errors import (
     UpdateRollbackError,
     UpdateSmokeTestError,
 )
-from .metrics import Metrics
-from .pipeline import Pipeline, Predictor
-from .types import Image, Result
-from .update_format import check_applicable, parse_version
-from .updates import Limits, ModelStore, bundle_from, load_trusted_keys, smoke_test, stage_update
+from edge_agent.metrics import Metrics
+from edge_agent.pipeline import Pipeline, Predictor
+from edge_agent.types import Image, Result
+from edge_agent.update_format import check_applicable, parse_version
+from edge_agent.updates import Limits, ModelStore, bundle_from, load_trusted_keys, smoke_test, stage_update
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import PipelineConfig
-from .errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
-from .metrics import Metrics
-from .outbox import StoredResult
-from .sectors.inspection import InspectionRules, inspection_verdict
-from .sectors.livestock import LineRule, LivestockRules, LivestockTracker, ZoneRule
-from .types import Image, Result
+from edge_agent.config import PipelineConfig
+from edge_agent.errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
+from edge_agent.metrics import Metrics
+from edge_agent.outbox import StoredResult
+from edge_agent.sectors.inspection import InspectionRules, inspection_verdict
+from edge_agent.sectors.livestock import LineRule, LivestockRules, LivestockTracker, ZoneRule
+from edge_agent.types import Image, Result
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def no_sector(result: Result, item: InputItem) -> dict[str, Any]:
 def make_sector(cfg: PipelineConfig) -> Sector:
     """The sector step of a pipeline kind (crop advice, pass/fail, tracking) as one callable."""
     if cfg.kind == "crop":
-        from .sectors.crop import crop_verdict
+        from edge_agent.sectors.crop import crop_verdict
 
         def crop(result: Result, item: InputItem) -> dict[str, Any]:
             return crop_verdict(result, item.hints)

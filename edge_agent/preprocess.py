@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from . import imaging
-from .manifest import InputSpec
-from .types import Image, PreprocessMeta, U8Image
+from edge_agent import imaging
+from edge_agent.manifest import InputSpec
+from edge_agent.types import Image, PreprocessMeta, U8Image
 
 
 def letterbox_geometry(

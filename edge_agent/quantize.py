@@ -59,15 +59,15 @@ from typing import Any
 
 import numpy as np
 
-from . import detector_heads
-from .bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
-from .decode import decode_image
-from .errors import EdgeAgentError, InputNotFoundError, ManifestError, QuantizationGateError
-from .evaluate import IMAGE_SUFFIXES, Progress, evaluate, public
-from .manifest import Manifest, decoder_feeds
-from .model import Model
-from .preprocess import Preprocessor
-from .runtime import OrtRuntime, RuntimeOptions
+from edge_agent import detector_heads
+from edge_agent.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_agent.decode import decode_image
+from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError, QuantizationGateError
+from edge_agent.evaluate import IMAGE_SUFFIXES, Progress, evaluate, public
+from edge_agent.manifest import Manifest, decoder_feeds
+from edge_agent.model import Model
+from edge_agent.preprocess import Preprocessor
+from edge_agent.runtime import OrtRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .errors import RuntimeBackendError
+from edge_agent.errors import RuntimeBackendError
 
 log = logging.getLogger(__name__)
 

@@ -29,20 +29,20 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from .bundle import Bundle
-from .commands import Command, CommandError
-from .config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
-from .errors import ConfigError, InputError, OverloadedError, UpdateError
-from .metrics import Metrics
-from .model_updates import ModelSlot, ModelUpdater, configured_bundle, in_force
-from .outbox import Outbox, OutboxLimits
-from .pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
-from .publisher import Publisher, PublisherSettings, availability_will
-from .sources import Source
-from .sources.camera import CameraSource, CaptureFactory
-from .sources.folder import FolderSource
-from .transport.base import MqttSettings, Transport, Will
-from .updates import ModelStore
+from edge_agent.bundle import Bundle
+from edge_agent.commands import Command, CommandError
+from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
+from edge_agent.errors import ConfigError, InputError, OverloadedError, UpdateError
+from edge_agent.metrics import Metrics
+from edge_agent.model_updates import ModelSlot, ModelUpdater, configured_bundle, in_force
+from edge_agent.outbox import Outbox, OutboxLimits
+from edge_agent.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
+from edge_agent.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.sources import Source
+from edge_agent.sources.camera import CameraSource, CaptureFactory
+from edge_agent.sources.folder import FolderSource
+from edge_agent.transport.base import MqttSettings, Transport, Will
+from edge_agent.updates import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,14 @@ ModelFactory = Callable[[Bundle, ModelConfig], Predictor]
 
 
 def _paho_transport(settings: MqttSettings, will: Will) -> Transport:
-    from .transport.mqtt import PahoTransport
+    from edge_agent.transport.mqtt import PahoTransport
 
     return PahoTransport(settings, will=will)
 
 
 def _onnx_model(bundle: Bundle, cfg: ModelConfig) -> Predictor:
-    from .model import Model
-    from .runtime import RuntimeOptions
+    from edge_agent.model import Model
+    from edge_agent.runtime import RuntimeOptions
 
     opts = RuntimeOptions(providers=cfg.providers, intra_op_threads=cfg.threads, allow_spinning=False)
     model = Model.load(bundle, opts, max_pixels=cfg.max_pixels)
@@ -72,7 +72,7 @@ onnx_model_factory = _onnx_model
 
 
 def _opencv_capture(url: str) -> Any:
-    from .sources.opencv import OpenCvCapture
+    from edge_agent.sources.opencv import OpenCvCapture
 
     return OpenCvCapture(url)
 
@@ -352,8 +352,8 @@ class Service:
             return
         import uvicorn
 
-        from .api import create_app
-        from .api.context import ApiContext
+        from edge_agent.api import create_app
+        from edge_agent.api.context import ApiContext
 
         assert self.outbox is not None
         ctx = ApiContext(

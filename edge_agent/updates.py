@@ -41,8 +41,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from .bundle import Bundle, load_bundle
-from .errors import (
+from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.errors import (
     ChecksumError,
     ConfigError,
     EdgeAgentError,
@@ -55,9 +55,9 @@ from .errors import (
     UpdateTooLargeError,
     UpdateUnsafePathError,
 )
-from .manifest import AnomalyDecoder, SoftmaxDecoder, decoder_feeds
-from .types import Image
-from .update_format import (
+from edge_agent.manifest import AnomalyDecoder, SoftmaxDecoder, decoder_feeds
+from edge_agent.types import Image
+from edge_agent.update_format import (
     BUNDLE_PREFIX,
     MAX_FILES,
     MAX_STATEMENT_BYTES,

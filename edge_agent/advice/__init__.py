@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ConfigError
+from edge_agent.errors import ConfigError
 
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 REQUIRED_LANGUAGES: tuple[str, ...] = ("en", "sw", "fr", "es", "hi")

@@ -5,7 +5,7 @@ Importing this package imports FastAPI; the service imports it only when ``http.
 
 from __future__ import annotations
 
-from .app import create_app
-from .context import ApiContext
+from edge_agent.api.app import create_app
+from edge_agent.api.context import ApiContext
 
 __all__ = ["ApiContext", "create_app"]

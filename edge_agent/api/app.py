@@ -28,18 +28,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
-from ..advice import AdviceBook, load_advice
-from ..errors import ConfigError, EdgeAgentError, InputError, OverloadedError
-from ..pipeline import InputItem, PipelineOutput
-from .auth import TokenSet, is_loopback
-from .context import ApiContext
-from .errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
-from .middleware import Auth, BodyLimit, RateLimit, SecurityHeaders
-from .present import present
-from .schemas import DiagnosisResponse, ErrorBody, Health, ModelInfo, ModelsResponse, PendingResponse, Ready
-from .telemetry import HttpMetrics, Telemetry
-from .upload import MultipartUpload, SpoolFile, clean_hint, multipart_boundary, new_input_id
+from edge_agent import __version__
+from edge_agent.advice import AdviceBook, load_advice
+from edge_agent.api.auth import TokenSet, is_loopback
+from edge_agent.api.context import ApiContext
+from edge_agent.api.errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
+from edge_agent.api.middleware import Auth, BodyLimit, RateLimit, SecurityHeaders
+from edge_agent.api.present import present
+from edge_agent.api.schemas import (
+    DiagnosisResponse,
+    ErrorBody,
+    Health,
+    ModelInfo,
+    ModelsResponse,
+    PendingResponse,
+    Ready,
+)
+from edge_agent.api.telemetry import HttpMetrics, Telemetry
+from edge_agent.api.upload import MultipartUpload, SpoolFile, clean_hint, multipart_boundary, new_input_id
+from edge_agent.errors import ConfigError, EdgeAgentError, InputError, OverloadedError
+from edge_agent.pipeline import InputItem, PipelineOutput
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError
+from edge_agent.errors import ConfigError
 
 MIN_TOKEN_CHARS = 16
 Verdict = Literal["ok", "missing", "invalid", "expired"]

@@ -10,9 +10,9 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from ..advice import AdviceBook
-from ..config import HttpConfig
-from ..pipeline import InputItem, PipelineOutput
+from edge_agent.advice import AdviceBook
+from edge_agent.config import HttpConfig
+from edge_agent.pipeline import InputItem, PipelineOutput
 
 
 class UploadStore(Protocol):

@@ -15,8 +15,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .auth import TokenSet
-from .errors import Message, Receive, Scope, Send, send_error
+from edge_agent.api.auth import TokenSet
+from edge_agent.api.errors import Message, Receive, Scope, Send, send_error
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..advice import AdviceBook
-from ..sectors.crop import NOT_RECOGNISED, split_label
-from .schemas import AdviceOut, Alternative, Diagnosis, DiagnosisResponse
+from edge_agent.advice import AdviceBook
+from edge_agent.api.schemas import AdviceOut, Alternative, Diagnosis, DiagnosisResponse
+from edge_agent.sectors.crop import NOT_RECOGNISED, split_label
 
 
 class StoredLike(Protocol):

@@ -15,8 +15,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from .errors import Message, Receive, Scope, Send
-from .middleware import ASGIApp
+from edge_agent.api.errors import Message, Receive, Scope, Send
+from edge_agent.api.middleware import ASGIApp
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ROUTES = ("/", "/v1/diagnose", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json")

@@ -20,8 +20,8 @@ from pathlib import Path
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..decode import sniff_format
-from .errors import ApiError
+from edge_agent.api.errors import ApiError
+from edge_agent.decode import sniff_format
 
 SNIFF_BYTES = 12
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..types import Classification, Result
+from edge_agent.types import Classification, Result
 
 SEPARATOR = "___"
 NOT_RECOGNISED = "not_recognised"

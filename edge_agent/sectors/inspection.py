@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..types import AnomalyScore, Classification, Detection, Result
+from edge_agent.types import AnomalyScore, Classification, Detection, Result
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from ..pipeline import InputItem, PipelineOutput
+from edge_agent.pipeline import InputItem, PipelineOutput
 
 Submit = Callable[[InputItem], "Future[PipelineOutput]"]
 

@@ -28,12 +28,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 
-from ..config import CameraSourceConfig
-from ..errors import OverloadedError
-from ..metrics import Metrics
-from ..pipeline import InputItem, PipelineOutput
-from ..types import Image, U8Image
-from . import Submit
+from edge_agent.config import CameraSourceConfig
+from edge_agent.errors import OverloadedError
+from edge_agent.metrics import Metrics
+from edge_agent.pipeline import InputItem, PipelineOutput
+from edge_agent.sources import Submit
+from edge_agent.types import Image, U8Image
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import itertools
 from concurrent.futures import Future
 from typing import Any
 
-from ..pipeline import InputItem, PipelineOutput
-from ..types import Image
-from . import Submit
+from edge_agent.pipeline import InputItem, PipelineOutput
+from edge_agent.sources import Submit
+from edge_agent.types import Image
 
 
 class FakeSource:

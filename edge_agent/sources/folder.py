@@ -34,11 +34,11 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..config import FolderSourceConfig
-from ..errors import EdgeAgentError, InputError, OverloadedError, StorageError
-from ..metrics import Metrics
-from ..pipeline import InputItem, PipelineOutput
-from . import Submit
+from edge_agent.config import FolderSourceConfig
+from edge_agent.errors import EdgeAgentError, InputError, OverloadedError, StorageError
+from edge_agent.metrics import Metrics
+from edge_agent.pipeline import InputItem, PipelineOutput
+from edge_agent.sources import Submit
 
 log = logging.getLogger(__name__)
 

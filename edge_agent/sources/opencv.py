@@ -12,7 +12,7 @@ from typing import Any
 
 import cv2
 
-from ..types import U8Image
+from edge_agent.types import U8Image
 
 log = logging.getLogger(__name__)
 
