@@ -44,10 +44,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from benchmarks.run import RESULTS, unshipped_int8
 from edge_agent import bench
 from edge_agent.bundle import default_models_dir, load_bundle
-
-from .run import RESULTS, unshipped_int8
 
 log = logging.getLogger("benchmarks.int8_silu")
 SHAPE = (1, 64, 52, 52)

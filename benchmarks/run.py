@@ -24,12 +24,11 @@ import numpy as np
 import orjson
 from PIL import Image as PILImage
 
+from benchmarks import report
 from edge_agent import bench
 from edge_agent.bundle import Bundle, default_models_dir, list_bundle_dirs, load_bundle
 from edge_agent.errors import EdgeAgentError
 from edge_agent.runtime import RuntimeOptions
-
-from . import report
 
 log = logging.getLogger("benchmarks")
 
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("memory probe %s failed: %s", key, exc)
             doc["notes"].append(f"memory probe {key} failed: {str(exc)[:200]}")
     if not args.no_delivery:
-        from . import delivery
+        from benchmarks import delivery
 
         doc.update(delivery.measure(bundles, inputs, quick=args.quick, tmp_root=tmp_root))
     return _write(doc, args, mode, t_start)

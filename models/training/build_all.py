@@ -20,9 +20,8 @@ from edge_agent.anomaly_fit import FitConfig, fit_bundle
 from edge_agent.bundle import load_bundle
 from edge_agent.errors import QuantizationGateError
 from edge_agent.quantize import GateConfig, quantize_and_gate
-
-from . import build_classifiers, calibrate_ood
-from .common import BACKBONE, DATASETS, REPO
+from training import build_classifiers, calibrate_ood
+from training.common import BACKBONE, DATASETS, REPO
 
 log = logging.getLogger("build_all")
 VAR = REPO / "var" / "models"

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import heads
-from .common import CACHE, DATASETS, REPO, Sample, list_class_folder, plantvillage_groups, split_groups
-from .export import OOD_NODES, classifier_graph, classifier_manifest, write_bundle
-from .features import extract
+from training import heads
+from training.common import CACHE, DATASETS, REPO, Sample, list_class_folder, plantvillage_groups, split_groups
+from training.export import OOD_NODES, classifier_graph, classifier_manifest, write_bundle
+from training.features import extract
 
 log = logging.getLogger("build_classifiers")
 SPLITS = REPO / "var" / "splits"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .common import CACHE, T_7A, T_7B, T_14, T_FEAT, Sample, load_rgb, to_input, uint8_backbone
+from training.common import CACHE, T_7A, T_7B, T_14, T_FEAT, Sample, load_rgb, to_input, uint8_backbone
 
 log = logging.getLogger(__name__)
 BATCH = 32

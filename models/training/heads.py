@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from .common import BACKBONE, SEED
+from training.common import BACKBONE, SEED
 
 log = logging.getLogger(__name__)
 
