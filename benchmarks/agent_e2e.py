@@ -23,11 +23,11 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from edge_agent.bundle import load_bundle
+from edge_agent.agent.service import Service
+from edge_agent.bundles.bundle import load_bundle
 from edge_agent.config import load_config
-from edge_agent.model import Model
-from edge_agent.runtime import RuntimeOptions
-from edge_agent.service import Service
+from edge_agent.vision.model import Model
+from edge_agent.vision.runtime import RuntimeOptions
 from tests.support.broker import Broker
 from tests.support.delivery import start_coordinator
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle

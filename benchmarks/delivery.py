@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edge_agent import bench
-from edge_agent.bundle import Bundle
-from edge_agent.model import Model
-from edge_agent.runtime import RuntimeOptions
+from edge_agent.bundles.bundle import Bundle
+from edge_agent.toolchain import bench
 from edge_agent.transport.base import InboundMessage, Transport, TransportListener
+from edge_agent.vision.model import Model
+from edge_agent.vision.runtime import RuntimeOptions
 
 log = logging.getLogger("benchmarks.delivery")
 
@@ -214,8 +214,8 @@ def _phase(
     inputs: bench.BenchInputs, quick: bool, broker_pid: int,
 ) -> dict[str, Any]:
     """One agent (outbox + publisher) against the broker and coordinator; returns this phase's figures."""
-    from edge_agent.outbox import Outbox
-    from edge_agent.publisher import Publisher, availability_will
+    from edge_agent.delivery.outbox import Outbox
+    from edge_agent.delivery.publisher import Publisher, availability_will
     from edge_agent.transport.base import MqttSettings
     from edge_agent.transport.mqtt import PahoTransport
 
@@ -281,8 +281,9 @@ def _renice_io_threads(nice: int) -> None:
 
 
 _BURN = (
-    "import sys, pathlib; from edge_agent.bundle import load_bundle; from edge_agent.model import Model; "
-    "from edge_agent.runtime import RuntimeOptions; "
+    "import sys, pathlib; from edge_agent.bundles.bundle import load_bundle; "
+    "from edge_agent.vision.model import Model; "
+    "from edge_agent.vision.runtime import RuntimeOptions; "
     "m = Model.load(load_bundle(pathlib.Path(sys.argv[1])), RuntimeOptions(intra_op_threads=1, allow_spinning=False)); "
     "data = pathlib.Path(sys.argv[2]).read_bytes()\nwhile True: m.predict_bytes(data)"
 )
@@ -408,7 +409,7 @@ def measure_http(bundles: list[Bundle], inputs: bench.BenchInputs, *, quick: boo
     import httpx
 
     from edge_agent.config import HttpConfig
-    from edge_agent.pipeline import Pipeline
+    from edge_agent.flow.pipeline import Pipeline
     from edge_agent.sectors.crop import crop_verdict
     from tests.support import api_harness
 

@@ -5,7 +5,7 @@
 Writes ``results/int8_silu[-quick][-TAG].{json,md}``. Two parts, each measured side by side in one run:
 
 1. **One activation** (YOLOX-Nano's 1x64x52x52 head tensor), every way onnxruntime can apply SiLU to it, timed
-   call by call in alternating rounds (``edge_agent.bench.sample_interleaved``), same thread settings:
+   call by call in alternating rounds (``edge_agent.toolchain.bench.sample_interleaved``), same thread settings:
 
    - ``fp32_quickgelu``: float in, ``QuickGelu`` (what onnxruntime fuses the FP32 graph's Sigmoid * Mul into);
    - ``int8_sigmoid_mul``: uint8 in, ``QLinearSigmoid`` then ``QLinearMul`` (what the quantizer's QDQ graph
@@ -19,7 +19,7 @@ Writes ``results/int8_silu[-quick][-TAG].{json,md}``. Two parts, each measured s
      and leaky ReLU, and ``Swish``/``HardSwish`` take float only.
 
 2. **The model**: onnxruntime's profiler on YOLOX-Nano FP32 and its INT8 twin (quantized here with the
-   project's ``edge_agent.quantize``, as ``make bench`` does, unless ``--int8`` names one), runs alternating, at
+   project's ``toolchain.quantize``, as ``make bench`` does, unless ``--int8`` names one), runs alternating, at
    1 thread and at one thread per core, spinning off (as the agent runs): kernels per run, median kernel time
    per op type, and per convolution block (a Conv plus its SiLU), split into depthwise and pointwise/full
    convolutions.
@@ -45,8 +45,8 @@ import numpy as np
 import orjson
 
 from benchmarks.run import RESULTS, unshipped_int8
-from edge_agent import bench
-from edge_agent.bundle import default_models_dir, load_bundle
+from edge_agent.bundles.bundle import default_models_dir, load_bundle
+from edge_agent.toolchain import bench
 
 log = logging.getLogger("benchmarks.int8_silu")
 SHAPE = (1, 64, 52, 52)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             int8 = args.int8
             if int8 is None:
-                log.info("quantizing %s with edge_agent.quantize (as make bench does)", fp32.name)
+                log.info("quantizing %s with edge_agent.toolchain.quantize (as make bench does)", fp32.name)
                 pairs = unshipped_int8([fp32], Path(tmp))
                 if not pairs:
                     raise SystemExit(f"{fp32.name}: could not quantize (no calibration photos under ../shared?)")

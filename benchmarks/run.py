@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.run --quick      # make bench-quick, under 2 minutes
     .venv/bin/python -m benchmarks.run              # make bench, the full run
 
-Every bundle found under models/ is measured (see edge_agent/bench.py for what and how).
+Every bundle found under models/ is measured (see edge_agent/toolchain/bench.py for what and how).
 Test JPEGs (1080p, 12 MP) are built at run time by tiling dataset photos from ../shared.
 """
 
@@ -25,10 +25,10 @@ import orjson
 from PIL import Image as PILImage
 
 from benchmarks import report
-from edge_agent import bench
-from edge_agent.bundle import Bundle, default_models_dir, list_bundle_dirs, load_bundle
+from edge_agent.bundles.bundle import Bundle, default_models_dir, list_bundle_dirs, load_bundle
 from edge_agent.errors import EdgeAgentError
-from edge_agent.runtime import RuntimeOptions
+from edge_agent.toolchain import bench
+from edge_agent.vision.runtime import RuntimeOptions
 
 log = logging.getLogger("benchmarks")
 
@@ -85,8 +85,8 @@ CALIBRATION = {
 
 def unshipped_int8(bundles: list[Bundle], tmp: Path, limit: int = 24) -> list[tuple[Bundle, Bundle]]:
     """(fp32, int8) pairs for FP32 bundles without a shipped INT8 twin: quantized here with the project's own
-    ``edge_agent.quantize.quantize_onnx`` (static QDQ, U8 activations, S8 weights) on dataset photos."""
-    from edge_agent.quantize import quantize_onnx
+    ``edge_agent.toolchain.quantize.quantize_onnx`` (static QDQ, U8 activations, S8 weights) on dataset photos."""
+    from edge_agent.toolchain.quantize import quantize_onnx
 
     paired = {fp.name for fp, _ in bench.int8_pairs(bundles)}
     pairs: list[tuple[Bundle, Bundle]] = []
@@ -118,7 +118,7 @@ def unshipped_int8(bundles: list[Bundle], tmp: Path, limit: int = 24) -> list[tu
 def outbox_sink(tmp: Path) -> tuple[bench.ResultSink | None, Any]:
     """A result sink writing each result to a real durable outbox (B's), when the module exists."""
     try:
-        from edge_agent.outbox import Outbox
+        from edge_agent.delivery.outbox import Outbox
     except ImportError:
         return None, None
     box = Outbox(tmp / "bench-outbox.db", "bench-device")

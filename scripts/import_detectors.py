@@ -3,7 +3,7 @@
 Usage: python scripts/import_detectors.py [SHARED_MODELS_DIR] [MODELS_DIR]
 Copies the ONNX files and licences and writes manifest.json with the sha256 of each file.
 Both get their post-processing (candidate filter, decode, class-aware NMS) and a uint8 image input (cast and
-normalisation) inside the graph (``edge_agent.detector_heads``; decoder ``detections``): same detections, less time
+normalisation) inside the graph (``toolchain.detector_heads``; decoder ``detections``): same detections, less time
 per frame.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent import detector_heads  # noqa: E402
-from edge_agent.bundle import sha256_file  # noqa: E402
-from edge_agent.quantize import drop_initializer_inputs  # noqa: E402
+from edge_agent.bundles.bundle import sha256_file  # noqa: E402
+from edge_agent.toolchain import detector_heads  # noqa: E402
+from edge_agent.toolchain.quantize import drop_initializer_inputs  # noqa: E402
 
 
 def _labels(path: Path) -> list[str]:
@@ -53,7 +53,7 @@ BUNDLES: dict[str, dict[str, Any]] = {
             },
             "decoder": {"type": "detections"},
             "thresholds": {"score": 0.3, "iou": 0.45, "max_detections": 100},
-            # INT8 (edge_agent.quantize): the stem's SiLU in 8 bits cost 8 of 18 found animals on coco_demo;
+            # INT8 (edge_agent.toolchain.quantize): the stem's SiLU in 8 bits cost 8 of 18 found animals on coco_demo;
             # the post-processing after the last convolutions stays float
             "metadata": {"quantize": {"nodes_to_exclude": ["Conv_41", "Sigmoid_42", "Mul_43", "Conv_44"],
                                       "float_tail": True}},

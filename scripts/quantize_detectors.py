@@ -3,7 +3,7 @@
 Usage: python scripts/quantize_detectors.py [--models-dir models] [--shared ../shared] [--only NAME] [--dry-run]
 
 For each FP32 detector bundle (yolox_nano, nanodet_m_320):
-1. Static QDQ INT8 with ``edge_agent.quantize.quantize_onnx`` (options from the FP32 manifest's
+1. Static QDQ INT8 with ``edge_agent.toolchain.quantize.quantize_onnx`` (options from the FP32 manifest's
    ``metadata.quantize``), calibrated on livestock and field photos from ../shared/datasets: every 3rd cattle_chute
    training frame and every 20th iBean field photo. None of the coco_demo photos the gate evaluates on.
 2. Gate: cows + horses found on coco_demo (IoU >= 0.5, as tests/test_detectors.py counts) may drop by at most
@@ -11,7 +11,7 @@ For each FP32 detector bundle (yolox_nano, nanodet_m_320):
    (median, interleaved, spinning off).
 3. Passing models are written as a bundle with the FP32 bundle's licence, source and class files, the manifest
    of the FP32 bundle renamed, and ``metadata.quantization`` (``from`` = the FP32 name, so
-   ``edge_agent.bench.int8_pairs`` pairs them; the gate figures). Refused models write nothing; exit status 1.
+   ``edge_agent.toolchain.bench.int8_pairs`` pairs them; the gate figures). Refused models write nothing; exit status 1.
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file  # noqa: E402
-from edge_agent.model import Model  # noqa: E402
-from edge_agent.postprocess import box_iou  # noqa: E402
-from edge_agent.preprocess import Preprocessor  # noqa: E402
-from edge_agent.quantize import (  # noqa: E402
+from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file  # noqa: E402
+from edge_agent.toolchain.quantize import (  # noqa: E402
     QuantizeOptions,
     compare_latency,
     drop_initializer_inputs,
     preprocess_file,
     quantize_onnx,
 )
-from edge_agent.runtime import OrtRuntime, RuntimeOptions  # noqa: E402
+from edge_agent.vision.model import Model  # noqa: E402
+from edge_agent.vision.postprocess import box_iou  # noqa: E402
+from edge_agent.vision.preprocess import Preprocessor  # noqa: E402
+from edge_agent.vision.runtime import OrtRuntime, RuntimeOptions  # noqa: E402
 
 log = logging.getLogger("quantize_detectors")
 DETECTORS = ("yolox_nano", "nanodet_m_320")

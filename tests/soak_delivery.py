@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.outbox import OutboxLimits
+from edge_agent.delivery.outbox import OutboxLimits
 from tests.support.broker import Broker
 from tests.support.delivery import start_agent, start_coordinator, wait_until
 from tests.support.faultproxy import FaultProxy

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.advice import (
+from edge_agent.errors import ConfigError
+from edge_agent.sectors.advice import (
     CROP_LABELS,
     NOT_RECOGNISED,
     REQUIRED_LANGUAGES,
@@ -16,7 +17,6 @@ from edge_agent.advice import (
     load_advice,
     parse_language_pack,
 )
-from edge_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 ADVICE = ROOT / "edge_agent" / "advice"

@@ -1,4 +1,4 @@
-"""edge_agent.anomaly_fit / `edge-agent inspect fit`: a PatchCore-style bundle from ~10 photos of good parts."""
+"""toolchain.anomaly_fit / `edge-agent inspect fit`: a PatchCore-style bundle from ~10 photos of good parts."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from edge_agent.anomaly_fit import FitConfig, default_backbone, fit_bundle, greedy_coreset, split_holdout
-from edge_agent.bundle import load_bundle
+from edge_agent.bundles.bundle import load_bundle
 from edge_agent.cli import app
 from edge_agent.errors import InputNotFoundError
-from edge_agent.evaluate import evaluate
-from edge_agent.model import Model
+from edge_agent.toolchain.anomaly_fit import FitConfig, default_backbone, fit_bundle, greedy_coreset, split_holdout
+from edge_agent.toolchain.evaluate import evaluate
 from edge_agent.types import AnomalyScore
+from edge_agent.vision.model import Model
 
 BACKBONE = default_backbone()  # the shipped tile_anomaly bundle doubles as the feature extractor
 

@@ -31,7 +31,7 @@ from edge_agent.api.auth import TokenSet, is_loopback
 from edge_agent.api.middleware import RateLimit
 from edge_agent.config import HttpConfig
 from edge_agent.errors import ConfigError, OverloadedError, StorageFullError
-from edge_agent.pipeline import InputItem
+from edge_agent.flow.pipeline import InputItem
 from tests.support.api_harness import GatedModel, Harness, build, fake_crop_model, leaf_jpeg, serve, wait_for
 
 GOOD_ID = re.compile(r"^http-[0-9a-f]{12}-[0-9a-f]{16}\.(jpg|png|webp)$")

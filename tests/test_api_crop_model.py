@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from edge_agent.bundle import load_bundle
-from edge_agent.model import Model
-from edge_agent.runtime import RuntimeOptions
+from edge_agent.bundles.bundle import load_bundle
+from edge_agent.vision.model import Model
+from edge_agent.vision.runtime import RuntimeOptions
 from tests.support.api_harness import Harness, build
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from benchmarks import report
-from edge_agent import bench
-from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.bundles.bundle import Bundle, load_bundle
+from edge_agent.bundles.manifest import InputSpec
 from edge_agent.cli import app
-from edge_agent.manifest import InputSpec
+from edge_agent.toolchain import bench
 from edge_agent.types import Result
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 

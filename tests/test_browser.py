@@ -24,7 +24,7 @@ import pytest
 from PIL import Image as PILImage
 from playwright.sync_api import Page, Request, Route, sync_playwright
 
-from edge_agent.advice import CROP_LABELS
+from edge_agent.sectors.advice import CROP_LABELS
 from tests.support.api_harness import free_port, wait_for
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 

@@ -9,12 +9,12 @@ from typing import Any
 import jsonschema
 import pytest
 
-from edge_agent import codec
-from edge_agent.commands import MAX_COMMAND_BYTES, CommandError, parse_command
+from edge_agent.protocol import codec
+from edge_agent.protocol.commands import MAX_COMMAND_BYTES, CommandError, parse_command
 
 
 def schema(kind: str) -> dict[str, Any]:
-    text = resources.files("edge_agent").joinpath("schemas").joinpath(f"{kind}.json").read_text()
+    text = resources.files("edge_agent.protocol").joinpath("schemas").joinpath(f"{kind}.json").read_text()
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

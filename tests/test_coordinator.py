@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import codec
 from edge_agent.coordinator.config import load_coordinator_config
 from edge_agent.coordinator.dashboard import Dashboard
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import DeviceUpdate, ResultRow, SqliteStore, Store, next_watermark
 from edge_agent.coordinator.store_pg import PostgresStore
 from edge_agent.errors import ConfigError
+from edge_agent.protocol import codec
 from edge_agent.transport import FakeBroker, FakeTransport
 from tests.support.broker import Broker
 from tests.support.delivery import start_agent, start_coordinator, wait_until

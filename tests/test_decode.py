@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from edge_agent.decode import decode_image, jpeg_header, sniff_format
 from edge_agent.errors import ImageEmptyError, ImageError, ImageTooLargeError, UnsupportedFormatError
+from edge_agent.vision.decode import decode_image, jpeg_header, sniff_format
 
 from .conftest import COCO_DEMO
 

@@ -1,4 +1,4 @@
-"""Post-processing inside the detector graph (``edge_agent.detector_heads``, decoder ``detections``).
+"""Post-processing inside the detector graph (``edge_agent.toolchain.detector_heads``, decoder ``detections``).
 
 Given the shipped YOLOX-Nano and NanoDet-m bundles, whose graphs filter, decode and NMS their candidates, when
 they run on the annotated COCO demo photos at several score and IoU thresholds fed at run time, then they return
@@ -15,14 +15,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edge_agent import detector_heads
-from edge_agent import postprocess as pp
-from edge_agent.bundle import find_bundle
+from edge_agent.bundles.bundle import find_bundle
+from edge_agent.bundles.manifest import DetectionsDecoder, Thresholds
 from edge_agent.errors import ManifestError
-from edge_agent.manifest import DetectionsDecoder, Thresholds
-from edge_agent.model import Model
-from edge_agent.preprocess import map_box_to_original
-from edge_agent.runtime import OrtRuntime
+from edge_agent.toolchain import detector_heads
+from edge_agent.vision import postprocess as pp
+from edge_agent.vision.model import Model
+from edge_agent.vision.preprocess import map_box_to_original
+from edge_agent.vision.runtime import OrtRuntime
 
 from .conftest import COCO_DEMO, MODELS, SHARED
 

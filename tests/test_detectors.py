@@ -15,13 +15,13 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_agent import detector_heads
-from edge_agent.bundle import find_bundle
-from edge_agent.manifest import DetectionsDecoder, NanodetDecoder, YoloxDecoder
-from edge_agent.model import Model
-from edge_agent.postprocess import box_iou
-from edge_agent.preprocess import map_boxes_to_original
-from edge_agent.runtime import OrtRuntime, RuntimeOptions
+from edge_agent.bundles.bundle import find_bundle
+from edge_agent.bundles.manifest import DetectionsDecoder, NanodetDecoder, YoloxDecoder
+from edge_agent.toolchain import detector_heads
+from edge_agent.vision.model import Model
+from edge_agent.vision.postprocess import box_iou
+from edge_agent.vision.preprocess import map_boxes_to_original
+from edge_agent.vision.runtime import OrtRuntime, RuntimeOptions
 
 from .conftest import COCO_DEMO, MODELS
 from .test_postprocess import _ref_nanodet, _ref_yolox

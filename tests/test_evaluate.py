@@ -1,4 +1,4 @@
-"""edge_agent.evaluate: pure metrics and folder evaluation, and the `edge-agent eval` command."""
+"""edge_agent.toolchain.evaluate: pure metrics and folder evaluation, and the `edge-agent eval` command."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent.bundle import load_bundle
+from edge_agent.bundles.bundle import load_bundle
 from edge_agent.cli import app
 from edge_agent.errors import InputNotFoundError
-from edge_agent.evaluate import (
+from edge_agent.toolchain.evaluate import (
     average_precision,
     classification_metrics,
     evaluate,
@@ -21,7 +21,7 @@ from edge_agent.evaluate import (
     read_yolo_labels,
     roc_auc,
 )
-from edge_agent.model import Model
+from edge_agent.vision.model import Model
 from tests.support.color_models import write_bundle, write_images
 
 
@@ -115,7 +115,7 @@ def test_eval_cli_missing_folder_is_one_clear_error(tmp_path: Path) -> None:
 def test_parse_class_map() -> None:
     import typer
 
-    from edge_agent.cli_models import _parse_class_map
+    from edge_agent.cli.models import _parse_class_map
 
     assert _parse_class_map(["0=cow", "2 = horse"]) == {0: "cow", 2: "horse"}
     with pytest.raises(typer.BadParameter):

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import int8_silu
-from edge_agent import bench
+from edge_agent.toolchain import bench
 from tests.conftest import MODELS
 
 X_SCALE, X_ZERO, Y_SCALE, Y_ZERO = 0.05, 128, 0.04, 7  # the quantization silu_graphs uses

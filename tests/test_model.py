@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.bundle import find_bundle, list_bundle_dirs, load_bundle
+from edge_agent.bundles.bundle import find_bundle, list_bundle_dirs, load_bundle
+from edge_agent.bundles.manifest import parse_manifest
 from edge_agent.errors import ChecksumError, ManifestError, ModelNotFoundError
-from edge_agent.manifest import parse_manifest
-from edge_agent.model import Model
-from edge_agent.runtime import FakeRuntime, OrtRuntime, RuntimeOptions, select_providers
 from edge_agent.types import AnomalyScore, Classification, Image
+from edge_agent.vision.model import Model
+from edge_agent.vision.runtime import FakeRuntime, OrtRuntime, RuntimeOptions, select_providers
 
 from .support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import find_bundle
-from edge_agent.commands import Command, CommandError
+from edge_agent.agent.service import Service
+from edge_agent.bundles.bundle import find_bundle
 from edge_agent.config import load_config
-from edge_agent.model import Model
-from edge_agent.service import Service
+from edge_agent.protocol.commands import Command, CommandError
+from edge_agent.vision.model import Model
 
 from .conftest import COCO_DEMO, MODELS
 

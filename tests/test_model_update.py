@@ -14,6 +14,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+from edge_agent.agent.service import Service
 from edge_agent.cli import app
 from edge_agent.config import load_config, parse_config
 from edge_agent.errors import (
@@ -27,11 +28,9 @@ from edge_agent.errors import (
     UpdateUnsignedError,
     UpdateUntrustedKeyError,
 )
-from edge_agent.model_updates import OnProbation, Probation, in_force
-from edge_agent.pipeline import InputItem, Pipeline, PipelineOutput
-from edge_agent.service import Service
+from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput
 from edge_agent.types import Classification, Image, Result, Timings
-from edge_agent.update_format import (
+from edge_agent.updates.format import (
     FileEntry,
     Statement,
     canonical_json,
@@ -44,7 +43,8 @@ from edge_agent.update_format import (
     sign_statement,
     verify_statement,
 )
-from edge_agent.updates import ModelStore, bundle_from, load_trusted_keys, sign_bundle, stage_update
+from edge_agent.updates.manager import OnProbation, Probation, in_force
+from edge_agent.updates.store import ModelStore, bundle_from, load_trusted_keys, sign_bundle, stage_update
 from tests.support.updates import NAME, bundle_members, copy_bundle, craft, keys, statement_for
 
 T = 20.0

@@ -22,15 +22,15 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.bundle import Bundle
-from edge_agent.commands import Command, CommandError, parse_command
+from edge_agent.agent.service import Service, onnx_model_factory
+from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import ModelConfig, load_config
 from edge_agent.errors import OverloadedError, RuntimeBackendError
-from edge_agent.pipeline import InputItem, PipelineOutput, Predictor
-from edge_agent.service import Service, onnx_model_factory
+from edge_agent.flow.pipeline import InputItem, PipelineOutput, Predictor
+from edge_agent.protocol.commands import Command, CommandError, parse_command
 from edge_agent.types import Image, Result
-from edge_agent.update_format import Golden, canonical_json
-from edge_agent.updates import sign_bundle
+from edge_agent.updates.format import Golden, canonical_json
+from edge_agent.updates.store import sign_bundle
 from tests.support.updates import NAME, bundle_members, copy_bundle, craft, keys, png, statement_for
 
 from .support.wait import wait_for
@@ -511,7 +511,7 @@ def test_commands_are_refused_when_updates_are_disabled(tmp_path: Path) -> None:
 
 
 def test_mqtt_model_update_command_and_outcome_events_over_the_fake_broker(tmp_path: Path) -> None:
-    from edge_agent import codec
+    from edge_agent.protocol import codec
     from edge_agent.transport.base import MqttSettings, Transport, Will
     from edge_agent.transport.fake import FakeBroker, FakeTransport
 
@@ -557,7 +557,7 @@ def test_mqtt_model_update_command_and_outcome_events_over_the_fake_broker(tmp_p
 def test_failed_switch_keeps_the_old_model_serving_and_a_restart_runs_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge_agent.updates import ModelStore
+    from edge_agent.updates.store import ModelStore
 
     env = make_env(tmp_path)
     config = write_config(env)

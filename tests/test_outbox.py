@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from edge_agent.delivery.outbox import Outbox, OutboxLimits, make_result_id
 from edge_agent.errors import StorageFullError
-from edge_agent.outbox import Outbox, OutboxLimits, make_result_id
 
 
 def add(ob: Outbox, input_id: str, body: dict[str, Any] | None = None, model_version: str = "1") -> Any:

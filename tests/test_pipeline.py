@@ -20,8 +20,8 @@ from edge_agent.errors import (
     OverloadedError,
     StorageFullError,
 )
+from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, make_sector
 from edge_agent.metrics import Metrics
-from edge_agent.pipeline import InputItem, Pipeline, PipelineOutput, make_sector
 from edge_agent.types import Classification, Detection, Image, Result, Timings
 
 T = 10.0  # generous timeout for waits on conditions

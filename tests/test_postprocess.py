@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import postprocess as pp
+from edge_agent.vision import postprocess as pp
 
 box_lists = st.lists(
     st.tuples(

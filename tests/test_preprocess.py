@@ -6,15 +6,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.manifest import InputSpec, Normalize, Resize
-from edge_agent.preprocess import (
+from edge_agent.bundles.manifest import InputSpec, Normalize, Resize
+from edge_agent.types import Image, PreprocessMeta
+from edge_agent.vision.preprocess import (
     Preprocessor,
     center_crop_geometry,
     letterbox_geometry,
     map_box_to_original,
     map_boxes_to_original,
 )
-from edge_agent.types import Image, PreprocessMeta
 
 sizes = st.integers(min_value=1, max_value=5000)
 model_sizes = st.integers(min_value=8, max_value=1024)

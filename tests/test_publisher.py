@@ -14,12 +14,12 @@ from typing import Any
 import jsonschema
 import pytest
 
-from edge_agent import codec
-from edge_agent.commands import Command
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore
-from edge_agent.outbox import Outbox
-from edge_agent.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.delivery.outbox import Outbox
+from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.protocol import codec
+from edge_agent.protocol.commands import Command
 from edge_agent.transport import FakeBroker, FakeTransport, InboundMessage
 from tests.support.delivery import wait_until
 
@@ -107,7 +107,7 @@ def test_delivers_everything_and_deletes_on_the_coordinators_ack(rig: Rig) -> No
 
 
 def schema(kind: str) -> dict[str, Any]:
-    path = resources.files("edge_agent").joinpath("schemas").joinpath(f"{kind}.json")
+    path = resources.files("edge_agent.protocol").joinpath("schemas").joinpath(f"{kind}.json")
     loaded: dict[str, Any] = json.loads(path.read_text())
     return loaded
 

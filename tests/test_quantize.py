@@ -1,4 +1,4 @@
-"""edge_agent.quantize: static QDQ INT8 + the accuracy-and-speed gate, and `edge-agent quantize`."""
+"""edge_agent.toolchain.quantize: static QDQ INT8 + the accuracy-and-speed gate, and `edge-agent quantize`."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent import quantize
-from edge_agent.bundle import load_bundle
+from edge_agent.bundles.bundle import load_bundle
 from edge_agent.cli import app
 from edge_agent.errors import QuantizationGateError
-from edge_agent.quantize import GateConfig, decide, quantize_and_gate
+from edge_agent.toolchain import quantize
+from edge_agent.toolchain.quantize import GateConfig, decide, quantize_and_gate
 from tests.support.color_models import write_bundle, write_images
 
 
 def test_compare_latency_times_both_models(setup: tuple[Path, Path]) -> None:
     import numpy as np
 
-    from edge_agent.model import Model
+    from edge_agent.vision.model import Model
 
     models, _ = setup
     m = Model.load(load_bundle(models / "colors"))

@@ -1,4 +1,4 @@
-"""edge_agent.quantize: the per-model options (manifest ``metadata.quantize``) and the graph fixes before QDQ."""
+"""toolchain.quantize: the per-model options (manifest ``metadata.quantize``) and the graph fixes before QDQ."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.bundles.bundle import Bundle, load_bundle
 from edge_agent.errors import ManifestError
-from edge_agent.quantize import (
+from edge_agent.toolchain.quantize import (
     QuantizeOptions,
     drop_initializer_inputs,
     nodes_kept_float,
@@ -191,8 +191,8 @@ def test_nanodet_quantizes_to_a_model_that_runs(tmp_path: Path) -> None:
 def test_yolox_with_post_processing_in_the_graph_quantizes_and_keeps_its_head(tmp_path: Path) -> None:
     """The calibrator cannot take the head's variable-length candidate tensors: the body is quantized alone and
     the float post-processing put back; the INT8 model takes the thresholds and still finds the cows."""
-    from edge_agent.model import Model
-    from edge_agent.runtime import OrtRuntime
+    from edge_agent.vision.model import Model
+    from edge_agent.vision.runtime import OrtRuntime
 
     from .conftest import COCO_DEMO, MODELS
 

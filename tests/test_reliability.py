@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.coordinator.service import Coordinator
-from edge_agent.outbox import OutboxLimits
-from edge_agent.publisher import PublisherSettings
+from edge_agent.delivery.outbox import OutboxLimits
+from edge_agent.delivery.publisher import PublisherSettings
 from edge_agent.transport.base import InboundMessage, MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
 from tests.support.broker import Broker

@@ -20,12 +20,12 @@ import pytest
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
+from edge_agent.agent.service import Service
 from edge_agent.cli import app
 from edge_agent.config import load_config
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore
-from edge_agent.outbox import Outbox
-from edge_agent.service import Service
+from edge_agent.delivery.outbox import Outbox
 from edge_agent.transport.base import MqttSettings, Transport, Will
 from edge_agent.transport.fake import FakeBroker, FakeTransport
 from tests.support.broker import Broker, free_port
@@ -362,7 +362,7 @@ def test_http_upload_goes_through_the_same_pipeline(tmp_path: Path, models_dir: 
 def test_camera_inspection_line_publishes_reject_events(
     tmp_path: Path, models_dir: Path, fake_broker: FakeBroker
 ) -> None:
-    from edge_agent.sources.camera import SyntheticCapture
+    from edge_agent.flow.sources.camera import SyntheticCapture
 
     text = f"""\
 device_id: line-1
@@ -485,8 +485,8 @@ def test_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path, models_di
 
 
 def test_embedded_default_runs_the_bundled_crop_model(tmp_path: Path) -> None:
-    from edge_agent.bundle import default_models_dir
-    from edge_agent.cli_run import pick_default_bundle
+    from edge_agent.bundles.bundle import default_models_dir
+    from edge_agent.cli.run import pick_default_bundle
     from edge_agent.config import default_config
 
     bundle, kind = pick_default_bundle(default_models_dir())

@@ -18,17 +18,17 @@ from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Backoff, CameraSourceConfig, FolderSourceConfig
 from edge_agent.errors import ImageEmptyError, OverloadedError, StorageFullError
-from edge_agent.metrics import Metrics
-from edge_agent.pipeline import InputItem, PipelineOutput
-from edge_agent.sources.camera import (
+from edge_agent.flow.pipeline import InputItem, PipelineOutput
+from edge_agent.flow.sources.camera import (
     CameraSource,
     SyntheticCapture,
     backoff_delay,
     redact_url,
     with_credentials,
 )
-from edge_agent.sources.folder import FolderSource
-from edge_agent.sources.opencv import OpenCvCapture
+from edge_agent.flow.sources.folder import FolderSource
+from edge_agent.flow.sources.opencv import OpenCvCapture
+from edge_agent.metrics import Metrics
 from edge_agent.types import Image
 
 from .support.wait import wait_for
@@ -402,7 +402,7 @@ def test_opencv_capture_reads_a_real_video_file(tmp_path: Path) -> None:
 
 def test_opencv_capture_keeps_stream_credentials_off_stderr(tmp_path: Path) -> None:
     script = (
-        "from edge_agent.sources.opencv import OpenCvCapture\n"
+        "from edge_agent.flow.sources.opencv import OpenCvCapture\n"
         "c = OpenCvCapture('rtsp://user:s3cret@127.0.0.1:9/x', open_timeout_ms=2000)\n"
         "print(c.open())\n"
     )
@@ -443,7 +443,7 @@ def test_capture_contract(tmp_path: Path, kind: str) -> None:
 
 
 def test_fake_source_pushes_into_a_pipeline() -> None:
-    from edge_agent.sources.fake import FakeSource
+    from edge_agent.flow.sources.fake import FakeSource
 
     journal = Journal()
     pipe = FakePipeline(journal)

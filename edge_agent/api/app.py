@@ -29,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from edge_agent import __version__
-from edge_agent.advice import AdviceBook, load_advice
 from edge_agent.api.auth import TokenSet, is_loopback
 from edge_agent.api.context import ApiContext
 from edge_agent.api.errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
@@ -47,7 +46,8 @@ from edge_agent.api.schemas import (
 from edge_agent.api.telemetry import HttpMetrics, Telemetry
 from edge_agent.api.upload import MultipartUpload, SpoolFile, clean_hint, multipart_boundary, new_input_id
 from edge_agent.errors import ConfigError, EdgeAgentError, InputError, OverloadedError
-from edge_agent.pipeline import InputItem, PipelineOutput
+from edge_agent.flow.pipeline import InputItem, PipelineOutput
+from edge_agent.sectors.advice import AdviceBook, load_advice
 
 log = logging.getLogger(__name__)
 

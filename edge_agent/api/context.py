@@ -10,13 +10,13 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from edge_agent.advice import AdviceBook
 from edge_agent.config import HttpConfig
-from edge_agent.pipeline import InputItem, PipelineOutput
+from edge_agent.flow.pipeline import InputItem, PipelineOutput
+from edge_agent.sectors.advice import AdviceBook
 
 
 class UploadStore(Protocol):
-    """The outbox calls the API makes (``edge_agent.outbox.Outbox`` fits)."""
+    """The outbox calls the API makes (``edge_agent.delivery.outbox.Outbox`` fits)."""
 
     def check_capacity(self) -> None: ...
     def accept_input(

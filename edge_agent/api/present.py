@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from edge_agent.advice import AdviceBook
 from edge_agent.api.schemas import AdviceOut, Alternative, Diagnosis, DiagnosisResponse
+from edge_agent.sectors.advice import AdviceBook
 from edge_agent.sectors.crop import NOT_RECOGNISED, split_label
 
 

@@ -2,7 +2,7 @@
 
 The body (raw ``image/*`` or ``multipart/form-data``) is streamed chunk by chunk into
 ``<spool>/<input_id>.part``; the format is decided from the first bytes (JPEG, PNG or WebP
-magic, via :func:`edge_agent.decode.sniff_format`) and anything else is refused before it is
+magic, via :func:`edge_agent.vision.decode.sniff_format`) and anything else is refused before it is
 stored. :meth:`SpoolFile.commit` fsyncs the file, renames it to ``<input_id>.<ext>`` and fsyncs
 the folder. Client file names are never used for anything. Pure of any web framework.
 """
@@ -21,7 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from edge_agent.api.errors import ApiError
-from edge_agent.decode import sniff_format
+from edge_agent.vision.decode import sniff_format
 
 SNIFF_BYTES = 12
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}

@@ -14,9 +14,9 @@ import threading
 import time
 from typing import Any
 
-from edge_agent import codec
 from edge_agent.coordinator.store import DeviceUpdate, ResultRow, Store
 from edge_agent.errors import EdgeAgentError
+from edge_agent.protocol import codec
 from edge_agent.transport.base import InboundMessage, Transport
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.postprocess import box_iou
 from edge_agent.types import Detection, Result
+from edge_agent.vision.postprocess import box_iou
 
 
 @dataclass(frozen=True)

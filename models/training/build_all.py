@@ -16,10 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-from edge_agent.anomaly_fit import FitConfig, fit_bundle
-from edge_agent.bundle import load_bundle
+from edge_agent.bundles.bundle import load_bundle
 from edge_agent.errors import QuantizationGateError
-from edge_agent.quantize import GateConfig, quantize_and_gate
+from edge_agent.toolchain.anomaly_fit import FitConfig, fit_bundle
+from edge_agent.toolchain.quantize import GateConfig, quantize_and_gate
 from training import build_classifiers, calibrate_ood
 from training.common import BACKBONE, DATASETS, REPO
 

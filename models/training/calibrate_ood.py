@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.bundle import MANIFEST_NAME, load_bundle
-from edge_agent.decode import decode_image
-from edge_agent.evaluate import list_classification
-from edge_agent.manifest import SoftmaxDecoder
-from edge_agent.model import Model
+from edge_agent.bundles.bundle import MANIFEST_NAME, load_bundle
+from edge_agent.bundles.manifest import SoftmaxDecoder
+from edge_agent.toolchain.evaluate import list_classification
+from edge_agent.vision.decode import decode_image
+from edge_agent.vision.model import Model
 
 log = logging.getLogger("calibrate_ood")
 

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 from PIL import Image, ImageOps
 
-from edge_agent.anomaly_fit import fold_uint8_input, prune_graph
+from edge_agent.toolchain.anomaly_fit import fold_uint8_input, prune_graph
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A real crop pipeline behind the HTTP API, for tests, the browser test and the load benchmark.
 
-The model is the real :class:`edge_agent.model.Model` (real decode, EXIF, pixel cap, preprocess,
+The model is the real :class:`edge_agent.vision.model.Model` (real decode, EXIF, pixel cap, preprocess,
 softmax decoder) over a :class:`FakeRuntime` whose answer is a function of the pixels:
 
 - a (nearly) black photo is out of domain -> "not a recognised leaf";
@@ -28,16 +28,16 @@ from fastapi import FastAPI
 from PIL import Image as PILImage
 from prometheus_client import CollectorRegistry
 
-from edge_agent.advice import CROP_LABELS, AdviceBook, load_advice
 from edge_agent.api import ApiContext, create_app
+from edge_agent.bundles.manifest import parse_manifest
 from edge_agent.config import HttpConfig
-from edge_agent.manifest import parse_manifest
-from edge_agent.model import Model
-from edge_agent.outbox import Outbox
-from edge_agent.pipeline import InputItem, Pipeline, PipelineOutput
-from edge_agent.runtime import FakeRuntime
+from edge_agent.delivery.outbox import Outbox
+from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput
+from edge_agent.sectors.advice import CROP_LABELS, AdviceBook, load_advice
 from edge_agent.sectors.crop import crop_verdict
 from edge_agent.types import Image, Result
+from edge_agent.vision.model import Model
+from edge_agent.vision.runtime import FakeRuntime
 
 LABELS = list(CROP_LABELS)
 RUST = LABELS.index("Bean___bean_rust")

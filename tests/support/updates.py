@@ -15,8 +15,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image as PILImage
 
-from edge_agent.update_format import FileEntry, Golden, Statement, sign_statement
-from edge_agent.updates import generate_keys, load_private_key
+from edge_agent.updates.format import FileEntry, Golden, Statement, sign_statement
+from edge_agent.updates.store import generate_keys, load_private_key
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "steel_defects"
 NAME = "steel_defects"
@@ -75,7 +75,7 @@ def craft(
     st = statement or statement_for(members)
     body, sig = sign_statement(st, key) if key is not None else (b"", b"")
     if key is None:
-        from edge_agent.update_format import canonical_json
+        from edge_agent.updates.format import canonical_json
 
         body = canonical_json(st.to_dict())
     if statement_bytes is not None:

@@ -1,0 +1,568 @@
+"""The composition root: the one place where the agent's concrete parts are built, started and stopped.
+
+    config -> outbox -> model store (installed updates) -> models (one session per pipeline worker, warmed up)
+           -> pipelines -> publisher (MQTT; never blocks start-up) -> model updater (drop folder, when enabled)
+           -> restart recovery -> sources -> HTTP API -> /metrics
+
+``stop(timeout)`` undoes it in reverse within a bounded time: sources stop taking input, the API
+stops, pipelines drain (what they cannot finish stays pending in the outbox for the next start),
+the publisher says ``offline`` and disconnects, the outbox closes. ``run_service`` wires SIGTERM
+and SIGINT to that.
+
+Factories for the noisy parts (MQTT transport, camera capture, models) can be passed in, so tests
+run the whole service with fakes or with a real broker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from edge_agent.bundles.bundle import Bundle
+from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
+from edge_agent.delivery.outbox import Outbox, OutboxLimits
+from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.errors import ConfigError, InputError, OverloadedError, UpdateError
+from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
+from edge_agent.flow.sources import Source
+from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
+from edge_agent.flow.sources.folder import FolderSource
+from edge_agent.metrics import Metrics
+from edge_agent.protocol.commands import Command, CommandError
+from edge_agent.transport.base import MqttSettings, Transport, Will
+from edge_agent.updates.manager import ModelSlot, ModelUpdater, configured_bundle, in_force
+from edge_agent.updates.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+TransportFactory = Callable[[MqttSettings, Will], Transport]
+ModelFactory = Callable[[Bundle, ModelConfig], Predictor]
+
+
+def _paho_transport(settings: MqttSettings, will: Will) -> Transport:
+    from edge_agent.transport.mqtt import PahoTransport
+
+    return PahoTransport(settings, will=will)
+
+
+def _onnx_model(bundle: Bundle, cfg: ModelConfig) -> Predictor:
+    from edge_agent.vision.model import Model
+    from edge_agent.vision.runtime import RuntimeOptions
+
+    opts = RuntimeOptions(providers=cfg.providers, intra_op_threads=cfg.threads, allow_spinning=False)
+    model = Model.load(bundle, opts, max_pixels=cfg.max_pixels)
+    if cfg.warmup:
+        model.warmup(1)
+    return model
+
+
+onnx_model_factory = _onnx_model
+"""The model factory the agent uses (also for ``edge-agent models install``)."""
+
+
+def _opencv_capture(url: str) -> Any:
+    from edge_agent.flow.sources.opencv import OpenCvCapture
+
+    return OpenCvCapture(url)
+
+
+class Service:
+    """The running agent. ``start()``, then ``stop()``; ``health()`` any time."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        transport_factory: TransportFactory = _paho_transport,
+        capture_factory: CaptureFactory = _opencv_capture,
+        model_factory: ModelFactory = _onnx_model,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self._transport_factory = transport_factory
+        self._capture_factory = capture_factory
+        self._model_factory = model_factory
+        self.outbox: Outbox | None = None
+        self.publisher: Publisher | None = None
+        self.pipelines: dict[str, Pipeline] = {}
+        self.sources: dict[str, Source] = {}
+        self._bundles: dict[str, Bundle] = {}
+        self._sources: dict[str, str] = {}  # config model name -> "config" | "update"
+        self._slots: dict[str, ModelSlot] = {}
+        self.store: ModelStore | None = None
+        self.updater: ModelUpdater | None = None
+        self._http: Any = None
+        self._http_thread: threading.Thread | None = None
+        self._metrics_server: Any = None
+        self._recovery: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock_fd: int | None = None
+        self._ready = False
+        self.state = "created"
+        self.recovered = 0
+
+    # --- paths ----------------------------------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cfg.state_dir
+
+    def spool_dir(self, source: str) -> Path:
+        return self.state_dir / "spool" / source
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build and start everything; raises EdgeAgentError (config, models, storage) before anything runs."""
+        self.state = "starting"
+        cfg = self.cfg
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc.strerror}") from exc
+        self._lock_state_dir()
+        self.store = ModelStore(self.state_dir / "models")
+        self.store.clean()  # staging leftovers and versions a crash left unswitched
+        o = cfg.outbox
+        limits = OutboxLimits(
+            max_bytes=o.max_bytes,
+            max_age_s=o.max_age_s,
+            full_policy=o.full_policy,
+            retention_s=o.retention_s,
+            min_free_bytes=o.min_free_bytes,
+        )
+        self.outbox = Outbox(self.state_dir / "outbox.db", cfg.device_id, limits)
+        outbox = self.outbox
+
+        def outbox_stats() -> tuple[int, int, float]:
+            st = outbox.stats()
+            return st.backlog, st.bytes, st.oldest_age_s
+
+        self.metrics.bind_outbox(outbox_stats)
+        try:
+            self._build_pipelines()
+            self._build_publisher()
+            self._build_updater()
+            for p in self.pipelines.values():
+                p.start()
+            if self.publisher is not None:
+                self.publisher.start()
+            if self.updater is not None and cfg.updates.enabled:
+                self.updater.start()
+            self._recover()
+            self._build_sources()
+            for s in self.sources.values():
+                s.start()
+            self._start_http()
+            self._start_metrics()
+        except BaseException:
+            self.stop(timeout=5.0)
+            raise
+        self._ready = True
+        self.state = "running"
+        log.info(
+            "edge-agent %s running: pipelines %s, sources %s, mqtt %s",
+            cfg.device_id,
+            ", ".join(self.pipelines),
+            ", ".join(self.sources) or "none",
+            f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.enabled else "off",
+        )
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop within ``timeout`` seconds (default ``shutdown_timeout_s``); True when everything ended cleanly."""
+        if self._stopping.is_set():
+            return True
+        self._stopping.set()
+        self._ready = False
+        self.state = "stopping"
+        deadline = time.monotonic() + (timeout if timeout is not None else self.cfg.shutdown_timeout_s)
+
+        def left(share: float = 1.0) -> float:
+            return max(0.05, (deadline - time.monotonic()) * share)
+
+        clean = True
+        for source in self.sources.values():
+            clean &= bool(source.stop(min(left(0.2), 2.0)))
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(min(left(0.3), 3.0))
+                clean &= not self._http_thread.is_alive()
+        if self._recovery is not None:
+            self._recovery.join(min(left(0.1), 1.0))
+        if self.updater is not None:
+            clean &= self.updater.stop(min(left(0.3), 5.0))
+        for pipeline in self.pipelines.values():
+            clean &= pipeline.stop(left(0.6))
+        if self.publisher is not None:
+            self.publisher.stop(left(0.8))
+        if self.outbox is not None:
+            self.outbox.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        self.state = "stopped"
+        log.info("edge-agent stopped (%s)", "clean" if clean else "timed out; unfinished inputs stay pending")
+        return clean
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _lock_state_dir(self) -> None:
+        """One agent per state directory: two writers on one outbox and spool would step on each other."""
+        path = self.state_dir / "agent.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"state_dir: another edge-agent is running with {self.state_dir}") from exc
+        self._lock_fd = fd
+
+    # --- building ---------------------------------------------------------------------------------------------------
+
+    def _bundle(self, mcfg: ModelConfig) -> Bundle:
+        """The bundle in force for ``mcfg``: an installed update when the model store's pointer names one."""
+        if mcfg.name in self._bundles:
+            return self._bundles[mcfg.name]
+        assert self.store is not None
+        configured = configured_bundle(self.cfg, mcfg)
+        bundle, source = in_force(self.store, configured)
+        name = configured.manifest.name
+        if name not in self._slots:
+            self._slots[name] = ModelSlot(name, configured, bundle, source, mcfg)
+        slot = self._slots[name]
+        if slot.configured.directory.resolve() != configured.directory.resolve():
+            raise ConfigError(
+                f"models.{mcfg.name}.bundle: model {name!r} is already loaded from {slot.configured.directory}; "
+                "one bundle folder per model name (updates are installed by name)"
+            )
+        self._bundles[mcfg.name], self._sources[mcfg.name] = slot.bundle, slot.source
+        return slot.bundle
+
+    def _build_pipelines(self) -> None:
+        assert self.outbox is not None
+        models = {m.name: m for m in self.cfg.models}
+        for pcfg in self.cfg.pipelines:
+            mcfg = models[pcfg.model]
+            bundle = self._bundle(mcfg)
+            workers = [self._model_factory(bundle, mcfg) for _ in range(pcfg.workers)]
+            pipeline = Pipeline(
+                pcfg.name,
+                workers,
+                self.outbox,
+                kind=pcfg.kind,
+                sector=make_sector(pcfg),
+                queue_size=pcfg.queue_size,
+                metrics=self.metrics,
+            )
+            pipeline.add_sink("events", self._events_sink)
+            self.pipelines[pcfg.name] = pipeline
+            self._slots[bundle.manifest.name].users.append((pipeline, mcfg))
+
+    def _build_updater(self) -> None:
+        assert self.store is not None
+
+        def on_change(name: str, bundle: Bundle) -> None:
+            slot = self._slots[name]
+            for cname, b in list(self._bundles.items()):
+                if b.manifest.name == name:
+                    self._bundles[cname], self._sources[cname] = bundle, slot.source
+
+        self.updater = ModelUpdater(
+            self.cfg.updates, self.store, self._slots, model_factory=self._model_factory, metrics=self.metrics,
+            publish_event=self._publish_event, on_change=on_change,
+        )
+
+    def _publish_event(self, event: str, severity: str, data: dict[str, Any]) -> None:
+        if self.publisher is not None:
+            level: Literal["info", "warning", "alarm"] = (
+                "alarm" if severity == "alarm" else "warning" if severity == "warning" else "info"
+            )
+            self.publisher.publish_event(event, level, data)
+
+    def _build_publisher(self) -> None:
+        m = self.cfg.mqtt
+        if not m.enabled:
+            return
+        assert self.outbox is not None
+        settings = MqttSettings(
+            host=m.host,
+            port=m.port,
+            client_id=m.client_id or self.cfg.device_id,
+            keepalive_s=m.keepalive_s,
+            username=m.username,
+            password=m.password.get_secret_value() if m.password is not None else None,
+            tls=m.tls.enabled,
+            ca_file=str(m.tls.ca_file) if m.tls.ca_file else None,
+            cert_file=str(m.tls.cert_file) if m.tls.cert_file else None,
+            key_file=str(m.tls.key_file) if m.tls.key_file else None,
+            max_inflight=m.max_inflight,
+            reconnect_max_s=m.reconnect_max_s,
+        )
+        transport = self._transport_factory(settings, availability_will(self.cfg.device_id))
+        self.publisher = Publisher(
+            self.outbox,
+            transport,
+            self.cfg.device_id,
+            health=self.health,
+            command_handler=self.handle_command,
+            settings=PublisherSettings(
+                window=m.max_inflight,
+                heartbeat_s=m.heartbeat_s,
+                ack_timeout_s=m.republish_after_s,
+                republish_per_s=m.republish_rate,
+            ),
+        )
+        self.metrics.bind_publisher(self.publisher.snapshot)
+
+    def _build_sources(self) -> None:
+        assert self.outbox is not None
+        for scfg in self.cfg.sources:
+            if isinstance(scfg, FolderSourceConfig):
+                self.sources[scfg.name] = FolderSource(
+                    scfg, spool_dir=self.spool_dir(scfg.name), journal=self.outbox, submit=self.submit,
+                    metrics=self.metrics,
+                )
+            elif isinstance(scfg, CameraSourceConfig):
+                self.sources[scfg.name] = CameraSource(
+                    scfg, submit=self.submit, capture_factory=self._capture_factory, metrics=self.metrics
+                )
+
+    def _start_http(self) -> None:
+        h = self.cfg.http
+        if not h.enabled:
+            return
+        import uvicorn
+
+        from edge_agent.api import create_app
+        from edge_agent.api.context import ApiContext
+
+        assert self.outbox is not None
+        ctx = ApiContext(
+            settings=h,
+            spool_dir=self.spool_dir("http"),
+            outbox=self.outbox,
+            submit=self.submit,
+            models=self.models_info,
+            is_ready=lambda: self._ready,
+            registry=self.registry,
+            pipeline=self.upload_pipeline(),
+        )
+        self.spool_dir("http").mkdir(parents=True, exist_ok=True)
+        app = create_app(ctx)
+        config = uvicorn.Config(app, host=h.bind, port=h.port, log_config=None, access_log=False, lifespan="off")
+        self._http = uvicorn.Server(config)
+        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._http_thread.start()
+        deadline = time.monotonic() + 15.0
+        while not self._http.started:  # uvicorn has no start event: poll its flag with a deadline
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"http.port: cannot serve on {h.bind}:{h.port} (address in use?)")
+            self._stopping.wait(0.02)
+        log.info("HTTP API on http://%s:%d/", h.bind, h.port)
+
+    def _start_metrics(self) -> None:
+        m = self.cfg.metrics
+        if not m.enabled:
+            return
+        try:
+            server, _thread = start_http_server(m.port, addr=m.bind, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"metrics.port: cannot listen on {m.bind}:{m.port}: {exc.strerror}") from exc
+        self._metrics_server = server
+        log.info("Prometheus metrics on http://%s:%d/metrics", m.bind, m.port)
+
+    def upload_pipeline(self) -> str:
+        """The pipeline HTTP uploads go to: ``http.pipeline``, else the first crop pipeline, else the first."""
+        if self.cfg.http.pipeline is not None:
+            return self.cfg.http.pipeline
+        crop = [p.name for p in self.cfg.pipelines if p.kind == "crop"]
+        return crop[0] if crop else self.cfg.pipelines[0].name
+
+    # --- running --------------------------------------------------------------------------------------------------
+
+    def submit(self, item: InputItem) -> Future[PipelineOutput]:
+        """Route ``item`` to its pipeline (the ``submit`` every source and the API use)."""
+        pipeline = self.pipelines.get(item.pipeline)
+        if pipeline is None:
+            raise OverloadedError(f"no pipeline {item.pipeline!r} is running")
+        return pipeline.submit(item)
+
+    def _recover(self) -> None:
+        """Re-submit inputs accepted before a restart that have no result yet (folder sources do their own)."""
+        assert self.outbox is not None
+        folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
+        todo: list[InputItem] = []
+        for p in self.outbox.pending_inputs():
+            if p.source in folders:
+                continue
+            if p.pipeline not in self.pipelines:
+                self.outbox.reject_input(p.input_id, "pipeline_gone", f"pipeline {p.pipeline!r} is not configured")
+            elif p.spool_path and Path(p.spool_path).is_file():
+                hints = p.meta.get("hints") if isinstance(p.meta.get("hints"), dict) else {}
+                todo.append(
+                    InputItem(
+                        input_id=p.input_id, pipeline=p.pipeline, source=p.source, spool_path=p.spool_path,
+                        hints={str(k): str(v) for k, v in (hints or {}).items()},
+                    )
+                )
+            else:
+                self.outbox.reject_input(p.input_id, "input_lost", "no spool file to retry after a restart")
+        if not todo:
+            return
+        log.info("recovery: re-submitting %d accepted inputs without a result", len(todo))
+        self._recovery = threading.Thread(target=self._resubmit, args=(todo,), name="recovery", daemon=True)
+        self._recovery.start()
+
+    def _resubmit(self, items: Sequence[InputItem]) -> None:
+        for item in items:
+            while not self._stopping.is_set():
+                try:
+                    fut = self.submit(item)
+                except OverloadedError:
+                    self._stopping.wait(0.05)  # queue full: the recovery backlog waits its turn
+                    continue
+                self.recovered += 1
+                fut.add_done_callback(functools.partial(_drop_spool, item))
+                break
+
+    def _events_sink(self, out: PipelineOutput, item: InputItem) -> None:
+        """Sector events (rejected parts, livestock alerts) go out on the events topic (not durable)."""
+        if self.publisher is None:
+            return
+        sector = out.sector
+        ref = {"pipeline": item.pipeline, "source": item.source, "input_id": item.input_id,
+               "result_id": getattr(out.stored, "result_id", None)}
+        if sector.get("signal"):
+            self.publisher.publish_event(
+                "part_rejected", "warning", {**ref, "signal": sector["signal"], "reasons": sector.get("reasons", [])}
+            )
+        for alert in sector.get("alerts", ()):
+            kind = str(alert.get("type", "alert"))
+            self.publisher.publish_event(f"livestock_{kind}", "info" if kind == "line_crossed" else "warning",
+                                         {**ref, **alert})
+
+    def models_info(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": b.manifest.name,
+                "version": b.manifest.version,
+                "task": b.manifest.task,
+                "labels": list(b.manifest.labels),
+                "license": b.manifest.license,
+                "config_name": name,
+                "installed_from": self._sources.get(name, "config"),
+            }
+            for name, b in self._bundles.items()
+        ]
+
+    def handle_command(self, command: Command) -> dict[str, Any]:
+        """Commands that change the running agent (the publisher handles its own first)."""
+        if command.name == "set_thresholds":
+            args = dict(command.args)
+            name = str(args.pop("pipeline"))
+            pipeline = self.pipelines.get(name)
+            if pipeline is None:
+                raise CommandError(f"unknown pipeline {name!r}", "command_invalid", command.id)
+            try:
+                applied = pipeline.set_thresholds(**{k: float(v) for k, v in args.items()})
+            except ValueError as exc:
+                raise CommandError(str(exc), "command_invalid", command.id) from exc
+            log.info("thresholds of pipeline %s set to %s", name, applied)
+            return {"pipeline": name, "thresholds": applied}
+        if command.name in ("model_update", "model_rollback"):
+            if self.updater is None or not self.cfg.updates.enabled:
+                raise CommandError("model updates are disabled on this agent (updates.enabled)",
+                                   "command_unsupported", command.id)
+            try:
+                if command.name == "model_update":
+                    path = self.updater.request_file(str(command.args["file"]))
+                    return {"accepted": True, "file": path.name, "outcome": "reported as a model_updated or "
+                            "model_update_rejected event"}
+                self.updater.request_rollback(str(command.args["model"]))
+                return {"accepted": True, "model": command.args["model"],
+                        "outcome": "reported as a model_rolled_back event"}
+            except UpdateError as exc:
+                raise CommandError(exc.message, exc.code, command.id) from exc
+        raise CommandError(f"command {command.name} is not supported here", "command_unsupported", command.id)
+
+    def health(self) -> dict[str, Any]:
+        """Status for heartbeats and ``/healthz``: ok, degraded (broker, camera or outbox trouble) or not ready."""
+        sources = {name: s.health() for name, s in self.sources.items()}
+        publisher = self.publisher.state if self.publisher is not None else "disabled"
+        problems = [f"source {n}: {h.get('state')}" for n, h in sources.items()
+                    if h.get("state") not in ("watching", "streaming")]
+        if publisher not in ("connected", "disabled"):
+            problems.append(f"mqtt: {publisher}")
+        state = "ok" if self._ready and not problems else ("degraded" if self._ready else self.state)
+        return {
+            "state": state,
+            "ready": self._ready,
+            "device": self.cfg.device_id,
+            "problems": problems,
+            "models": [{"name": m["name"], "version": m["version"], "installed_from": m["installed_from"]}
+                       for m in self.models_info()],
+            "updates": self.updater.status() if self.updater is not None else None,
+            "pipelines": {
+                name: {"kind": p.kind, "depth": p.depth, "in_flight": p.in_flight, "processed": p.processed,
+                       "failed": p.failed}
+                for name, p in self.pipelines.items()
+            },
+            "sources": sources,
+            "mqtt": publisher,
+        }
+
+
+def _drop_spool(item: InputItem, fut: Future[PipelineOutput]) -> None:
+    """Delete a recovered input's spool file once its result or rejection is journalled (kept for a retry otherwise)."""
+    if fut.cancelled() or item.spool_path is None:
+        return
+    exc = fut.exception()
+    if exc is None or isinstance(exc, InputError):
+        try:
+            Path(item.spool_path).unlink(missing_ok=True)
+        except OSError:
+            log.warning("recovery: cannot delete spool file of %s", item.input_id)
+
+
+def run_service(cfg: AgentConfig, *, on_ready: Callable[[Service], None] | None = None, **kwargs: Any) -> int:
+    """Start, wait for SIGTERM/SIGINT, stop within ``shutdown_timeout_s``. Returns a process exit code."""
+    service = Service(cfg, **kwargs)
+    done = threading.Event()
+    previous: Mapping[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            done.set()
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+    try:
+        service.start()
+        if on_ready is not None:
+            on_ready(service)
+        done.wait()
+        return 0 if service.stop() else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,329 @@
+"""``edge-agent eval``, ``quantize``, ``inspect fit`` and ``models keygen/sign/verify/install/rollback``.
+
+Registered on the main app in ``cli.py``. Thin: parse, call evaluate/quantize/anomaly_fit, print.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edge_agent.bundles.bundle import default_models_dir, find_bundle
+from edge_agent.errors import EdgeAgentError, QuantizationGateError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ModelsDir = Annotated[
+    Path | None,
+    typer.Option("--models-dir", help="Folder of model bundles.", envvar="EDGE_AGENT_MODELS_DIR", show_default=False),
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+inspect_app = typer.Typer(
+    help="Inspection tools: fit an anomaly model from photos of good parts.", no_args_is_help=True
+)
+
+
+def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
+    msg = f"[{exc.code}] {exc.message}" if isinstance(exc, EdgeAgentError) else exc
+    err.print(f"[red]error[/red] {escape(msg)}", highlight=False)
+    return typer.Exit(code)
+
+
+def _json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _bar(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, disable=quiet, transient=True,
+    )
+
+
+def eval_command(
+    directory: Annotated[Path, typer.Argument(help="Labelled folder: <class>/*, MVTec test/<good|defect>/*, "
+                                              "or images/ + labels/ (YOLO).", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Bundle name.")],
+    models_dir: ModelsDir = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a confusion matrix / ROC curve PNG.")] = None,
+    class_map: Annotated[
+        list[str] | None,
+        typer.Option("--class-map", help="Detection: dataset class id = model label, e.g. 0=cow (repeatable); "
+                     "without it AP50 is class-agnostic."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Evaluate a model bundle on a labelled folder and print its metrics."""
+    from edge_agent.toolchain.evaluate import evaluate, evaluate_detection, public
+    from edge_agent.toolchain.evaluate import plot as draw
+    from edge_agent.vision.model import Model
+    from edge_agent.vision.runtime import RuntimeOptions
+
+    try:
+        m = Model.load(find_bundle(model, models_dir or default_models_dir()), RuntimeOptions(intra_op_threads=threads))
+        with _bar(as_json) as bar:
+            task = bar.add_task(f"eval {model}", total=None)
+            progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+            if class_map and m.manifest.task == "detection":
+                report = evaluate_detection(m, directory, _parse_class_map(class_map), progress)
+            else:
+                report = evaluate(m, directory, progress)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if plot is not None:
+        draw(report, plot)
+    doc = public(report)
+    if as_json:
+        _json(doc)
+        return
+    _print_report(doc)
+
+
+def _parse_class_map(items: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for item in items:
+        key, sep, label = item.partition("=")
+        if not sep or not key.strip().isdigit() or not label.strip():
+            raise typer.BadParameter(f"--class-map {item!r}: expected ID=LABEL, e.g. 0=cow")
+        out[int(key)] = label.strip()
+    return out
+
+
+def _print_report(doc: dict[str, Any]) -> None:
+    head = {k: v for k, v in doc.items() if not isinstance(v, dict)}
+    out.print("  ".join(f"[bold]{k}[/bold] {v}" for k, v in head.items()))
+    per = doc.get("per_class")
+    if isinstance(per, dict) and per and isinstance(next(iter(per.values())), dict):
+        table = Table("class", "n", "recall", "precision", "rejected")
+        for name, row in per.items():
+            table.add_row(name, str(row.get("n", "")), str(row.get("recall", "-")), str(row.get("precision", "-")),
+                          str(row.get("rejected", "-")))
+        out.print(table)
+
+
+def quantize_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="FP32 bundle to quantize.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images (searched recursively).")],
+    eval_dir: Annotated[Path, typer.Option("--eval", help="Labelled folder for the gate (as for `eval`).")],
+    out_name: Annotated[str, typer.Option("--out", help="Name of the INT8 bundle to write.")],
+    models_dir: ModelsDir = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
+                                                  "(default: <models-dir>/<out>).")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(help="Accuracy budget (fraction; 0.01 = 1 point).")] = 0.01,
+    max_auroc_drop: Annotated[float, typer.Option(help="AUROC budget for anomaly models.")] = 0.01,
+    runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 30,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
+    as_json: Json = False,
+) -> None:
+    """Static INT8 quantization (QDQ, U8 activations, S8 per-channel weights) behind an accuracy-and-speed gate.
+
+    Writes the INT8 bundle only if it is faster than FP32 and within the budget; otherwise exits 1 with the reason.
+    """
+    from edge_agent.toolchain.quantize import GateConfig, quantize_and_gate
+
+    base = models_dir or default_models_dir()
+    config = GateConfig(max_accuracy_drop=max_accuracy_drop, max_auroc_drop=max_auroc_drop, latency_runs=runs,
+                        threads=threads)
+    try:
+        bundle = find_bundle(model, base)
+        with _bar(as_json) as bar:
+            task = bar.add_task("", total=None)
+            report = quantize_and_gate(
+                bundle, calib, eval_dir, out_dir or base / out_name, out_name, config,
+                progress=lambda msg: bar.update(task, description=msg, completed=0, total=None),
+                eval_progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except QuantizationGateError as exc:
+        if as_json:
+            _json({"passed": False, "error": exc.to_dict(), **{k: v for k, v in exc.report.items()
+                                                                if not k.endswith("_report")}})
+        raise _fail(exc, 1) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    doc = {k: v for k, v in report.to_dict().items() if not k.endswith("_report")}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]gate passed[/green] {escape(report.reason)}")
+    out.print(f"{report.metric}: FP32 {report.fp32:.4f}  INT8 {report.int8:.4f}   latency: FP32 "
+              f"{report.fp32_latency_ms:.2f} ms  INT8 {report.int8_latency_ms:.2f} ms  (x{report.speedup:.2f})")
+
+
+@inspect_app.command("fit")
+def fit_command(
+    good_dir: Annotated[Path, typer.Argument(help="Folder of photos of good parts (searched recursively).",
+                                             show_default=False)],
+    out_name: Annotated[str, typer.Option("--out", help="Name of the anomaly bundle to write.")],
+    models_dir: ModelsDir = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
+                                                  "(default: <models-dir>/<out>).")] = None,
+    backbone: Annotated[Path | None, typer.Option(help="EfficientNet-Lite0 ONNX, or an anomaly bundle "
+                                                  "made by this command (default: the shipped tile_anomaly).")] = None,
+    coreset: Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank.")] = 0.25,
+    max_bank: Annotated[int, typer.Option(help="Upper bound on memory-bank size.")] = 4000,
+    holdout: Annotated[float, typer.Option(help="Fraction of good photos kept aside to set the threshold.")] = 0.2,
+    as_json: Json = False,
+) -> None:
+    """Build a PatchCore-style anomaly bundle from photos of good parts (CPU, minutes)."""
+    from edge_agent.toolchain.anomaly_fit import FitConfig, fit_bundle
+
+    base = models_dir or default_models_dir()
+    config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, holdout_fraction=holdout)
+    try:
+        with _bar(as_json) as bar:
+            task = bar.add_task("", total=None)
+            report = fit_bundle(
+                good_dir, out_dir or base / out_name, out_name, config, backbone=backbone,
+                progress=lambda msg, done, total: bar.update(task, description=msg, completed=done, total=total),
+            )
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _json(report)
+        return
+    out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} images fitted, bank "
+              f"{report['bank_size']} patches, threshold {report['threshold']:.4f}, {report['seconds']:.0f} s")
+
+
+# --- signed model updates (docs/model-updates.md) ---------------------------------------------------------------------
+
+ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The agent's YAML config (its state_dir receives "
+                                          "the update).", show_default=False)]
+
+
+def keygen_command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the key pair.", show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="File name stem: <name>.key and <name>.pub.")] = "edge-update",
+    as_json: Json = False,
+) -> None:
+    """Make an Ed25519 signing key pair: <name>.key (private, mode 0600, keep it off the boards) and <name>.pub."""
+    from edge_agent.updates.format import key_id
+    from edge_agent.updates.store import generate_keys, load_public_key
+
+    try:
+        private, public = generate_keys(out_dir, name)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    doc = {"private_key": str(private), "public_key": str(public), "key_id": key_id(load_public_key(public))}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]wrote[/green] {escape(str(private))} (private, 0600) and {escape(str(public))} "
+              f"(key id {doc['key_id']}); list the .pub under updates.trusted_keys on each agent")
+
+
+def sign_command(
+    bundle_dir: Annotated[Path, typer.Argument(help="The bundle folder (manifest.json + ONNX).", show_default=False)],
+    key: Annotated[Path, typer.Option("--key", help="Private key from `models keygen`.", show_default=False)],
+    out_file: Annotated[Path, typer.Option("--out", help="Update file to write.", show_default=False)],
+    golden: Annotated[Path | None, typer.Option("--golden", help="An image the new model must label as "
+                                                "--golden-label before it goes into service.")] = None,
+    golden_label: Annotated[str | None, typer.Option("--golden-label", help="Expected label of --golden.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Sign a bundle into one update file (tar: signed statement of name, version and every file's sha256)."""
+    from edge_agent.updates.store import load_private_key, sign_bundle
+
+    try:
+        statement = sign_bundle(bundle_dir, load_private_key(key), out_file, golden=golden, golden_label=golden_label)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    doc = {"file": str(out_file), "model": statement.name, "version": statement.version,
+           "files": len(statement.files), "golden": statement.golden is not None}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]signed[/green] {statement.name} {statement.version} ({len(statement.files)} files) "
+              f"-> {escape(str(out_file))}")
+
+
+def verify_command(
+    update: Annotated[Path, typer.Argument(help="Update file.", show_default=False)],
+    trusted_key: Annotated[list[Path], typer.Option("--trusted-key", help="Public key to trust (repeatable).")],
+    as_json: Json = False,
+) -> None:
+    """Check an update file the way an agent will (signature, every sha256, manifest) without installing it."""
+    import shutil
+    import tempfile
+
+    from edge_agent.updates.store import load_trusted_keys, stage_update
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
+            staged = stage_update(update, Path(tmp), load_trusted_keys(trusted_key))
+            shutil.rmtree(staged.root, ignore_errors=True)
+    except EdgeAgentError as exc:
+        if as_json:
+            _json({"ok": False, "error": exc.to_dict()})
+        raise _fail(exc, 1) from None
+    s = staged.statement
+    doc = {"ok": True, "model": s.name, "version": s.version, "files": len(s.files), "golden": s.golden is not None}
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]ok[/green] {s.name} {s.version}: signature and {len(s.files)} files verified")
+
+
+def install_command(
+    update: Annotated[Path, typer.Argument(help="Update file (e.g. from a USB stick).", show_default=False)],
+    config: ConfigFile,
+    trusted_key: Annotated[list[Path] | None, typer.Option("--trusted-key", help="Public key to trust instead of "
+                                                           "updates.trusted_keys (repeatable).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Install an update offline (agent stopped): verify, smoke-test, switch; the agent runs it at its next start."""
+    from edge_agent.agent.service import onnx_model_factory
+    from edge_agent.config import load_config
+    from edge_agent.updates.manager import install_offline
+
+    try:
+        doc = install_offline(load_config(config), update, onnx_model_factory, trusted_key or ())
+    except EdgeAgentError as exc:
+        if as_json:
+            _json({"outcome": "rejected", "error": exc.to_dict()})
+        raise _fail(exc, 1) from None
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]installed[/green] {doc['model']} {doc['version']} (was {doc['previous']}) in "
+              f"{escape(doc['state_dir'])}")
+
+
+def rollback_command(
+    model: Annotated[str, typer.Argument(help="Model (manifest) name.", show_default=False)],
+    config: ConfigFile,
+    as_json: Json = False,
+) -> None:
+    """Offline rollback, with the agent stopped: the previous version (or the configured bundle) back in force."""
+    from edge_agent.agent.service import onnx_model_factory
+    from edge_agent.config import load_config
+    from edge_agent.updates.manager import rollback_offline
+
+    try:
+        doc = rollback_offline(load_config(config), model, onnx_model_factory)
+    except EdgeAgentError as exc:
+        raise _fail(exc, 1) from None
+    if as_json:
+        _json(doc)
+        return
+    out.print(f"[green]rolled back[/green] {doc['model']} {doc['from_version']} -> {doc['version']}")
+
+
+def register_update_commands(models_app: typer.Typer) -> None:
+    """``edge-agent models keygen | sign | verify | install | rollback``."""
+    models_app.command("keygen")(keygen_command)
+    models_app.command("sign")(sign_command)
+    models_app.command("verify")(verify_command)
+    models_app.command("install")(install_command)
+    models_app.command("rollback")(rollback_command)

@@ -1,0 +1,113 @@
+"""``edge-agent run [--config FILE]``: the on-device daemon. Thin: load config, configure logging, run the service.
+
+Without ``--config`` it runs the embedded default: a bundled model from ``models/`` (the crop
+classifier when there is one), state in ``./var/edge-agent``, a watched folder
+``./var/edge-agent/inbox`` and MQTT on localhost:1883 (never waited for: results queue in the
+outbox until a broker answers).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from edge_agent.config import AgentConfig, default_config, load_config
+from edge_agent.errors import EdgeAgentError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["crop", "inspection", "livestock", "plain"]
+
+
+def pick_default_bundle(models_dir: Path) -> tuple[str, Kind]:
+    """The bundle the embedded default runs: a crop classifier, else a detector that knows cows, else any."""
+    from edge_agent.bundles.bundle import list_bundle_dirs, load_bundle
+
+    found: list[tuple[int, str, Kind]] = []
+    for d in list_bundle_dirs(models_dir):
+        try:
+            m = load_bundle(d, verify=False).manifest
+        except EdgeAgentError:
+            continue
+        if m.task == "classification" and any("___" in label for label in m.labels):
+            found.append((0, d.name, "crop"))
+        elif m.task == "detection" and "cow" in m.labels:
+            found.append((1, d.name, "livestock"))
+        else:
+            found.append((2, d.name, "plain"))
+    if not found:
+        raise EdgeAgentError(f"no model bundle under {models_dir}; pass --config with models_dir")
+    _, name, kind = min(found)
+    return name, kind
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def _describe(cfg: AgentConfig) -> None:
+    from edge_agent.config import FolderSourceConfig
+
+    for s in cfg.sources:
+        if isinstance(s, FolderSourceConfig):
+            typer.echo(f"watching {s.path} (pipeline {s.pipeline}); processed files go to {s.done_dir}", err=True)
+    if cfg.mqtt.enabled:
+        typer.echo(
+            f"results on MQTT: mosquitto_sub -h {cfg.mqtt.host} -p {cfg.mqtt.port} -v -t 'edge/v1/{cfg.device_id}/#'",
+            err=True,
+        )
+
+
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Agent YAML config; without it the embedded default runs.",
+                     show_default=False),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="debug, info, warning or error (overrides the config).")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate the config and exit.")] = False,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the config's JSON Schema (every key, documented) and exit.")
+    ] = False,
+) -> None:
+    """Run the agent: sources -> pipelines -> durable outbox -> MQTT, until SIGTERM."""
+    if schema:
+        import json
+
+        typer.echo(json.dumps(AgentConfig.model_json_schema(), indent=2))
+        return
+    try:
+        if config is not None:
+            cfg = load_config(config)
+        else:
+            from edge_agent.bundles.bundle import default_models_dir
+
+            bundle, kind = pick_default_bundle(default_models_dir())
+            cfg = default_config(bundle=bundle, kind=kind)
+    except EdgeAgentError as exc:
+        typer.echo(f"error [{exc.code}] {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    if check:
+        typer.echo(f"{config or '(default config)'}: ok")
+        return
+    _configure_logging(log_level or cfg.log_level)
+    _describe(cfg)
+    from edge_agent.agent.service import run_service
+
+    try:
+        code = run_service(cfg)
+    except EdgeAgentError as exc:
+        typer.echo(f"error [{exc.code}] {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

@@ -1,0 +1,359 @@
+"""Evaluate a model bundle on a labelled folder: classification, anomaly (MVTec layout) or detection (YOLO txt).
+
+The metric functions are pure (lists and arrays in, numbers out); the ``evaluate_*`` functions read the folder
+and run a :class:`~edge_agent.vision.model.Model`.
+Layouts:
+
+* classification: ``DIR/<class>/*.jpg``; folder names pass through the manifest's ``label_aliases``. Folders
+  whose class the model does not know count as *off-domain*: they are left out of ``accuracy`` and reported
+  with the fraction the model rejected ("not recognised").
+* anomaly: ``DIR/test/<good|defect type>/*`` (or ``DIR/<good|defect>/*``); every folder but ``good`` is anomalous.
+* detection: ``DIR/images/*`` + ``DIR/labels/<stem>.txt`` (YOLO: class cx cy w h, normalised); AP at IoU 0.5,
+  class-agnostic unless ``class_map`` maps dataset class ids to model labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.errors import EdgeAgentError, InputNotFoundError
+from edge_agent.types import AnomalyScore, Classification, Detection
+from edge_agent.vision.model import Model
+from edge_agent.vision.postprocess import box_iou
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+Progress = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------------------------- pure metrics
+
+
+def classification_metrics(
+    truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``accuracy``, ``per_class`` {label: {n, correct, recall, precision}} and ``confusion`` (rows = truth)."""
+    if len(truth) != len(predicted):
+        raise ValueError("truth and predicted differ in length")
+    names = list(labels) if labels is not None else sorted(set(truth) | set(predicted))
+    for extra in sorted((set(truth) | set(predicted)) - set(names)):
+        names.append(extra)
+    index = {n: i for i, n in enumerate(names)}
+    conf = np.zeros((len(names), len(names)), dtype=np.int64)
+    for t, p in zip(truth, predicted, strict=True):
+        conf[index[t], index[p]] += 1
+    per_class: dict[str, dict[str, float | int]] = {}
+    for name, i in index.items():
+        n = int(conf[i].sum())
+        if n == 0:
+            continue
+        predicted_as = int(conf[:, i].sum())
+        per_class[name] = {
+            "n": n,
+            "correct": int(conf[i, i]),
+            "recall": round(float(conf[i, i]) / n, 4),
+            "precision": round(float(conf[i, i]) / predicted_as, 4) if predicted_as else 0.0,
+        }
+    total = len(truth)
+    return {
+        "n": total,
+        "accuracy": round(float(np.trace(conf)) / total, 4) if total else 0.0,
+        "per_class": per_class,
+        "confusion": {"labels": names, "matrix": conf.tolist()},
+    }
+
+
+def roc_auc(scores: Sequence[float] | npt.NDArray[np.floating[Any]], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tie correction); positives should score higher."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs both positive and negative samples")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def roc_curve(
+    scores: Sequence[float] | npt.NDArray[np.floating[Any]], positive: Sequence[bool]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(false positive rate, true positive rate) over all thresholds, from (0, 0) to (1, 1)."""
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    order = np.argsort(-s, kind="mergesort")
+    tp = np.concatenate([[0], np.cumsum(pos[order])])
+    fp = np.concatenate([[0], np.cumsum(~pos[order])])
+    return fp / max(1, int((~pos).sum())), tp / max(1, int(pos.sum()))
+
+
+def average_precision(
+    detections: Sequence[tuple[int, float, tuple[float, float, float, float]]],
+    truths: Mapping[int, Sequence[tuple[float, float, float, float]]],
+    iou_threshold: float = 0.5,
+) -> float:
+    """All-point interpolated AP. ``detections`` are (image index, score, box); ``truths`` image -> boxes."""
+    n_truth = sum(len(v) for v in truths.values())
+    if n_truth == 0:
+        return 0.0
+    used = {k: np.zeros(len(v), dtype=bool) for k, v in truths.items()}
+    gt = {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in truths.items()}
+    hits = []
+    for img, _score, box in sorted(detections, key=lambda d: -d[1]):
+        boxes = gt.get(img)
+        hit = False
+        if boxes is not None and len(boxes):
+            ious = box_iou(np.asarray([box], dtype=np.float64), boxes)[0]
+            ious[used[img]] = 0.0
+            j = int(np.argmax(ious))
+            if ious[j] >= iou_threshold:
+                used[img][j] = True
+                hit = True
+        hits.append(hit)
+    h = np.asarray(hits, dtype=bool)
+    tp = np.cumsum(h)
+    fp = np.cumsum(~h)
+    recall = np.concatenate([[0.0], tp / n_truth, [1.0]])
+    precision = np.concatenate([[1.0], tp / np.maximum(tp + fp, 1), [0.0]])
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    steps = np.nonzero(recall[1:] != recall[:-1])[0]
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+# ----------------------------------------------------------------------------------------------- folders
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def list_classification(root: Path) -> list[tuple[Path, str]]:
+    """(image, folder name) for ``root/<class>/*``, sorted."""
+    if not root.is_dir():
+        raise InputNotFoundError(f"{root}: not a folder")
+    items = [(p, d.name) for d in sorted(root.iterdir()) if d.is_dir() for p in _images(d)]
+    if not items:
+        raise InputNotFoundError(f"{root}: no images in <class>/ sub-folders")
+    return items
+
+
+def list_anomaly(root: Path) -> list[tuple[Path, bool]]:
+    """(image, is_anomalous) for the MVTec layout ``root/test/<good|defect>/*`` (or ``root/<good|defect>/*``)."""
+    base = root / "test" if (root / "test").is_dir() else root
+    items = [(p, d.name != "good") for p, d in ((p, p.parent) for p, _ in list_classification(base))]
+    if not any(a for _, a in items) or all(a for _, a in items):
+        raise InputNotFoundError(f"{base}: needs a good/ folder and at least one defect folder")
+    return items
+
+
+def list_detection(root: Path) -> list[tuple[Path, Path]]:
+    """(image, YOLO label file) pairs for ``root/images`` + ``root/labels``."""
+    img_dir, lab_dir = root / "images", root / "labels"
+    if not img_dir.is_dir():
+        raise InputNotFoundError(f"{root}: no images/ folder")
+    return [(p, lab_dir / f"{p.stem}.txt") for p in _images(img_dir)]
+
+
+def read_yolo_labels(path: Path, width: int, height: int) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """YOLO txt (class cx cy w h, normalised) -> [(class, pixel x1 y1 x2 y2)]; a missing file = no boxes."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 5:
+            continue
+        c, cx, cy, w, h = int(float(parts[0])), *(float(v) for v in parts[1:5])
+        out.append((c, ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Per-image outcome, kept for plots and for the quantization gate."""
+
+    path: Path
+    truth: str
+    predicted: str
+    score: float
+    rejected: bool
+
+
+def _run(model: Model, paths: Iterable[Path], progress: Progress | None, total: int) -> Iterable[tuple[Path, Any]]:
+    for i, path in enumerate(paths):
+        try:
+            result = model.predict_bytes(path.read_bytes())
+        except (EdgeAgentError, OSError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        finally:
+            if progress is not None:
+                progress(i + 1, total)
+        yield path, result
+
+
+def evaluate_classification(model: Model, root: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Top-1 metrics over known classes plus the rejection rate (``rejected``) per folder."""
+    items = list_classification(root)
+    m = model.manifest
+    known = set(m.labels)
+    truth_of = {p: m.label_aliases.get(name, name) for p, name in items}
+    scored: list[Scored] = []
+    for path, result in _run(model, (p for p, _ in items), progress, len(items)):
+        top = result.predictions[0]
+        assert isinstance(top, Classification)
+        scored.append(Scored(path, truth_of[path], top.label, top.score, result.rejected))
+    in_domain = [s for s in scored if s.truth in known]
+    off = [s for s in scored if s.truth not in known]
+    report = classification_metrics([s.truth for s in in_domain], [s.predicted for s in in_domain], m.labels)
+    report["model"] = m.name
+    report["n"] = len(scored)
+    report["n_in_domain"] = len(in_domain)
+    report["rejected"] = round(sum(s.rejected for s in in_domain) / len(in_domain), 4) if in_domain else 0.0
+    if off:
+        report["n_off_domain"] = len(off)
+        report["off_domain_rejected"] = round(sum(s.rejected for s in off) / len(off), 4)
+    for label, row in report["per_class"].items():
+        members = [s for s in in_domain if s.truth == label]
+        row["rejected"] = round(sum(s.rejected for s in members) / len(members), 4) if members else 0.0
+    for folder in sorted({s.truth for s in off}):
+        members = [s for s in off if s.truth == folder]
+        report["per_class"][folder] = {
+            "n": len(members),
+            "off_domain": True,
+            "rejected": round(sum(s.rejected for s in members) / len(members), 4),
+        }
+    report["_scored"] = scored
+    return report
+
+
+def evaluate_anomaly(model: Model, root: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """``image_auroc``, the manifest ``threshold`` and the accuracy it gives."""
+    items = list_anomaly(root)
+    truth = dict(items)
+    m = model.manifest
+    scored: list[Scored] = []
+    for path, result in _run(model, (p for p, _ in items), progress, len(items)):
+        pred = result.predictions[0]
+        assert isinstance(pred, AnomalyScore)
+        scored.append(Scored(path, "anomalous" if truth[path] else "good", pred.label, pred.score, False))
+    scores = [s.score for s in scored]
+    positive = [s.truth == "anomalous" for s in scored]
+    threshold = m.thresholds.anomaly
+    assert threshold is not None
+    flagged = [s > threshold for s in scores]
+    return {
+        "model": m.name,
+        "n": len(scored),
+        "image_auroc": round(roc_auc(scores, positive), 4),
+        "threshold": threshold,
+        "accuracy_at_threshold": round(float(np.mean(np.equal(flagged, positive))), 4),
+        "n_good": positive.count(False),
+        "n_anomalous": positive.count(True),
+        "_scored": scored,
+    }
+
+
+def evaluate_detection(
+    model: Model, root: Path, class_map: Mapping[int, str] | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """``ap50``: class-agnostic AP at IoU 0.5, or per mapped class (dataset id -> model label) and their mean."""
+    from PIL import Image as PILImage
+
+    items = list_detection(root)
+    dets: dict[str, list[tuple[int, float, tuple[float, float, float, float]]]] = {}
+    truths: dict[str, dict[int, list[tuple[float, float, float, float]]]] = {}
+    n = 0
+    for i, (path, result) in enumerate(_run(model, (p for p, _ in items), progress, len(items))):
+        n += 1
+        with PILImage.open(path) as im:
+            w, h = im.size
+        for cls, box in read_yolo_labels(root / "labels" / f"{path.stem}.txt", w, h):
+            key = class_map.get(cls, "") if class_map else "*"
+            if key:
+                truths.setdefault(key, {}).setdefault(i, []).append(box)
+        for p in result.predictions:
+            assert isinstance(p, Detection)
+            key = "*" if not class_map else p.label
+            if not class_map or key in class_map.values():
+                dets.setdefault(key, []).append((i, p.score, p.box))
+    per = {k: round(average_precision(dets.get(k, []), v), 4) for k, v in truths.items()}
+    return {
+        "model": model.manifest.name,
+        "n": n,
+        "ap50": round(float(np.mean(list(per.values()))), 4) if per else 0.0,
+        "per_class": per,
+        "_scored": [],
+    }
+
+
+def evaluate(model: Model, root: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Dispatch on the model's task. The ``_scored`` key holds per-image outcomes (not JSON; drop it to print)."""
+    task = model.manifest.task
+    if task == "classification":
+        return evaluate_classification(model, root, progress)
+    if task == "anomaly":
+        return evaluate_anomaly(model, root, progress)
+    return evaluate_detection(model, root, progress=progress)
+
+
+def public(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-ready part of a report."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def plot(report: Mapping[str, Any], path: Path) -> None:
+    """Confusion matrix (classification) or ROC curve (anomaly) as a PNG. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    try:
+        if "confusion" in report:
+            names = report["confusion"]["labels"]
+            mat = np.asarray(report["confusion"]["matrix"])
+            ax.imshow(mat, cmap="Blues")
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(names)), names, fontsize=6)
+            for (r, c), v in np.ndenumerate(mat):
+                if v:
+                    ax.text(c, r, str(v), ha="center", va="center", fontsize=6)
+            ax.set_title(f"{report['model']}: accuracy {report['accuracy']:.3f} (n={report['n_in_domain']})")
+        elif "image_auroc" in report:
+            scored = report["_scored"]
+            fpr, tpr = roc_curve([s.score for s in scored], [s.truth == "anomalous" for s in scored])
+            ax.plot(fpr, tpr)
+            ax.plot([0, 1], [0, 1], linestyle=":")
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel("true positive rate")
+            ax.set_title(f"{report['model']}: image AUROC {report['image_auroc']:.3f}")
+        else:
+            ax.text(0.5, 0.5, f"AP50 {report.get('ap50', 0):.3f}", ha="center")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
