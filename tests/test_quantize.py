@@ -14,6 +14,7 @@ from edge_agent.cli import app
 from edge_agent.errors import QuantizationGateError
 from edge_agent.toolchain import quantize
 from edge_agent.toolchain.quantize import GateConfig, decide, quantize_and_gate
+from edge_agent.toolchain.quantize import gate as quantize_gate
 from tests.support.color_models import write_bundle, write_images
 
 
@@ -48,7 +49,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
 def test_gate_pass_writes_a_valid_int8_bundle(setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     models, data = setup
     # tiny models are never faster in INT8; pretend the timing went INT8's way to reach the write path
-    monkeypatch.setattr(quantize, "compare_latency", lambda a, b, sample, runs: (2.0, 1.0))
+    monkeypatch.setattr(quantize_gate, "compare_latency", lambda a, b, sample, runs: (2.0, 1.0))
     out = models / "colors_int8"
     config = GateConfig(latency_runs=2)
     report = quantize_and_gate(load_bundle(models / "colors"), data, data, out, "colors_int8", config)
@@ -66,7 +67,7 @@ def test_gate_refuses_accuracy_loss_and_writes_nothing(
     setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     models, data = setup
-    monkeypatch.setattr(quantize, "compare_latency", lambda a, b, sample, runs: (2.0, 1.0))
+    monkeypatch.setattr(quantize_gate, "compare_latency", lambda a, b, sample, runs: (2.0, 1.0))
     out = models / "colors_int8"
     with pytest.raises(QuantizationGateError) as info:
         quantize_and_gate(load_bundle(models / "colors"), data, data, out, "colors_int8",
@@ -78,7 +79,7 @@ def test_gate_refuses_accuracy_loss_and_writes_nothing(
 
 def test_cli_refuses_when_int8_is_not_faster(setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     models, data = setup
-    monkeypatch.setattr(quantize, "compare_latency", lambda a, b, sample, runs: (1.0, 1.2))
+    monkeypatch.setattr(quantize_gate, "compare_latency", lambda a, b, sample, runs: (1.0, 1.2))
     result = CliRunner().invoke(
         app,
         ["quantize", "--model", "colors", "--calib", str(data), "--eval", str(data), "--out", "colors_int8",

@@ -1,106 +1,26 @@
-"""Static INT8 quantization of a bundle, then the gate that decides whether the INT8 bundle may ship.
-
-Quantization (:func:`quantize_onnx`): onnxruntime ``quantize_static``, QDQ format, unsigned 8-bit activations,
-signed 8-bit per-channel weights (7-bit range), percentile calibration on images from a folder (pre-processed
-exactly as the manifest says). Before quantizing, the graph is prepared (:func:`prepare_for_quantization`: opset
->= 13, no empty ``Resize`` roi) and optimised (``quant_pre_process``).
-
-What gets quantized is per model, from the manifest's ``metadata.quantize`` (all keys optional):
-
-- ``nodes_to_exclude``: node names kept in float (e.g. a distance computation, a sensitive stem). A name also
-  covers the nodes onnxruntime's optimiser fuses from it (``pc_cross`` -> ``pc_cross/MatMulAddFusion``).
-- ``float_tail`` (bool): keep in float every node after the last convolutions (decoders, concatenations of
-  outputs with different ranges); ``float_last_convs`` (bool): those convolutions too.
-- ``exclude_depthwise`` (bool): depthwise convolutions stay in float.
-- ``op_types``: only these op types are quantized (default: all that onnxruntime can).
-- ``per_channel`` (default true), ``reduce_range`` (default true), ``calibration`` (``percentile`` | ``minmax``
-  | ``entropy``), ``percentile`` (default 99.999).
-
-Measured on the 2-core Zen 3 (no VNNI), ``session.run`` INT8/FP32 p50, interleaved: NanoDet-m 0.54-0.73x with
-the defaults (recall unchanged); the tile anomaly model 0.74-0.8x once its distance search (and the features
-feeding it) stayed float and the stem + block 0 stayed float (AUROC 0.926 vs 0.919). Restricting ``op_types`` to
-Conv or keeping depthwise convs in float was slower or lost accuracy. YOLOX-Nano (SiLU everywhere) found 0-11 of the 24
-coco_demo animals (FP32: 18) until its stem (first two convs and their SiLU) stayed float; then 17/24, but at
-0.94-1.09x FP32 at 2 threads (two gate runs): the 8-bit SiLU (QLinearSigmoid + QLinearMul) costs more than the
-fused float one, eating the convolutions' gain. It ships no INT8 twin. Re-checked on a 2-core Zen 5 with AVX-512
-VNNI (gate runs, FP32 8-9 ms): the same options 0.92x at 2 threads but 1.23x at 1 thread (17/24); Conv only
-1.34x; depthwise convolutions in float 1.19x and 14/24. NanoDet-m there: 0.68x at 2 threads, 0.77x at 1.
-Per-op profile there (1 thread, per run): FP32 Conv 5.3 ms + fused SiLU (QuickGelu) 1.4 ms; INT8 QLinearConv 2.3 ms
-+ QLinearSigmoid 2.2 ms + QLinearMul 1.7 ms + QLinearConcat 0.65 ms (requantizing). Keeping the SiLU in float as
-one fused op (Sigmoid + Mul rewritten to ``com.microsoft.QuickGelu`` before quantizing, so each int8 conv hands it
-DequantizeLinear -> QuickGelu -> QuantizeLinear) brought 1 thread to 0.99-1.03x (17/24) but 2 threads only to
-1.15-1.17x: the graph has twice the nodes, and with spinning off each parallel node wakes the other thread; the
-stem still has to stay float (all int8: 9/24). Not kept. Per-tensor weights (1.14x at 1 thread, 1.21x at 2) and
-full-range weights (1.16x, 1.24x) change nothing. Where the time goes, per op type and per conv block (8-bit SiLU
-and depthwise convolutions): ``python -m benchmarks.int8_silu``, ``benchmarks/README.md``.
-
-A graph with its post-processing inside (decoder ``detections``, ``edge_agent.toolchain.detector_heads``) is quantized
-without it: the calibrator cannot take the variable-length candidate tensors, and the head stays float anyway; the
-head is put back on the quantized body.
-
-The gate evaluates the FP32 and the INT8 model on the same labelled folder and times both in the same run,
-interleaved. It refuses (:class:`~edge_agent.errors.QuantizationGateError`, nothing written) unless INT8 is
-faster and loses at most the budget: ``max_accuracy_drop`` (fraction, 0.01 = 1 point) for classifiers,
-``max_auroc_drop`` for anomaly models.
-"""
+"""Static INT8 quantization of an ONNX graph: calibration reader, graph preparation, what stays float, QDQ."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_agent.bundles.bundle import Bundle
 from edge_agent.bundles.manifest import Manifest, decoder_feeds
 from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError, QuantizationGateError
 from edge_agent.toolchain import detector_heads
-from edge_agent.toolchain.evaluate import IMAGE_SUFFIXES, Progress, evaluate, public
+from edge_agent.toolchain.evaluate import IMAGE_SUFFIXES
 from edge_agent.vision.decode import decode_image
-from edge_agent.vision.model import Model
 from edge_agent.vision.preprocess import Preprocessor
-from edge_agent.vision.runtime import OrtRuntime, RuntimeOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    max_accuracy_drop: float = 0.01
-    max_auroc_drop: float = 0.01
-    latency_runs: int = 30
-    threads: int = 0
-    max_calibration_images: int = 200
-    calibration: str | None = None  # minmax | percentile | entropy; None: the manifest's (default percentile)
-
-
-@dataclass
-class GateReport:
-    passed: bool
-    reason: str
-    metric: str
-    fp32: float
-    int8: float
-    drop: float
-    budget: float
-    fp32_latency_ms: float
-    int8_latency_ms: float
-    speedup: float
-    n_eval: int
-    n_calibration: int
-    fp32_report: dict[str, Any] = field(default_factory=dict)
-    int8_report: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def calibration_images(folder: Path, limit: int) -> list[Path]:
@@ -380,141 +300,3 @@ def quantize_onnx(
             onnx.save(quantized, str(out_path))
 
 
-def compare_latency(
-    a: Model, b: Model, sample: np.ndarray, runs: int
-) -> tuple[float, float]:
-    """Median ``runtime.run`` time (ms) of two models on the same tensor, interleaved so noise hits both."""
-    feeds_a = a.feeds(sample)
-    feeds_b = b.feeds(sample)
-    for _ in range(3):
-        a.runtime.run(feeds_a)
-        b.runtime.run(feeds_b)
-    ta: list[float] = []
-    tb: list[float] = []
-    for i in range(runs):
-        order = ((a, feeds_a, ta), (b, feeds_b, tb)) if i % 2 == 0 else ((b, feeds_b, tb), (a, feeds_a, ta))
-        for model, feeds, times in order:
-            t0 = time.perf_counter()
-            model.runtime.run(feeds)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def decide(
-    metric: str, fp32: float, int8: float, fp32_ms: float, int8_ms: float, config: GateConfig
-) -> tuple[bool, str, float, float]:
-    """Pure gate rule: returns (passed, reason, drop, budget)."""
-    budget = config.max_auroc_drop if metric == "image_auroc" else config.max_accuracy_drop
-    drop = fp32 - int8
-    if int8_ms >= fp32_ms:
-        return False, f"INT8 is not faster ({int8_ms:.2f} ms vs FP32 {fp32_ms:.2f} ms)", drop, budget
-    if drop > budget + 1e-9:
-        return False, f"INT8 loses {drop:.4f} {metric} (budget {budget:.4f})", drop, budget
-    return True, f"INT8 {fp32_ms / int8_ms:.2f}x faster, {metric} drop {drop:.4f} <= {budget:.4f}", drop, budget
-
-
-def _metric_of(report: dict[str, Any]) -> tuple[str, float]:
-    if "image_auroc" in report:
-        return "image_auroc", float(report["image_auroc"])
-    if "ap50" in report:
-        return "ap50", float(report["ap50"])
-    return "accuracy", float(report["accuracy"])
-
-
-def quantize_and_gate(
-    bundle: Bundle,
-    calib_dir: Path,
-    eval_dir: Path,
-    out_dir: Path,
-    out_name: str,
-    config: GateConfig = GateConfig(),
-    progress: Callable[[str], None] | None = None,
-    eval_progress: Progress | None = None,
-) -> GateReport:
-    """Quantize, evaluate both, time both; write ``out_dir`` (a bundle named ``out_name``) only if the gate passes.
-
-    Raises QuantizationGateError (with the report in ``.report``) when it refuses.
-    """
-    say = progress or (lambda _msg: None)
-    calib = calibration_images(calib_dir, config.max_calibration_images)
-    options = RuntimeOptions(intra_op_threads=config.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        int8_path = Path(tmp) / f"{out_name}.onnx"
-        say(f"quantizing with {len(calib)} calibration images")
-        quantize_onnx(bundle, calib, int8_path, config.calibration)
-        fp32_model = Model.load(bundle, options)
-        int8_model = Model(bundle.manifest, OrtRuntime(int8_path, options))
-        say("evaluating FP32")
-        fp32_report = evaluate(fp32_model, eval_dir, eval_progress)
-        say("evaluating INT8")
-        int8_report = evaluate(int8_model, eval_dir, eval_progress)
-        metric, fp32_value = _metric_of(fp32_report)
-        _, int8_value = _metric_of(int8_report)
-        say("timing FP32 and INT8")
-        sample = preprocess_file(Preprocessor(bundle.manifest.input), calib[0])
-        fp32_ms, int8_ms = compare_latency(fp32_model, int8_model, sample, config.latency_runs)
-        passed, reason, drop, budget = decide(metric, fp32_value, int8_value, fp32_ms, int8_ms, config)
-        report = GateReport(
-            passed=passed,
-            reason=reason,
-            metric=metric,
-            fp32=fp32_value,
-            int8=int8_value,
-            drop=round(drop, 4),
-            budget=budget,
-            fp32_latency_ms=round(fp32_ms, 3),
-            int8_latency_ms=round(int8_ms, 3),
-            speedup=round(fp32_ms / int8_ms, 3) if int8_ms > 0 else 0.0,
-            n_eval=int(fp32_report["n"]),
-            n_calibration=len(calib),
-            fp32_report=public(fp32_report),
-            int8_report=public(int8_report),
-        )
-        if not passed:
-            raise QuantizationGateError(f"{bundle.name}: gate refused INT8: {reason}", report.to_dict())
-        _write_bundle(bundle, int8_path, out_dir, out_name, report, calib_dir, eval_dir)
-    return report
-
-
-def report_calibration(bundle: Bundle) -> dict[str, Any]:
-    opts = QuantizeOptions.from_manifest(bundle.manifest)
-    doc: dict[str, Any] = {"nodes_kept_float": list(opts.nodes_to_exclude)}
-    if opts.op_types is not None:
-        doc["op_types"] = list(opts.op_types)
-    if opts.exclude_depthwise:
-        doc["depthwise_kept_float"] = True
-    return doc
-
-
-def _write_bundle(
-    bundle: Bundle, onnx_path: Path, out_dir: Path, name: str, report: GateReport, calib_dir: Path, eval_dir: Path
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_file = f"{name}.onnx"
-    dst = out_dir / model_file
-    shutil.copyfile(onnx_path, dst)
-    doc = bundle.manifest.model_dump(mode="json")
-    doc["name"] = name
-    doc["model_file"] = model_file
-    doc["sha256"] = sha256_file(dst)
-    metadata = dict(doc.get("metadata") or {})
-    gate = {k: v for k, v in report.to_dict().items() if k not in ("fp32_report", "int8_report")}
-    metadata["quantization"] = {
-        "method": "onnxruntime quantize_static, QDQ, QUInt8 activations, QInt8 per-channel weights (reduce_range)"
-        if (opts := QuantizeOptions.from_manifest(bundle.manifest)).per_channel and opts.reduce_range
-        else f"onnxruntime quantize_static, QDQ, QUInt8 activations, QInt8 weights, {opts}",
-        "calibration": report_calibration(bundle),
-        "from": bundle.name,
-        "calibration_dir": calib_dir.name,
-        "eval_dir": eval_dir.name,
-        "gate": gate,
-    }
-    doc["metadata"] = metadata
-    text = json.dumps(doc, indent=2) + "\n"
-    (out_dir / MANIFEST_NAME).write_text(text)
-    try:
-        load_bundle(out_dir)
-    except ManifestError:
-        dst.unlink(missing_ok=True)
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        raise
