@@ -19,7 +19,7 @@ from edge_agent.sectors.advice import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-ADVICE = ROOT / "edge_agent" / "advice"
+ADVICE = ROOT / "edge_agent" / "sectors" / "advice"
 STATIC = ROOT / "edge_agent" / "web" / "static"
 SHARED = ROOT.parent / "shared"
 
