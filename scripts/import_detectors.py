@@ -18,7 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.bundles.bundle import sha256_file  # noqa: E402
+from edge_agent.fsutil import sha256_file  # noqa: E402
 from edge_agent.toolchain import detector_heads  # noqa: E402
 from edge_agent.toolchain.quantize import drop_initializer_inputs  # noqa: E402
 

@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file  # noqa: E402
+from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle  # noqa: E402
+from edge_agent.fsutil import sha256_file  # noqa: E402
 from edge_agent.toolchain.quantize import (  # noqa: E402
     QuantizeOptions,
     compare_latency,

@@ -47,4 +47,4 @@ def test_every_module_is_in_exactly_one_layer() -> None:
 
 def test_top_level_holds_only_packages_and_the_shared_values() -> None:
     top = sorted(p.stem for p in (ROOT / "edge_agent").glob("*.py") if p.stem not in {"__init__", "__main__"})
-    assert top == ["config", "errors", "metrics", "types"]
+    assert top == ["config", "errors", "fsutil", "metrics", "types"]

@@ -30,6 +30,7 @@ from edge_agent.errors import (
 )
 from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput
 from edge_agent.types import Classification, Image, Result, Timings
+from edge_agent.updates.archive import bundle_from, sign_bundle, stage_update
 from edge_agent.updates.format import (
     FileEntry,
     Statement,
@@ -43,8 +44,9 @@ from edge_agent.updates.format import (
     sign_statement,
     verify_statement,
 )
+from edge_agent.updates.keys import load_trusted_keys
 from edge_agent.updates.manager import OnProbation, Probation, in_force
-from edge_agent.updates.store import ModelStore, bundle_from, load_trusted_keys, sign_bundle, stage_update
+from edge_agent.updates.store import ModelStore
 from tests.support.updates import NAME, bundle_members, copy_bundle, craft, keys, statement_for
 
 T = 20.0

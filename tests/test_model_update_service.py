@@ -29,8 +29,8 @@ from edge_agent.errors import OverloadedError, RuntimeBackendError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput, Predictor
 from edge_agent.protocol.commands import Command, CommandError, parse_command
 from edge_agent.types import Image, Result
+from edge_agent.updates.archive import sign_bundle
 from edge_agent.updates.format import Golden, canonical_json
-from edge_agent.updates.store import sign_bundle
 from tests.support.updates import NAME, bundle_members, copy_bundle, craft, keys, png, statement_for
 
 from .support.wait import wait_for

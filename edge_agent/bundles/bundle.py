@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.bundles.manifest import Manifest, parse_manifest
 from edge_agent.errors import ChecksumError, ManifestError, ModelNotFoundError
+from edge_agent.fsutil import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 
@@ -26,12 +26,6 @@ class Bundle:
         return self.manifest.name
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_models_dir() -> Path:

@@ -209,7 +209,7 @@ def keygen_command(
 ) -> None:
     """Make an Ed25519 signing key pair: <name>.key (private, mode 0600, keep it off the boards) and <name>.pub."""
     from edge_agent.updates.format import key_id
-    from edge_agent.updates.store import generate_keys, load_public_key
+    from edge_agent.updates.keys import generate_keys, load_public_key
 
     try:
         private, public = generate_keys(out_dir, name)
@@ -233,7 +233,8 @@ def sign_command(
     as_json: Json = False,
 ) -> None:
     """Sign a bundle into one update file (tar: signed statement of name, version and every file's sha256)."""
-    from edge_agent.updates.store import load_private_key, sign_bundle
+    from edge_agent.updates.archive import sign_bundle
+    from edge_agent.updates.keys import load_private_key
 
     try:
         statement = sign_bundle(bundle_dir, load_private_key(key), out_file, golden=golden, golden_label=golden_label)
@@ -257,7 +258,8 @@ def verify_command(
     import shutil
     import tempfile
 
-    from edge_agent.updates.store import load_trusted_keys, stage_update
+    from edge_agent.updates.archive import stage_update
+    from edge_agent.updates.keys import load_trusted_keys
 
     try:
         with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:

@@ -27,8 +27,9 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import onnx
 
-from edge_agent.bundles.bundle import MANIFEST_NAME, default_models_dir, load_bundle, sha256_file
+from edge_agent.bundles.bundle import MANIFEST_NAME, default_models_dir, load_bundle
 from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError
+from edge_agent.fsutil import sha256_file
 from edge_agent.toolchain.evaluate import IMAGE_SUFFIXES
 from edge_agent.vision.decode import decode_image
 

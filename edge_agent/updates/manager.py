@@ -16,7 +16,6 @@ event (``model_updated``, ``model_update_rejected``, ``model_rolled_back``).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
@@ -42,10 +41,14 @@ from edge_agent.errors import (
     UpdateSmokeTestError,
 )
 from edge_agent.flow.pipeline import Pipeline, Predictor
+from edge_agent.fsutil import lock_dir
 from edge_agent.metrics import Metrics
 from edge_agent.types import Image, Result
+from edge_agent.updates.archive import Limits, bundle_from, stage_update
 from edge_agent.updates.format import check_applicable, parse_version
-from edge_agent.updates.store import Limits, ModelStore, bundle_from, load_trusted_keys, smoke_test, stage_update
+from edge_agent.updates.keys import load_trusted_keys
+from edge_agent.updates.smoke import smoke_test
+from edge_agent.updates.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -557,16 +560,12 @@ def _file_away(path: Path, dest: Path, reason: dict[str, Any] | None) -> None:
 
 
 def _lock_state_dir(state_dir: Path) -> int:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_dir(state_dir)
     except OSError as exc:
-        os.close(fd)
         raise ConfigError(
             f"state_dir: an edge-agent is running with {state_dir}; put the file in its updates drop folder instead"
         ) from exc
-    return fd
 
 
 def _offline_slots(cfg: AgentConfig, store: ModelStore) -> dict[str, ModelSlot]:

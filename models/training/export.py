@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.bundles.bundle import sha256_file
+from edge_agent.fsutil import sha256_file
 from training.common import T_7A, T_7B, T_14, T_FEAT, uint8_backbone, write_json
 
 POOLED = {"p14": T_14, "p7a": T_7A, "p7b": T_7B}

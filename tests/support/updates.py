@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image as PILImage
 
 from edge_agent.updates.format import FileEntry, Golden, Statement, sign_statement
-from edge_agent.updates.store import generate_keys, load_private_key
+from edge_agent.updates.keys import generate_keys, load_private_key
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "steel_defects"
 NAME = "steel_defects"

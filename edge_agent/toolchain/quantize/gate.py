@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle
 from edge_agent.errors import ManifestError, QuantizationGateError
+from edge_agent.fsutil import sha256_file
 from edge_agent.toolchain.evaluate import Progress, evaluate, public
 from edge_agent.toolchain.quantize.graph import QuantizeOptions, calibration_images, preprocess_file, quantize_onnx
 from edge_agent.vision.model import Model
