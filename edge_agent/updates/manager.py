@@ -551,7 +551,11 @@ def _file_away(path: Path, dest: Path, reason: dict[str, Any] | None) -> None:
         os.replace(path, target)
         if reason is not None:
             doc = {k: reason.get(k) for k in ("code", "message", "model", "at")}
-            (dest / f"{target.name}.reason.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+            # whole or absent: an operator (or a watcher) that sees the reason file can always parse it
+            final = dest / f"{target.name}.reason.json"
+            tmp = final.with_name(final.name + ".tmp")
+            tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+            os.replace(tmp, final)
     except OSError as exc:
         log.error("model updates: cannot move %s to %s: %s", path.name, dest, exc.strerror)
 
