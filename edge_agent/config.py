@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from edge_agent.errors import ConfigError
+from edge_agent.protocol.commands import KNOWN_COMMANDS, CommandPolicy
 
 _NAME = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -245,6 +246,21 @@ class MqttConfig(_Strict):
     reconnect_max_s: float = Field(
         default=30.0, ge=1.0, le=3600, description="Longest wait between broker reconnect attempts."
     )
+    ack_keys: tuple[Path, ...] = Field(
+        default=(),
+        description="Ed25519 public keys (PEM) of the coordinators: acks must be signed by one of them and unexpired. "
+        "Empty: acks are unauthenticated (loopback demo only; the agent warns once at start).",
+    )
+    result_key: Path | None = Field(
+        default=None,
+        description="This device's Ed25519 private key (PEM, from `edge-agent models keygen`): every result is "
+        "signed with it, so a coordinator that knows the public key refuses forged results.",
+    )
+    max_clock_skew_s: float = Field(
+        default=300.0, ge=0.0, le=86_400,
+        description="Slack for the ts/exp checks of signed acks and commands, in seconds (boards without a "
+        "real-time clock need NTP: a clock far off makes every signed ack look expired).",
+    )
     password: SkipJsonSchema[SecretStr | None] = Field(
         default=None, exclude=True, description="Resolved by the loader; never in YAML."
     )
@@ -292,6 +308,85 @@ class HttpConfig(_Strict):
         default=15.0, ge=0, le=600, description="Wait this long for room in a full pipeline queue, then 503."
     )
     max_concurrent_uploads: int = Field(default=64, ge=1, description="Uploads in progress at once; more get 503.")
+
+
+class ThresholdBounds(_Strict):
+    """Bounds of the set_thresholds command (inclusive), within the built-in ranges."""
+
+    score_min: float = Field(default=0.05, ge=0.0, le=1.0, description="Lowest score threshold a command may set.")
+    score_max: float = Field(
+        default=0.95, ge=0.0, le=1.0, description="Highest score threshold a command may set (1.0 silences a detector)."
+    )
+    iou_min: float = Field(default=0.1, ge=0.0, le=1.0, description="Lowest NMS IoU threshold a command may set.")
+    iou_max: float = Field(default=0.9, ge=0.0, le=1.0, description="Highest NMS IoU threshold a command may set.")
+    anomaly_min: float = Field(default=0.0, ge=0.0, description="Lowest anomaly threshold a command may set.")
+    anomaly_max: float = Field(
+        default=1e9, ge=0.0, description="Highest anomaly threshold a command may set (its scale depends on the model)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdBounds:
+        for name in ("score", "iou", "anomaly"):
+            if getattr(self, f"{name}_min") > getattr(self, f"{name}_max"):
+                raise ValueError(f"@{name}_max@ {name}_max must not be below {name}_min")
+        return self
+
+
+class IntervalBounds(_Strict):
+    """Bounds of the set_heartbeat_interval command, in seconds (inclusive)."""
+
+    min: float = Field(default=5.0, ge=1.0, le=86_400, description="Shortest heartbeat interval a command may set.")
+    max: float = Field(default=3600.0, ge=1.0, le=86_400, description="Longest heartbeat interval a command may set.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntervalBounds:
+        if self.min > self.max:
+            raise ValueError("@max@ max must not be below min")
+        return self
+
+
+class CommandsConfig(_Strict):
+    """MQTT commands (docs/mqtt.md): who may send them, which ones run, and within which bounds."""
+
+    trusted_keys: tuple[Path, ...] = Field(
+        default=(),
+        description="Ed25519 public keys (PEM) of operators: commands must be signed by one of them, name this "
+        "device and be unexpired. Empty: commands are unauthenticated (the agent warns once at start).",
+    )
+    allow: tuple[str, ...] = Field(
+        default=tuple(sorted(KNOWN_COMMANDS)),
+        description="Commands this agent runs; others are refused with command_not_allowed.",
+    )
+    max_ttl_s: float = Field(
+        default=3600.0, gt=0.0, le=7 * 86_400,
+        description="A signed command valid for longer than this (exp - ts) is refused.",
+    )
+    set_thresholds: ThresholdBounds = Field(default=ThresholdBounds(), description="Bounds of set_thresholds.")
+    heartbeat_interval: IntervalBounds = Field(
+        default=IntervalBounds(), description="Bounds of set_heartbeat_interval."
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - KNOWN_COMMANDS)
+        if unknown:
+            raise ValueError(f"unknown commands {unknown} (known: {sorted(KNOWN_COMMANDS)})")
+        return v
+
+    def policy(self) -> CommandPolicy:
+        t = self.set_thresholds
+        return CommandPolicy(
+            allow=frozenset(self.allow),
+            bounds={
+                "set_thresholds": {
+                    "score": (t.score_min, t.score_max),
+                    "iou": (t.iou_min, t.iou_max),
+                    "anomaly": (t.anomaly_min, t.anomaly_max),
+                },
+                "set_heartbeat_interval": {"seconds": (self.heartbeat_interval.min, self.heartbeat_interval.max)},
+            },
+        )
 
 
 class MetricsConfig(_Strict):
@@ -351,6 +446,7 @@ class AgentConfig(_Strict):
     http: HttpConfig = Field(default=HttpConfig(), description="HTTP API (uploads, status, farmer page).")
     metrics: MetricsConfig = Field(default=MetricsConfig(), description="Prometheus endpoint.")
     updates: UpdatesConfig = Field(default=UpdatesConfig(), description="Signed model updates with rollback.")
+    commands: CommandsConfig = Field(default=CommandsConfig(), description="MQTT commands: keys, allow-list, bounds.")
 
     @model_validator(mode="after")
     def _references(self) -> AgentConfig:
@@ -509,9 +605,16 @@ def finalize(cfg: AgentConfig, source: str, base: Path, environ: Mapping[str, st
 
     mqtt_pw_file = _resolve(base, cfg.mqtt.password_file) if cfg.mqtt.password_file else None
     mqtt_password = _read_secret(source, "mqtt.password", mqtt_pw_file, cfg.mqtt.password_env, environ)
+    ack_keys = _key_files(source, "mqtt.ack_keys", base, cfg.mqtt.ack_keys, cfg.mqtt.enabled)
+    result_key = None
+    if cfg.mqtt.result_key is not None:
+        (result_key,) = _key_files(source, "mqtt.result_key", base, (cfg.mqtt.result_key,), cfg.mqtt.enabled)
     mqtt = cfg.mqtt.model_copy(
-        update={"tls": tls.model_copy(update=tls_updates), "password": mqtt_password, "password_file": mqtt_pw_file}
+        update={"tls": tls.model_copy(update=tls_updates), "password": mqtt_password, "password_file": mqtt_pw_file,
+                "ack_keys": ack_keys, "result_key": result_key}
     )
+    command_keys = _key_files(source, "commands.trusted_keys", base, cfg.commands.trusted_keys, cfg.mqtt.enabled)
+    commands = cfg.commands.model_copy(update={"trusted_keys": command_keys})
 
     sources: list[FolderSourceConfig | CameraSourceConfig] = []
     for i, src in enumerate(cfg.sources):
@@ -554,8 +657,19 @@ def finalize(cfg: AgentConfig, source: str, base: Path, environ: Mapping[str, st
             "sources": tuple(sources),
             "http": http,
             "updates": updates,
+            "commands": commands,
         }
     )
+
+
+def _key_files(source: str, key: str, base: Path, paths: tuple[Path, ...], used: bool) -> tuple[Path, ...]:
+    """Resolve key file paths against ``base``; each must exist when it is ``used``."""
+    resolved = tuple(_resolve(base, p) for p in paths)
+    for i, path in enumerate(resolved):
+        if used and not path.is_file():
+            where = key if key.endswith("result_key") else f"{key}.{i}"
+            raise ConfigError(f"{source}: {where}: file not found: {path}")
+    return resolved
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> AgentConfig:

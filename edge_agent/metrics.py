@@ -24,6 +24,8 @@ Names::
     edge_agent_publish_failures_total{reason}       counter    refused (broker said no, e.g. ACL) | error
     edge_agent_e2e_acked_total                      counter    results the coordinator acknowledged
     edge_agent_mqtt_connected                       gauge      1 when the publisher state is "connected"
+    edge_agent_control_refused_total{code}          counter    acks and commands refused (ack_retained, ack_unsigned,
+                                                               ack_expired, command_out_of_bounds...; docs/mqtt.md)
     edge_agent_model_updates_total{model,outcome}   counter    installed|rejected|rolled_back (model "unknown"
                                                                when refused before its statement was read)
     edge_agent_model_version{model,version}         gauge      1 for the version in force
@@ -192,5 +194,11 @@ class _PublisherCollector:
         yield CounterMetricFamily(
             "edge_agent_e2e_acked", "Results acknowledged by the coordinator.", value=snap.get("acked", 0)
         )
+        refused = CounterMetricFamily(
+            "edge_agent_control_refused", "Acks and commands refused, by code.", labels=["code"]
+        )
+        for code, count in sorted(dict(snap.get("refusals") or {}).items()):
+            refused.add_metric([code], count)
+        yield refused
         connected = int(snap.get("state") == "connected")
         yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 when the publisher is connected.", value=connected)

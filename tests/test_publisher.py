@@ -14,13 +14,17 @@ from typing import Any
 import jsonschema
 import pytest
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore
 from edge_agent.delivery.outbox import Outbox
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
-from edge_agent.protocol import codec
-from edge_agent.protocol.commands import Command
+from edge_agent.protocol import codec, signing
+from edge_agent.protocol.commands import Command, CommandPolicy
+from edge_agent.protocol.signing import AgentAuth, CoordinatorAuth
 from edge_agent.transport import FakeBroker, FakeTransport, InboundMessage
+from edge_agent.updates.format import key_id
 from tests.support.delivery import wait_until
 
 QUICK = PublisherSettings(window=50, batch=20, ack_timeout_s=0.3, republish_per_s=1000, heartbeat_s=0.2)
@@ -57,13 +61,18 @@ def spy(broker: FakeBroker) -> Recorder:
 
 
 class Rig:
-    def __init__(self, tmp: Path, settings: PublisherSettings = QUICK, handler: Any = None) -> None:
+    def __init__(
+        self, tmp: Path, settings: PublisherSettings = QUICK, handler: Any = None, *, auth: AgentAuth | None = None,
+        policy: CommandPolicy | None = None,
+    ) -> None:
         self.broker = FakeBroker()
         self.spy = spy(self.broker)
         self.outbox = Outbox(tmp / "outbox.db", "dev1")
         self.transport = FakeTransport(self.broker, availability_will("dev1"))
         health = {"models": [{"name": "leaf", "version": "1"}]}
-        self.publisher = Publisher(self.outbox, self.transport, "dev1", lambda: health, settings, handler)
+        self.publisher = Publisher(
+            self.outbox, self.transport, "dev1", lambda: health, settings, handler, auth=auth, policy=policy
+        )
         self.coordinator: Coordinator | None = None
         self.tmp = tmp
 
@@ -72,13 +81,20 @@ class Rig:
             self.outbox.accept_input(f"i{i}", source="t", pipeline="crop", spool_path=None, meta={})
             self.outbox.add_result(f"i{i}", pipeline="crop", model="leaf", model_version="1", body={"i": i})
 
-    def start_coordinator(self) -> Coordinator:
-        self.coordinator = Coordinator(SqliteStore(self.tmp / "coord.db"), FakeTransport(self.broker))
+    def start_coordinator(self, auth: CoordinatorAuth | None = None) -> Coordinator:
+        self.coordinator = Coordinator(SqliteStore(self.tmp / "coord.db"), FakeTransport(self.broker), auth=auth)
         self.coordinator.start()
         return self.coordinator
 
     def command(self, name: str, payload: bytes) -> None:
         self.broker.route(codec.command_topic("dev1", name), payload, False)
+
+    def ack(self, payload: dict[str, Any] | bytes) -> None:
+        data = payload if isinstance(payload, bytes) else codec.dumps(payload)
+        self.broker.route(codec.ack_topic("dev1"), data, False)
+
+    def refused(self, code: str) -> int:
+        return self.publisher.refusals.counts.get(code, 0)
 
     def close(self) -> None:
         self.publisher.stop(2)
@@ -217,19 +233,105 @@ def test_heartbeat_carries_health_backlog_and_counters(rig: Rig) -> None:
     assert "backlog" in beat["outbox"] and "published" in beat["publisher"]
 
 
-def test_acks_for_another_epoch_device_or_unassigned_seq_are_ignored(rig: Rig) -> None:
-    rig.publisher.start()
-    rig.add(5)
-    wait_until(lambda: rig.publisher.counters["broker_acked"] >= 5, 5, "published")
+def keys(n: int = 1) -> tuple[list[Ed25519PrivateKey], dict[str, Ed25519PublicKey]]:
+    private = [Ed25519PrivateKey.generate() for _ in range(n)]
+    return private, {key_id(k.public_key()): k.public_key() for k in private}
+
+
+def test_doubtful_acks_are_refused_by_code_and_delete_nothing(rig: Rig) -> None:
+    """No keys (the loopback demo): retained acks, acks for another device or epoch, for a seq never assigned
+    or beyond what the broker confirmed, and garbage are refused or clamped; only a confirmed ack deletes."""
     ours = rig.outbox.epoch
-    for device, epoch, seq in (("dev1", "other-epoch", 5), ("dev2", ours, 5), ("dev1", ours, 99)):
-        ack = codec.ack_payload(device=device, epoch=epoch, seq=seq, ts=1.0)
-        rig.broker.route(codec.ack_topic("dev1"), codec.dumps(ack), True)
-    rig.broker.route(codec.ack_topic("dev1"), b"garbage", False)
+    rig.add(5)
+    rig.broker.retained[codec.ack_topic("dev1")] = codec.dumps(codec.ack_payload(device="dev1", epoch=ours, seq=5,
+                                                                                  ts=1.0))
+    rig.broker.denied = ["edge/v1/+/results/#"]  # the broker confirms nothing yet
+    rig.publisher.start()
+    wait_until(lambda: rig.publisher.counters["rejected"] >= 5, 5, "publishes refused by the broker")
+    for device, epoch, seq in (("dev1", "other-epoch", 5), ("dev2", ours, 5), ("dev1", ours, 99), ("dev1", ours, 5)):
+        rig.ack(codec.ack_payload(device=device, epoch=epoch, seq=seq, ts=1.0))
+    rig.ack(b"garbage")
+    wait_until(lambda: rig.publisher.counters["acks_clamped"] == 1, 5, "the unconfirmed ack clamped")
+    assert {c: rig.refused(c) for c in ("ack_retained", "ack_other_epoch", "ack_wrong_device", "ack_beyond_sent",
+                                       "ack_malformed")} == dict.fromkeys(("ack_retained", "ack_other_epoch",
+                                       "ack_wrong_device", "ack_beyond_sent", "ack_malformed"), 1)
+    assert rig.publisher.counters["acks_refused"] == 5
+    rig.broker.denied = []
+    wait_until(lambda: rig.publisher.counters["broker_acked"] >= 5, 5, "confirmed by the broker")
     rig.add(1, start=5)
-    wait_until(lambda: rig.publisher.counters["published"] >= 6, 5, "still alive")
-    assert rig.outbox.stats().backlog == 6
-    assert rig.publisher.counters["acks_ignored"] == 1  # seq 99 was never assigned: a forked outbox
+    wait_until(lambda: rig.publisher.counters["broker_acked"] >= 6, 5, "still alive")
+    assert rig.outbox.stats().backlog == 6  # nothing deleted by any of them
+    rig.ack(codec.ack_payload(device="dev1", epoch=ours, seq=4, ts=1.0))
+    wait_until(lambda: rig.outbox.stats().backlog == 2, 5, "a confirmed ack deletes through its seq")
+    beat = rig.publisher.snapshot()
+    assert beat["refusals"]["ack_retained"] == 1 and beat["acks_refused"] == 5
+
+
+def test_signed_acks_flow_and_forged_ones_are_refused(tmp_path: Path) -> None:
+    (coordinator_key, stranger), trusted = keys(2)
+    trusted.pop(key_id(stranger.public_key()))
+    r = Rig(tmp_path, auth=AgentAuth(ack_keys=trusted))
+    try:
+        r.publisher.start()
+        r.add(5)
+        wait_until(lambda: r.publisher.counters["broker_acked"] >= 5, 5, "published")
+        epoch, now = r.outbox.epoch, time.time()
+
+        def ack(seq: int, device: str = "dev1", ts: float = now, exp: float = now + 60) -> dict[str, Any]:
+            return codec.ack_payload(device=device, epoch=epoch, seq=seq, ts=ts, exp=exp)
+
+        tampered = signing.sign(ack(1), coordinator_key)
+        tampered["seq"] = 5
+        for payload in (
+            ack(5),  # unsigned
+            signing.sign(ack(5), stranger),
+            tampered,
+            signing.sign(ack(5, ts=now - 4000, exp=now - 3600), coordinator_key),  # captured an hour ago
+            signing.sign(ack(5, ts=now + 3600, exp=now + 3660), coordinator_key),  # from the future
+            signing.sign(ack(5, device="dev2"), coordinator_key),  # another device's, replayed on our topic
+        ):
+            r.ack(payload)
+        codes = ("ack_unsigned", "ack_untrusted_key", "ack_bad_signature", "ack_expired", "ack_from_future",
+                 "ack_wrong_device")
+        wait_until(lambda: r.publisher.counters["acks_refused"] == 6, 5, "six refusals")
+        assert {c: r.refused(c) for c in codes} == dict.fromkeys(codes, 1)
+        assert r.outbox.stats().backlog == 5
+        # the coordinator's own signed acks are taken: everything is delivered and deleted
+        forged = len(r.spy.payloads("/ack"))
+        r.start_coordinator(CoordinatorAuth(ack_key=coordinator_key, ack_ttl_s=60))
+        wait_until(lambda: r.outbox.stats().backlog == 0, 10, "drained by signed acks")
+        acks = r.spy.payloads("/ack")[forged:]
+        assert acks and all(a["sig"]["key_id"] == key_id(coordinator_key.public_key()) for a in acks)
+        jsonschema.validate(acks[-1], schema("ack"))
+        assert r.publisher.counters["acks_refused"] == 6
+        assert not r.broker.retained_for(codec.ack_topic("dev1"))  # acks are never retained
+    finally:
+        r.close()
+
+
+def test_signed_results_are_stored_and_forged_ones_dropped(tmp_path: Path) -> None:
+    (device_key, other), trusted = keys(2)
+    r = Rig(tmp_path, auth=AgentAuth(result_key=device_key))
+    try:
+        coordinator = r.start_coordinator(
+            CoordinatorAuth(device_keys={"dev1": {key_id(device_key.public_key()): device_key.public_key()}})
+        )
+        r.publisher.start()
+        r.add(3)
+        wait_until(lambda: r.outbox.stats().backlog == 0, 10, "signed results stored and acked")
+        genuine = r.spy.payloads("/results/crop")[0]
+        jsonschema.validate(genuine, schema("result"))
+        forged = [
+            {**genuine, "result_id": "f" * 32, "seq": 9},  # altered after signing
+            {k: v for k, v in {**genuine, "result_id": "e" * 32}.items() if k != "sig"},  # unsigned
+            signing.sign({**genuine, "result_id": "d" * 32}, other),  # signed by another key
+        ]
+        for payload in forged:
+            r.broker.route(codec.results_topic("dev1", "crop"), codec.dumps(payload), False)
+        wait_until(lambda: coordinator.counters["forged"] == 3, 5, "forged results dropped")
+        assert coordinator.store.count_results() == 3
+    finally:
+        r.close()
 
 
 def test_commands_good_bad_and_replayed(tmp_path: Path) -> None:
@@ -269,5 +371,67 @@ def test_commands_good_bad_and_replayed(tmp_path: Path) -> None:
         assert [c.args for c in calls] == [{"pipeline": "crop", "score": 0.7}]
         assert r.publisher.heartbeat_s == 120
         assert r.publisher.state == "connected"
+    finally:
+        r.close()
+
+
+def test_commands_need_a_trusted_signature_and_stay_within_the_policy(tmp_path: Path) -> None:
+    """With operator keys: unsigned, forged, expired, retained, misdirected, disallowed and out-of-bounds commands
+    are refused with their code and change nothing; a refused command never burns the id of a real one."""
+    (operator, stranger), trusted = keys(2)
+    trusted.pop(key_id(stranger.public_key()))
+    calls: list[Command] = []
+
+    def handler(cmd: Command) -> dict[str, Any]:
+        calls.append(cmd)
+        return {"applied": cmd.args}
+
+    policy = CommandPolicy(
+        allow=frozenset({"ping", "set_thresholds", "set_heartbeat_interval"}),
+        bounds={"set_thresholds": {"score": (0.05, 0.95)}, "set_heartbeat_interval": {"seconds": (5, 3600)}},
+    )
+    r = Rig(tmp_path, handler=handler, auth=AgentAuth(command_keys=trusted), policy=policy)
+    now = time.time()
+
+    def cmd(name: str, cid: str, args: dict[str, Any] | None = None, *, key: Ed25519PrivateKey | None = operator,
+            device: str = "dev1", ts: float = now, exp: float = now + 60) -> bytes:
+        payload = {"v": 1, "id": cid, "device": device, "name": name, "args": args or {}, "ts": ts, "exp": exp}
+        return codec.dumps(signing.sign(payload, key) if key is not None else payload)
+
+    try:
+        r.broker.retained[codec.command_topic("dev1", "ping")] = cmd("ping", "ok1")  # sits on the broker
+        r.publisher.start()
+        wait_until(lambda: r.transport.filters != [], 2, "subscribed")
+        silence = {"pipeline": "crop", "score": 1.0}
+        r.command("set_thresholds", cmd("set_thresholds", "f1", silence, key=None))  # the finding: unsigned
+        r.command("set_thresholds", cmd("set_thresholds", "f2", {"pipeline": "crop", "score": 0.5}, key=stranger))
+        r.command("set_thresholds", cmd("set_thresholds", "f3", silence))  # signed, but out of bounds
+        r.command("set_heartbeat_interval", cmd("set_heartbeat_interval", "f4", {"seconds": 86400}))
+        r.command("ping", cmd("ping", "f5", ts=now - 7200, exp=now - 3600))
+        r.command("ping", cmd("ping", "f6", device="dev2"))
+        r.command("heartbeat", cmd("heartbeat", "f7"))  # not in the allow-list
+        r.command("ping", cmd("set_thresholds", "f8", silence))  # signed for another command name
+        r.command("ping", cmd("ping", "ok1"))  # the same id, sent properly: runs (the refusal burnt nothing)
+        r.command("set_thresholds", cmd("set_thresholds", "ok2", {"pipeline": "crop", "score": 0.6}))
+        r.command("set_thresholds", cmd("set_thresholds", "ok2", {"pipeline": "crop", "score": 0.6}))  # replayed
+        wait_until(lambda: len(r.spy.payloads("/events")) >= 12, 5, "twelve command results")
+        outcome = [(e["data"]["id"], e["data"].get("code")) for e in r.spy.payloads("/events")]
+        assert outcome == [
+            ("ok1", "command_retained"),
+            ("f1", "command_unsigned"),
+            ("f2", "command_untrusted_key"),
+            ("f3", "command_out_of_bounds"),
+            ("f4", "command_out_of_bounds"),
+            ("f5", "command_expired"),
+            ("f6", "command_wrong_target"),
+            ("f7", "command_not_allowed"),
+            ("f8", "command_wrong_target"),
+            ("ok1", None),
+            ("ok2", None),
+            ("ok2", "command_replayed"),
+        ]
+        assert [c.args for c in calls] == [{"pipeline": "crop", "score": 0.6}]
+        assert r.publisher.heartbeat_s == QUICK.heartbeat_s
+        assert r.publisher.counters["commands_refused"] == 10 and r.refused("command_out_of_bounds") == 2
     finally:
         r.close()

@@ -40,7 +40,9 @@ from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
 from edge_agent.flow.sources.folder import FolderSource
 from edge_agent.metrics import Metrics
 from edge_agent.protocol.commands import Command, CommandError
+from edge_agent.protocol.signing import AgentAuth
 from edge_agent.transport.base import MqttSettings, Transport, Will
+from edge_agent.updates.keys import load_private_key, load_trusted_keys
 from edge_agent.updates.manager import ModelSlot, ModelUpdater, configured_bundle, in_force
 from edge_agent.updates.store import ModelStore
 
@@ -318,6 +320,13 @@ class Service:
             reconnect_max_s=m.reconnect_max_s,
         )
         transport = self._transport_factory(settings, availability_will(self.cfg.device_id))
+        auth = AgentAuth(
+            ack_keys=load_trusted_keys(m.ack_keys),
+            command_keys=load_trusted_keys(self.cfg.commands.trusted_keys),
+            result_key=load_private_key(m.result_key) if m.result_key is not None else None,
+            max_clock_skew_s=m.max_clock_skew_s,
+            command_max_ttl_s=self.cfg.commands.max_ttl_s,
+        )
         self.publisher = Publisher(
             self.outbox,
             transport,
@@ -330,6 +339,8 @@ class Service:
                 ack_timeout_s=m.republish_after_s,
                 republish_per_s=m.republish_rate,
             ),
+            auth=auth,
+            policy=self.cfg.commands.policy(),
         )
         self.metrics.bind_publisher(self.publisher.snapshot)
 

@@ -13,7 +13,8 @@ import typer
 from edge_agent.coordinator.config import CoordinatorConfig, load_coordinator_config
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore, Store
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.protocol.signing import CoordinatorAuth
 from edge_agent.transport.base import MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
 
@@ -29,9 +30,9 @@ def build_store(config: CoordinatorConfig) -> Store:
     return PostgresStore(config.store.dsn)
 
 
-def build(config: CoordinatorConfig) -> Coordinator:
+def mqtt_settings(config: CoordinatorConfig) -> MqttSettings:
     m = config.mqtt
-    settings = MqttSettings(
+    return MqttSettings(
         host=m.host,
         port=m.port,
         client_id=m.client_id,
@@ -46,12 +47,39 @@ def build(config: CoordinatorConfig) -> Coordinator:
         session_expiry_s=m.session_expiry_s,
         manual_ack=True,
     )
+
+
+def build(config: CoordinatorConfig) -> Coordinator:
+    m = config.mqtt
     return Coordinator(
         build_store(config),
-        PahoTransport(settings),
+        PahoTransport(mqtt_settings(config)),
         share_group=m.share_group,
         batch_max=config.batch_max,
         max_payload_bytes=config.max_payload_bytes,
+        auth=build_auth(config),
+    )
+
+
+def build_auth(config: CoordinatorConfig) -> CoordinatorAuth:
+    """Load the ack signing key and the devices' public keys (ConfigError naming the key on a bad file)."""
+    from edge_agent.updates.keys import load_private_key, load_trusted_keys
+
+    try:
+        ack_key = load_private_key(config.ack_key) if config.ack_key is not None else None
+    except ConfigError as exc:
+        raise ConfigError(f"ack_key: {exc.message}") from exc
+    devices = {}
+    for device, path in config.device_keys.items():
+        try:
+            devices[device] = load_trusted_keys([path])
+        except ConfigError as exc:
+            raise ConfigError(f"device_keys.{device}: {exc.message}") from exc
+    if ack_key is None:
+        log.warning("coordinator: acks go out unsigned (no ack_key); agents with mqtt.ack_keys will refuse them")
+    return CoordinatorAuth(
+        ack_key=ack_key, ack_ttl_s=config.ack_ttl_s, device_keys=devices,
+        require_device_keys=config.require_device_keys,
     )
 
 
@@ -101,6 +129,66 @@ def run(
         dashboard.stop()
     coordinator.stop(5)
     coordinator.store.close()
+
+
+@app.command()
+def command(
+    device: Annotated[str, typer.Argument(help="Device id.", show_default=False)],
+    name: Annotated[str, typer.Argument(help="Command: ping, heartbeat, republish, set_heartbeat_interval, "
+                                        "set_thresholds, model_update, model_rollback.", show_default=False)],
+    args: Annotated[str, typer.Option("--args", help='Arguments as a JSON object, e.g. \'{"seconds": 60}\'.')] = "{}",
+    key: Annotated[Path | None, typer.Option("--key", help="The operator's Ed25519 private key (PEM); agents list "
+                                             "its .pub under commands.trusted_keys. Without it: unsigned.",
+                                             show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with an mqtt section (the operator's "
+                                                "broker user), as the coordinator's.", show_default=False)] = None,
+    ttl: Annotated[float, typer.Option("--ttl", help="Seconds the command stays valid.", min=1, max=7 * 86400)] = 300,
+    command_id: Annotated[str | None, typer.Option("--id", help="Command id (default: a fresh one).")] = None,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for the device's answer (0: none).",
+                                        min=0)] = 10,
+    print_only: Annotated[bool, typer.Option("--print", help="Only print the (signed) payload; send nothing.")] = False,
+) -> None:
+    """Sign and send one command, print the device's command_result as JSON; exit 1 if refused or unanswered."""
+    import json
+
+    from edge_agent.coordinator.operator import build_command, operator_settings, send_command
+    from edge_agent.updates.keys import load_private_key
+
+    try:
+        parsed = json.loads(args)
+        if not isinstance(parsed, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        typer.echo(f"error: --args: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        private = load_private_key(key) if key is not None else None
+        payload = build_command(device, name, parsed, key=private, ttl_s=ttl, command_id=command_id)
+        if print_only:
+            typer.echo(json.dumps(payload, separators=(",", ":")))
+            return
+        cfg = load_coordinator_config(config) if config is not None else CoordinatorConfig()
+        transport = PahoTransport(operator_settings(mqtt_settings(cfg)))
+    except EdgeAgentError as exc:
+        typer.echo(f"error: {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    outcome = send_command(transport, device, name, payload, wait_s=wait)
+    if not outcome["sent"]:
+        typer.echo(f"error: could not publish to {cfg.mqtt.host}:{cfg.mqtt.port}", err=True)
+        raise typer.Exit(1)
+    if outcome["refused_by_broker"]:
+        typer.echo(f"error: the broker refused the command: {outcome['refused_by_broker']}", err=True)
+        raise typer.Exit(1)
+    answer = outcome["answer"]
+    if answer is None:
+        if wait > 0:
+            typer.echo(f"error: no command_result from {device} within {wait:g} s", err=True)
+            raise typer.Exit(1)
+        typer.echo(json.dumps({"id": payload["id"], "sent": True}))
+        return
+    typer.echo(json.dumps(answer))
+    if not answer.get("ok"):
+        raise typer.Exit(1)
 
 
 def main() -> None:

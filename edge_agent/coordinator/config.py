@@ -60,6 +60,13 @@ class CoordinatorConfig(_Strict):
     batch_max: int = Field(1000, ge=1, le=100000, description="Messages committed per transaction at most.")
     max_payload_bytes: int = Field(1 << 20, ge=1024, description="Larger result payloads are refused and counted.")
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Live page.")
+    ack_key: Path | None = Field(None, description="Ed25519 private key (PEM, `edge-agent models keygen`) that signs "
+                                 "every ack; agents list its .pub under mqtt.ack_keys. Null: acks go unsigned.")
+    ack_ttl_s: float = Field(300.0, gt=0, le=86_400, description="Each ack is valid this long (its exp field).")
+    device_keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], Path] = Field(
+        default_factory=dict, description="Device id -> its Ed25519 public key (PEM): results from a device listed "
+        "here must be signed by that key (the agent's mqtt.result_key); others are dropped and counted as forged.")
+    require_device_keys: bool = Field(False, description="Also drop results from devices not in device_keys.")
 
     def password(self) -> str | None:
         """The MQTT password from its file or environment variable (never logged)."""

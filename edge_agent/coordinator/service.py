@@ -1,9 +1,13 @@
 """The coordinator service: subscribe, store exactly once, commit, then acknowledge per device.
 
 Transport callbacks only enqueue. One worker takes whatever arrived (up to ``batch_max``), commits
-it in one transaction, publishes the cumulative ack of every (device, epoch) it touched (retained,
-QoS 1) and only then acknowledges the MQTT messages to the broker (manual ack), so a crash at any
-point leaves the agent's rows in place and they are simply sent again.
+it in one transaction, publishes the cumulative ack of every (device, epoch) it touched (QoS 1, never
+retained, signed with the coordinator's key when one is configured, valid for ``ack_ttl_s``) and only
+then acknowledges the MQTT messages to the broker (manual ack), so a crash at any point leaves the
+agent's rows in place and they are simply sent again (and acknowledged again: duplicates are re-acked).
+
+Results from a device with a public key in ``CoordinatorAuth.device_keys`` must carry its signature;
+forged ones are dropped before the transaction and counted (``forged``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 
 from edge_agent.coordinator.store import DeviceUpdate, ResultRow, Store
 from edge_agent.errors import EdgeAgentError
-from edge_agent.protocol import codec
+from edge_agent.protocol import codec, signing
+from edge_agent.protocol.signing import AuthError, CoordinatorAuth
 from edge_agent.transport.base import InboundMessage, Transport
 
 log = logging.getLogger(__name__)
@@ -31,14 +36,17 @@ class Coordinator:
         share_group: str | None = None,
         batch_max: int = 1000,
         max_payload_bytes: int = 1 << 20,
+        auth: CoordinatorAuth | None = None,
     ) -> None:
         self.store = store
+        self.auth = auth or CoordinatorAuth()
+        self.refusals = signing.Refusals()
         self.transport = transport
         self.filters = codec.coordinator_filters(share_group)
         self.batch_max = batch_max
         self.max_payload_bytes = max_payload_bytes
         self.counters: dict[str, int] = dict.fromkeys(
-            ("received", "inserted", "duplicates", "invalid", "acks_sent", "store_errors", "connects"), 0
+            ("received", "inserted", "duplicates", "invalid", "forged", "acks_sent", "store_errors", "connects"), 0
         )
         self.connected = threading.Event()
         self._inbox: queue.SimpleQueue[InboundMessage | None] = queue.SimpleQueue()
@@ -110,6 +118,13 @@ class Coordinator:
             self.counters["received"] += 1
             try:
                 parsed = self._parse(message, now)
+            except AuthError as exc:  # TODO(dead letters): quarantine once the store has a dead-letter table
+                self.counters["forged"] += 1
+                unlogged = self.refusals.note(f"result_{exc.reason}", time.monotonic())
+                if unlogged is not None:
+                    log.warning("coordinator: dropping a forged result on %.200s (result_%s): %s%s", message.topic,
+                                exc.reason, exc.message, f" ({unlogged} more since)" if unlogged else "")
+                continue
             except EdgeAgentError as exc:
                 self.counters["invalid"] += 1
                 log.warning("coordinator: dropping invalid message on %.200s: %s", message.topic, exc)
@@ -127,8 +142,11 @@ class Coordinator:
         self.counters["inserted"] += outcome.inserted
         self.counters["duplicates"] += outcome.duplicates
         for (device, epoch), seq in outcome.watermarks.items():
-            payload = codec.ack_payload(device=device, epoch=epoch, seq=seq, ts=time.time())
-            if self.transport.publish(codec.ack_topic(device), codec.dumps(payload), qos=1, retain=True) is not None:
+            ts = time.time()
+            payload = codec.ack_payload(device=device, epoch=epoch, seq=seq, ts=ts, exp=ts + self.auth.ack_ttl_s)
+            if self.auth.ack_key is not None:
+                payload = signing.sign(payload, self.auth.ack_key)
+            if self.transport.publish(codec.ack_topic(device), codec.dumps(payload), qos=1, retain=False) is not None:
                 self.counters["acks_sent"] += 1
         for message in batch:
             self.transport.ack(message)
@@ -139,6 +157,7 @@ class Coordinator:
             value = codec.parse_result(message.payload, max_bytes=self.max_payload_bytes)
             if value["device"] != topic.device:
                 raise codec.CodecError("result device does not match its topic")
+            self.auth.check_result(topic.device, value)
             return ResultRow(
                 result_id=value["result_id"],
                 device=value["device"],

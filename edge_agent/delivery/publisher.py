@@ -7,6 +7,12 @@ deadlock against the transport's network thread. Protocol (see ``docs/mqtt.md``)
 * a broker PUBACK only means the broker has it; rows are deleted on the cumulative end-to-end ack
   (``edge/v1/<device>/ack``) of the coordinator, for this outbox's epoch; the deletion is committed in
   the background (at most one in flight) so that publishing never waits for the outbox's fsync;
+* an ack is trusted only when it is live (a retained one is refused), for this device and epoch, signed by a
+  coordinator key when ``AgentAuth.ack_keys`` is set, and unexpired; it never deletes a row the broker has not
+  confirmed receiving from us (the part beyond is ignored, and an ack beyond every seq assigned is refused);
+* commands: refused when retained, unsigned or expired (when ``AgentAuth.command_keys`` is set), aimed at another
+  device, outside the allow-list and bounds (``CommandPolicy``), or replayed (ids journalled in the outbox);
+  every refusal is counted by code and logged (first of a code, then at most once a minute);
 * whatever stays unacknowledged for ``ack_timeout_s`` is published again, at most ``republish_per_s``;
 * after a reconnect everything unacknowledged is sent again from the oldest (duplicates are harmless:
   the coordinator de-duplicates by result id);
@@ -28,8 +34,9 @@ from typing import Any, Literal
 
 from edge_agent.delivery.outbox import Outbox, StoredResult
 from edge_agent.errors import EdgeAgentError
-from edge_agent.protocol import codec
-from edge_agent.protocol.commands import Command, CommandError, parse_command
+from edge_agent.protocol import codec, signing
+from edge_agent.protocol.commands import Command, CommandError, CommandPolicy, check_policy, parse_command
+from edge_agent.protocol.signing import AgentAuth, AuthError
 from edge_agent.transport.base import InboundMessage, Transport, Will
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,9 @@ class Publisher:
         health: Callable[[], dict[str, Any]],
         settings: PublisherSettings | None = None,
         command_handler: CommandHandler | None = None,
+        *,
+        auth: AgentAuth | None = None,
+        policy: CommandPolicy | None = None,
     ) -> None:
         self.outbox = outbox
         self.transport = transport
@@ -73,6 +83,9 @@ class Publisher:
         self.health = health
         self.settings = settings or PublisherSettings()
         self.command_handler = command_handler
+        self.auth = auth or AgentAuth()
+        self.policy = policy or CommandPolicy()
+        self.refusals = signing.Refusals()
         self.heartbeat_s = self.settings.heartbeat_s
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -86,7 +99,9 @@ class Publisher:
                 "heartbeats",
                 "commands_ok",
                 "commands_refused",
-                "acks_ignored",
+                "acks_refused",
+                "acks_stale",
+                "acks_clamped",
                 "errors",
             ),
             0,
@@ -104,6 +119,7 @@ class Publisher:
         self._deleted = 0
         self._deleting: tuple[int, Future[int]] | None = None
         self._ack_seen = 0
+        self._confirmed = 0  # highest seq the broker confirmed (PUBACK) receiving from us: acks never go beyond
         self._tokens = 0.0
         self._alarms_sent = 0
         self._next_heartbeat = 0.0
@@ -123,6 +139,18 @@ class Publisher:
 
     def start(self) -> None:
         self._started_at = time.monotonic()
+        if not self.auth.ack_keys:
+            log.warning(
+                "publisher: acks are unauthenticated (no mqtt.ack_keys): anyone allowed to publish on %s can make "
+                "this agent delete results the broker has confirmed; configure coordinator keys outside a loopback "
+                "demo", self.ack_topic,
+            )
+        if not self.auth.command_keys:
+            log.warning(
+                "publisher: commands are unauthenticated (no commands.trusted_keys): anyone allowed to publish on "
+                "%s runs the allowed commands (%s)", codec.command_filter(self.device_id),
+                ", ".join(sorted(self.policy.allow)) or "none",
+            )
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
         self.outbox.add_listener(self.wake)
@@ -152,7 +180,13 @@ class Publisher:
         self._events.put(("event", (event, severity, data or {})))
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.counters, "state": self.state, "in_flight": len(self._outstanding), "acked_seq": self._acked}
+        return {
+            **self.counters,
+            "state": self.state,
+            "in_flight": len(self._outstanding),
+            "acked_seq": self._acked,
+            "refusals": dict(self.refusals.counts),
+        }
 
     # ------------------------------------------------------------------ transport listener (any thread)
     def on_connected(self, session_present: bool) -> None:
@@ -250,6 +284,7 @@ class Publisher:
             return
         if ok:
             self.counters["broker_acked"] += 1
+            self._confirmed = max(self._confirmed, seq)
             return
         self.counters["rejected"] += 1
         first = time.monotonic() - self._last_reject > self.settings.reject_degraded_s
@@ -260,25 +295,58 @@ class Publisher:
 
     def _on_inbound(self, message: InboundMessage) -> None:
         if message.topic == self.ack_topic:
-            try:
-                ack = codec.parse_ack(message.payload)
-            except codec.CodecError as exc:
-                log.warning("publisher: ignoring malformed ack: %s", exc)
-                return
-            if ack.epoch != self.outbox.epoch or ack.device != self.device_id or ack.seq <= self._ack_seen:
-                return
-            if ack.seq >= self.outbox.next_seq():  # acks a seq never assigned: a copied or restored outbox
-                self.counters["acks_ignored"] += 1
-                log.error("publisher: ignoring ack %d beyond our last seq (outbox copied or restored?)", ack.seq)
-                return
-            self._ack_seen = ack.seq
+            self._on_ack(message)
             return
         try:
             topic = codec.parse_topic(message.topic)
         except codec.CodecError:
             return
         if topic.kind == "cmd" and topic.device == self.device_id and topic.name is not None:
-            self._run_command(topic.name, message.payload)
+            self._run_command(topic.name, message)
+
+    def _refuse(self, code: str, message: str) -> None:
+        """Count a refused ack or command by code; log the first of each code, then at most once a minute."""
+        unlogged = self.refusals.note(code, time.monotonic())
+        if unlogged is not None:
+            more = f" ({unlogged} more since the last report)" if unlogged else ""
+            log.warning("publisher: refused (%s): %s%s", code, message[:300], more)
+
+    def _on_ack(self, message: InboundMessage) -> None:
+        """Take a coordinator ack (see the module docstring); everything doubtful is refused, counted and logged."""
+        code, why = self._check_ack(message)
+        if code is not None:
+            self.counters["acks_refused"] += 1
+            self._refuse(code, why)
+
+    def _check_ack(self, message: InboundMessage) -> tuple[str | None, str]:
+        if message.retain:
+            return "ack_retained", "a retained ack (acks are never retained: a stale or forged one sits on the broker)"
+        try:
+            value = codec.loads(message.payload, max_bytes=codec.MAX_ACK_BYTES)
+            ack = codec.parse_ack_value(value)
+        except codec.CodecError as exc:
+            return "ack_malformed", str(exc)
+        if self.auth.ack_keys:
+            try:
+                signing.verify(value, self.auth.ack_keys)
+                signing.check_lifetime(value, now=time.time(), skew_s=self.auth.max_clock_skew_s)
+            except AuthError as exc:
+                return f"ack_{exc.reason}", f"ack for seq {ack.seq}: {exc.message}"
+        if ack.device != self.device_id:
+            return "ack_wrong_device", f"ack for device {ack.device[:64]!r} on our topic"
+        if ack.epoch != self.outbox.epoch:
+            return "ack_other_epoch", f"ack for epoch {ack.epoch[:64]!r}, ours is {self.outbox.epoch}"
+        if ack.seq >= self.outbox.next_seq():
+            return "ack_beyond_sent", f"ack for seq {ack.seq}, never assigned (outbox copied or restored? forged?)"
+        if ack.seq <= max(self._ack_seen, self._acked):
+            self.counters["acks_stale"] += 1  # a re-ack of duplicates, or an old ack: changes nothing
+            return None, ""
+        if ack.seq > self._confirmed:  # normal right after a restart: the coordinator knows rows we re-send now
+            self.counters["acks_clamped"] += 1
+            if self._confirmed <= max(self._ack_seen, self._acked):
+                return None, ""
+        self._ack_seen = min(ack.seq, self._confirmed)
+        return None, ""
 
     def _absorb_acks(self) -> None:
         """Free the window for everything the coordinator acknowledged (in memory; deleted next)."""
@@ -330,6 +398,8 @@ class Publisher:
             sent_at=time.time(),
             body=row.body,
         )
+        if self.auth.result_key is not None:
+            payload = signing.sign(payload, self.auth.result_key)
         token = self.transport.publish(codec.results_topic(self.device_id, row.pipeline), codec.dumps(payload), qos=1)
         if token is None:
             return False
@@ -399,18 +469,16 @@ class Publisher:
         payload = codec.event_payload(device=self.device_id, ts=time.time(), event=event, severity=severity, data=data)
         self.transport.publish(codec.events_topic(self.device_id), codec.dumps(payload), qos=1)
 
-    def _run_command(self, name: str, payload: bytes) -> None:
+    def _run_command(self, name: str, message: InboundMessage) -> None:
         command_id: str | None = None
         try:
-            command = parse_command(name, payload)
+            command = self._accept_command(name, message)
             command_id = command.id
-            if not self.outbox.record_command(command.id, command.name):
-                raise CommandError(f"command id {command.id!r} already ran", "command_replayed", command.id)
             result = self._execute(command)
         except EdgeAgentError as exc:
             self.counters["commands_refused"] += 1
             command_id = command_id or getattr(exc, "command_id", None)
-            log.warning("publisher: command %.64s refused: %s (%s)", name, exc.message, exc.code)
+            self._refuse(exc.code, f"command {name[:64]} ({command_id}): {exc.message}")
             self._send_event(
                 "command_result",
                 "warning",
@@ -419,6 +487,31 @@ class Publisher:
             return
         self.counters["commands_ok"] += 1
         self._send_event("command_result", "info", {"id": command_id, "name": name, "ok": True, "result": result})
+
+    def _accept_command(self, name: str, message: InboundMessage) -> Command:
+        """Parse, authenticate, check against the policy, then journal the id: only then may it run.
+
+        The id is journalled last, so a forged or refused command can never burn the id of a real one."""
+        command = parse_command(name, message.payload)
+        if message.retain:
+            raise CommandError("a retained command never runs (publish commands without the retain flag)",
+                               "command_retained", command.id)
+        if self.auth.command_keys:
+            try:
+                signing.verify(command.raw, self.auth.command_keys)
+                signing.check_lifetime(command.raw, now=time.time(), skew_s=self.auth.max_clock_skew_s,
+                                       max_ttl_s=self.auth.command_max_ttl_s)
+            except AuthError as exc:
+                raise CommandError(exc.message, f"command_{exc.reason}", command.id) from None
+            if command.raw.get("device") != self.device_id or command.raw.get("name") != name:
+                raise CommandError("a signed command must name this device and command", "command_wrong_target",
+                                   command.id)
+        elif command.raw.get("device", self.device_id) != self.device_id:
+            raise CommandError("the command names another device", "command_wrong_target", command.id)
+        check_policy(command, self.policy)
+        if not self.outbox.record_command(command.id, command.name):
+            raise CommandError(f"command id {command.id!r} already ran", "command_replayed", command.id)
+        return command
 
     def _execute(self, command: Command) -> dict[str, Any]:
         if command.name == "ping":

@@ -3,14 +3,15 @@
 Topics (``<device>`` and ``<pipeline>`` match ``[A-Za-z0-9_.-]{1,64}``)::
 
     edge/v1/<device>/results/<pipeline>   agent -> coordinator   result      QoS 1
-    edge/v1/<device>/ack                  coordinator -> agent   ack         QoS 1, retained
+    edge/v1/<device>/ack                  coordinator -> agent   ack         QoS 1, never retained
     edge/v1/<device>/status               agent (and its will)   status      QoS 1, retained
     edge/v1/<device>/heartbeat            agent                  heartbeat   QoS 1
     edge/v1/<device>/events               agent                  event       QoS 1
     edge/v1/<device>/cmd/<name>           operator -> agent      command     QoS 1
 
 Every payload is a JSON object with ``"v": 1`` and ``"kind"``; the JSON Schemas live in
-``edge_agent/protocol/schemas/<kind>.json`` and ``docs/mqtt.md`` explains them.
+``edge_agent/protocol/schemas/<kind>.json`` and ``docs/mqtt.md`` explains them. Acks, commands and results may
+carry an Ed25519 signature (``sig``, see ``signing.py``).
 """
 
 from __future__ import annotations
@@ -154,9 +155,16 @@ def result_payload(
     }
 
 
-def ack_payload(*, device: str, epoch: str, seq: int, ts: float) -> dict[str, Any]:
-    """Cumulative acknowledgement: every result of ``device``/``epoch`` with seq <= ``seq`` is committed."""
-    return {"v": PROTOCOL_VERSION, "kind": "ack", "device": device, "epoch": epoch, "seq": seq, "ts": ts}
+def ack_payload(*, device: str, epoch: str, seq: int, ts: float, exp: float | None = None) -> dict[str, Any]:
+    """Cumulative acknowledgement: every result of ``device``/``epoch`` with seq <= ``seq`` is committed.
+
+    ``exp``: the ack is void after this time (checked by agents that verify ack signatures)."""
+    payload: dict[str, Any] = {
+        "v": PROTOCOL_VERSION, "kind": "ack", "device": device, "epoch": epoch, "seq": seq, "ts": ts
+    }
+    if exp is not None:
+        payload["exp"] = exp
+    return payload
 
 
 def status_payload(*, device: str, state: Literal["online", "offline"], ts: float) -> dict[str, Any]:
@@ -207,9 +215,16 @@ class Ack:
     seq: int
 
 
+MAX_ACK_BYTES = 4096
+
+
 def parse_ack(data: bytes) -> Ack:
     """Decode and check an ack payload."""
-    value = loads(data, max_bytes=4096)
+    return parse_ack_value(loads(data, max_bytes=MAX_ACK_BYTES))
+
+
+def parse_ack_value(value: dict[str, Any]) -> Ack:
+    """Check a decoded ack payload (its signature is checked by the caller, on the same ``value``)."""
     device, epoch, seq = value.get("device"), value.get("epoch"), value.get("seq")
     if (
         value.get("kind") != "ack"

@@ -1,6 +1,7 @@
 """Validation of MQTT commands (``edge/v1/<device>/cmd/<name>``). Pure: no I/O.
 
-A command payload is ``{"v": 1, "id": "<unique id>", "args": {...}}`` (``v`` optional). Commands:
+A command payload is ``{"v": 1, "id": "<unique id>", "args": {...}}`` (``v`` optional), plus, when an operator
+signed it (``signing.py``), ``device`` and ``name`` (which must match the topic), ``ts``, ``exp`` and ``sig``. Commands:
 ``ping``, ``heartbeat``, ``republish``, ``set_heartbeat_interval {seconds}``, ``set_thresholds {pipeline, score?,
 iou?, anomaly?}``, ``model_update {file}`` (a file name in the update drop folder) and ``model_rollback {model}``
 (see docs/model-updates.md). Anything
@@ -15,6 +16,12 @@ code                       when
 ``command_unknown``        no such command name
 ``command_invalid``        missing/odd id, unknown or wrongly typed args, out of range
 ``command_replayed``       the id already ran (checked by the caller against its journal)
+``command_wrong_target``   ``device`` or ``name`` in the payload differ from the topic
+``command_not_allowed``    not in the agent's allow-list (``commands.allow``)
+``command_out_of_bounds``  an argument outside the agent's configured bounds (:class:`CommandPolicy`)
+``command_<auth reason>``  refused by the signature check: ``command_unsigned``, ``command_untrusted_key``,
+                           ``command_bad_signature``, ``command_expired``, ``command_from_future``,
+                           ``command_too_long``; and ``command_retained`` (a retained command never runs)
 =========================  ==========================================================
 """
 
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +59,8 @@ class Command:
     id: str
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The decoded payload as sent (for the signature check)."""
 
 
 def _number(lo: float, hi: float) -> Callable[[str, Any], float]:
@@ -96,6 +105,7 @@ _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable
     "model_rollback": ({"model": _name}, {}),
 }
 KNOWN_COMMANDS = frozenset(_SPECS)
+_FIELDS = frozenset({"v", "id", "args", "device", "name", "ts", "exp", "sig"})
 
 
 def parse_command(name: str, payload: bytes) -> Command:
@@ -113,9 +123,12 @@ def parse_command(name: str, payload: bytes) -> Command:
     command_id = value.get("id")
     if not isinstance(command_id, str) or not ID_RE.match(command_id):
         raise CommandError("command 'id' must be a string matching [A-Za-z0-9_.:-]{1,64}", "command_invalid")
-    extra = set(value) - {"v", "id", "args"}
+    extra = set(value) - _FIELDS
     if extra or value.get("v", 1) != 1:
         raise CommandError(f"unexpected command fields or version: {sorted(extra)}", "command_invalid", command_id)
+    if "name" in value and value["name"] != name:
+        raise CommandError(f"command name {str(value['name'])[:64]!r} does not match the topic's {name[:64]!r}",
+                           "command_wrong_target", command_id)
     if name not in _SPECS:
         raise CommandError(f"unknown command {name[:64]!r}", "command_unknown", command_id)
     args = value.get("args", {})
@@ -137,4 +150,29 @@ def parse_command(name: str, payload: bytes) -> Command:
         raise CommandError(exc.message, exc.code, command_id) from None
     if name == "set_thresholds" and len(checked) == 1:
         raise CommandError("set_thresholds needs at least one of score, iou, anomaly", "command_invalid", command_id)
-    return Command(id=command_id, name=name, args=checked)
+    return Command(id=command_id, name=name, args=checked, raw=value)
+
+
+@dataclass(frozen=True)
+class CommandPolicy:
+    """What this agent lets commands do, beyond the built-in ranges: an allow-list and, per command and argument,
+    inclusive numeric bounds (``{"set_thresholds": {"score": (0.05, 0.95)}}``). The default allows everything."""
+
+    allow: frozenset[str] = KNOWN_COMMANDS
+    bounds: Mapping[str, Mapping[str, tuple[float, float]]] = field(default_factory=dict)
+
+
+def check_policy(command: Command, policy: CommandPolicy) -> None:
+    """Raise CommandError ``command_not_allowed`` or ``command_out_of_bounds``; nothing is applied either way."""
+    if command.name not in policy.allow:
+        raise CommandError(
+            f"command {command.name} is not allowed on this agent (commands.allow)", "command_not_allowed", command.id
+        )
+    for arg, (lo, hi) in policy.bounds.get(command.name, {}).items():
+        value = command.args.get(arg)
+        if isinstance(value, float) and not lo <= value <= hi:
+            raise CommandError(
+                f"argument {arg!r} = {value:g} is outside this agent's bounds [{lo:g}, {hi:g}]",
+                "command_out_of_bounds",
+                command.id,
+            )
