@@ -2,6 +2,8 @@
 # `make run`: a broker (only if none answers on 127.0.0.1:1883), the coordinator and the agent with
 # its embedded default (bundled model, SQLite outbox in ./var/edge-agent, watched folder
 # ./var/edge-agent/inbox). Prints where results can be seen. Ctrl-C stops what this script started.
+# A demo: the broker is anonymous and listens on loopback only, acks and commands are unsigned (the
+# agent warns about it once). Deployments use deploy/mosquitto/ and keys (docs/mqtt.md, "Authentication").
 #
 #   DEMO_ONESHOT=1  drop one sample photo, wait for its result on MQTT, print it and exit (a smoke test).
 set -euo pipefail
@@ -56,7 +58,7 @@ if mqtt_up; then
 else
   [ -x "$MOSQUITTO" ] || { echo "run-demo: mosquitto not found; run 'make system-deps' (as root)" >&2; exit 1; }
   cat > "$DEMO/mosquitto.conf" <<EOF
-# demo broker: loopback only. For a real deployment use deploy/mosquitto/ (TLS, passwords, ACL).
+# demo broker: anonymous, loopback only. For a real deployment use deploy/mosquitto/ (TLS, passwords, ACL).
 listener $PORT $HOST
 allow_anonymous true
 persistence false
@@ -66,7 +68,7 @@ EOF
   "$MOSQUITTO" -c "$DEMO/mosquitto.conf" &
   pids+=($!)
   wait_until 10 "mosquitto" mqtt_up
-  echo "run-demo: started mosquitto on $HOST:$PORT (pid ${pids[-1]})"
+  echo "run-demo: started mosquitto on $HOST:$PORT (pid ${pids[-1]}): anonymous access, loopback only"
 fi
 
 cat > "$DEMO/coordinator.yaml" <<EOF
@@ -98,6 +100,8 @@ sample=$(find ../shared/datasets/crops -name '*.jpg' 2>/dev/null | sort | head -
 cat <<EOF
 
   edge-agent is running (device edge-01).
+  This is a loopback demo: the broker on $HOST:$PORT takes anonymous clients and acks and commands are
+  unsigned. To deploy, use deploy/mosquitto/ (passwords, ACL, TLS) and keys (docs/mqtt.md, "Authentication").
   Drop a leaf photo into:   $PWD/$INBOX
 ${sample:+  for example:              cp '$sample' $INBOX/
 }  See results on MQTT:      mosquitto_sub -h $HOST -p $PORT -v -t 'edge/v1/#'

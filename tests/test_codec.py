@@ -8,9 +8,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.protocol import codec
-from edge_agent.protocol.commands import MAX_COMMAND_BYTES, CommandError, parse_command
+from edge_agent.protocol import codec, signing
+from edge_agent.protocol.commands import MAX_COMMAND_BYTES, CommandError, CommandPolicy, check_policy, parse_command
+from edge_agent.updates.format import key_id
 
 
 def schema(kind: str) -> dict[str, Any]:
@@ -154,3 +156,69 @@ def test_good_commands_parse_and_match_the_schema() -> None:
     assert parse_command("ping", b'{"id": "p"}').args == {}
     padded = b'{"id": "p", "args": {}}'.ljust(MAX_COMMAND_BYTES, b" ")
     assert parse_command("ping", padded).id == "p"  # exactly at the limit is fine
+
+
+# ---------------------------------------------------------------- signatures (signing.py)
+def test_a_signature_covers_the_wire_form_and_every_field() -> None:
+    key = Ed25519PrivateKey.generate()
+    trusted = {key_id(key.public_key()): key.public_key()}
+    body = {"predictions": [{"label": "x", "score": 0.1 + 0.2}], "odd": float("nan"), "text": "héllo \u2603"}
+    signed = signing.sign(result(body=body), key)
+    valid("result", signed)
+    received = codec.parse_result(codec.dumps(signed))  # NaN went out as null: still the signed bytes
+    assert signing.verify(received, trusted) == key_id(key.public_key())
+    for field, value in (("seq", 2), ("body", {}), ("device", "d2"), ("extra", 1)):
+        with pytest.raises(signing.AuthError) as info:
+            signing.verify({**received, field: value}, trusted)
+        assert info.value.reason == "bad_signature"
+    unsigned = {k: v for k, v in received.items() if k != "sig"}
+    for payload, reason in (
+        (unsigned, "unsigned"),
+        (signing.sign(unsigned, Ed25519PrivateKey.generate()), "untrusted_key"),
+        ({**received, "sig": {"algorithm": "ed25519", "key_id": "x", "signature": "%%"}}, "bad_signature"),
+        ({**received, "sig": "abc"}, "bad_signature"),
+    ):
+        with pytest.raises(signing.AuthError) as info:
+            signing.verify(payload, trusted)
+        assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("ts", "exp", "reason"),
+    [(800.0, 899.0, "expired"), (800.0, 900.0, None), (None, 2000.0, "from_future"), (1500.0, None, "expired"),
+     (1300.0, 1500.0, None), (900.0, 1000.0, None), (1000.0, 5000.0, "too_long"), (1301.0, 1400.0, "from_future"),
+     (True, 2000.0, "from_future")],
+)
+def test_lifetime_checks_allow_the_clock_skew_and_no_more(ts: Any, exp: Any, reason: str | None) -> None:
+    payload = {"ts": ts, "exp": exp}
+    if reason is None:
+        signing.check_lifetime(payload, now=1100.0, skew_s=200.0, max_ttl_s=3600.0)
+        return
+    with pytest.raises(signing.AuthError) as info:
+        signing.check_lifetime(payload, now=1100.0, skew_s=200.0, max_ttl_s=3600.0)
+    assert info.value.reason == reason
+
+
+def test_signed_acks_and_commands_match_their_schemas() -> None:
+    key = Ed25519PrivateKey.generate()
+    valid("ack", signing.sign(codec.ack_payload(device="d1", epoch="e", seq=3, ts=1.0, exp=301.0), key))
+    command = {"v": 1, "id": "c-1", "device": "d1", "name": "ping", "args": {}, "ts": 1.0, "exp": 61.0}
+    valid("command", signing.sign(command, key))
+    assert parse_command("ping", codec.dumps(signing.sign(command, key))).raw["device"] == "d1"
+    with pytest.raises(CommandError) as info:
+        parse_command("heartbeat", codec.dumps(command))  # signed for ping, sent on .../cmd/heartbeat
+    assert info.value.code == "command_wrong_target"
+
+
+def test_the_policy_refuses_what_the_allow_list_and_bounds_exclude() -> None:
+    policy = CommandPolicy(allow=frozenset({"set_thresholds"}), bounds={"set_thresholds": {"score": (0.1, 0.9)}})
+    ok = parse_command("set_thresholds", b'{"id": "a", "args": {"pipeline": "p", "score": 0.9, "iou": 1.0}}')
+    check_policy(ok, policy)  # iou has no bound here; score 0.9 is inclusive
+    for name, payload, code in (
+        ("set_thresholds", b'{"id": "b", "args": {"pipeline": "p", "score": 0.95}}', "command_out_of_bounds"),
+        ("set_thresholds", b'{"id": "c", "args": {"pipeline": "p", "score": 0.05}}', "command_out_of_bounds"),
+        ("ping", b'{"id": "d"}', "command_not_allowed"),
+    ):
+        with pytest.raises(CommandError) as info:
+            check_policy(parse_command(name, payload), policy)
+        assert (info.value.code, info.value.command_id) == (code, json.loads(payload)["id"])

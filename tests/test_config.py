@@ -114,6 +114,18 @@ def test_every_field_has_a_description() -> None:
         ("bad size", GOOD.replace("16MiB", "lots"), "sources.0.max_file_bytes"),
         ("unknown source type", GOOD.replace("type: camera", "type: usb"), "sources.1"),
         ("options of another kind", GOOD.replace("livestock:\n      zones", "inspection:\n      zones"), "pipelines.0"),
+        ("unknown command allowed", GOOD + "commands: {allow: [ping, reboot]}\n",
+         "commands.allow: unknown commands ['reboot']"),
+        ("bounds upside down", GOOD + "commands: {set_thresholds: {score_min: 0.9, score_max: 0.1}}\n",
+         "commands.set_thresholds.score_max: score_max must not be below"),
+        ("interval upside down", GOOD + "commands: {heartbeat_interval: {min: 600, max: 60}}\n",
+         "commands.heartbeat_interval.max:"),
+        ("missing ack key", GOOD.replace("  port: 8883", "  port: 8883\n  ack_keys: [keys/c.pub]"),
+         "mqtt.ack_keys.0: file not found"),
+        ("missing result key", GOOD.replace("  port: 8883", "  port: 8883\n  result_key: keys/d.key"),
+         "mqtt.result_key: file not found"),
+        ("missing operator key", GOOD + "commands: {trusted_keys: [keys/op.pub]}\n",
+         "commands.trusted_keys.0: file not found"),
     ],
 )
 def test_bad_config_fails_with_one_line_naming_file_and_key(
@@ -230,3 +242,21 @@ def test_state_dir_on_a_read_only_mount_fails(tmp_path: Path) -> None:
     assert out.returncode != 0
     last = out.stderr.decode().strip().splitlines()[-1]
     assert last.endswith(f"ConfigError: {cfg}: state_dir: {ro} is not writable"), last
+
+
+def test_command_keys_and_bounds_resolve_into_a_policy(tmp_path: Path) -> None:
+    (tmp_path / "mqtt.pw").write_text("pw")
+    (tmp_path / "keys").mkdir()
+    for name in ("c.pub", "op.pub", "d.key"):
+        (tmp_path / "keys" / name).write_text("pem")
+    text = GOOD.replace("  port: 8883", "  port: 8883\n  ack_keys: [keys/c.pub]\n  result_key: keys/d.key") + (
+        "commands:\n  trusted_keys: [keys/op.pub]\n  allow: [ping, set_thresholds]\n"
+        "  set_thresholds: {score_min: 0.2, score_max: 0.8}\n"
+    )
+    cfg = load_config(write(tmp_path, text), environ={"CAM_PW": "x"})
+    assert cfg.mqtt.ack_keys == (tmp_path / "keys" / "c.pub",) and cfg.mqtt.result_key == tmp_path / "keys" / "d.key"
+    assert cfg.commands.trusted_keys == (tmp_path / "keys" / "op.pub",)
+    policy = cfg.commands.policy()
+    assert policy.allow == {"ping", "set_thresholds"}
+    assert policy.bounds["set_thresholds"]["score"] == (0.2, 0.8)
+    assert policy.bounds["set_heartbeat_interval"]["seconds"] == (5.0, 3600.0)  # the defaults

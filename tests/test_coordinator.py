@@ -125,8 +125,9 @@ def test_coordinator_acks_after_commit_and_survives_garbage(tmp_path: Path) -> N
         wait_until(lambda: coordinator.counters["received"] == 10, 5, "all processed")
         assert coordinator.store.count_results() == 2
         assert coordinator.counters["invalid"] == 5 and coordinator.counters["duplicates"] >= 1
-        ack = json.loads(broker.retained[codec.ack_topic("d1")])
-        assert (ack["epoch"], ack["seq"]) == ("e1", 2)
+        acks = [json.loads(p) for t, p in broker.published if t == codec.ack_topic("d1")]
+        assert (acks[-1]["epoch"], acks[-1]["seq"]) == ("e1", 2)
+        assert codec.ack_topic("d1") not in broker.retained  # acks are never retained (agents refuse those)
         assert len(transport.acked) == 10  # every message acknowledged to the broker, after the commit
         assert coordinator.store.devices()[0]["state"] == "online"
     finally:
@@ -143,6 +144,8 @@ def test_coordinator_acks_after_commit_and_survives_garbage(tmp_path: Path) -> N
         ("batch_max: lots\n", "batch_max"),
         ("mqtt: !!python/object:os.system {}\n", "YAML"),
         ("mqtt: [unclosed\n", "YAML"),
+        ("device_keys: {'a/b': k.pub}\n", "device_keys"),
+        ("ack_ttl_s: 0\n", "ack_ttl_s"),
     ],
 )
 def test_bad_config_fails_fast_naming_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
@@ -252,3 +255,17 @@ def test_cli_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert f"{config}: mqtt.port" in proc.stderr
+
+
+def test_bad_key_files_are_refused_naming_the_key(tmp_path: Path) -> None:
+    from edge_agent.coordinator.cli import build_auth
+
+    (tmp_path / "junk.pem").write_text("not a key")
+    for text, key in ((f"ack_key: {tmp_path / 'junk.pem'}\n", "ack_key"),
+                      (f"ack_key: {tmp_path / 'none.key'}\n", "ack_key"),
+                      (f"device_keys: {{farm-01: {tmp_path / 'junk.pem'}}}\n", "device_keys.farm-01")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            build_auth(load_coordinator_config(path))
+        assert info.value.message.startswith(f"{key}: "), info.value.message

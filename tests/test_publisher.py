@@ -13,7 +13,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_agent.coordinator.service import Coordinator
@@ -310,7 +309,7 @@ def test_signed_acks_flow_and_forged_ones_are_refused(tmp_path: Path) -> None:
 
 
 def test_signed_results_are_stored_and_forged_ones_dropped(tmp_path: Path) -> None:
-    (device_key, other), trusted = keys(2)
+    (device_key, other), _ = keys(2)
     r = Rig(tmp_path, auth=AgentAuth(result_key=device_key))
     try:
         coordinator = r.start_coordinator(

@@ -159,3 +159,53 @@ class Broker:
             self.kill()
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent.parent / "deploy" / "mosquitto"
+
+
+class ShippedBroker(Broker):
+    """``deploy/mosquitto/mosquitto.conf`` and ``acl`` as shipped: only the /etc and /var paths, the ports (two free
+    loopback ones: ``port`` plain, ``tls_port`` TLS) and the log destination are moved into the test's folder.
+    ``drop`` removes shipped lines that start with one of its strings (to show what a line is for)."""
+
+    def __init__(self, workdir: Path, *, users: dict[str, str], tls: TlsFiles, drop: tuple[str, ...] = ()) -> None:
+        super().__init__(workdir, users=users)
+        self.tls_files = tls
+        self.tls_port = free_port()
+        self.drop = drop
+
+    def write_config(self) -> Path:
+        edge = self.workdir / "etc"
+        edge.mkdir(exist_ok=True)
+        pwfile = edge / "passwords"
+        pwfile.write_text("")
+        for user, password in (self.users or {}).items():
+            subprocess.run([MOSQUITTO_PASSWD, "-b", str(pwfile), user, password], check=True, capture_output=True)
+        (edge / "acl").write_text((DEPLOY / "acl").read_text())
+        moved = {
+            "/etc/mosquitto/edge/passwords": str(pwfile),
+            "/etc/mosquitto/edge/acl": str(edge / "acl"),
+            "/etc/mosquitto/edge/ca.pem": str(self.tls_files.ca),
+            "/etc/mosquitto/edge/broker.pem": str(self.tls_files.cert),
+            "/etc/mosquitto/edge/broker.key": str(self.tls_files.key),
+            "/var/lib/mosquitto/": f"{self.workdir}/",
+        }
+        lines: list[str] = []
+        ports = {
+            "listener 8883": f"listener {self.tls_port} 127.0.0.1",
+            "listener 1883 127.0.0.1": f"listener {self.port} 127.0.0.1",
+            "log_dest syslog": f"log_dest file {self.log_path}",
+        }
+        for shipped in (DEPLOY / "mosquitto.conf").read_text().splitlines():
+            if any(shipped.startswith(d) for d in self.drop):
+                continue
+            line = ports.get(shipped, shipped)
+            for old, new in moved.items():
+                line = line.replace(old, new)
+            lines.append(line)
+        if os.geteuid() == 0:
+            lines.append("user root")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf

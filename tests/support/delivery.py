@@ -17,7 +17,9 @@ from pathlib import Path
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore, Store
 from edge_agent.delivery.outbox import Outbox, OutboxLimits
-from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.protocol.commands import CommandPolicy
+from edge_agent.delivery.publisher import CommandHandler, Publisher, PublisherSettings, availability_will
+from edge_agent.protocol.signing import AgentAuth, CoordinatorAuth
 from edge_agent.transport.base import MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
 
@@ -77,6 +79,9 @@ def start_agent(
     username: str | None = None,
     password: str | None = None,
     ca_file: Path | None = None,
+    auth: AgentAuth | None = None,
+    policy: CommandPolicy | None = None,
+    handler: CommandHandler | None = None,
 ) -> Agent:
     outbox = Outbox(state_dir / "outbox.db", device, limits)
     mqtt = MqttSettings(
@@ -85,7 +90,10 @@ def start_agent(
         tls=ca_file is not None, ca_file=str(ca_file) if ca_file else None,
     )
     transport = PahoTransport(mqtt, availability_will(device))
-    publisher = Publisher(outbox, transport, device, lambda: {"models": [{"name": "tiny", "version": "1"}]}, settings)
+    publisher = Publisher(
+        outbox, transport, device, lambda: {"models": [{"name": "tiny", "version": "1"}]}, settings, handler,
+        auth=auth, policy=policy,
+    )
     publisher.start()
     return Agent(outbox, publisher, transport, device)
 
@@ -93,6 +101,7 @@ def start_agent(
 def start_coordinator(
     db: Path | str, port: int, client_id: str = "coord", *, share_group: str | None = None,
     username: str | None = None, password: str | None = None, keepalive_s: int = 30, ca_file: Path | None = None,
+    auth: CoordinatorAuth | None = None,
 ) -> Coordinator:
     mqtt = MqttSettings(
         port=port, client_id=client_id, keepalive_s=keepalive_s, clean_start=False, session_expiry_s=3600,
@@ -106,7 +115,7 @@ def start_coordinator(
         store = PostgresStore(db)
     else:
         store = SqliteStore(db)
-    coordinator = Coordinator(store, PahoTransport(mqtt), share_group=share_group)
+    coordinator = Coordinator(store, PahoTransport(mqtt), share_group=share_group, auth=auth)
     coordinator.start()
     return coordinator
 
