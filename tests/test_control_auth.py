@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent import codec, signing
-from edge_agent.commands import Command
 from edge_agent.config import CommandsConfig
-from edge_agent.signing import AgentAuth, CoordinatorAuth
+from edge_agent.protocol import codec, signing
+from edge_agent.protocol.commands import Command
+from edge_agent.protocol.signing import AgentAuth, CoordinatorAuth
 from edge_agent.transport.base import InboundMessage, MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
-from edge_agent.updates import generate_keys, load_private_key, load_trusted_keys
+from edge_agent.updates.keys import generate_keys, load_private_key, load_trusted_keys
 from tests.support.broker import Broker, ShippedBroker
 from tests.support.delivery import start_agent, start_coordinator, wait_until
 from tests.support.tls import TlsFiles, make_tls

@@ -17,8 +17,8 @@ from pathlib import Path
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore, Store
 from edge_agent.delivery.outbox import Outbox, OutboxLimits
-from edge_agent.protocol.commands import CommandPolicy
 from edge_agent.delivery.publisher import CommandHandler, Publisher, PublisherSettings, availability_will
+from edge_agent.protocol.commands import CommandPolicy
 from edge_agent.protocol.signing import AgentAuth, CoordinatorAuth
 from edge_agent.transport.base import MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
