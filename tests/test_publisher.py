@@ -14,11 +14,13 @@ from typing import Any
 import jsonschema
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from prometheus_client import generate_latest
 
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore
 from edge_agent.delivery.outbox import Outbox
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.metrics import Metrics
 from edge_agent.protocol import codec, signing
 from edge_agent.protocol.commands import Command, CommandPolicy
 from edge_agent.protocol.signing import AgentAuth, CoordinatorAuth
@@ -264,6 +266,11 @@ def test_doubtful_acks_are_refused_by_code_and_delete_nothing(rig: Rig) -> None:
     wait_until(lambda: rig.outbox.stats().backlog == 2, 5, "a confirmed ack deletes through its seq")
     beat = rig.publisher.snapshot()
     assert beat["refusals"]["ack_retained"] == 1 and beat["acks_refused"] == 5
+    metrics = Metrics()
+    metrics.bind_publisher(rig.publisher.snapshot)
+    text = generate_latest(metrics.registry).decode()
+    assert 'edge_agent_control_refused_total{code="ack_retained"} 1.0' in text
+    assert 'edge_agent_control_refused_total{code="ack_beyond_sent"} 1.0' in text
 
 
 def test_signed_acks_flow_and_forged_ones_are_refused(tmp_path: Path) -> None:
@@ -329,6 +336,9 @@ def test_signed_results_are_stored_and_forged_ones_dropped(tmp_path: Path) -> No
             r.broker.route(codec.results_topic("dev1", "crop"), codec.dumps(payload), False)
         wait_until(lambda: coordinator.counters["forged"] == 3, 5, "forged results dropped")
         assert coordinator.store.count_results() == 3
+        strict = CoordinatorAuth(require_device_keys=True)
+        with pytest.raises(signing.AuthError):  # a device without a key, when every device must have one
+            strict.check_result("dev1", genuine)
     finally:
         r.close()
 
