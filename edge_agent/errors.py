@@ -15,7 +15,9 @@ The tree::
     │   └── InputNotFoundError        input_not_found
     ├── RuntimeBackendError           runtime_error
     ├── StorageError                  storage_error
-    │   └── StorageFullError          storage_full
+    │   ├── StorageFullError          storage_full
+    │   ├── StoreUnavailableError     store_unavailable (coordinator store locked, down, I/O: retried with backoff)
+    │   └── StoreRejectedError        store_rejected (coordinator store refused what a batch holds)
     ├── OverloadedError               overloaded (a bounded queue is full; retry later)
     ├── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
     └── UpdateError                   update_invalid (a signed model update refused; see docs/model-updates.md)
@@ -102,6 +104,18 @@ class StorageError(EdgeAgentError):
 
 class StorageFullError(StorageError):
     code = "storage_full"
+
+
+class StoreUnavailableError(StorageError):
+    """The coordinator's store cannot be reached or written now (locked, down, I/O): retry the same batch later."""
+
+    code = "store_unavailable"
+
+
+class StoreRejectedError(StorageError):
+    """The coordinator's store refused a batch because of what it holds: retrying the same data cannot help."""
+
+    code = "store_rejected"
 
 
 class OverloadedError(EdgeAgentError):

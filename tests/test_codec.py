@@ -26,7 +26,7 @@ def valid(kind: str, payload: dict[str, Any]) -> None:
 
 
 def test_every_schema_is_a_valid_draft_2020_12_schema() -> None:
-    for kind in ("result", "ack", "status", "heartbeat", "event", "command"):
+    for kind in ("result", "ack", "status", "heartbeat", "event", "command", "coordinator"):
         jsonschema.Draft202012Validator.check_schema(schema(kind))
 
 
@@ -222,3 +222,102 @@ def test_the_policy_refuses_what_the_allow_list_and_bounds_exclude() -> None:
         with pytest.raises(CommandError) as info:
             check_policy(parse_command(name, payload), policy)
         assert (info.value.code, info.value.command_id) == (code, json.loads(payload)["id"])
+
+
+# ---------------------------------------------------------------- what the coordinator accepts from a device
+def hb(**over: Any) -> dict[str, Any]:
+    payload = codec.heartbeat_payload(
+        device="d1", ts=1.0, state="connected", uptime_s=1.0,
+        outbox={"backlog": 0, "bytes": 0, "oldest_age_s": 0.0, "dropped": 0}, publisher={}, health={},
+    )
+    payload.update(over)
+    return payload
+
+
+RESULTS = codec.results_topic("d1", "crop")
+
+
+@pytest.mark.parametrize(
+    ("topic", "data", "reason"),
+    [
+        (RESULTS, codec.dumps(result(seq=2**63)), "int_out_of_range"),
+        (RESULTS, codec.dumps(result(seq=2**64 - 1)), "int_out_of_range"),
+        (RESULTS, codec.dumps(result(base=2**63, seq=5)), "int_out_of_range"),
+        (RESULTS, codec.dumps(result(seq=0)), "int_out_of_range"),
+        (RESULTS, b'{"v":1,"kind":"result","seq":18446744073709551616}', "field_invalid"),  # a float to orjson
+        (RESULTS, codec.dumps(result(seq=3, base=5)), "seq_invalid"),
+        (RESULTS, codec.dumps(result(seq=True)), "field_invalid"),
+        (RESULTS, codec.dumps(result(input_id="a\x00b")), "field_invalid"),  # PostgreSQL TEXT refuses NUL
+        (RESULTS, codec.dumps(result(input_id="x" * 257)), "field_invalid"),
+        (RESULTS, codec.dumps(result(epoch="")), "field_invalid"),
+        (RESULTS, codec.dumps(result(result_id="G" * 32)), "field_invalid"),
+        (RESULTS, codec.dumps(result(created_at=-1.0)), "field_invalid"),
+        (RESULTS, codec.dumps(result(body=[])), "field_invalid"),
+        (RESULTS, codec.dumps(result(device="d2")), "device_mismatch"),
+        (RESULTS, codec.dumps(result(pipeline="other")), "field_invalid"),
+        (RESULTS, codec.dumps(result(body={"x": "@"})).replace(b'"@"', b"[" * 70 + b"]" * 70), "too_deep"),
+        (RESULTS, b"[" * 2000 + b"]" * 2000, "too_deep"),
+        (RESULTS, b'{"v":1,"kind":"result","x":"\\ud800"}', "not_json"),
+        (RESULTS, b"\xff", "not_json"),
+        (RESULTS, b"x" * (1 << 20 + 1), "too_large"),
+        (RESULTS, codec.dumps({**result(), "v": 2}), "kind_invalid"),
+        (RESULTS, codec.dumps({**result(), "kind": "heartbeat"}), "kind_invalid"),
+        ("edge/v1/d1/results/a b", codec.dumps(result()), "topic_invalid"),
+        ("edge/v1/coordinator/results/crop", codec.dumps(result(device="coordinator")), "topic_invalid"),
+        (codec.heartbeat_topic("d1"), b'{"v":1,"kind":"heartbeat","health":' + b"[" * 300 + b"]" * 300 + b"}",
+         "too_deep"),
+        (codec.heartbeat_topic("d1"), codec.dumps(hb(outbox=[1])), "field_invalid"),  # the dashboard reads it
+        (codec.heartbeat_topic("d1"), codec.dumps(hb(state="hacked")), "field_invalid"),
+        (codec.heartbeat_topic("d1"), codec.dumps(hb(ts="now")), "field_invalid"),
+        (codec.status_topic("d1"), codec.dumps(codec.status_payload(device="d1", state="online", ts=1.0))[:-1]
+         + b',"pad":"' + b"x" * 5000 + b'"}', "too_large"),
+        (codec.status_topic("d1"), b'{"v":1,"kind":"status","device":"d1","state":"gone","ts":1}', "field_invalid"),
+        (codec.events_topic("d1"), codec.dumps(codec.event_payload(
+            device="d1", ts=1.0, event="Bad Name", severity="info", data={})), "field_invalid"),
+        (codec.ack_topic("d1"), codec.dumps(codec.ack_payload(device="d1", epoch="e", seq=1, ts=1.0)),
+         "topic_invalid"),
+    ],
+)
+def test_hostile_device_messages_are_refused_with_a_stable_reason(topic: str, data: bytes, reason: str) -> None:
+    with pytest.raises(codec.CodecError) as info:
+        codec.parse_device_message(topic, data)
+    assert info.value.reason == reason, info.value.message
+    assert reason in codec.REASONS
+
+
+def test_good_device_messages_parse_to_typed_messages() -> None:
+    def parse(topic: str, data: bytes) -> codec.DeviceMessage:
+        checked = codec.parse_device_message(topic, data)
+        assert checked is not None
+        message, value = checked
+        assert value == json.loads(data)  # the decoded JSON too: what a signature covers, the whole heartbeat
+        return message
+
+    parsed = parse(RESULTS, codec.dumps(result(seq=2**63 - 1, base=2**63 - 1)))
+    assert isinstance(parsed, codec.ResultMessage) and parsed.seq == 2**63 - 1
+    assert isinstance(parse(codec.heartbeat_topic("d1"), codec.dumps(hb())), codec.HeartbeatMessage)
+    status = codec.dumps(codec.status_payload(device="d1", state="offline", ts=2.0))
+    assert parse(codec.status_topic("d1"), status) == codec.StatusMessage(
+        v=1, kind="status", device="d1", state="offline", ts=2.0)
+    assert codec.parse_device_message(codec.status_topic("d1"), b"") is None  # a cleared retained status
+    event = codec.event_payload(device="d1", ts=1.0, event="outbox_corrupt", severity="alarm", data={"a": 1})
+    assert isinstance(parse(codec.events_topic("d1"), codec.dumps(event)), codec.EventMessage)
+    # unknown fields are ignored (v1 is additive), a signature among them
+    assert isinstance(parse(RESULTS, codec.dumps({**result(), "new_field": [1], "sig": {}})), codec.ResultMessage)
+
+
+def test_the_coordinator_status_round_trips_and_coordinator_is_no_device_name() -> None:
+    online = codec.coordinator_status_payload(state="online", coordinator="c1", session="ab12", ts=1.0)
+    offline = codec.coordinator_status_payload(state="offline", coordinator="c1", session=None, ts=1.0)
+    valid("coordinator", online)
+    valid("coordinator", offline)
+    assert codec.parse_coordinator_status(codec.dumps(online)) == codec.CoordinatorStatus("online", "ab12")
+    assert codec.parse_coordinator_status(codec.dumps(offline)) == codec.CoordinatorStatus("offline", None)
+    for bad in ({**online, "session": ""}, {**online, "kind": "status"}, {**online, "state": "maybe"}):
+        with pytest.raises(codec.CodecError):
+            codec.parse_coordinator_status(codec.dumps(bad))
+    assert codec.coordinator_status_topic() == "edge/v1/coordinator/status"
+    with pytest.raises(codec.CodecError):
+        codec.results_topic("coordinator", "p")
+    with pytest.raises(codec.CodecError):
+        codec.parse_topic(codec.coordinator_status_topic())

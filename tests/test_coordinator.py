@@ -5,22 +5,33 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_agent.coordinator.config import load_coordinator_config
 from edge_agent.coordinator.dashboard import Dashboard
 from edge_agent.coordinator.service import Coordinator
-from edge_agent.coordinator.store import DeviceUpdate, ResultRow, SqliteStore, Store, next_watermark
+from edge_agent.coordinator.store import (
+    DEAD_LETTER_PAYLOAD_BYTES,
+    BatchOutcome,
+    DeadLetter,
+    DeviceUpdate,
+    ResultRow,
+    SqliteStore,
+    Store,
+    next_watermark,
+)
 from edge_agent.coordinator.store_pg import PostgresStore
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, StoreRejectedError
 from edge_agent.protocol import codec
-from edge_agent.transport import FakeBroker, FakeTransport
+from edge_agent.transport import FakeBroker, FakeTransport, InboundMessage
 from tests.support.broker import Broker
 from tests.support.delivery import start_agent, start_coordinator, wait_until
 from tests.support.postgres import Postgres
@@ -122,14 +133,18 @@ def test_coordinator_acks_after_commit_and_survives_garbage(tmp_path: Path) -> N
         online = codec.dumps(codec.status_payload(device="d1", state="online", ts=3.0))
         broker.route(codec.status_topic("d1"), online, True)
         broker.route(codec.status_topic("d1"), b"", True)  # a cleared retained status is ignored
-        wait_until(lambda: coordinator.counters["received"] == 10, 5, "all processed")
+        # 10 from the device + the coordinator's own retained status, which it ignores
+        wait_until(lambda: coordinator.counters["received"] == 11, 5, "all processed")
         assert coordinator.store.count_results() == 2
         assert coordinator.counters["invalid"] == 5 and coordinator.counters["duplicates"] >= 1
         acks = [json.loads(p) for t, p in broker.published if t == codec.ack_topic("d1")]
         assert (acks[-1]["epoch"], acks[-1]["seq"]) == ("e1", 2)
         assert codec.ack_topic("d1") not in broker.retained  # acks are never retained (agents refuse those)
-        assert len(transport.acked) == 10  # every message acknowledged to the broker, after the commit
+        assert len(transport.acked) == 11  # every message acknowledged to the broker, after the commit
         assert coordinator.store.devices()[0]["state"] == "online"
+        reasons = sorted(d["reason"] for d in coordinator.store.dead_letters())
+        assert reasons == ["device_mismatch", "field_invalid", "not_json", "not_json", "too_large"]
+        assert coordinator.counters["dead_letters"] == 5
     finally:
         coordinator.stop(2)
 
@@ -269,3 +284,136 @@ def test_bad_key_files_are_refused_naming_the_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             build_auth(load_coordinator_config(path))
         assert info.value.message.startswith(f"{key}: "), info.value.message
+
+
+# ---------------------------------------------------------------- issue 13: nothing can jam the store or the worker
+def deep_list(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_any_exception_in_a_batch_rolls_it_back_and_the_next_batch_commits(store: Store) -> None:
+    with pytest.raises(StoreRejectedError):
+        store.commit_batch([row(1), row(2**63)], [])  # not an int64: raised while binding, mid-transaction
+    assert store.count_results() == 0
+    assert store.commit_batch([row(1)], []).watermarks == {("d1", "e1"): 1}  # no transaction left open
+    with pytest.raises(StoreRejectedError):  # orjson cannot encode it: raised inside the transaction too
+        store.commit_batch([row(2)], [DeviceUpdate("d1", 1.0, heartbeat={"deep": deep_list(300)})])
+    assert store.count_results() == 1
+    assert store.commit_batch([row(2)], []).inserted == 1
+
+
+def test_dead_letters_are_kept_cut_and_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_agent.coordinator.store as sqlite_module
+    import edge_agent.coordinator.store_pg as pg_module
+
+    monkeypatch.setattr(sqlite_module, "DEAD_LETTER_KEEP", 3)
+    monkeypatch.setattr(pg_module, "DEAD_LETTER_KEEP", 3)
+    big = b"\x00\xff" + b"x" * 100_000
+    letter = DeadLetter.of("edge/v1/evil/results/p\ud800", big, "too_large", "detail\x00\n" * 200, 5.0)
+    assert len(letter.payload) == DEAD_LETTER_PAYLOAD_BYTES and letter.payload_bytes == len(big)
+    store.commit_batch([row(1)], [], [letter])
+    (kept,) = store.dead_letters()
+    assert (kept["reason"], kept["payload_bytes"], kept["received_at"]) == ("too_large", len(big), 5.0)
+    assert kept["topic"] == "edge/v1/evil/results/p?" and len(kept["detail"]) == 500 and "\x00" not in kept["detail"]
+    for i in range(5):
+        store.commit_batch([], [], [DeadLetter.of("t", b"{}", f"r{i}", "", 6.0)])
+    assert [d["reason"] for d in store.dead_letters()] == ["r4", "r3", "r2"]  # newest first, oldest pruned
+    assert store.count_results() == 1
+
+
+def acks_published(broker: FakeBroker, device: str) -> list[dict[str, Any]]:
+    return [json.loads(p) for t, p in list(broker.published) if t == codec.ack_topic(device)]
+
+
+class PickyStore:
+    """A real SQLite store that refuses (like a constraint would) any batch holding input id ``bad``."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def commit_batch(
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+    ) -> BatchOutcome:
+        self.calls += 1
+        if any(r.input_id == "bad" for r in results):
+            raise StoreRejectedError("refused: input bad")
+        return self.inner.commit_batch(results, devices, dead)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_batch_the_store_refuses_is_split_until_the_culprit_is_quarantined(tmp_path: Path) -> None:
+    broker = FakeBroker()
+    transport = FakeTransport(broker)
+    store = PickyStore(SqliteStore(tmp_path / "c.db"))
+    coordinator = Coordinator(store, transport, batch_max=1000)
+    topic = codec.results_topic("d1", "p")
+    for seq in range(1, 41):  # queued before the worker starts: one batch of 40
+        over: dict[str, object] = {"input_id": "bad"} if seq == 17 else {}
+        coordinator.on_message(InboundMessage(topic, result_bytes(seq, over=over), 1, False, seq))
+    coordinator.start()
+    try:
+        wait_until(lambda: coordinator.counters["settled"] >= 41, 5, "the batch settled")
+        assert coordinator.store.count_results() == 39
+        (dead,) = coordinator.store.dead_letters()
+        assert dead["reason"] == "store_rejected" and b'"bad"' in dead["payload"].encode()
+        assert len(transport.acked) == 41  # the culprit too: the broker's window never fills
+        ack = acks_published(broker, "d1")[-1]
+        assert ack["seq"] == 16  # never beyond the quarantined seq 17: the agent keeps it and sends it again
+        assert store.calls <= 2 * 6 + 2  # split in halves, not one transaction per message
+    finally:
+        coordinator.stop(2)
+
+
+def test_a_locked_store_is_retried_with_backoff_and_nothing_is_acked_before_the_commit(tmp_path: Path) -> None:
+    broker = FakeBroker()
+    transport = FakeTransport(broker)
+    store = SqliteStore(tmp_path / "c.db", busy_timeout_s=0.1)
+    coordinator = Coordinator(store, transport, retry_min_s=0.05, retry_max_s=0.2)
+    locker = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holds the database
+    coordinator.start()
+    try:
+        for seq in (1, 2, 3):
+            broker.route(codec.results_topic("d1", "p"), result_bytes(seq), False)
+        wait_until(lambda: coordinator.counters["store_errors"] >= 3, 5, "failed attempts")
+        assert not coordinator.store_ok and coordinator.snapshot()["store_ok"] is False
+        assert transport.acked == [] and acks_published(broker, "d1") == []
+        locker.execute("ROLLBACK")
+        # the three results and the coordinator's own status (which it ignores)
+        wait_until(lambda: len(transport.acked) == 4, 5, "committed, then acknowledged")
+        assert coordinator.store_ok and coordinator.counters["store_reconnects"] >= 1
+        assert store.count_results() == 3 and acks_published(broker, "d1")[-1]["seq"] == 3
+    finally:
+        locker.close()
+        coordinator.stop(2)
+
+
+def test_postgres_going_away_is_survived_by_reconnecting(tmp_path: Path, broker: Broker) -> None:
+    """The PostgreSQL server crashes while results arrive: nothing is acknowledged meanwhile, then all are stored."""
+    server = Postgres()
+    server.start()
+    coordinator = start_coordinator(server.new_database(), broker.port)
+    coordinator.retry_max_s = 1.0
+    agent = start_agent(tmp_path / "agent", broker.port)
+    try:
+        agent.feed([f"a{i}" for i in range(100)])
+        wait_until(lambda: agent.outbox.stats().backlog == 0, 20, "first 100 stored and acked")
+        server.crash()
+        agent.feed([f"b{i}" for i in range(100)])
+        wait_until(lambda: not coordinator.store_ok, 20, "the coordinator noticed")
+        assert agent.outbox.stats().backlog == 100  # not one acknowledged without a commit
+        server.resume()
+        wait_until(lambda: agent.outbox.stats().backlog == 0, 30, "everything stored after the server came back")
+        assert coordinator.store.count_results("dev1") == 200 and coordinator.store_ok
+        assert coordinator.counters["store_reconnects"] >= 1
+    finally:
+        agent.stop()
+        coordinator.stop()
+        coordinator.store.close()
+        server.stop()

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from edge_agent.coordinator.config import CoordinatorConfig, load_coordinator_config
-from edge_agent.coordinator.service import Coordinator
+from edge_agent.coordinator.service import Coordinator, coordinator_will
 from edge_agent.coordinator.store import SqliteStore, Store
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.protocol.signing import CoordinatorAuth
@@ -46,18 +46,21 @@ def mqtt_settings(config: CoordinatorConfig) -> MqttSettings:
         clean_start=False,
         session_expiry_s=m.session_expiry_s,
         manual_ack=True,
+        reconnect_max_s=m.reconnect_max_s,
     )
 
 
 def build(config: CoordinatorConfig) -> Coordinator:
     m = config.mqtt
+    auth = build_auth(config)
     return Coordinator(
         build_store(config),
-        PahoTransport(mqtt_settings(config)),
+        PahoTransport(mqtt_settings(config), coordinator_will(m.client_id, auth.ack_key)),
         share_group=m.share_group,
         batch_max=config.batch_max,
         max_payload_bytes=config.max_payload_bytes,
-        auth=build_auth(config),
+        client_id=m.client_id,
+        auth=auth,
     )
 
 
@@ -118,7 +121,12 @@ def run(
         dashboard = Dashboard(
             cfg.dashboard.bind,
             cfg.dashboard.port,
-            lambda: {"devices": coordinator.store.devices(), "counters": coordinator.snapshot()},
+            lambda: {
+                "devices": coordinator.store.devices(),
+                "counters": coordinator.snapshot(),
+                "dead_letters": coordinator.store.dead_letters(20),
+            },
+            metrics=coordinator.snapshot,
         )
         dashboard.start()
         log.info("dashboard on http://%s:%d/", cfg.dashboard.bind, dashboard.port)

@@ -31,6 +31,8 @@ class CoordinatorMqtt(_Strict):
     keepalive_s: int = Field(30, ge=1, le=3600, description="MQTT keepalive in seconds.")
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="How long the broker keeps our session and "
                                   "queues results for us while we are away.")
+    reconnect_max_s: float = Field(5.0, ge=1.0, le=3600, description="Longest wait between broker reconnect "
+                                   "attempts: it bounds how soon results flow again after a broker outage.")
     share_group: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Subscribe to results "
                                     "through $share/<group>/ so several coordinators split the load.")
 

@@ -1,14 +1,31 @@
-"""A minimal live page for the coordinator: devices, state, backlog, counts (stdlib HTTP server)."""
+"""A minimal live page for the coordinator: devices, state, backlog, counts (stdlib HTTP server).
+
+``/api/devices`` is the page's JSON (devices, counters, the newest dead letters); ``/metrics`` is the
+Prometheus text format of the coordinator's counters when a ``metrics`` source is given::
+
+    edge_coordinator_messages_total                      counter  messages received from the broker
+    edge_coordinator_results_inserted_total              counter  results stored (first time)
+    edge_coordinator_duplicates_total                    counter  results already stored (at-least-once)
+    edge_coordinator_dead_letters_total{reason}          counter  messages quarantined, by reason code
+    edge_coordinator_dropped_total                       counter  messages not even quarantinable
+    edge_coordinator_acks_sent_total                     counter  end-to-end acks published
+    edge_coordinator_store_errors_total                  counter  failed store attempts (retried)
+    edge_coordinator_store_up                            gauge    0 while the store is unavailable
+    edge_coordinator_mqtt_connected                      gauge
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +45,58 @@ async function refresh(){
   tr.append(cell(d.device),cell(d.state,d.state),cell(d.agent_state??"?"),cell(d.backlog??"?"),cell(d.results),
   cell(age(d.last_heartbeat)));body.append(tr)}
   document.getElementById("summary").textContent=data.devices.length+" devices, "+data.counters.inserted+
-  " results stored this run, "+data.counters.duplicates+" duplicates ignored";}catch(e){}
+  " results stored this run, "+data.counters.duplicates+" duplicates ignored, "+
+  data.counters.dead_letters+" messages quarantined"+(data.counters.store_ok?"":", STORE UNAVAILABLE");}catch(e){}
 }
 refresh();setInterval(refresh,2000);
 </script></body></html>"""
 
 
+_COUNTERS = (
+    ("received", "edge_coordinator_messages_total", "Messages received from the broker."),
+    ("inserted", "edge_coordinator_results_inserted_total", "Results stored (first time)."),
+    ("duplicates", "edge_coordinator_duplicates_total", "Results already stored (at-least-once delivery)."),
+    ("dropped", "edge_coordinator_dropped_total", "Messages that could not even be quarantined."),
+    ("acks_sent", "edge_coordinator_acks_sent_total", "End-to-end acks published."),
+    ("store_errors", "edge_coordinator_store_errors_total", "Failed store attempts (retried with backoff)."),
+)
+
+
+class CoordinatorCollector:
+    """Prometheus collector reading the coordinator's ``snapshot()`` at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        snap = self._snapshot()
+        for key, name, doc in _COUNTERS:
+            yield CounterMetricFamily(name, doc, value=float(snap.get(key, 0)))
+        dead = CounterMetricFamily(
+            "edge_coordinator_dead_letters_total", "Messages quarantined, by reason code.", labels=["reason"]
+        )
+        for reason, count in sorted(snap.get("dead_letter_reasons", {}).items()):
+            dead.add_metric([reason], float(count))
+        yield dead
+        yield GaugeMetricFamily("edge_coordinator_store_up", "0 while the store is unavailable.",
+                                value=1.0 if snap.get("store_ok") else 0.0)
+        yield GaugeMetricFamily("edge_coordinator_mqtt_connected", "1 when connected to the broker.",
+                                value=1.0 if snap.get("connected") else 0.0)
+
+
 class Dashboard:
-    def __init__(self, bind: str, port: int, data: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        bind: str,
+        port: int,
+        data: Callable[[], dict[str, Any]],
+        metrics: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self._data = data
+        self.registry: CollectorRegistry | None = None
+        if metrics is not None:
+            self.registry = CollectorRegistry()
+            self.registry.register(CoordinatorCollector(metrics))
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,7 +104,15 @@ class Dashboard:
                 if self.path in ("/", "/index.html"):
                     self._send(200, "text/html; charset=utf-8", PAGE)
                 elif self.path == "/api/devices":
-                    self._send(200, "application/json", orjson.dumps(outer._data()))
+                    try:
+                        body = orjson.dumps(outer._data())
+                    except Exception as exc:  # the store may be unavailable: say so, keep serving
+                        log.warning("dashboard: cannot read the store: %s", exc)
+                        self._send(503, "application/json", orjson.dumps({"error": "store_unavailable"}))
+                        return
+                    self._send(200, "application/json", body)
+                elif self.path == "/metrics" and outer.registry is not None:
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(outer.registry))
                 elif self.path == "/healthz":
                     self._send(200, "application/json", b'{"ok":true}')
                 else:

@@ -5,10 +5,17 @@ epoch the store keeps a watermark: the highest seq such that every seq up to it 
 settled on the agent, which each result's ``base`` tells). That watermark is the cumulative ack.
 The watermark is computed inside the same transaction as the inserts, so several coordinators
 sharing one store (through an MQTT shared subscription) never acknowledge what is not committed.
+
+Messages the coordinator refuses go to a bounded ``dead_letters`` table (topic, reason code, the
+payload cut to ``DEAD_LETTER_PAYLOAD_BYTES``, its full size, time), in the same transaction as the
+batch they came with. Any exception inside a transaction rolls it back. Failures are told apart:
+:class:`StoreUnavailableError` (locked, unreachable, I/O: retry the same batch after ``reconnect()``)
+and :class:`StoreRejectedError` (something in the batch itself: the coordinator isolates it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -18,7 +25,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from edge_agent.errors import StorageError
+from edge_agent.errors import StorageError, StoreRejectedError, StoreUnavailableError
+
+DEAD_LETTER_PAYLOAD_BYTES = 4096
+"""A quarantined payload is kept up to this many bytes (its full size is recorded beside it)."""
+DEAD_LETTER_KEEP = 10_000
+"""The dead-letter table keeps the newest this many rows: a hostile device cannot fill the disk with it."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,36 @@ class DeviceUpdate:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A message refused by the coordinator, kept for the operator (see ``DeadLetter.of``)."""
+
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes
+    payload_bytes: int
+    received_at: float
+
+    @classmethod
+    def of(cls, topic: str, payload: bytes, reason: str, detail: str, received_at: float) -> DeadLetter:
+        """Bound every field: topic and detail to printable text, the payload to ``DEAD_LETTER_PAYLOAD_BYTES``."""
+        return cls(
+            topic=_printable(topic, 256),
+            reason=_printable(reason, 64),
+            detail=_printable(detail, 500),
+            payload=bytes(payload[:DEAD_LETTER_PAYLOAD_BYTES]),
+            payload_bytes=len(payload),
+            received_at=received_at,
+        )
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, control characters and lone surrogates replaced (storable anywhere)."""
+    cut = text[:limit].encode("utf-8", "replace").decode("utf-8")
+    return "".join(c if c.isprintable() else "?" for c in cut)
+
+
+@dataclass(frozen=True)
 class BatchOutcome:
     inserted: int
     duplicates: int
@@ -56,10 +98,22 @@ class BatchOutcome:
 
 
 class Store(Protocol):
-    def commit_batch(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> BatchOutcome:
-        """Insert results (duplicates ignored) and device updates, advance watermarks, commit."""
+    def commit_batch(
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+    ) -> BatchOutcome:
+        """Insert results (duplicates ignored), device updates and dead letters, advance watermarks, commit.
+
+        Any failure rolls the whole transaction back and raises StoreUnavailableError (retry after
+        ``reconnect``) or StoreRejectedError (the batch's content).
+        """
+
+    def reconnect(self) -> None:
+        """Drop the connection and open a new one; StoreUnavailableError while the database is unreachable."""
 
     def devices(self) -> list[dict[str, Any]]: ...
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest quarantined messages (payload as text, cut), newest first."""
 
     def count_results(self, device: str | None = None) -> int: ...
 
@@ -80,7 +134,44 @@ CREATE TABLE IF NOT EXISTS watermarks (
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, state TEXT, state_ts REAL, last_heartbeat REAL, heartbeat BLOB,
     last_result REAL, results INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, payload BLOB NOT NULL, payload_bytes INTEGER NOT NULL);
 """
+
+
+def _sqlite_failure(exc: BaseException) -> StorageError:
+    """Translate an exception raised inside a transaction: the store's state, or the batch's content."""
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError | sqlite3.ProgrammingError):
+        return StoreRejectedError(f"coordinator store refused the batch: {exc}")
+    if isinstance(exc, sqlite3.Error):  # locked, busy, I/O, full, read-only, corrupt: not the batch's fault
+        return StoreUnavailableError(f"coordinator store: {exc}")
+    return StoreRejectedError(f"coordinator store refused the batch: {type(exc).__name__}: {exc}")
+
+
+def heartbeat_dict(stored: bytes | None) -> dict[str, Any]:
+    """A stored heartbeat as a dict ({} when none, or when an older coordinator stored something odd)."""
+    try:
+        value = orjson.loads(stored) if stored else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def backlog(heartbeat: dict[str, Any]) -> Any:
+    outbox = heartbeat.get("outbox")
+    return outbox.get("backlog") if isinstance(outbox, dict) else None
+
+
+def dead_letter_rows(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """(id, received_at, topic, reason, detail, payload, payload_bytes) rows as JSON-ready dicts."""
+    return [
+        {
+            "id": int(row_id), "received_at": received_at, "topic": topic, "reason": reason, "detail": detail,
+            "payload": bytes(payload).decode("utf-8", "replace"), "payload_bytes": int(size),
+        }
+        for row_id, received_at, topic, reason, detail, payload, size in rows
+    ]
 
 
 def next_watermark(current: int, base: int, seqs_above: Sequence[int]) -> int:
@@ -98,20 +189,38 @@ def next_watermark(current: int, base: int, seqs_above: Sequence[int]) -> int:
 class SqliteStore:
     """Store in one SQLite file (WAL, synchronous=FULL); safe to share between processes on one host."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60.0)
-            self._conn.execute("PRAGMA busy_timeout=60000")
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StorageError(f"coordinator store {self.path}: {exc}") from exc
+        self._conn = self._open()
 
-    def commit_batch(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> BatchOutcome:
+    def _open(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout_s
+            )
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreUnavailableError(f"coordinator store {self.path}: {exc}") from exc
+        return conn
+
+    def reconnect(self) -> None:
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = self._open()
+
+    def commit_batch(
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+    ) -> BatchOutcome:
         with self._lock:
             conn = self._conn
             try:
@@ -140,12 +249,31 @@ class SqliteStore:
                     )
                 for d in devices:
                     self._device(conn, d)
+                self._dead(conn, dead)
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise StorageError(f"coordinator store: {exc}") from exc
+            except BaseException as exc:  # anything at all: never leave the transaction open
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the connection is unusable; the coordinator reconnects
+                if not isinstance(exc, Exception):
+                    raise
+                raise _sqlite_failure(exc) from exc
         return BatchOutcome(inserted, len(results) - inserted, marks)
+
+    @staticmethod
+    def _dead(conn: sqlite3.Connection, dead: Sequence[DeadLetter]) -> None:
+        if not dead:
+            return
+        conn.executemany(
+            "INSERT INTO dead_letters (received_at, topic, reason, detail, payload, payload_bytes)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(d.received_at, d.topic, d.reason, d.detail, d.payload, d.payload_bytes) for d in dead],
+        )
+        conn.execute(
+            "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?", (DEAD_LETTER_KEEP,)
+        )
 
     @staticmethod
     def _advance(conn: sqlite3.Connection, device: str, epoch: str, base: int) -> int:
@@ -197,7 +325,7 @@ class SqliteStore:
             ).fetchall()
         out = []
         for device, state, state_ts, last_hb, hb, last_result, count in rows:
-            heartbeat = orjson.loads(hb) if hb else {}
+            heartbeat = heartbeat_dict(hb)
             out.append(
                 {
                     "device": device,
@@ -206,12 +334,21 @@ class SqliteStore:
                     "last_heartbeat": last_hb,
                     "last_result": last_result,
                     "results": count,
-                    "backlog": heartbeat.get("outbox", {}).get("backlog"),
+                    "backlog": backlog(heartbeat),
                     "agent_state": heartbeat.get("state"),
                     "heartbeat": heartbeat,
                 }
             )
         return out
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, received_at, topic, reason, detail, payload, payload_bytes FROM dead_letters"
+                " ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return dead_letter_rows(rows)
 
     def count_results(self, device: str | None = None) -> int:
         with self._lock:

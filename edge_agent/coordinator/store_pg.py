@@ -4,6 +4,10 @@ Several coordinators may share one database. Inside each batch transaction the w
 every (device, epoch) touched is locked (``FOR UPDATE``, in sorted order, so no deadlocks) before
 the contiguous prefix is computed; a coordinator therefore always sees the other's committed rows
 and never acknowledges anything that is not committed.
+
+Any exception inside a transaction rolls it back. A lost or broken connection (server restarted,
+network gone) raises StoreUnavailableError and ``reconnect()`` opens a new one; errors caused by the
+batch's data raise StoreRejectedError.
 """
 
 from __future__ import annotations
@@ -15,8 +19,18 @@ from typing import Any
 import orjson
 import psycopg
 
-from edge_agent.coordinator.store import BatchOutcome, DeviceUpdate, ResultRow, next_watermark
-from edge_agent.errors import StorageError
+from edge_agent.coordinator.store import (
+    DEAD_LETTER_KEEP,
+    BatchOutcome,
+    DeadLetter,
+    DeviceUpdate,
+    ResultRow,
+    backlog,
+    dead_letter_rows,
+    heartbeat_dict,
+    next_watermark,
+)
+from edge_agent.errors import StorageError, StoreRejectedError, StoreUnavailableError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -29,29 +43,59 @@ CREATE TABLE IF NOT EXISTS watermarks (
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, state TEXT, state_ts DOUBLE PRECISION, last_heartbeat DOUBLE PRECISION,
     heartbeat BYTEA, last_result DOUBLE PRECISION, results BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id BIGSERIAL PRIMARY KEY, received_at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, payload BYTEA NOT NULL, payload_bytes BIGINT NOT NULL);
 """
 
 
+def _pg_failure(exc: Exception, conn: psycopg.Connection[Any] | None) -> StorageError:
+    """The server or the link (retry after reconnect), or the batch's content (isolate it)."""
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or conn is None or conn.broken:
+        return StoreUnavailableError(f"coordinator store (postgres): {exc}")
+    if isinstance(exc, psycopg.errors.InsufficientResources | psycopg.errors.LockNotAvailable):
+        return StoreUnavailableError(f"coordinator store (postgres): {exc}")
+    return StoreRejectedError(f"coordinator store (postgres) refused the batch: {type(exc).__name__}: {exc}")
+
+
 class PostgresStore:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, connect_timeout_s: int = 5) -> None:
+        self._dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
+        self._conn = self._open()
+
+    def _open(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = None
         try:
-            self._conn = psycopg.connect(dsn, autocommit=False)
-            with self._conn.transaction():
-                self._conn.execute("SELECT pg_advisory_xact_lock(724011)")  # two coordinators creating tables
+            conn = psycopg.connect(self._dsn, autocommit=False, connect_timeout=self._connect_timeout_s)
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(724011)")  # two coordinators creating tables
                 for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                    self._conn.execute(statement)
+                    conn.execute(statement)
         except psycopg.Error as exc:
-            raise StorageError(f"coordinator store (postgres): {exc}") from exc
+            if conn is not None:
+                conn.close()
+            raise StoreUnavailableError(f"coordinator store (postgres): {exc}") from exc
+        return conn
 
-    def commit_batch(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> BatchOutcome:
+    def reconnect(self) -> None:
         with self._lock:
-            try:
-                return self._commit(results, devices)
-            except psycopg.Error as exc:
-                raise StorageError(f"coordinator store (postgres): {exc}") from exc
+            self._conn.close()
+            self._conn = self._open()
 
-    def _commit(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> BatchOutcome:
+    def commit_batch(
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+    ) -> BatchOutcome:
+        with self._lock:
+            try:  # conn.transaction() rolls back on any exception raised inside it
+                return self._commit(results, devices, dead)
+            except Exception as exc:
+                raise _pg_failure(exc, self._conn) from exc
+
+    def _commit(
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter]
+    ) -> BatchOutcome:
         conn = self._conn
         with conn.transaction():
             inserted = 0
@@ -91,6 +135,17 @@ class PostgresStore:
                         "UPDATE devices SET last_heartbeat = %s, heartbeat = %s WHERE device = %s",
                         (d.ts, orjson.dumps(d.heartbeat), d.device),
                     )
+            if dead:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO dead_letters (received_at, topic, reason, detail, payload, payload_bytes)"
+                        " VALUES (%s, %s, %s, %s, %s, %s)",
+                        [(x.received_at, x.topic, x.reason, x.detail, x.payload, x.payload_bytes) for x in dead],
+                    )
+                conn.execute(
+                    "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - %s",
+                    (DEAD_LETTER_KEEP,),
+                )
         return BatchOutcome(inserted, len(results) - inserted, marks)
 
     @staticmethod
@@ -130,7 +185,7 @@ class PostgresStore:
             ).fetchall()
         out = []
         for device, state, state_ts, last_hb, hb, last_result, count in rows:
-            heartbeat = orjson.loads(bytes(hb)) if hb else {}
+            heartbeat = heartbeat_dict(bytes(hb) if hb else None)
             out.append(
                 {
                     "device": device,
@@ -139,12 +194,21 @@ class PostgresStore:
                     "last_heartbeat": last_hb,
                     "last_result": last_result,
                     "results": int(count),
-                    "backlog": heartbeat.get("outbox", {}).get("backlog"),
+                    "backlog": backlog(heartbeat),
                     "agent_state": heartbeat.get("state"),
                     "heartbeat": heartbeat,
                 }
             )
         return out
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "SELECT id, received_at, topic, reason, detail, payload, payload_bytes FROM dead_letters"
+                " ORDER BY id DESC LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return dead_letter_rows(rows)
 
     def count_results(self, device: str | None = None) -> int:
         with self._lock, self._conn.transaction():

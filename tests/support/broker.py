@@ -55,6 +55,7 @@ class Broker:
         users: dict[str, str] | None = None,
         acl: str | None = None,
         tls: TlsFiles | None = None,
+        max_inflight_messages: int = 0,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,7 @@ class Broker:
         self.users = users
         self.acl = acl
         self.tls = tls
+        self.max_inflight_messages = max_inflight_messages
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mosquitto.log"
 
@@ -79,7 +81,7 @@ class Broker:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"max_queued_messages {self.max_queued_messages}",
-            "max_inflight_messages 0",
+            f"max_inflight_messages {self.max_inflight_messages}",
             "log_type error",
             "log_type warning",
             "log_type notice",

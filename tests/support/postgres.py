@@ -56,9 +56,17 @@ class Postgres:
             shutil.chown(self.workdir, "postgres", "postgres")
             os.chmod(self.workdir, 0o700)
         self._run(_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its data directory (again)."""
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.workdir} -c fsync=on"
         # pg_ctl -w waits for the server to accept connections (its own readiness probe)
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.workdir / "log"), "-w", "start")
+
+    def crash(self) -> None:
+        """Stop the server abruptly (immediate mode: no checkpoint, clients cut off), keeping its data."""
+        self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
         if self.data.exists():
