@@ -431,7 +431,9 @@ class UpdatesConfig(_Strict):
 
 
 class AgentConfig(_Strict):
-    device_id: Name = Field(default="edge-01", description="This device's id: MQTT topics, result ids.")
+    device_id: Name = Field(
+        default="edge-01", description="This device's id: MQTT topics, result ids ('coordinator' is reserved)."
+    )
     state_dir: Path = Field(default=Path("var/edge-agent"), description="Outbox, spool and other state.")
     models_dir: Path | None = Field(default=None, description="Folder of model bundles; default: the bundled models/.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
@@ -447,6 +449,13 @@ class AgentConfig(_Strict):
     metrics: MetricsConfig = Field(default=MetricsConfig(), description="Prometheus endpoint.")
     updates: UpdatesConfig = Field(default=UpdatesConfig(), description="Signed model updates with rollback.")
     commands: CommandsConfig = Field(default=CommandsConfig(), description="MQTT commands: keys, allow-list, bounds.")
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == "coordinator":
+            raise ValueError("'coordinator' is reserved (edge/v1/coordinator/status is the coordinator's topic)")
+        return v
 
     @model_validator(mode="after")
     def _references(self) -> AgentConfig:

@@ -110,6 +110,7 @@ def test_every_field_has_a_description() -> None:
         ("dangling model", GOOD.replace("model: det", "model: other"), "pipelines.0.model: unknown model"),
         ("bad zone", GOOD.replace("[0.0, 0.0, 0.5, 0.5]", "[0.5, 0.0, 0.1, 0.5]"), "zones.0.box"),
         ("bad device id", GOOD.replace("barn-1\nstate", "barn/1\nstate"), "device_id:"),
+        ("reserved device id", GOOD.replace("barn-1\nstate", "coordinator\nstate"), "device_id: 'coordinator' is"),
         ("inline password", GOOD.replace("password_file: mqtt.pw", "password: hunter2"), "mqtt.password: inline"),
         ("bad size", GOOD.replace("16MiB", "lots"), "sources.0.max_file_bytes"),
         ("unknown source type", GOOD.replace("type: camera", "type: usb"), "sources.1"),

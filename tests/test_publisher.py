@@ -444,3 +444,104 @@ def test_commands_need_a_trusted_signature_and_stay_within_the_policy(tmp_path: 
         assert r.publisher.counters["commands_refused"] == 10 and r.refused("command_out_of_bounds") == 2
     finally:
         r.close()
+
+
+def coordinator_online(session: str) -> bytes:
+    return codec.dumps(codec.coordinator_status_payload(state="online", coordinator="c", session=session, ts=1.0))
+
+
+def test_a_new_coordinator_session_heard_live_resends_the_unacknowledged_tail_at_once(tmp_path: Path) -> None:
+    """Issue 13, finding 7: no waiting for the 30 s re-publish timer when the coordinator lost what we sent."""
+    settings = PublisherSettings(window=50, batch=50, ack_timeout_s=30, heartbeat_s=60, resend_min_interval_s=0.5)
+    r = Rig(tmp_path, settings)
+    topic = codec.coordinator_status_topic()
+    r.broker.retained[topic] = coordinator_online("s1")  # there before we subscribe: our connect re-sends anyway
+
+    def barrier(n: int) -> None:  # a command is handled after whatever was routed before it
+        r.command("ping", codec.dumps({"id": f"b{n}"}))
+        wait_until(lambda: r.publisher.counters["commands_ok"] >= n, 5, f"barrier {n}")
+
+    try:
+        r.publisher.start()
+        r.add(30)
+        wait_until(lambda: r.publisher.counters["published"] == 30, 5, "30 in flight, no coordinator")
+        barrier(1)
+        assert r.publisher.snapshot()["coordinator_session"] == "s1"
+        assert r.publisher.counters["published"] == 30 and r.publisher.counters["coordinator_sessions"] == 0
+
+        r.broker.route(topic, coordinator_online("s2"), False)  # live: the coordinator restarted
+        wait_until(lambda: r.publisher.counters["published"] == 60, 2, "the tail re-sent at once")
+        r.broker.route(topic, coordinator_online("s2"), False)  # the same session again: nothing
+        r.broker.route(topic, b"{not json", False)  # garbage: ignored
+        r.broker.route(topic, codec.dumps(codec.coordinator_status_payload(
+            state="offline", coordinator="c", session=None, ts=2.0)), False)  # offline: nothing to do
+        barrier(2)
+        assert r.publisher.counters["published"] == 60 and r.publisher.counters["errors"] == 0
+
+        r.broker.route(topic, coordinator_online("s3"), False)
+        wait_until(lambda: r.publisher.counters["published"] == 90, 2, "second re-send")
+        t0 = time.monotonic()
+        r.broker.route(topic, coordinator_online("s4"), False)  # at most one re-send per resend_min_interval_s
+        wait_until(lambda: r.publisher.counters["published"] == 120, 3, "third re-send, spaced")
+        assert time.monotonic() - t0 >= 0.4
+        assert r.publisher.counters["coordinator_sessions"] == 3 and r.publisher.counters["republished"] == 0
+        assert r.outbox.stats().backlog == 30  # re-sending deletes nothing
+    finally:
+        r.close()
+
+
+def test_with_ack_keys_only_a_signed_coordinator_status_triggers_the_resend(tmp_path: Path) -> None:
+    (coordinator_key, stranger), trusted = keys(2)
+    trusted.pop(key_id(stranger.public_key()))
+    settings = PublisherSettings(window=50, batch=50, ack_timeout_s=30, heartbeat_s=60, resend_min_interval_s=0.1)
+    r = Rig(tmp_path, settings, auth=AgentAuth(ack_keys=trusted))
+    topic = codec.coordinator_status_topic()
+
+    def online(session: str, key: Ed25519PrivateKey | None) -> bytes:
+        payload = codec.coordinator_status_payload(state="online", coordinator="c", session=session, ts=1.0)
+        return codec.dumps(signing.sign(payload, key) if key is not None else payload)
+
+    try:
+        r.publisher.start()
+        r.add(10)
+        wait_until(lambda: r.publisher.counters["published"] == 10, 5, "10 in flight")
+        r.broker.route(topic, online("s1", None), False)
+        r.broker.route(topic, online("s2", stranger), False)
+        wait_until(lambda: r.refused("coordinator_status_untrusted_key") == 1, 2, "the stranger's status refused")
+        assert r.refused("coordinator_status_unsigned") == 1
+        assert r.publisher.counters["published"] == 10 and r.publisher.snapshot()["coordinator_session"] is None
+        r.broker.route(topic, online("s3", coordinator_key), False)
+        wait_until(lambda: r.publisher.counters["published"] == 20, 2, "re-sent on the signed status")
+        valid_payload = json.loads(online("s4", coordinator_key))
+        jsonschema.validate(valid_payload, schema("coordinator"))
+    finally:
+        r.close()
+
+
+def test_the_coordinator_announces_signed_sessions_and_its_will(tmp_path: Path) -> None:
+    (key,), trusted = keys(1)
+    broker = FakeBroker()
+    recorder = spy(broker)
+    from edge_agent.coordinator.service import coordinator_will
+
+    will = coordinator_will("c1", key)
+    transport = FakeTransport(broker, will)
+    coordinator = Coordinator(SqliteStore(tmp_path / "c.db"), transport, client_id="c1",
+                              auth=CoordinatorAuth(ack_key=key))
+    coordinator.start()
+    try:
+        wait_until(lambda: len(recorder.payloads("coordinator/status")) == 1, 2, "online announced")
+        online = recorder.payloads("coordinator/status")[0]
+        assert (online["state"], online["coordinator"], online["session"]) == ("online", "c1", coordinator.session)
+        signing.verify(online, trusted)
+        jsonschema.validate(online, schema("coordinator"))
+        first = coordinator.session
+        transport.mark_disconnected("gone")  # the broker lost our session: a new one on the next connect
+        transport.mark_connected()
+        wait_until(lambda: len(recorder.payloads("coordinator/status")) == 2, 2, "online again")
+        assert recorder.payloads("coordinator/status")[1]["session"] == coordinator.session != first
+        offline = json.loads(will.payload)
+        signing.verify(offline, trusted)
+        assert offline["state"] == "offline" and "session" not in offline
+    finally:
+        coordinator.stop(2)

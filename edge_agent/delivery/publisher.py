@@ -16,6 +16,9 @@ deadlock against the transport's network thread. Protocol (see ``docs/mqtt.md``)
 * whatever stays unacknowledged for ``ack_timeout_s`` is published again, at most ``republish_per_s``;
 * after a reconnect everything unacknowledged is sent again from the oldest (duplicates are harmless:
   the coordinator de-duplicates by result id);
+* so it is when the coordinator announces a new session (``edge/v1/coordinator/status``, live, not the
+  retained copy that arrives with our own subscription): it restarted or the broker lost its session,
+  so whatever we sent meanwhile may be gone; at most once per ``resend_min_interval_s``;
 * availability is retained on ``.../status`` (``online``, and ``offline`` as the last will);
 * heartbeats carry health, backlog, model versions and counters; the state is ``degraded``
   while the broker is unreachable or refuses our publishes.
@@ -54,6 +57,7 @@ class PublisherSettings:
     prune_s: float = 60.0
     idle_poll_s: float = 1.0
     reject_degraded_s: float = 30.0
+    resend_min_interval_s: float = 1.0
 
 
 def availability_will(device_id: str) -> Will:
@@ -102,6 +106,7 @@ class Publisher:
                 "acks_refused",
                 "acks_stale",
                 "acks_clamped",
+                "coordinator_sessions",
                 "errors",
             ),
             0,
@@ -125,6 +130,10 @@ class Publisher:
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self.ack_topic = codec.ack_topic(self.device_id)
+        self.coordinator_topic = codec.coordinator_status_topic()
+        self._coordinator_session: str | None = None
+        self._resend_at: float | None = None
+        self._last_resend = float("-inf")
 
     # ------------------------------------------------------------------ public
     @property
@@ -186,6 +195,7 @@ class Publisher:
             "in_flight": len(self._outstanding),
             "acked_seq": self._acked,
             "refusals": dict(self.refusals.counts),
+            "coordinator_session": self._coordinator_session,
         }
 
     # ------------------------------------------------------------------ transport listener (any thread)
@@ -230,6 +240,7 @@ class Publisher:
                 self._handle_all(events)
                 self._absorb_acks()
                 if self._connected:
+                    self._resend_if_due(time.monotonic())
                     self._fill()
                     self._retry(now)
                 self._commit_acks()  # never blocks: the delete commits on the outbox writer meanwhile
@@ -268,7 +279,7 @@ class Publisher:
         self._connected = True
         self.counters["connects"] += 1
         self._reset_inflight()
-        self.transport.subscribe([self.ack_topic, codec.command_filter(self.device_id)], qos=1)
+        self.transport.subscribe([self.ack_topic, codec.command_filter(self.device_id), self.coordinator_topic], qos=1)
         online = codec.status_payload(device=self.device_id, state="online", ts=time.time())
         self.transport.publish(codec.status_topic(self.device_id), codec.dumps(online), qos=1, retain=True)
         alarms = self.outbox.alarms
@@ -294,6 +305,9 @@ class Publisher:
             self._send_event("publish_rejected", "alarm", {"seq": seq, "reason": reason})
 
     def _on_inbound(self, message: InboundMessage) -> None:
+        if message.topic == self.coordinator_topic:
+            self._on_coordinator_status(message)
+            return
         if message.topic == self.ack_topic:
             self._on_ack(message)
             return
@@ -347,6 +361,40 @@ class Publisher:
                 return None, ""
         self._ack_seen = min(ack.seq, self._confirmed)
         return None, ""
+
+    def _on_coordinator_status(self, message: InboundMessage) -> None:
+        """A new coordinator session, heard live: schedule a re-send of everything unacknowledged.
+
+        With ``AgentAuth.ack_keys`` the status must be signed by one of them (like an ack); a refused one only
+        means the re-send waits for the timer. A forged one could at worst cause one re-send per
+        ``resend_min_interval_s``: it deletes nothing."""
+        try:
+            value = codec.loads(message.payload, max_bytes=codec.MAX_STATUS_BYTES, max_depth=8)
+            status = codec.parse_coordinator_status_value(value)
+            if self.auth.ack_keys:
+                signing.verify(value, self.auth.ack_keys)
+        except codec.CodecError as exc:
+            self._refuse("coordinator_status_malformed", str(exc))
+            return
+        except AuthError as exc:
+            self._refuse(f"coordinator_status_{exc.reason}", f"coordinator status: {exc.message}")
+            return
+        if status.state != "online" or status.session == self._coordinator_session:
+            return
+        self._coordinator_session = status.session
+        if message.retain:  # it was there before our subscription: our own (re)connect re-sent after it
+            return
+        self.counters["coordinator_sessions"] += 1
+        self._resend_at = max(time.monotonic(), self._last_resend + self.settings.resend_min_interval_s)
+
+    def _resend_if_due(self, now: float) -> None:
+        if self._resend_at is None or now < self._resend_at:
+            return
+        self._resend_at = None
+        self._last_resend = now
+        log.info("publisher: new coordinator session %s; re-sending %d in flight and the rest of the backlog",
+                 self._coordinator_session, len(self._outstanding))
+        self._reset_inflight()
 
     def _absorb_acks(self) -> None:
         """Free the window for everything the coordinator acknowledged (in memory; deleted next)."""

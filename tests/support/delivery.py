@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.coordinator.service import Coordinator
+from edge_agent.coordinator.service import Coordinator, coordinator_will
 from edge_agent.coordinator.store import SqliteStore, Store
 from edge_agent.delivery.outbox import Outbox, OutboxLimits
 from edge_agent.delivery.publisher import CommandHandler, Publisher, PublisherSettings, availability_will
@@ -115,19 +115,31 @@ def start_coordinator(
         store = PostgresStore(db)
     else:
         store = SqliteStore(db)
-    coordinator = Coordinator(store, PahoTransport(mqtt), share_group=share_group, auth=auth)
+    coordinator = Coordinator(
+        store, PahoTransport(mqtt, coordinator_will(client_id, auth.ack_key if auth else None)),
+        share_group=share_group, client_id=client_id,
+        auth=auth,
+    )
     coordinator.start()
     return coordinator
 
 
 def agent_main(argv: list[str]) -> None:
-    """Agent process for kill tests: ``python -m tests.support.delivery STATE PORT COUNT``.
+    """Agent process for kill tests: ``python -m tests.support.delivery STATE PORT COUNT [ACK_TIMEOUT_S]``.
 
     Recovers pending inputs (accepted, no result yet), then accepts ids ``i0..i<COUNT-1>`` (skipping
-    known ones) and keeps publishing until killed.
+    known ones), prints ``fed`` and keeps publishing until killed. Each line ``N`` read from stdin then
+    accepts ``i0..i<N-1>`` the same way and prints ``fed`` again. ``ACK_TIMEOUT_S`` (default: FAST's) is
+    how long a result waits for its end-to-end ack before the publisher re-sends it on its own.
     """
     state, port, count = Path(argv[0]), int(argv[1]), int(argv[2])
-    agent = start_agent(state, port)
+    settings = FAST
+    if len(argv) > 3:
+        settings = PublisherSettings(
+            window=FAST.window, batch=FAST.batch, ack_timeout_s=float(argv[3]), republish_per_s=FAST.republish_per_s,
+            heartbeat_s=FAST.heartbeat_s,
+        )
+    agent = start_agent(state, port, settings=settings)
     for pending in agent.outbox.pending_inputs():
         agent.outbox.add_result(
             pending.input_id, pipeline="p", model="tiny", model_version="1", body={"input": pending.input_id}
@@ -135,6 +147,10 @@ def agent_main(argv: list[str]) -> None:
     for i in range(count):
         agent.accept(f"i{i}")
     print("fed", flush=True)
+    for line in sys.stdin:
+        for i in range(int(line)):
+            agent.accept(f"i{i}")
+        print("fed", flush=True)
     threading.Event().wait()
 
 
