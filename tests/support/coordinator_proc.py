@@ -89,6 +89,15 @@ class CoordinatorProcess:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds its connection but reads and acknowledges nothing."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def terminate(self) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
@@ -115,5 +124,7 @@ class CoordinatorProcess:
         return int(rows[0][0]) if rows else 0
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.thaw()
         with contextlib.suppress(Exception):
             self.kill()
