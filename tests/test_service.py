@@ -125,6 +125,8 @@ def test_folder_to_coordinator_end_to_end_over_fake_broker(
         assert wait_for(lambda: coordinator.store.count_results("dev-1") == 6)
         assert wait_for(lambda: service.outbox is not None and service.outbox.stats().backlog == 0)
         assert wait_for(lambda: len(folder_files(inbox / "done")) == 6)
+        assert wait_for(lambda: coordinator.store.devices() != [] and coordinator.store.devices()[0]["last_heartbeat"])
+        assert coordinator.store.dead_letters() == []  # the real agent's results, status and heartbeats all pass
         rejected = folder_files(inbox / "rejected")
         assert rejected == ["broken.jpg", "broken.jpg.reason.json", "notes.txt", "notes.txt.reason.json"]
         reason = orjson.loads((inbox / "rejected" / "broken.jpg.reason.json").read_bytes())
