@@ -39,7 +39,7 @@ class MqttSettings:
     clean_start: bool = True
     session_expiry_s: int = 0
     reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_max_s: float = 5.0
     max_inflight: int = 1000
     manual_ack: bool = False
     connect_timeout_s: float = 10.0
