@@ -545,3 +545,33 @@ def test_the_coordinator_announces_signed_sessions_and_its_will(tmp_path: Path) 
         assert offline["state"] == "offline" and "session" not in offline
     finally:
         coordinator.stop(2)
+
+
+def test_a_crashed_agent_shows_offline_at_the_coordinator(tmp_path: Path) -> None:
+    """The will is set once at connect, before the ``online`` status: both carry the connection's timestamp, so the
+    coordinator (which keeps the newest state by ``ts``) takes the will's ``offline`` when the agent dies; a clean
+    stop's ``offline`` is newer still, and so is the next connection's ``online``."""
+    session_ts = time.time()
+    broker = FakeBroker()
+    outbox = Outbox(tmp_path / "outbox.db", "dev1")
+    transport = FakeTransport(broker, availability_will("dev1", session_ts))
+    publisher = Publisher(outbox, transport, "dev1", lambda: {}, QUICK, session_ts=session_ts)
+    coordinator = Coordinator(SqliteStore(tmp_path / "coord.db"), FakeTransport(broker))
+    coordinator.start()
+
+    def state() -> str | None:
+        devices = {d["device"]: d for d in coordinator.store.devices()}
+        return devices.get("dev1", {}).get("state")
+
+    try:
+        publisher.start()
+        wait_until(lambda: state() == "online", 5, "online stored")
+        transport.kill()  # the broker publishes the will
+        wait_until(lambda: state() == "offline", 5, "the will's offline stored")
+        transport.mark_connected()  # reconnected: online again, same session timestamp
+        wait_until(lambda: state() == "online", 5, "online again after the reconnect")
+    finally:
+        publisher.stop(2)
+        coordinator.stop(2)
+        outbox.close()
+    assert state() == "offline"

@@ -319,7 +319,8 @@ class Service:
             max_inflight=m.max_inflight,
             reconnect_max_s=m.reconnect_max_s,
         )
-        transport = self._transport_factory(settings, availability_will(self.cfg.device_id))
+        session_ts = time.time()  # the will and every `online` of this process carry it (see availability_will)
+        transport = self._transport_factory(settings, availability_will(self.cfg.device_id, session_ts))
         auth = AgentAuth(
             ack_keys=load_trusted_keys(m.ack_keys),
             command_keys=load_trusted_keys(self.cfg.commands.trusted_keys),
@@ -341,6 +342,7 @@ class Service:
             ),
             auth=auth,
             policy=self.cfg.commands.policy(),
+            session_ts=session_ts,
         )
         self.metrics.bind_publisher(self.publisher.snapshot)
 

@@ -60,9 +60,14 @@ class PublisherSettings:
     resend_min_interval_s: float = 1.0
 
 
-def availability_will(device_id: str) -> Will:
-    """The last will to give the transport: retained ``offline`` on the status topic."""
-    payload = codec.dumps(codec.status_payload(device=device_id, state="offline", ts=time.time()))
+def availability_will(device_id: str, session_ts: float | None = None) -> Will:
+    """The last will to give the transport: retained ``offline`` on the status topic.
+
+    ``session_ts`` stamps it; give the publisher the same one (``Publisher(session_ts=...)``) so that its ``online``
+    does not look newer than the will, which is set at connect time and would otherwise lose to it at the
+    coordinator (which keeps the newest state by ``ts``, the later arrival on a tie)."""
+    ts = time.time() if session_ts is None else session_ts
+    payload = codec.dumps(codec.status_payload(device=device_id, state="offline", ts=ts))
     return Will(codec.status_topic(device_id), payload, qos=1, retain=True)
 
 
@@ -80,8 +85,11 @@ class Publisher:
         *,
         auth: AgentAuth | None = None,
         policy: CommandPolicy | None = None,
+        session_ts: float | None = None,
     ) -> None:
         self.outbox = outbox
+        self.session_ts = session_ts
+        """The will's timestamp (see :func:`availability_will`); ``online`` carries it too. None: the time now."""
         self.transport = transport
         self.device_id = codec.check_name(device_id, "device")
         self.health = health
@@ -280,7 +288,8 @@ class Publisher:
         self.counters["connects"] += 1
         self._reset_inflight()
         self.transport.subscribe([self.ack_topic, codec.command_filter(self.device_id), self.coordinator_topic], qos=1)
-        online = codec.status_payload(device=self.device_id, state="online", ts=time.time())
+        ts = time.time() if self.session_ts is None else self.session_ts
+        online = codec.status_payload(device=self.device_id, state="online", ts=ts)
         self.transport.publish(codec.status_topic(self.device_id), codec.dumps(online), qos=1, retain=True)
         alarms = self.outbox.alarms
         for alarm in alarms[self._alarms_sent :]:
