@@ -1,9 +1,10 @@
 """The agent's configuration: strict, documented, frozen.
 
-Loaded in layers (see ``load_config``): read the file, parse YAML with ``yaml.safe_load`` (so tags
-such as ``!!python/object`` fail), validate with pydantic (``extra="forbid"``: unknown keys fail),
-check the few paths that must exist (certificates) or be writable (state directory), and resolve
-secrets from a file or an environment variable into ``SecretStr`` values that never print.
+Loaded in layers (see ``load_config``): read the file, parse YAML with PyYAML's safe loader (tags
+such as ``!!python/object`` fail; so does a key given twice, which PyYAML would silently keep the last
+of), validate with pydantic (``extra="forbid"``: unknown keys fail), check the few paths that must exist
+(certificates) or be writable (state directory, watched folders), and resolve secrets from a file or an
+environment variable into ``SecretStr`` values that never print.
 
 Every error is one ``ConfigError`` line: ``<file>: <key.path>: <message>``.
 
@@ -12,8 +13,10 @@ Paths are data here: the service creates directories, validators never do.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -66,7 +69,8 @@ class ModelConfig(_Strict):
     name: Name = Field(description="Name that pipelines use to refer to this model.")
     bundle: str = Field(
         min_length=1,
-        description="Bundle folder: a name under models_dir, or a path (absolute or relative to the config file).",
+        description="Bundle folder under models_dir: its name (or its manifest's name), a relative path below "
+        "models_dir, or an absolute path inside it. Anything that resolves outside models_dir is refused.",
     )
     threads: int = Field(default=1, ge=1, le=64, description="onnxruntime intra-op threads per session.")
     providers: tuple[str, ...] = Field(
@@ -81,6 +85,13 @@ class ModelConfig(_Strict):
         description="Images from any source (upload, folder) with more pixels are refused, judged from the header "
         "before any pixel is decoded (error code image_too_large).",
     )
+
+    @field_validator("bundle")
+    @classmethod
+    def _bundle_stays_inside(cls, v: str) -> str:
+        if "\x00" in v or ".." in Path(v).parts or v.strip() != v:
+            raise ValueError(f"{v!r}: a bundle is a folder under models_dir ('..' is not allowed)")
+        return v
 
 
 class InspectionOptions(_Strict):
@@ -310,6 +321,88 @@ class HttpConfig(_Strict):
         default=15.0, ge=0, le=600, description="Wait this long for room in a full pipeline queue, then 503."
     )
     max_concurrent_uploads: int = Field(default=64, ge=1, description="Uploads in progress at once; more get 503.")
+    max_connections: int = Field(
+        default=256, ge=1, le=65_535,
+        description="Open HTTP connections at most (all clients); a connection over the cap is answered 503 "
+        "and closed at once, so a flood of idle connections never exhausts the process's file descriptors.",
+    )
+    max_connections_per_client: int = Field(
+        default=64, ge=1, le=65_535,
+        description="Open HTTP connections at most from one client address; more are answered 503 and closed.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="A connection whose request line and headers are not complete this long after it opened "
+        "(or after its previous answer) is closed (slow or half-open clients).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, le=600, description="An idle keep-alive connection is closed after this long."
+    )
+    trusted_proxies: tuple[str, ...] = Field(
+        default=(),
+        description="Reverse proxies (IP addresses or CIDR networks) whose X-Forwarded-For / X-Forwarded-Proto "
+        "headers are believed. Empty (the default): the headers are ignored and the client is the TCP peer, so "
+        "nobody can dodge the per-client rate limit by sending X-Forwarded-For.",
+    )
+    allowed_hosts: tuple[str, ...] | None = Field(
+        default=None,
+        description="Host header values served (e.g. farm-01.coop.lan, *.coop.lan; '*' turns the check off); "
+        "IP literals are always served. null (the default): localhost, this machine's host name and "
+        "<hostname>.local. Other names get 421 host_not_allowed (DNS rebinding).",
+    )
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_an_address(cls, v: str) -> str:
+        return _listen_address(v)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from None
+        return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for entry in v or ():
+            if entry != "*" and not _HOST_PATTERN.match(entry):
+                raise ValueError(f"{entry!r} is not a host name or *.domain pattern")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self) -> HttpConfig:
+        if self.enabled and self.tokens_file is None and not is_loopback(self.bind):
+            raise ValueError(f"@tokens_file@ required when bind ({self.bind}) is not a loopback address")
+        return self
+
+
+_HOST_PATTERN = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9\-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,62}))*\.?$")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen_address(v: str) -> str:
+    """An address to listen on: an IP literal or ``localhost`` (a name could resolve anywhere, or nowhere)."""
+    if v == "localhost":
+        return v
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address (use e.g. 0.0.0.0, 127.0.0.1 or ::)") from None
+    return v
 
 
 class ThresholdBounds(_Strict):
@@ -396,6 +489,11 @@ class MetricsConfig(_Strict):
     bind: str = Field(default="127.0.0.1", min_length=1, description="Address of the metrics endpoint.")
     port: Port = Field(default=9108, description="Port of the metrics endpoint (0 is not allowed).")
 
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_an_address(cls, v: str) -> str:
+        return _listen_address(v)
+
 
 class UpdatesConfig(_Strict):
     """Signed over-the-air model updates (docs/model-updates.md). Off unless enabled with trusted keys."""
@@ -451,6 +549,13 @@ class AgentConfig(_Strict):
     metrics: MetricsConfig = Field(default=MetricsConfig(), description="Prometheus endpoint.")
     updates: UpdatesConfig = Field(default=UpdatesConfig(), description="Signed model updates with rollback.")
     commands: CommandsConfig = Field(default=CommandsConfig(), description="MQTT commands: keys, allow-list, bounds.")
+    decode_pixel_budget: int = Field(
+        default=24_000_000, ge=1_000_000, le=1_000_000_000,
+        description="Pixels that may be decoded at once, summed over every image being decoded (uploads and "
+        "folder files, all pipelines): a decode that would go over waits its turn, so concurrent large images "
+        "queue instead of exhausting memory (about 4 bytes per pixel). An image larger than the whole budget "
+        "is decoded alone.",
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -487,6 +592,8 @@ def reference_problems(cfg: AgentConfig) -> list[tuple[str, str]]:
             problems.append((f"sources.{i}.pipeline", f"unknown pipeline {s.pipeline!r} (known: {sorted(pipelines)})"))
     if cfg.http.pipeline is not None and cfg.http.pipeline not in pipelines:
         problems.append(("http.pipeline", f"unknown pipeline {cfg.http.pipeline!r}"))
+    if cfg.http.enabled and cfg.metrics.enabled and cfg.http.port == cfg.metrics.port:
+        problems.append(("metrics.port", f"{cfg.metrics.port} is also http.port"))
     return problems
 
 
@@ -522,10 +629,53 @@ def _format_validation(source: str, exc: ValidationError) -> str:
     return f"{source}: {loc or '(root)'}: {msg}"
 
 
+def _duplicate_key(root: yaml.Node) -> tuple[str, int, int] | None:
+    """(key path, first line, second line) of the first mapping key that appears twice, if any."""
+    todo: deque[tuple[yaml.Node, tuple[str, ...]]] = deque([(root, ())])
+    seen: set[int] = set()
+    while todo:
+        node, path = todo.popleft()
+        if id(node) in seen:  # an alias of a node already walked
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if key.value in lines:
+                        return ".".join((*path, key.value)), lines[key.value], line
+                    lines[key.value] = line
+                    todo.append((value, (*path, key.value)))
+                else:
+                    todo.append((value, path))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((value, (*path, str(i))) for i, value in enumerate(node.value))
+    return None
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses a mapping key given twice (PyYAML keeps the last one silently).
+
+    Raises ConfigError naming the key path and both lines, or yaml.YAMLError for malformed YAML."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        duplicate = _duplicate_key(node)
+        if duplicate is not None:
+            key, first, second = duplicate
+            raise ConfigError(f"{source}: {key}: duplicate key (lines {first} and {second})")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_config(text: str, source: str = "config.yaml") -> AgentConfig:
     """Parse and validate YAML text (pure: no file access, no secrets resolved)."""
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text, source)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}" if mark is not None else "(unknown line)"
@@ -631,15 +781,16 @@ def finalize(cfg: AgentConfig, source: str, base: Path, environ: Mapping[str, st
     for i, src in enumerate(cfg.sources):
         if isinstance(src, FolderSourceConfig):
             path = _resolve(base, src.path)
-            sources.append(
-                src.model_copy(
-                    update={
-                        "path": path,
-                        "done_dir": _resolve(base, src.done_dir) if src.done_dir else path / "done",
-                        "rejected_dir": _resolve(base, src.rejected_dir) if src.rejected_dir else path / "rejected",
-                    }
-                )
-            )
+            folders = {
+                "path": path,
+                "done_dir": _resolve(base, src.done_dir) if src.done_dir else path / "done",
+                "rejected_dir": _resolve(base, src.rejected_dir) if src.rejected_dir else path / "rejected",
+            }
+            for key, folder in folders.items():
+                problem = _writable_dir_problem(folder)
+                if problem:
+                    raise ConfigError(f"{source}: sources.{i}.{key}: {problem}")
+            sources.append(src.model_copy(update=folders))
         else:
             pw_file = _resolve(base, src.password_file) if src.password_file else None
             pw = _read_secret(source, f"sources.{i}.password", pw_file, src.password_env, environ)

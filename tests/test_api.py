@@ -32,7 +32,16 @@ from edge_agent.api.middleware import RateLimit
 from edge_agent.config import HttpConfig
 from edge_agent.errors import ConfigError, OverloadedError, StorageFullError
 from edge_agent.flow.pipeline import InputItem
-from tests.support.api_harness import GatedModel, Harness, build, fake_crop_model, leaf_jpeg, serve, wait_for
+from tests.support.api_harness import (
+    LOCAL,
+    GatedModel,
+    Harness,
+    build,
+    fake_crop_model,
+    leaf_jpeg,
+    serve,
+    wait_for,
+)
 
 GOOD_ID = re.compile(r"^http-[0-9a-f]{12}-[0-9a-f]{16}\.(jpg|png|webp)$")
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -51,7 +60,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 @pytest.fixture
 def client(harness: Harness) -> Iterator[TestClient]:
-    with TestClient(harness.app, raise_server_exceptions=False) as c:
+    with TestClient(harness.app, base_url=LOCAL, raise_server_exceptions=False) as c:
         yield c
 
 
@@ -228,7 +237,7 @@ def test_slow_diagnosis_answers_202_then_the_result_can_be_polled(tmp_path: Path
     gate = threading.Event()
     h = build(tmp_path, HttpConfig(result_timeout_s=0.2), model=GatedModel(fake_crop_model(), gate))
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             r = post_raw(c, leaf_jpeg())
             assert r.status_code == 202
             assert r.json()["status"] == "pending"
@@ -494,7 +503,7 @@ def test_client_file_names_are_never_used_as_paths(tmp_path: Path, filename: str
     gate = threading.Event()  # hold the diagnosis so the spooled file can be looked at
     h = build(tmp_path / "agent", HttpConfig(result_timeout_s=0.05), model=GatedModel(fake_crop_model(), gate))
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             body, ctype = multipart([image_part(leaf_jpeg(), filename=filename)])
             r = c.post("/v1/diagnose", content=body, headers={"content-type": ctype})
             assert r.status_code == 202
@@ -525,7 +534,7 @@ def test_storage_full_refuses_the_upload_with_507_and_retry_after(tmp_path: Path
 
     h.outbox.check_capacity = full  # type: ignore[method-assign]
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             r = post_raw(c, leaf_jpeg())
             assert r.status_code == 507 and error_code(r) == "storage_full"
             assert int(r.headers["retry-after"]) > 0
@@ -542,7 +551,7 @@ def test_overloaded_pipeline_answers_503_and_forgets_the_upload(tmp_path: Path) 
 
     h = build(tmp_path, HttpConfig(queue_wait_s=0.05), submit=refuse)
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             r = post_raw(c, leaf_jpeg())
             assert r.status_code == 503 and error_code(r) == "overloaded" and r.headers["retry-after"]
         assert h.outbox.pending_inputs() == []  # journalled as refused, not left to a restart
@@ -556,7 +565,7 @@ def test_full_queue_is_waited_on_briefly_before_503(tmp_path: Path) -> None:
     h = build(tmp_path, HttpConfig(queue_wait_s=10.0), model=GatedModel(fake_crop_model(), gate), queue_size=1)
     results: list[int] = []
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             threads = [
                 threading.Thread(target=lambda: results.append(post_raw(c, leaf_jpeg()).status_code)) for _ in range(4)
             ]
@@ -596,7 +605,7 @@ def tokens_file(tmp_path: Path) -> Path:
 def test_bad_tokens_get_401(tmp_path: Path, tokens_file: Path, header: str | None, code: str) -> None:
     h = build(tmp_path, HttpConfig(tokens_file=tokens_file, bind="0.0.0.0"))
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             headers = {"authorization": header} if header else {}
             for method, path in (("POST", "/v1/diagnose"), ("GET", "/v1/models"), ("GET", "/metrics")):
                 r = c.request(method, path, content=leaf_jpeg(), headers={"content-type": "image/jpeg", **headers})
@@ -616,7 +625,8 @@ def test_token_is_checked_before_the_body_is_read(tmp_path: Path, tokens_file: P
     try:
         with serve(h.app) as port:
             head = (
-                b"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 10000000\r\n\r\n"
+                b"POST /v1/diagnose HTTP/1.1\r\nHost: [::1]\r\n"
+                b"Content-Type: image/jpeg\r\nContent-Length: 10000000\r\n\r\n"
             )
             response, _ = raw_http(port, head)  # not a byte of the body is ever sent
             assert status_of(response) == 401 and b'"unauthorized"' in response
@@ -658,7 +668,7 @@ def test_token_comparison_checks_every_token() -> None:
 def test_burst_from_one_client_gets_429_with_retry_after(tmp_path: Path) -> None:
     h = build(tmp_path, HttpConfig(rate_limit_per_minute=60, rate_limit_burst=5))
     try:
-        with TestClient(h.app) as c:
+        with TestClient(h.app, base_url=LOCAL) as c:
             codes = [c.get("/v1/models").status_code for _ in range(100)]
             assert codes[:5] == [200] * 5 and set(codes[5:]) == {429}
             r = c.get("/v1/models")
@@ -696,7 +706,8 @@ def test_oversize_body_with_content_length_gets_413_before_it_is_read(tmp_path: 
     try:
         with serve(h.app) as port:
             head = (
-                b"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 60000000\r\n\r\n"
+                b"POST /v1/diagnose HTTP/1.1\r\nHost: [::1]\r\n"
+                b"Content-Type: image/jpeg\r\nContent-Length: 60000000\r\n\r\n"
             )
             response, _ = raw_http(port, head)  # 60 MB declared, nothing sent
             assert status_of(response) == 413 and b'"body_too_large"' in response
@@ -711,7 +722,8 @@ def test_chunked_body_is_aborted_at_the_limit(tmp_path: Path) -> None:
     try:
         with serve(h.app) as port:
             head = (
-                b"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"POST /v1/diagnose HTTP/1.1\r\nHost: [::1]\r\n"
+                b"Content-Type: image/jpeg\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n"
             )
             piece = leaf_jpeg()[:3] + b"\x00" * (64 * 1024 - 3)
@@ -736,7 +748,10 @@ def test_slow_body_is_cut_off(tmp_path: Path) -> None:
     h = build(tmp_path, HttpConfig(body_timeout_s=0.5))
     try:
         with serve(h.app) as port:
-            head = b"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+            head = (
+                b"POST /v1/diagnose HTTP/1.1\r\nHost: [::1]\r\n"
+                b"Content-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+            )
 
             def trickle() -> Iterator[bytes]:
                 for _ in range(1000):
@@ -759,7 +774,8 @@ def test_client_that_disconnects_mid_upload_leaves_nothing_behind(tmp_path: Path
         with serve(h.app) as port:
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(
-                    b"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                    b"POST /v1/diagnose HTTP/1.1\r\nHost: [::1]\r\n"
+                b"Content-Type: image/jpeg\r\n"
                     b"Content-Length: 100000\r\n\r\n"
                     + leaf_jpeg()[:2000]
                 )
@@ -809,10 +825,10 @@ import json, sys
 sys.path.insert(0, {str(root)!r})
 from pathlib import Path
 from fastapi.testclient import TestClient
-from tests.support.api_harness import build, leaf_jpeg
+from tests.support.api_harness import LOCAL, build, leaf_jpeg
 h = build(Path({str(tmp_path)!r}))
 out = {{}}
-with TestClient(h.app) as c:
+with TestClient(h.app, base_url=LOCAL) as c:
     big = leaf_jpeg()[:3] + b"\\0" * 3_000_000
     r = c.post("/v1/diagnose", content=big, headers={{"content-type": "image/jpeg"}})
     out["full"] = [r.status_code, r.json()["error"]["code"], r.headers.get("retry-after")]

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from edge_agent.bundles.bundle import load_bundle
 from edge_agent.vision.model import Model
 from edge_agent.vision.runtime import RuntimeOptions
-from tests.support.api_harness import Harness, build
+from tests.support.api_harness import LOCAL, Harness, build
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "datasets"
@@ -30,7 +30,7 @@ def photos(folder: Path, n: int = 5) -> list[Path]:
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, TestClient]]:
     model = Model.load(load_bundle(BUNDLE), RuntimeOptions(intra_op_threads=1))
     h = build(tmp_path_factory.mktemp("crop_model"), model=model)
-    with TestClient(h.app) as client:
+    with TestClient(h.app, base_url=LOCAL) as client:
         yield h, client
     h.close()
 

@@ -363,10 +363,9 @@ class Service:
         h = self.cfg.http
         if not h.enabled:
             return
-        import uvicorn
-
         from edge_agent.api import create_app
         from edge_agent.api.context import ApiContext
+        from edge_agent.api.server import make_server
 
         assert self.outbox is not None
         ctx = ApiContext(
@@ -381,8 +380,7 @@ class Service:
         )
         self.spool_dir("http").mkdir(parents=True, exist_ok=True)
         app = create_app(ctx)
-        config = uvicorn.Config(app, host=h.bind, port=h.port, log_config=None, access_log=False, lifespan="off")
-        self._http = uvicorn.Server(config)
+        self._http = make_server(app, h)  # connection cap, header deadline, proxy headers only from trusted_proxies
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         self._http_thread.start()
         deadline = time.monotonic() + 15.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,7 +33,7 @@ from edge_agent import __version__
 from edge_agent.api.auth import TokenSet, is_loopback
 from edge_agent.api.context import ApiContext
 from edge_agent.api.errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
-from edge_agent.api.middleware import Auth, BodyLimit, RateLimit, SecurityHeaders
+from edge_agent.api.middleware import Auth, BodyLimit, HostCheck, HostRule, RateLimit, SecurityHeaders
 from edge_agent.api.present import present
 from edge_agent.api.schemas import (
     DiagnosisResponse,
@@ -45,6 +46,7 @@ from edge_agent.api.schemas import (
 )
 from edge_agent.api.telemetry import HttpMetrics, Telemetry
 from edge_agent.api.upload import MultipartUpload, SpoolFile, clean_hint, multipart_boundary, new_input_id
+from edge_agent.config import HttpConfig
 from edge_agent.errors import ConfigError, EdgeAgentError, InputError, OverloadedError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.sectors.advice import AdviceBook, load_advice
@@ -401,7 +403,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=page_dir), name="static")
 
-    # outermost last: Telemetry -> SecurityHeaders -> RateLimit -> Auth -> BodyLimit -> app
+    # outermost last: Telemetry -> SecurityHeaders -> HostCheck -> RateLimit -> Auth -> BodyLimit -> app
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s, on_refuse=metrics.refuse
     )
@@ -413,10 +415,21 @@ def create_app(ctx: ApiContext) -> FastAPI:
         applies=is_limited,
         on_refuse=metrics.refuse,
     )
+    app.add_middleware(HostCheck, rule=HostRule(allowed_hosts(settings)), on_refuse=metrics.refuse)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(Telemetry, metrics=metrics)
     app.state.advice = book
+    app.state.http_metrics = metrics
     return app
+
+
+def allowed_hosts(settings: HttpConfig) -> tuple[str, ...]:
+    """``http.allowed_hosts``, or by default: localhost, this machine's host name and ``<hostname>.local``."""
+    if settings.allowed_hosts is not None:
+        return settings.allowed_hosts
+    name = socket.gethostname().lower().rstrip(".")
+    short = name.split(".", 1)[0]
+    return tuple(dict.fromkeys(n for n in ("localhost", name, short, f"{short}.local") if n))
 
 
 def _warn_missing_advice(ctx: ApiContext, book: AdviceBook) -> None:

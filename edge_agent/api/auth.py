@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.config import is_loopback
 from edge_agent.errors import ConfigError
 
 MIN_TOKEN_CHARS = 16
@@ -101,11 +101,4 @@ class TokenSet:
         return "ok"
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+__all__ = ["MIN_TOKEN_CHARS", "TokenSet", "Verdict", "is_loopback"]

@@ -1,13 +1,14 @@
 """Pure-ASGI middleware that runs before any body is parsed (FastAPI parses multipart bodies before
 route dependencies run, so limits and authentication belong here).
 
-Order, outermost first: :class:`SecurityHeaders` -> :class:`RateLimit` -> :class:`Auth` ->
-:class:`BodyLimit` -> the application. No web framework is imported here.
+Order, outermost first: :class:`SecurityHeaders` -> :class:`HostCheck` -> :class:`RateLimit` ->
+:class:`Auth` -> :class:`BodyLimit` -> the application. No web framework is imported here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import time
@@ -37,6 +38,60 @@ def _client(scope: Scope) -> str:
 
 def _ignore(reason: str) -> None:
     return None
+
+
+class HostRule:
+    """Which Host header values are served. IP literals always (a page that reached the board by its address
+    is no DNS-rebinding page); names when listed exactly or under a ``*.domain`` pattern; ``*``: any."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.any = "*" in names
+        self.exact = frozenset(n.lower().rstrip(".") for n in names if not n.startswith("*."))
+        self.suffixes = tuple(n[1:].lower().rstrip(".") for n in names if n.startswith("*."))
+
+    @staticmethod
+    def hostname(value: str) -> str:
+        """The name or address of a Host header value, without port, brackets or trailing dot, lower case."""
+        value = value.strip()
+        if value.startswith("["):
+            return value[1 : value.find("]")] if "]" in value else value[1:]
+        if value.count(":") == 1:
+            value = value.split(":", 1)[0]
+        return value.rstrip(".").lower()
+
+    def allows(self, value: str) -> bool:
+        host = self.hostname(value)
+        if self.any:
+            return True
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            pass
+        return host in self.exact or any(host.endswith(s) and len(host) > len(s) for s in self.suffixes)
+
+
+class HostCheck:
+    """Refuses a request whose Host header names a host this agent is not (DNS rebinding: a web page on
+    another site re-pointing its own name at the board): 421 ``host_not_allowed``. No Host (HTTP/1.0) passes;
+    two Host headers get 400."""
+
+    def __init__(self, app: ASGIApp, *, rule: HostRule, on_refuse: Refusal = _ignore) -> None:
+        self.app = app
+        self.rule = rule
+        self.on_refuse = on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            hosts = _header(scope, b"host")
+            if len(hosts) > 1:
+                await send_error(send, 400, "bad_request", "more than one Host header")
+                return
+            if hosts and not self.rule.allows(hosts[0].decode("latin-1")):
+                self.on_refuse("host_not_allowed")
+                await send_error(send, 421, "host_not_allowed", "this server does not answer for that host name")
+                return
+        await self.app(scope, receive, send)
 
 
 CSP = (

@@ -4,7 +4,9 @@ Names::
 
     edge_agent_http_requests_total{route,status}   counter
     edge_agent_http_request_seconds{route}         histogram
-    edge_agent_http_refused_total{reason}          counter   rate_limited|unauthorized|token_expired|body_too_large|...
+    edge_agent_http_refused_total{reason}          counter   rate_limited|unauthorized|token_expired|body_too_large|
+                                                             too_many_connections|header_timeout|host_not_allowed|...
+    edge_agent_http_connections                    gauge     open HTTP connections
     edge_agent_http_uploads_total{outcome}         counter   accepted|diagnosed|pending|rejected|refused
     edge_agent_http_upload_bytes_total             counter   bytes of accepted photos
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.api.errors import Message, Receive, Scope, Send
 from edge_agent.api.middleware import ASGIApp
@@ -54,6 +56,7 @@ class HttpMetrics:
         self.upload_bytes = Counter(
             "edge_agent_http_upload_bytes_total", "Bytes of accepted photos.", registry=registry
         )
+        self.connections = Gauge("edge_agent_http_connections", "Open HTTP connections.", registry=registry)
 
     def refuse(self, reason: str) -> None:
         self.refused.labels(reason=reason).inc()

@@ -76,7 +76,11 @@ def run(
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="debug, info, warning or error (overrides the config).")
     ] = None,
-    check: Annotated[bool, typer.Option("--check", help="Validate the config and exit.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Check everything run would refuse at start (config, bundles and models, "
+                     "tokens, certificates, keys), then exit: 0 and 'ok', or 2 and one line naming file and key."),
+    ] = False,
     schema: Annotated[
         bool, typer.Option("--schema", help="Print the config's JSON Schema (every key, documented) and exit.")
     ] = False,
@@ -87,6 +91,7 @@ def run(
 
         typer.echo(json.dumps(AgentConfig.model_json_schema(), indent=2))
         return
+    source = str(config) if config is not None else "(default config)"
     try:
         if config is not None:
             cfg = load_config(config)
@@ -98,8 +103,20 @@ def run(
     except EdgeAgentError as exc:
         typer.echo(f"error [{exc.code}] {exc.message}", err=True)
         raise typer.Exit(2) from None
+    from edge_agent.agent.preflight import preflight
+
+    try:  # what the files the config names say (bundles, tokens, keys); --check also builds each model
+        if check:
+            from edge_agent.agent.service import onnx_model_factory
+
+            preflight(cfg, load_model=onnx_model_factory)
+        else:
+            preflight(cfg)
+    except EdgeAgentError as exc:
+        typer.echo(f"error [{exc.code}] {source}: {exc.message}", err=True)
+        raise typer.Exit(2) from None
     if check:
-        typer.echo(f"{config or '(default config)'}: ok")
+        typer.echo(f"{source}: ok")
         return
     _configure_logging(log_level or cfg.log_level)
     _describe(cfg)

@@ -60,13 +60,29 @@ EventSink = Callable[[str, str, dict[str, Any]], None]
 
 
 def configured_bundle(cfg: AgentConfig, mcfg: ModelConfig) -> Bundle:
-    """The bundle the agent config names for ``mcfg`` (a name under models_dir, or a folder path)."""
+    """The bundle the agent config names for ``mcfg``: a name under models_dir, or a folder path inside it
+    (relative paths are below models_dir). A path that leads outside models_dir is refused (ConfigError)."""
+    root = cfg.models_dir or default_models_dir()
     ref = Path(mcfg.bundle)
     if ref.is_absolute() or len(ref.parts) > 1:
-        if not ref.is_dir():
-            raise ModelNotFoundError(f"models.{mcfg.name}.bundle: no bundle folder {ref}")
-        return load_bundle(ref)
-    return find_bundle(mcfg.bundle, cfg.models_dir or default_models_dir())
+        directory = ref if ref.is_absolute() else root / ref
+        if not _inside(directory, root):
+            raise ConfigError(f"models.{mcfg.name}.bundle: {mcfg.bundle} is outside models_dir ({root})")
+        if not directory.is_dir():
+            raise ModelNotFoundError(f"models.{mcfg.name}.bundle: no bundle folder {directory}")
+        return load_bundle(directory)
+    if ref.name in ("", ".", ".."):
+        raise ConfigError(f"models.{mcfg.name}.bundle: {mcfg.bundle!r} is not a bundle name")
+    return find_bundle(mcfg.bundle, root)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """``path`` is below ``root``, as written (no '..') or once both are resolved (symlinked roots)."""
+    lexical = Path(os.path.normpath(path))
+    if lexical.is_relative_to(os.path.normpath(root)) and lexical != Path(os.path.normpath(root)):
+        return True
+    resolved = path.resolve()
+    return resolved.is_relative_to(root.resolve()) and resolved != root.resolve()
 
 
 def in_force(store: ModelStore, configured: Bundle) -> tuple[Bundle, str]:

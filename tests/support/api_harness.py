@@ -44,6 +44,8 @@ RUST = LABELS.index("Bean___bean_rust")
 HEALTHY = LABELS.index("Bean___healthy")
 ANGULAR = LABELS.index("Bean___angular_leaf_spot")
 T = 10.0
+LOCAL = "http://localhost"
+"""Base URL for TestClient: its default host name (testserver) is not one the agent answers for."""
 
 
 def fake_crop_model(size: int = 32, max_pixels: int = 40_000_000) -> Model:

@@ -1,0 +1,106 @@
+"""``edge-agent run --check``: everything ``run`` would refuse at start, found without starting anything.
+
+``load_config`` already refuses what the file alone says is wrong (unknown keys, bad values, duplicate
+YAML keys, bundle paths with ``..``, ``http.bind`` off loopback without a tokens file, missing
+certificates, unwritable folders, unreadable secrets). :func:`preflight` adds what needs the files the
+config points at: each model bundle (inside ``models_dir``, manifest valid, sha256 right, and with
+``load_models`` the ONNX session built and warmed up as ``run`` does), one folder per model name, the
+HTTP tokens file, the MQTT TLS certificates and key, and the trusted update keys.
+
+Every refusal is an :class:`EdgeAgentError` of the code ``run`` would give, its message
+``<key.path>: <what is wrong>`` (the CLI puts the file name in front). Nothing is written, no port is
+bound, the state directory is not locked (an agent may be running with it).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_agent.bundles.bundle import Bundle
+from edge_agent.config import AgentConfig, ModelConfig
+from edge_agent.errors import ConfigError, EdgeAgentError
+
+ModelLoader = Callable[[Bundle, ModelConfig], Any]
+
+
+def _keyed(key: str, exc: EdgeAgentError) -> EdgeAgentError:
+    """The same error (same class, same code), its message prefixed with the config key it is about."""
+    message = exc.message
+    if message.startswith(f"{key}: "):
+        message = message[len(key) + 2:]
+    out = type(exc).__new__(type(exc))
+    EdgeAgentError.__init__(out, f"{key}: {message}")
+    return out
+
+
+def preflight(cfg: AgentConfig, *, load_model: ModelLoader | None = None) -> None:
+    """Raise the first EdgeAgentError ``run`` would raise at start for ``cfg`` (a finalized config).
+
+    ``load_model``: build the model as ``run`` does (default: no session is built, only the bundle checked)."""
+    from edge_agent.updates.manager import configured_bundle
+
+    folders: dict[str, Path] = {}
+    for i, mcfg in enumerate(cfg.models):
+        key = f"models.{i}.bundle"
+        try:
+            bundle = configured_bundle(cfg, mcfg)
+        except EdgeAgentError as exc:
+            raise _keyed(key, exc) from exc
+        name = bundle.manifest.name
+        first = folders.setdefault(name, bundle.directory.resolve())
+        if first != bundle.directory.resolve():
+            raise ConfigError(f"{key}: model {name!r} is already loaded from {first}; one bundle folder per "
+                              "model name (updates are installed by name)")
+        if load_model is not None and any(p.model == mcfg.name for p in cfg.pipelines):
+            try:
+                load_model(bundle, mcfg)
+            except EdgeAgentError as exc:
+                raise _keyed(f"models.{i}", exc) from exc
+    _check_http(cfg)
+    _check_tls(cfg)
+    _check_update_keys(cfg)
+
+
+def _check_http(cfg: AgentConfig) -> None:
+    h = cfg.http
+    if not h.enabled or h.tokens_file is None:
+        return
+    from edge_agent.api.auth import TokenSet
+
+    try:
+        TokenSet.load(h.tokens_file)
+    except ConfigError as exc:
+        raise _keyed("http.tokens_file", exc) from exc
+
+
+def _check_tls(cfg: AgentConfig) -> None:
+    m = cfg.mqtt
+    if not (m.enabled and m.tls.enabled):
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if m.tls.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(m.tls.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"mqtt.tls.ca_file: cannot load {m.tls.ca_file}: {exc}") from exc
+    if m.tls.cert_file is not None:
+        try:
+            context.load_cert_chain(str(m.tls.cert_file), str(m.tls.key_file) if m.tls.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"mqtt.tls.cert_file: cannot load the certificate and key: {exc}") from exc
+
+
+def _check_update_keys(cfg: AgentConfig) -> None:
+    u = cfg.updates
+    if not u.enabled:
+        return
+    from edge_agent.updates.keys import load_public_key
+
+    for i, path in enumerate(u.trusted_keys):
+        try:
+            load_public_key(path)
+        except EdgeAgentError as exc:
+            raise _keyed(f"updates.trusted_keys.{i}", exc) from exc
