@@ -45,6 +45,7 @@ from edge_agent.transport.base import MqttSettings, Transport, Will
 from edge_agent.updates.keys import load_private_key, load_trusted_keys
 from edge_agent.updates.manager import ModelSlot, ModelUpdater, configured_bundle, in_force
 from edge_agent.updates.store import ModelStore
+from edge_agent.vision.decode import PixelBudget
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,12 @@ def _paho_transport(settings: MqttSettings, will: Will) -> Transport:
     return PahoTransport(settings, will=will)
 
 
-def _onnx_model(bundle: Bundle, cfg: ModelConfig) -> Predictor:
+def _onnx_model(bundle: Bundle, cfg: ModelConfig, *, pixel_budget: PixelBudget | None = None) -> Predictor:
     from edge_agent.vision.model import Model
     from edge_agent.vision.runtime import RuntimeOptions
 
     opts = RuntimeOptions(providers=cfg.providers, intra_op_threads=cfg.threads, allow_spinning=False)
-    model = Model.load(bundle, opts, max_pixels=cfg.max_pixels)
+    model = Model.load(bundle, opts, max_pixels=cfg.max_pixels, pixel_budget=pixel_budget)
     if cfg.warmup:
         model.warmup(1)
     return model
@@ -89,14 +90,17 @@ class Service:
         registry: CollectorRegistry | None = None,
         transport_factory: TransportFactory = _paho_transport,
         capture_factory: CaptureFactory = _opencv_capture,
-        model_factory: ModelFactory = _onnx_model,
+        model_factory: ModelFactory | None = None,
     ) -> None:
         self.cfg = cfg
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self._transport_factory = transport_factory
         self._capture_factory = capture_factory
-        self._model_factory = model_factory
+        self.pixel_budget = PixelBudget(cfg.decode_pixel_budget)  # shared by every decode of untrusted bytes
+        self._model_factory: ModelFactory = model_factory or functools.partial(
+            _onnx_model, pixel_budget=self.pixel_budget
+        )
         self.outbox: Outbox | None = None
         self.publisher: Publisher | None = None
         self.pipelines: dict[str, Pipeline] = {}

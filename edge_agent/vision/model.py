@@ -28,7 +28,7 @@ from edge_agent.bundles.manifest import (
 from edge_agent.errors import ManifestError
 from edge_agent.types import AnomalyScore, Classification, Detection, Image, Prediction, PreprocessMeta, Result, Timings
 from edge_agent.vision import postprocess as pp
-from edge_agent.vision.decode import DEFAULT_MAX_PIXELS, decode_image
+from edge_agent.vision.decode import DEFAULT_MAX_PIXELS, PixelBudget, decode_image
 from edge_agent.vision.preprocess import Preprocessor, map_box_to_original
 from edge_agent.vision.runtime import Array, OrtRuntime, Runtime, RuntimeOptions
 
@@ -38,10 +38,18 @@ _ms = 1000.0
 class Model:
     """Runs one bundle. Build with :meth:`load`, or directly with any :class:`Runtime` (tests)."""
 
-    def __init__(self, manifest: Manifest, runtime: Runtime, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        runtime: Runtime,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        pixel_budget: PixelBudget | None = None,
+    ) -> None:
         self.manifest = manifest
         self.runtime = runtime
         self.max_pixels = max_pixels
+        self.pixel_budget = pixel_budget
         self._local = threading.local()
         if manifest.input.name not in runtime.input_names:
             raise ManifestError(
@@ -85,7 +93,9 @@ class Model:
 
     def decode(self, data: bytes) -> Image:
         """Decode untrusted bytes at the smallest size that loses nothing for this model."""
-        return decode_image(data, size_hint=self.preprocessor.required_size, max_pixels=self.max_pixels)
+        return decode_image(
+            data, size_hint=self.preprocessor.required_size, max_pixels=self.max_pixels, budget=self.pixel_budget
+        )
 
     def predict_bytes(self, data: bytes) -> Result:
         t0 = time.perf_counter()
