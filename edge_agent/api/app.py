@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from edge_agent import __version__
+from edge_agent.api import idempotency
 from edge_agent.api.auth import TokenSet, is_loopback
 from edge_agent.api.context import ApiContext
 from edge_agent.api.errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
@@ -90,6 +91,16 @@ _COMMON = (
     (429, "rate_limited", "too many requests from this client; see Retry-After"),
 )
 _DIAGNOSE_BODY: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_.:\-]{1,128}$"},
+            "description": "One random key per photo, the same on every retry: a retried upload is stored once and "
+            "answered with the first one's result (header Idempotent-Replayed: true).",
+        }
+    ],
     "requestBody": {
         "required": True,
         "description": "The photo: a multipart form with an `image` file (and optional `lang`, `crop` fields), "
@@ -131,6 +142,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     registry = ctx.registry if ctx.registry is not None else CollectorRegistry()
     metrics = HttpMetrics(registry)
     uploads = _Uploads(settings.max_concurrent_uploads)
+    keys = idempotency.KeyRegistry()
     default_lang = settings.default_language
 
     app = FastAPI(
@@ -234,7 +246,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 (413, "image_too_large", "too many pixels"),
                 (415, "image_unsupported_format", "not JPEG, PNG or WebP"),
                 (415, "unsupported_media_type", "wrong Content-Type"),
+                (400, "idempotency_key_invalid", "malformed Idempotency-Key"),
+                (409, "idempotency_key_in_use", "an upload with this Idempotency-Key is still in progress"),
+                (421, "host_not_allowed", "the Host header names a host this agent is not"),
                 (422, "image_invalid", "corrupt or truncated image"),
+                (422, "input_rejected", "retry (same Idempotency-Key) of an upload that was refused"),
                 (503, "overloaded", "too busy; see Retry-After"),
                 (507, "storage_full", "no room to store the photo; see Retry-After"),
                 *_COMMON,
@@ -258,6 +274,48 @@ def create_app(ctx: ApiContext) -> FastAPI:
             uploads.active -= 1
 
     async def _diagnose(request: Request, lang: str | None, crop: str | None) -> Response:
+        key = idempotency.parse_key(request.headers.get(idempotency.HEADER))
+        if key is None:
+            return await _store(request, lang, crop, None)
+        await keys.claim(key, settings.result_timeout_s)
+        try:
+            existing = await run_in_threadpool(ctx.outbox.input_for_key, key)
+            if existing is not None:  # a retry of an upload already stored: answer from it, store nothing
+                metrics.upload("replayed")
+                response = await _answer_stored(request, existing, lang, keys.running(existing))
+                response.headers["Idempotent-Replayed"] = "true"
+                return response
+            return await _store(request, lang, crop, key)
+        finally:
+            keys.release(key)
+
+    async def _answer_stored(
+        request: Request, input_id: str, lang: str | None, running: Future[PipelineOutput] | None
+    ) -> Response:
+        """The answer for an input stored earlier: its result, 202 while it is diagnosed, or why it was refused."""
+        if running is not None:
+            waiter = asyncio.wrap_future(running)
+            await asyncio.wait({waiter}, timeout=settings.result_timeout_s)  # never cancels the input
+        try:
+            stored, state = await run_in_threadpool(_lookup, input_id)
+        except EdgeAgentError as exc:
+            raise from_agent_error(exc) from exc
+        if stored is not None:
+            chosen = lang or request.headers.get("accept-language") or default_lang
+            return JSONResponse(present(stored, book, chosen).model_dump(mode="json"))
+        if state == "pending":
+            location = f"/v1/results/{input_id}"
+            return JSONResponse(PendingResponse(input_id=input_id, location=location).model_dump(), 202,
+                                {"Location": location})
+        if state == "rejected":
+            raise ApiError(422, "input_rejected", "this upload was refused; take a new photo")
+        raise ApiError(404, "not_found", "no such result")
+
+    def _lookup(result_id: str) -> tuple[Any, str | None]:
+        stored = ctx.outbox.get_result(result_id) or ctx.outbox.get_result_by_input(result_id)
+        return stored, (None if stored is not None else ctx.outbox.input_state(result_id))
+
+    async def _store(request: Request, lang: str | None, crop: str | None, key: str | None) -> Response:
         spool, fields = await receive_photo(request)
         hints = {
             key: value
@@ -270,14 +328,21 @@ def create_app(ctx: ApiContext) -> FastAPI:
         path = str(spool.final_path)
         meta = {"bytes": spool.size, "format": spool.format, "hints": hints}
         try:
-            await run_in_threadpool(
+            journalled = await run_in_threadpool(
                 lambda: ctx.outbox.accept_input(
-                    spool.input_id, source=ctx.source, pipeline=ctx.pipeline, spool_path=path, meta=meta
+                    spool.input_id, source=ctx.source, pipeline=ctx.pipeline, spool_path=path, meta=meta,
+                    idempotency_key=key,
                 )
             )
         except EdgeAgentError as exc:
             spool.discard()
             raise from_agent_error(exc) from exc
+        if not journalled:  # the key was journalled meanwhile (another process on this outbox): answer from it
+            spool.discard()
+            existing = await run_in_threadpool(ctx.outbox.input_for_key, key) if key is not None else None
+            if existing is None:
+                raise ApiError(503, "storage_error", "cannot store the photo now", {"Retry-After": str(RETRY_AFTER_S)})
+            return await _answer_stored(request, existing, lang, None)
         metrics.upload("accepted")
         metrics.upload_bytes.inc(spool.size)
         item = InputItem(
@@ -291,6 +356,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
             metrics.upload("refused")
             raise from_agent_error(exc) from exc
         future.add_done_callback(_spool_cleanup(spool))
+        if key is not None:
+            keys.track(spool.input_id, future)
+            keys.release(key)  # journalled: a retry now finds the key in the outbox and waits on this future
         waiter = asyncio.wrap_future(future)
         done, _ = await asyncio.wait({waiter}, timeout=settings.result_timeout_s)  # never cancels the input
         if not done:
@@ -332,12 +400,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         result_id: str = PathParam(pattern=_ID_PATTERN, description="Result id or input id."),
         lang: str | None = Query(None, max_length=64, description="Language of the answer."),
     ) -> Response:
-        def lookup() -> tuple[Any, str | None]:
-            stored = ctx.outbox.get_result(result_id) or ctx.outbox.get_result_by_input(result_id)
-            return stored, (None if stored is not None else ctx.outbox.input_state(result_id))
-
         try:
-            stored, state = await run_in_threadpool(lookup)
+            stored, state = await run_in_threadpool(_lookup, result_id)
         except EdgeAgentError as exc:
             raise from_agent_error(exc) from exc
         if stored is not None:

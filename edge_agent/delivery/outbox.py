@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS results (
     created_at REAL NOT NULL, body BLOB NOT NULL, size INTEGER NOT NULL, acked_at REAL);
 CREATE INDEX IF NOT EXISTS results_unacked ON results(seq) WHERE acked_at IS NULL;
 CREATE TABLE IF NOT EXISTS commands (command_id TEXT PRIMARY KEY, name TEXT NOT NULL, ran_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS input_keys (key TEXT PRIMARY KEY, input_id TEXT NOT NULL);
 """
 _COUNTERS = ("next_seq", "unacked_rows", "unacked_bytes", "dropped", "expired", "rejected_inputs", "acked_total")
 
@@ -322,13 +323,25 @@ class Outbox:
                 raise StorageFullError(f"outbox holds {used} bytes (cap {self.limits.max_bytes})")
 
     def accept_input(
-        self, input_id: str, *, source: str, pipeline: str, spool_path: str | None, meta: dict[str, Any]
+        self,
+        input_id: str,
+        *,
+        source: str,
+        pipeline: str,
+        spool_path: str | None,
+        meta: dict[str, Any],
+        idempotency_key: str | None = None,
     ) -> bool:
-        """Journal an accepted input; False when it was already known. Raises StorageFullError when full."""
+        """Journal an accepted input; False when it was already known, or when ``idempotency_key`` already
+        names another input (see :meth:`input_for_key`). Raises StorageFullError when full."""
         self.check_capacity()
         blob = orjson.dumps(meta)
 
         def op(conn: sqlite3.Connection) -> bool:
+            if idempotency_key is not None:
+                taken = conn.execute("INSERT OR IGNORE INTO input_keys VALUES (?, ?)", (idempotency_key, input_id))
+                if taken.rowcount == 0:
+                    return False
             cur = conn.execute(
                 "INSERT OR IGNORE INTO inputs (input_id, source, pipeline, spool_path, meta, state, accepted_at)"
                 " VALUES (?, ?, ?, ?, ?, 'pending', ?)",
@@ -337,6 +350,11 @@ class Outbox:
             return cur.rowcount == 1
 
         return self._write(op)
+
+    def input_for_key(self, idempotency_key: str) -> str | None:
+        """The input journalled with ``idempotency_key`` (kept as long as the input is), or None."""
+        rows = self._read("SELECT input_id FROM input_keys WHERE key = ?", (idempotency_key,))
+        return str(rows[0][0]) if rows else None
 
     def pending_inputs(self) -> list[PendingInput]:
         rows = self._read(
@@ -492,6 +510,8 @@ class Outbox:
                 "DELETE FROM inputs WHERE state != 'pending' AND finished_at < ?",
                 (now - self.limits.input_retention_s,),
             ).rowcount
+            if forgotten:
+                conn.execute("DELETE FROM input_keys WHERE input_id NOT IN (SELECT input_id FROM inputs)")
             return {"pruned": pruned, "expired": int(count), "inputs_forgotten": forgotten}
 
         return self._submit(op)

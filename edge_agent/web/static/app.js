@@ -33,6 +33,13 @@
   }
   function token() { return store.get("token", ""); }
   function authHeader(xhr) { if (token()) { xhr.setRequestHeader("Authorization", "Bearer " + token()); } }
+  // one random key per photo, kept with it until it is answered: a retry is then stored once by the agent
+  function newKey() {
+    var bytes = new Uint8Array(16), out = "";
+    (window.crypto || window.msCrypto).getRandomValues(bytes); // available on plain http too
+    for (var i = 0; i < bytes.length; i++) { out += (bytes[i] + 256).toString(16).slice(1); }
+    return out;
+  }
 
   // ---- language --------------------------------------------------------------------------------------
   function pickLang() {
@@ -127,12 +134,13 @@
   }
 
   // ---- talking to the agent --------------------------------------------------------------------------
-  function request(method, url, body, onProgress) {
+  function request(method, url, body, onProgress, key) {
     return new Promise(function (resolve, reject) {
       var xhr = new XMLHttpRequest();
       xhr.open(method, url);
       xhr.timeout = 90000;
       authHeader(xhr);
+      if (key) { xhr.setRequestHeader("Idempotency-Key", key); }
       if (onProgress && xhr.upload) {
         xhr.upload.onprogress = function (e) { if (e.lengthComputable) { onProgress(Math.round(100 * e.loaded / e.total)); } };
         xhr.upload.onload = function () { onProgress(100); };
@@ -154,7 +162,7 @@
     status("uploading", 0);
     return request("POST", "/v1/diagnose?lang=" + encodeURIComponent(rec.lang), form, function (p) {
       if (p >= 100) { status("analysing"); } else { status("uploading", p); }
-    });
+    }, rec.key || rec.id);
   }
   function poll(url, tries) {
     status("pending");
@@ -166,7 +174,7 @@
     });
   }
   function outcome(rec, r) {
-    var transient = r.status === 0 || r.status === 408 || r.status === 429 || r.status >= 500;
+    var transient = r.status === 0 || r.status === 408 || r.status === 409 || r.status === 429 || r.status >= 500;
     if (r.status === 200 && r.data) { return queueDel(rec.id).then(function () { render(r.data, rec.preview); remember(r.data); status(null); return true; }); }
     if (r.status === 202 && r.data) {
       return queueDel(rec.id).then(function () { return poll(r.data.location, 30); }).then(function (p) { return outcome({ id: "" }, p); });
@@ -279,8 +287,8 @@
     status("preparing");
     downscale(file).then(function (blob) {
       var rec = { id: String(Date.now()) + "-" + Math.random().toString(16).slice(2), created: Date.now(),
-                  blob: blob, lang: state.lang, crop: $("crop").value };
-      return queueAdd({ id: rec.id, created: rec.created, blob: blob, lang: rec.lang, crop: rec.crop }).then(function () {
+                  blob: blob, lang: state.lang, crop: $("crop").value, key: newKey() };
+      return queueAdd({ id: rec.id, created: rec.created, blob: blob, lang: rec.lang, crop: rec.crop, key: rec.key }).then(function () {
         return updateQueue();
       }).then(function () {
         state.retryDelay = RETRY_MIN;
