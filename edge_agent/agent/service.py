@@ -15,6 +15,8 @@ run the whole service with fakes or with a real broker.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import functools
 import logging
@@ -558,8 +560,24 @@ def _drop_spool(item: InputItem, fut: Future[PipelineOutput]) -> None:
             log.warning("recovery: cannot delete spool file of %s", item.input_id)
 
 
+M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory_promptly() -> bool:
+    """glibc: serve allocations of 1 MiB and more with mmap, so that a decoded image's buffers go back to the
+    system when freed. Its adaptive threshold otherwise climbs to 32 MiB after the first large free, and Pillow's
+    16 MiB blocks then fragment the heap: a few large decodes left hundreds of MB resident for good. A process
+    setting: the daemon calls it once; False where the C library has no ``mallopt`` (musl)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_service(cfg: AgentConfig, *, on_ready: Callable[[Service], None] | None = None, **kwargs: Any) -> int:
     """Start, wait for SIGTERM/SIGINT, stop within ``shutdown_timeout_s``. Returns a process exit code."""
+    return_freed_memory_promptly()
     service = Service(cfg, **kwargs)
     done = threading.Event()
     previous: Mapping[int, Any] = {}

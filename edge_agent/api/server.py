@@ -10,6 +10,8 @@ What uvicorn alone does not bound, and this module does:
   complete ``http.header_timeout_s`` after it opened, or after its previous answer, is closed (uvicorn
   only times out a keep-alive connection that sends nothing at all; a byte now and then kept it open);
 - **header size**: ``MAX_HEADER_BYTES`` (h11 answers 400 over it);
+- **the accept burst**: the listen backlog (:func:`listen_backlog`) is also how many sockets asyncio
+  accepts per loop turn before the gate sees them, so it is kept small;
 - **proxy headers**: believed only from ``http.trusted_proxies`` (uvicorn trusts loopback by default,
   which let any local client pick its rate-limit bucket with X-Forwarded-For).
 
@@ -154,6 +156,13 @@ def guarded_protocol(gate: ConnectionGate, header_timeout_s: float) -> type[H11P
 _REFUSAL = _refusal()
 
 
+def listen_backlog(max_connections: int) -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one go before any of them is
+    seen by the gate: the gate can refuse at most this many per loop turn, so it bounds the descriptors a
+    connection storm holds for an instant (uvicorn's default, 2048, let 4,200 sockets pile up to 3,600)."""
+    return max(16, min(128, max_connections))
+
+
 def make_server(app: Any, settings: HttpConfig) -> uvicorn.Server:
     """A uvicorn server for ``app`` with the agent's connection, time and proxy limits (``settings``).
 
@@ -181,5 +190,6 @@ def make_server(app: Any, settings: HttpConfig) -> uvicorn.Server:
         server_header=False,
         timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=listen_backlog(settings.max_connections),
     )
     return uvicorn.Server(config)

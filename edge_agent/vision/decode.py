@@ -262,53 +262,73 @@ def decode_image(
         fast = _fast_jpeg(data, size_hint, max_pixels, budget)
         if fast is not None:
             return fast
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            im = PILImage.open(io.BytesIO(data), formats=[fmt])
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"image too large: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"unreadable {fmt} image") from exc
-    except _DECODE_ERRORS as exc:
-        raise ImageError(f"unreadable {fmt} image: {exc}") from exc
-    with im:
+    with _open(data, fmt) as im:  # the header only
         w, h = im.size
         if w < 1 or h < 1:
             raise ImageError("image has no pixels")
         if w * h > max_pixels:
             raise ImageTooLargeError(f"image has {w}x{h} pixels, limit is {max_pixels}")
         layout = _png_layout(data) if fmt == "PNG" else None
-        pixels: U8Image | None = None
-        try:
-            if fmt == "PNG" and layout is None:
-                with _hold(budget, w * h):  # an unusual PNG: Pillow finds its EXIF only by reading it whole
-                    im.load()
-                    orientation = _orientation(im)
-                    upright, need_stored = _geometry(w, h, orientation, size_hint)
-                    pixels = _load_rgb(im, _large_factor((w, h), need_stored))
+        # Pillow finds a PNG's EXIF only by decoding it whole: read from the chunks when they are usual
+        orientation = layout.orientation if layout is not None else None if fmt == "PNG" else _orientation(im)
+    try:
+        if orientation is None:  # an unusual PNG: decoded whole, inside the budget
+            with _hold(budget, w * h):
+                pixels, orientation = _pillow_pixels(data, fmt, None, size_hint)
+        else:
+            need_stored = _geometry(w, h, orientation, size_hint)[1]
+            factor = _large_factor((w, h), need_stored)
+            if layout is not None and layout.streamable and factor > 1:
+                with _hold(budget, 2 * _strip_rows(w, factor) * w):
+                    pixels = _png_reduced(data, layout, factor)
             else:
-                orientation = layout.orientation if layout is not None else _orientation(im)
-                upright, need_stored = _geometry(w, h, orientation, size_hint)
-                factor = _large_factor((w, h), need_stored)
-                if layout is not None and layout.streamable and factor > 1:
-                    with _hold(budget, 2 * _strip_rows(w, factor) * w):
-                        pixels = _png_reduced(data, layout, factor)
+                if fmt == "JPEG" and size_hint is not None:
+                    f = _reduction((w, h), need_stored)
+                    weight = -(-w // f) * -(-h // f)  # what Pillow's draft (DCT scaling) decodes
                 else:
-                    if fmt == "JPEG" and size_hint is not None:
-                        im.draft("RGB", need_stored)
-                        factor = _large_factor(im.size, need_stored)
-                    with _hold(budget, im.size[0] * im.size[1]):
-                        pixels = _load_rgb(im, factor)
-            if orientation in _ORIENT_TRANSPOSE:
-                pixels = _orient_array(pixels, orientation)
-        except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image too large: {exc}") from exc
-        except _DECODE_ERRORS as exc:
-            raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from exc
+                    weight = w * h * (3 if fmt == "WEBP" else 1)  # libwebp's canvases and Pillow's copy of one
+                with _hold(budget, weight):  # every Pillow object of the decode is gone when the hold ends
+                    pixels, _ = _pillow_pixels(data, fmt, orientation, size_hint)
+        if orientation in _ORIENT_TRANSPOSE:
+            pixels = _orient_array(pixels, orientation)
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from exc
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ImageError("image did not decode to 3 channels")
+    upright = _geometry(w, h, orientation, size_hint)[0]
     return Image(pixels=np.ascontiguousarray(pixels), color="RGB", original_size=upright)
+
+
+def _open(data: bytes, fmt: str) -> PILImage.Image:
+    """Pillow's lazy open of ``fmt`` only (reads the header), its errors translated."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            return PILImage.open(io.BytesIO(data), formats=[fmt])
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"unreadable {fmt} image") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"unreadable {fmt} image: {exc}") from exc
+
+
+def _pillow_pixels(
+    data: bytes, fmt: str, orientation: int | None, size_hint: SizeHint | None
+) -> tuple[U8Image, int]:
+    """Decode with Pillow: (RGB pixels in stored orientation, shrunk when large; the EXIF orientation). Every
+    Pillow object it makes is released when it returns (a WebP decoder keeps two canvases until then)."""
+    with _open(data, fmt) as im:
+        w, h = im.size
+        if orientation is None:
+            im.load()
+            orientation = _orientation(im)
+        need_stored = _geometry(w, h, orientation, size_hint)[1]
+        if fmt == "JPEG" and size_hint is not None:
+            im.draft("RGB", need_stored)
+        return _load_rgb(im, _large_factor(im.size, need_stored)), orientation
 
 
 def _large_factor(size: tuple[int, int], need: tuple[int, int]) -> int:
