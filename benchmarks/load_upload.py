@@ -125,11 +125,12 @@ class Agent:
             f"""\
 device_id: load-test
 state_dir: {workdir / "state"}
+models_dir: {bundle.parent}
 shutdown_timeout_s: 10
 log_level: warning
 models:
   - name: crop
-    bundle: {bundle}
+    bundle: {bundle.name}
 pipelines:
   - name: crop
     kind: crop

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,6 +239,40 @@ def test_photo_is_shrunk_on_the_phone_and_kept_when_the_link_drops(agent: str, p
     assert page.inner_text("#diag-name").strip() == stored["diagnosis"]["name"]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "farmer_page_fr_retry.png"), full_page=True)
+
+
+def uploads_accepted(base: str) -> tuple[float, float]:
+    """(accepted, replayed) upload counters of the agent."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = dict(re.findall(r'^edge_agent_http_uploads_total\{outcome="(\w+)"\} (\S+)$', text, re.M))
+    return float(found.get("accepted", 0)), float(found.get("replayed", 0))
+
+
+def test_answer_lost_after_the_photo_was_stored_is_retried_with_the_same_key_and_stored_once(
+    agent: str, phone: Page
+) -> None:
+    page = phone
+    keys: list[str] = []
+
+    def lose_first_answer(route: Route, request: Request) -> None:
+        keys.append(request.headers.get("idempotency-key", ""))
+        if len(keys) == 1:
+            route.fetch()  # the agent receives and stores the photo and answers...
+            route.abort("connectionreset")  # ...but the phone never hears the answer
+        else:
+            route.continue_()
+
+    accepted, replayed = uploads_accepted(agent)
+    page.goto(agent + "/", wait_until="networkidle")
+    page.route("**/v1/diagnose*", lose_first_answer)
+    page.set_input_files("#photo", str(LEAF))
+    page.wait_for_selector("#status-text:has-text('Pas de connexion')")  # kept, to be sent again
+    page.click("#retry")
+    page.wait_for_selector("#result:not([hidden])")
+    assert len(keys) == 2 and keys[0] == keys[1] and re.fullmatch(r"[0-9a-f]{32}", keys[0]), keys
+    assert uploads_accepted(agent) == (accepted + 1, replayed + 1)  # stored once, answered twice
+    result_id = page.evaluate("JSON.parse(localStorage.getItem('last')).id")
+    assert page.inner_text("#diag-name").strip() == api(agent, result_id, "fr")["diagnosis"]["name"]
 
 
 def test_shared_leaf_photo_exists_and_is_a_jpeg() -> None:

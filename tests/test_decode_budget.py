@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from edge_agent import decode
-from edge_agent.decode import PixelBudget, decode_image
 from edge_agent.errors import ImageError
+from edge_agent.vision import decode
+from edge_agent.vision.decode import PixelBudget, decode_image
 
 from .support.wait import wait_for
 
