@@ -100,6 +100,11 @@ def bad_update_key(root: Path) -> str:
     return GOOD + "updates:\n  enabled: true\n  trusted_keys: [not-a-key.pem]\n"
 
 
+def bad_ack_key(root: Path) -> str:
+    (root / "coordinator.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n")
+    return GOOD.replace("mqtt:\n  enabled: false\n", "mqtt:\n  ack_keys: [coordinator.pub]\n")
+
+
 def bad_ca_file(root: Path) -> str:
     (root / "ca.pem").write_text("not a certificate\n")
     return GOOD.replace("mqtt:\n  enabled: false\n", "mqtt:\n  tls: {enabled: true, ca_file: ca.pem}\n")
@@ -131,6 +136,7 @@ BAD: list[tuple[str, Callable[[Path], str], str, str]] = [
     ("manifest names an input the model lacks", input_not_in_model, "manifest_invalid", "models.0"),
     ("trusted update key unreadable", bad_update_key, "config_invalid", "updates.trusted_keys.0"),
     ("broker CA file unreadable", bad_ca_file, "config_invalid", "mqtt.tls.ca_file"),
+    ("coordinator ack key unreadable", bad_ack_key, "config_invalid", "mqtt.ack_keys.0"),
     ("untrusted proxy entry", edit("  tokens_file: tokens\n", "  tokens_file: tokens\n  trusted_proxies: [proxy]\n"),
      "config_invalid", "http.trusted_proxies"),
 ]

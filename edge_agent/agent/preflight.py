@@ -4,8 +4,8 @@
 YAML keys, bundle paths with ``..``, ``http.bind`` off loopback without a tokens file, missing
 certificates, unwritable folders, unreadable secrets). :func:`preflight` adds what needs the files the
 config points at: each model bundle (inside ``models_dir``, manifest valid, sha256 right, and with
-``load_models`` the ONNX session built and warmed up as ``run`` does), one folder per model name, the
-HTTP tokens file, the MQTT TLS certificates and key, and the trusted update keys.
+``load_model`` the ONNX session built and warmed up as ``run`` does), one folder per model name, the
+HTTP tokens file, the MQTT TLS certificates and key, and every key file (updates, acks, commands, results).
 
 Every refusal is an :class:`EdgeAgentError` of the code ``run`` would give, its message
 ``<key.path>: <what is wrong>`` (the CLI puts the file name in front). Nothing is written, no port is
@@ -61,7 +61,7 @@ def preflight(cfg: AgentConfig, *, load_model: ModelLoader | None = None) -> Non
                 raise _keyed(f"models.{i}", exc) from exc
     _check_http(cfg)
     _check_tls(cfg)
-    _check_update_keys(cfg)
+    _check_keys(cfg)
 
 
 def _check_http(cfg: AgentConfig) -> None:
@@ -93,14 +93,24 @@ def _check_tls(cfg: AgentConfig) -> None:
             raise ConfigError(f"mqtt.tls.cert_file: cannot load the certificate and key: {exc}") from exc
 
 
-def _check_update_keys(cfg: AgentConfig) -> None:
-    u = cfg.updates
-    if not u.enabled:
-        return
-    from edge_agent.updates.keys import load_public_key
+def _check_keys(cfg: AgentConfig) -> None:
+    """Every key file ``run`` loads at start: update keys (when updates are on), and with MQTT on the
+    coordinators' ack keys, the operators' command keys and this device's result-signing key."""
+    from edge_agent.updates.keys import load_private_key, load_public_key
 
-    for i, path in enumerate(u.trusted_keys):
+    public: list[tuple[str, tuple[Path, ...]]] = []
+    if cfg.updates.enabled:
+        public.append(("updates.trusted_keys", cfg.updates.trusted_keys))
+    if cfg.mqtt.enabled:
+        public += [("mqtt.ack_keys", cfg.mqtt.ack_keys), ("commands.trusted_keys", cfg.commands.trusted_keys)]
+    for key, paths in public:
+        for i, path in enumerate(paths):
+            try:
+                load_public_key(path)
+            except EdgeAgentError as exc:
+                raise _keyed(f"{key}.{i}", exc) from exc
+    if cfg.mqtt.enabled and cfg.mqtt.result_key is not None:
         try:
-            load_public_key(path)
+            load_private_key(cfg.mqtt.result_key)
         except EdgeAgentError as exc:
-            raise _keyed(f"updates.trusted_keys.{i}", exc) from exc
+            raise _keyed("mqtt.result_key", exc) from exc
