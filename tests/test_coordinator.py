@@ -161,6 +161,7 @@ def test_coordinator_acks_after_commit_and_survives_garbage(tmp_path: Path) -> N
         ("mqtt: [unclosed\n", "YAML"),
         ("device_keys: {'a/b': k.pub}\n", "device_keys"),
         ("ack_ttl_s: 0\n", "ack_ttl_s"),
+        ("mqtt: {port: 1883}\nbatch_max: 10\nmqtt: {port: 1884}\n", "mqtt: duplicate key (lines 1 and 3)"),
     ],
 )
 def test_bad_config_fails_fast_naming_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_agent.config import load_yaml
 from edge_agent.errors import ConfigError
 
 
@@ -100,7 +101,7 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, str(path))  # refuses a key given twice, naming it and both lines
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML syntax error: {str(exc).splitlines()[0]}") from exc
     return parse_coordinator_config(data, str(path))
