@@ -21,7 +21,7 @@ from edge_agent.errors import QuantizationGateError
 from edge_agent.toolchain.anomaly_fit import FitConfig, fit_bundle
 from edge_agent.toolchain.quantize import GateConfig, quantize_and_gate
 from training import build_classifiers, calibrate_ood
-from training.common import BACKBONE, DATASETS, REPO
+from training.common import BACKBONE, DATASETS, REPO, require_shared
 
 log = logging.getLogger("build_all")
 VAR = REPO / "var" / "models"
@@ -76,6 +76,7 @@ def _crop_gate_folder() -> Path:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    require_shared()
     t0 = time.perf_counter()
     summary: dict[str, object] = {}
     build_classifiers.main(["--out", str(VAR)])
