@@ -4,9 +4,9 @@ Given the wheel built from this checkout and a fresh venv with nothing but that 
 declares (installed offline from the wheelhouse of ``tests/support/wheelhouse.py``, which ``pip download`` filled from
 the package index), when its ``edge-agent`` runs from a folder outside the repo with PYTHONPATH unset, then:
 ``--version`` answers; ``models list`` shows the bundles the wheel carries, read from inside the venv; ``infer``
-finds the cows and names the leaf's disease; ``run`` takes a photo from a watched folder to ``done/``; a missing or
-empty models folder, and the tools that need an extra the runtime install lacks (onnx, matplotlib), each give one
-line saying what to do.
+finds the cows and names the leaf's disease; ``run`` takes a photo from a watched folder to ``done/``; an empty
+models folder, and a tool that needs an extra the runtime install lacks (onnx, matplotlib), each give one line saying
+what to do (every such case is also tested in-process, in test_cli.py).
 """
 
 from __future__ import annotations
@@ -167,37 +167,23 @@ def test_run_takes_a_photo_from_the_watched_folder_to_done(installed: Installed)
     assert not (inbox / "rejected").exists() or not any((inbox / "rejected").iterdir())
 
 
-def test_a_missing_or_empty_models_dir_names_where_it_looked(installed: Installed) -> None:
+def test_an_empty_models_dir_names_where_it_looked(installed: Installed) -> None:
     empty = installed.outside / "no-models"
     empty.mkdir()
-    cases = [
-        (("models", "list", "--models-dir", str(empty)), empty, "no model bundles in"),
-        (("models", "list", "--models-dir", str(installed.outside / "absent")), installed.outside / "absent",
-         "does not exist"),
-        (("infer", str(COWS), "--model", "yolox_nano", "--models-dir", str(empty)), empty, "no model bundles in"),
-    ]
-    for args, folder, words in cases:
-        proc = installed.run("edge-agent", *args)
-        assert proc.returncode == 2
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and "model_not_found" in lines[0], proc.stderr
-        assert words in lines[0] and str(folder) in lines[0] and "Traceback" not in proc.stderr
+    proc = installed.run("edge-agent", "models", "list", "--models-dir", str(empty))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "model_not_found" in lines[0], proc.stderr
+    assert f"no model bundles in {empty}" in lines[0] and "Traceback" not in proc.stderr
 
 
 def test_tools_outside_the_runtime_install_name_their_extra(installed: Installed) -> None:
     probe = installed.run("python", "-c",
                           "import importlib.util as u; print(*map(u.find_spec, ['onnx', 'matplotlib']))")
     assert probe.stdout.split() == ["None", "None"], probe  # tooling only: not in the runtime set
-    cases = [
-        (("quantize", "--model", "crop_disease", "--calib", str(CROPS), "--eval", str(CROPS), "--out", "x"),
-         "pip install 'edge-agent[tools]'"),
-        (("inspect", "fit", str(CROPS), "--out", "x"), "pip install 'edge-agent[tools]'"),
-        (("eval", str(CROPS / "plantvillage"), "--model", "crop_disease", "--plot", "cm.png"),
-         "pip install 'edge-agent[plot]'"),
-    ]
-    for args, hint in cases:
-        proc = installed.run("edge-agent", *args)
-        assert proc.returncode == 2, proc.stderr
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and "dependency_missing" in lines[0] and hint in lines[0], proc.stderr
-    assert not (installed.outside / "cm.png").exists()
+    proc = installed.run("edge-agent", "quantize", "--model", "crop_disease", "--calib", str(CROPS), "--eval",
+                         str(CROPS), "--out", "x")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "dependency_missing" in lines[0], proc.stderr
+    assert "pip install 'edge-agent[tools]'" in lines[0]
