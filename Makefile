@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak
+.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak wheel
 
 # Rebuild every shipped model bundle from ../shared (training extra: torch CPU; ~20-40 min on 2 cores).
 .PHONY: models
@@ -12,10 +12,11 @@ models: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,train]'
 	$(BIN)/python -m models.training.build_all
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m tests.support.wheelhouse  # the runtime dependencies as wheels, for tests/test_wheel.py
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -45,6 +46,13 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
+# The wheel a user installs (pip install dist/edge_agent-*.whl): the package plus the bundles setup.py names.
+wheel: $(STAMP)
+	rm -rf build dist *.egg-info
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation --wheel-dir dist .
+	rm -rf build *.egg-info
+	@ls -l dist/*.whl
+
 run: system-deps $(STAMP)
 	bash scripts/run-demo.sh
 
@@ -53,4 +61,4 @@ soak: system-deps $(STAMP)
 	$(BIN)/pytest -q -s -m soak tests/soak_delivery.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

@@ -257,6 +257,8 @@ async def burst(base: str, photos: list[bytes], pid: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None, help="crop model bundle (default: auto)")
+    if not LEAF.is_dir():
+        raise SystemExit(f"load_upload: {LEAF} not found (leaf photos from ../shared beside the repo)")
     parser.add_argument("--uploads", type=int, default=50)
     parser.add_argument("--mb", type=float, default=3.0, help="size of each burst photo in MB")
     parser.add_argument("--runs", type=int, default=10, help="sequential uploads per timing")

@@ -52,7 +52,9 @@ def load_sources(per_glob: int = 6) -> tuple[list[Any], str]:
         if paths:
             srcs = [np.asarray(PILImage.open(p).convert("RGB")) for p in paths]
             return srcs, f"{len(srcs)} photos from {shared}/datasets (coco_demo, ibean, neu_steel, cattle_chute)"
-    return bench.synthetic_sources(), "synthetic texture (no dataset found)"
+    where = " or ".join(str(s / "datasets") for s in SHARED_CANDIDATES)
+    log.warning("no dataset photos under %s: the test images are tiled from synthetic texture", where)
+    return bench.synthetic_sources(), f"synthetic texture (no dataset under {where})"
 
 
 def pick_agent_models(bundles: list[Bundle]) -> list[Bundle]:

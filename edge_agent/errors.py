@@ -20,6 +20,7 @@ The tree::
     │   └── StoreRejectedError        store_rejected (coordinator store refused what a batch holds)
     ├── OverloadedError               overloaded (a bounded queue is full; retry later)
     ├── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
+    ├── MissingDependencyError        dependency_missing (an optional extra is not installed: the message names it)
     └── UpdateError                   update_invalid (a signed model update refused; see docs/model-updates.md)
         ├── UpdateUnsignedError       update_unsigned
         ├── UpdateUntrustedKeyError   update_untrusted_key
@@ -130,6 +131,29 @@ class QuantizationGateError(EdgeAgentError):
     def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.report = report or {}
+
+
+class MissingDependencyError(EdgeAgentError):
+    """A command needs a package of an optional extra (e.g. ``edge-agent[tools]``) that is not installed."""
+
+    code = "dependency_missing"
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Import ``module`` or raise :class:`MissingDependencyError` saying to install ``edge-agent[extra]``.
+
+    The runtime install runs models; building them needs more: ``onnx`` (``tools``: quantize, inspect fit, detector
+    graph surgery), ``matplotlib`` (``plot``: eval --plot), ``psycopg`` (``postgres``: the coordinator's PostgreSQL
+    store).
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{purpose} needs the {module} package, which is not installed: pip install 'edge-agent[{extra}]'"
+        ) from exc
 
 
 class UpdateError(EdgeAgentError):

@@ -119,6 +119,8 @@ def add_head(path: Path, head: dict[str, Any], size: tuple[int, int]) -> None:
 def main() -> None:
     shared = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "models"
     out_root = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "models"
+    if not shared.is_dir():
+        raise SystemExit(f"import_detectors: {shared} not found (the shared models; pass SHARED_MODELS_DIR)")
     for name, spec in BUNDLES.items():
         src, dst = shared / name, out_root / name
         dst.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs per tensor on the root logger
     log.setLevel(logging.INFO)
+    if not (args.shared / "datasets").is_dir():
+        raise SystemExit(f"quantize_detectors: {args.shared / 'datasets'} not found (shared datasets; pass --shared)")
     coco_dir = args.shared / "datasets" / "livestock" / "coco_demo"
     calib = calibration_photos(args.shared)
     status = 0

@@ -96,15 +96,15 @@ pids+=($!)
 agent=${pids[-1]}
 wait_until 120 "the agent" grep -qs "running: pipelines" "$DEMO/agent.log"
 
-sample=$(find ../shared/datasets/crops -name '*.jpg' 2>/dev/null | sort | head -n 1 || true)
+sample=tests/data/crops/ibean/angular_leaf_spot/angular_leaf_spot_train_0.jpg  # a field photo (tests/data/LICENSES.md)
 cat <<EOF
 
   edge-agent is running (device edge-01).
   This is a loopback demo: the broker on $HOST:$PORT takes anonymous clients and acks and commands are
   unsigned. To deploy, use deploy/mosquitto/ (passwords, ACL, TLS) and keys (docs/mqtt.md, "Authentication").
   Drop a leaf photo into:   $PWD/$INBOX
-${sample:+  for example:              cp '$sample' $INBOX/
-}  See results on MQTT:      mosquitto_sub -h $HOST -p $PORT -v -t 'edge/v1/#'
+  for example:              cp '$sample' $INBOX/
+  See results on MQTT:      mosquitto_sub -h $HOST -p $PORT -v -t 'edge/v1/#'
   Coordinator dashboard:    ${DASH_URL:-off}   (results stored in $DEMO/coordinator.db)
   Processed files:          $INBOX/done   rejected ones (with a .reason.json): $INBOX/rejected
   Logs:                     $DEMO/agent.log  $DEMO/coordinator.log
@@ -113,7 +113,7 @@ ${sample:+  for example:              cp '$sample' $INBOX/
 EOF
 
 if [ "${DEMO_ONESHOT:-0}" = "1" ]; then
-  [ -n "$sample" ] || { echo "run-demo: no sample photo under ../shared/datasets/crops" >&2; exit 1; }
+  [ -f "$sample" ] || { echo "run-demo: sample photo $sample is missing" >&2; exit 1; }
   sub=(mosquitto_sub -h "$HOST" -p "$PORT" -t 'edge/v1/edge-01/results/#' -C 1 -W 60)
   "${sub[@]}" > "$DEMO/oneshot.json" &
   subpid=$!

@@ -1,4 +1,5 @@
-"""Shared fixtures. The shared datasets live beside the repo, in ../shared."""
+"""Shared fixtures and paths. The sample images live in tests/data (sources and licences in tests/data/LICENSES.md):
+the suite needs nothing outside this repository."""
 
 from __future__ import annotations
 
@@ -7,15 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 MODELS = ROOT / "models"
-COCO_DEMO = SHARED / "datasets" / "livestock" / "coco_demo"
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    assert SHARED.is_dir(), f"shared data expected at {SHARED}"
-    return SHARED
+TEST_DATA = ROOT / "tests" / "data"
+COCO_DEMO = TEST_DATA / "coco_demo"
+CROPS = TEST_DATA / "crops"
 
 
 @pytest.fixture(scope="session")

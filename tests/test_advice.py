@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.bundles.bundle import load_bundle
 from edge_agent.errors import ConfigError
 from edge_agent.sectors.advice import (
     CROP_LABELS,
@@ -18,10 +19,11 @@ from edge_agent.sectors.advice import (
     parse_language_pack,
 )
 
+from .conftest import CROPS, MODELS
+
 ROOT = Path(__file__).resolve().parent.parent
 ADVICE = ROOT / "edge_agent" / "sectors" / "advice"
 STATIC = ROOT / "edge_agent" / "web" / "static"
-SHARED = ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,12 @@ def book() -> AdviceBook:
 
 
 def test_labels_are_the_crop_datasets_classes() -> None:
-    plantvillage = sorted(p.name for p in (SHARED / "datasets/crops/plantvillage/train").iterdir() if p.is_dir())
-    ibean = sorted("Bean___" + p.name for p in (SHARED / "datasets/crops/ibean/train").iterdir() if p.is_dir())
+    # tests/data/crops holds one folder per class of each dataset (named as in ../shared/datasets/crops/*/train)
+    plantvillage = sorted(p.name for p in (CROPS / "plantvillage").iterdir() if p.is_dir())
+    ibean = sorted("Bean___" + p.name for p in (CROPS / "ibean").iterdir() if p.is_dir())
     assert len(plantvillage) == 12 and len(ibean) == 3
     assert sorted(CROP_LABELS) == sorted(plantvillage + ibean)
+    assert sorted(CROP_LABELS) == sorted(load_bundle(MODELS / "crop_disease", verify=False).manifest.labels)
 
 
 @pytest.mark.parametrize("lang", REQUIRED_LANGUAGES)

@@ -1,4 +1,4 @@
-"""The shipped crop model behind the HTTP API: shared leaf photos come back with the right disease and
+"""The shipped crop model behind the HTTP API: sample leaf photos (tests/data) come back with the right disease and
 advice in the farmer's language, and photos that are not leaves come back as "not a recognised leaf".
 
 Tolerant on purpose (4 of 5 per class): this checks the wiring from upload to advice with the real
@@ -17,8 +17,10 @@ from edge_agent.vision.model import Model
 from edge_agent.vision.runtime import RuntimeOptions
 from tests.support.api_harness import LOCAL, Harness, build
 
+from .conftest import TEST_DATA
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = TEST_DATA
 BUNDLE = ROOT / "models" / "crop_disease"
 
 
@@ -38,9 +40,9 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, T
 @pytest.mark.parametrize(
     ("folder", "label", "swahili"),
     [
-        ("crops/ibean/train/bean_rust", "Bean___bean_rust", "Kutu ya maharagwe"),
-        ("crops/plantvillage/train/Apple___Apple_scab", "Apple___Apple_scab", "Ukoko wa tufaha (apple scab)"),
-        ("crops/plantvillage/train/Corn___Common_rust", "Corn___Common_rust", "Kutu ya kawaida ya mahindi"),
+        ("crops/ibean/bean_rust", "Bean___bean_rust", "Kutu ya maharagwe"),
+        ("crops/plantvillage/Apple___Apple_scab", "Apple___Apple_scab", "Ukoko wa tufaha (apple scab)"),
+        ("crops/plantvillage/Corn___Common_rust", "Corn___Common_rust", "Kutu ya kawaida ya mahindi"),
     ],
 )
 def test_leaf_photos_get_their_disease_and_advice(
@@ -62,7 +64,7 @@ def test_leaf_photos_get_their_disease_and_advice(
 def test_photos_that_are_not_leaves_are_not_recognised(agent: tuple[Harness, TestClient]) -> None:
     _, client = agent
     labels = []
-    for path in photos(DATA / "livestock" / "coco_demo" / "images"):
+    for path in photos(DATA / "coco_demo" / "images"):
         r = client.post(
             "/v1/diagnose", params={"lang": "fr"}, content=path.read_bytes(), headers={"content-type": "image/jpeg"}
         )

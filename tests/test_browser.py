@@ -2,7 +2,7 @@
 
 Given a real agent process (``edge-agent run``, tiny ONNX crop classifier over the 15 crop labels)
 serving the page on a free loopback port; when a phone-sized browser opens the page and uploads a
-leaf photo from the shared datasets through the "Take photo" file input; then the diagnosis,
+leaf photo from tests/data through the "Take photo" file input; then the diagnosis,
 confidence, advice and alternatives appear, match the API, switch language (French from the
 browser locale, then Kiswahili from the picker), are remembered on the phone, and a photo whose
 upload fails is kept and sent again. A screenshot is kept under ``artifacts/``.
@@ -29,9 +29,11 @@ from edge_agent.sectors.advice import CROP_LABELS
 from tests.support.api_harness import free_port, wait_for
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 
+from .conftest import CROPS
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
-LEAF = ROOT.parent / "shared" / "datasets" / "crops" / "ibean" / "train" / "bean_rust" / "bean_rust_train_0.jpg"
+LEAF = CROPS / "ibean" / "bean_rust" / "bean_rust_train_0.jpg"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
     "--headless",
@@ -207,7 +209,7 @@ def test_farmer_uploads_a_leaf_and_reads_the_advice_in_two_languages(agent: str,
 
 def test_photo_is_shrunk_on_the_phone_and_kept_when_the_link_drops(agent: str, phone: Page, tmp_path: Path) -> None:
     page = phone
-    big = tmp_path / "phone_photo.jpg"  # a 12 MP phone-sized photo made from the shared leaf
+    big = tmp_path / "phone_photo.jpg"  # a 12 MP phone-sized photo made from the sample leaf
     PILImage.open(LEAF).convert("RGB").resize((4000, 3000), PILImage.Resampling.BICUBIC).save(big, "JPEG", quality=92)
     uploads: list[int] = []
 
@@ -275,7 +277,7 @@ def test_answer_lost_after_the_photo_was_stored_is_retried_with_the_same_key_and
     assert page.inner_text("#diag-name").strip() == api(agent, result_id, "fr")["diagnosis"]["name"]
 
 
-def test_shared_leaf_photo_exists_and_is_a_jpeg() -> None:
+def test_sample_leaf_photo_exists_and_is_a_jpeg() -> None:
     data = LEAF.read_bytes()
     assert data[:3] == b"\xff\xd8\xff"
     assert PILImage.open(io.BytesIO(data)).size[0] > 0

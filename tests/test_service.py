@@ -31,6 +31,7 @@ from edge_agent.transport.fake import FakeBroker, FakeTransport
 from tests.support.broker import Broker, free_port
 from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
 
+from .conftest import CROPS
 from .support.wait import wait_for
 
 T = 20.0
@@ -495,8 +496,7 @@ def test_embedded_default_runs_the_bundled_crop_model(tmp_path: Path) -> None:
     assert kind == "crop"
     cfg = default_config(cwd=tmp_path, environ={}, bundle=bundle, kind=kind)
     cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"enabled": False})})
-    leaf = sorted((Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "crops" / "plantvillage"
-                   / "train" / "Apple___Apple_scab").glob("*.jpg"))[0]
+    leaf = sorted((CROPS / "plantvillage" / "Apple___Apple_scab").glob("*.jpg"))[0]
     service = Service(cfg)
     service.start()
     try:

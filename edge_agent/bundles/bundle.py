@@ -28,9 +28,18 @@ class Bundle:
 
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+"""Where an installed wheel keeps its bundles (the repo's ``models/`` folder, packaged; see setup.py)."""
+
+CHECKOUT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+"""The ``models/`` folder of a source checkout, where ``make models`` and the import scripts write bundles."""
+
+MODELS_DIR_HINT = "set models_dir in the config, --models-dir or EDGE_AGENT_MODELS_DIR"
+
+
 def default_models_dir() -> Path:
-    """The ``models/`` folder of this checkout (bundled models)."""
-    return Path(__file__).resolve().parents[2] / "models"
+    """The bundled models: ``edge_agent/bundles/shipped/`` in an installed wheel, else ``models/`` of this checkout."""
+    return SHIPPED_DIR if SHIPPED_DIR.is_dir() else CHECKOUT_MODELS_DIR
 
 
 def load_bundle(directory: Path, *, verify: bool = True) -> Bundle:
@@ -64,12 +73,24 @@ def list_bundle_dirs(models_dir: Path) -> list[Path]:
     return sorted(p for p in models_dir.iterdir() if (p / MANIFEST_NAME).is_file())
 
 
+def require_bundle_dirs(models_dir: Path) -> list[Path]:
+    """:func:`list_bundle_dirs`, where a missing folder, or one without bundles, is an error naming it."""
+    if not models_dir.is_dir():
+        raise ModelNotFoundError(f"models_dir {models_dir} does not exist or is not a folder ({MODELS_DIR_HINT})")
+    found = list_bundle_dirs(models_dir)
+    if not found:
+        raise ModelNotFoundError(
+            f"no model bundles in {models_dir}: no <bundle>/{MANIFEST_NAME} there ({MODELS_DIR_HINT})"
+        )
+    return found
+
+
 def find_bundle(name: str, models_dir: Path, *, verify: bool = True) -> Bundle:
     """The bundle called ``name`` (folder name or manifest name) under ``models_dir``."""
     direct = models_dir / name
     if (direct / MANIFEST_NAME).is_file():
         return load_bundle(direct, verify=verify)
-    for d in list_bundle_dirs(models_dir):
+    for d in require_bundle_dirs(models_dir):
         try:
             b = load_bundle(d, verify=False)
         except ManifestError:

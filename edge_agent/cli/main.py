@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edge_agent.bundles.bundle import default_models_dir, find_bundle, list_bundle_dirs, load_bundle
+from edge_agent import __version__
+from edge_agent.bundles.bundle import default_models_dir, find_bundle, load_bundle, require_bundle_dirs
 from edge_agent.cli.bench import bench_command as _bench_command
 from edge_agent.cli.models import eval_command, inspect_app, quantize_command, register_update_commands
 from edge_agent.cli.run import run as _run_agent
@@ -67,8 +68,19 @@ def _models_dir(value: Path | None) -> Path:
     return value if value is not None else default_models_dir()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"edge-agent {__version__}", highlight=False)
+        raise typer.Exit
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -79,7 +91,11 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log deb
 def models_list(models_dir: ModelsDir = None, as_json: Json = False) -> None:  # type: ignore[assignment]
     """List the model bundles and whether each is valid."""
     rows: list[dict[str, Any]] = []
-    for d in list_bundle_dirs(_models_dir(models_dir)):
+    try:
+        found = require_bundle_dirs(_models_dir(models_dir))
+    except EdgeAgentError as exc:
+        raise fail(exc) from None
+    for d in found:
         try:
             m = load_bundle(d).manifest
             rows.append(

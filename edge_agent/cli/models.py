@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edge_agent.bundles.bundle import default_models_dir, find_bundle
-from edge_agent.errors import EdgeAgentError, QuantizationGateError
+from edge_agent.errors import EdgeAgentError, QuantizationGateError, require_extra
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -71,6 +71,8 @@ def eval_command(
     from edge_agent.vision.runtime import RuntimeOptions
 
     try:
+        if plot is not None:  # before minutes of evaluation, not after
+            require_extra("matplotlib", "plot", "edge-agent eval --plot")
         m = Model.load(find_bundle(model, models_dir or default_models_dir()), RuntimeOptions(intra_op_threads=threads))
         with _bar(as_json) as bar:
             task = bar.add_task(f"eval {model}", total=None)
@@ -82,7 +84,10 @@ def eval_command(
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if plot is not None:
-        draw(report, plot)
+        try:
+            draw(report, plot)
+        except EdgeAgentError as exc:
+            raise _fail(exc) from None
     doc = public(report)
     if as_json:
         _json(doc)
@@ -136,6 +141,7 @@ def quantize_command(
     config = GateConfig(max_accuracy_drop=max_accuracy_drop, max_auroc_drop=max_auroc_drop, latency_runs=runs,
                         threads=threads)
     try:
+        require_extra("onnx", "tools", "edge-agent quantize")
         bundle = find_bundle(model, base)
         with _bar(as_json) as bar:
             task = bar.add_task("", total=None)
@@ -181,6 +187,7 @@ def fit_command(
     base = models_dir or default_models_dir()
     config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, holdout_fraction=holdout)
     try:
+        require_extra("onnx", "tools", "edge-agent inspect fit")
         with _bar(as_json) as bar:
             task = bar.add_task("", total=None)
             report = fit_bundle(

@@ -25,10 +25,10 @@ Kind = Literal["crop", "inspection", "livestock", "plain"]
 
 def pick_default_bundle(models_dir: Path) -> tuple[str, Kind]:
     """The bundle the embedded default runs: a crop classifier, else a detector that knows cows, else any."""
-    from edge_agent.bundles.bundle import list_bundle_dirs, load_bundle
+    from edge_agent.bundles.bundle import load_bundle, require_bundle_dirs
 
     found: list[tuple[int, str, Kind]] = []
-    for d in list_bundle_dirs(models_dir):
+    for d in require_bundle_dirs(models_dir):
         try:
             m = load_bundle(d, verify=False).manifest
         except EdgeAgentError:
@@ -40,7 +40,7 @@ def pick_default_bundle(models_dir: Path) -> tuple[str, Kind]:
         else:
             found.append((2, d.name, "plain"))
     if not found:
-        raise EdgeAgentError(f"no model bundle under {models_dir}; pass --config with models_dir")
+        raise EdgeAgentError(f"no valid model bundle in {models_dir}; pass --config with models_dir")
     _, name, kind = min(found)
     return name, kind
 

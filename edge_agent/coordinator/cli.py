@@ -13,7 +13,7 @@ import typer
 from edge_agent.coordinator.config import CoordinatorConfig, load_coordinator_config
 from edge_agent.coordinator.service import Coordinator, coordinator_will
 from edge_agent.coordinator.store import SqliteStore, Store
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError, require_extra
 from edge_agent.protocol.signing import CoordinatorAuth
 from edge_agent.transport.base import MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
@@ -25,6 +25,7 @@ log = logging.getLogger("edge_agent.coordinator")
 def build_store(config: CoordinatorConfig) -> Store:
     if config.store.type == "sqlite":
         return SqliteStore(config.store.path)
+    require_extra("psycopg", "postgres", "the coordinator's PostgreSQL store (store.type: postgres)")
     from edge_agent.coordinator.store_pg import PostgresStore
 
     return PostgresStore(config.store.dsn)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import onnx
 
 from edge_agent.bundles.bundle import MANIFEST_NAME, default_models_dir, load_bundle
-from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError
+from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError, require_extra
 from edge_agent.fsutil import sha256_file
 from edge_agent.toolchain.evaluate import IMAGE_SUFFIXES
 from edge_agent.vision.decode import decode_image
@@ -288,10 +288,14 @@ def fit_bundle(
     source: str | None = None,
 ) -> dict[str, Any]:
     """Fit and write ``out_dir`` (manifest.json + ``<name>.onnx``). Returns a summary dict."""
+    require_extra("onnx", "tools", "edge-agent inspect fit")
     t0 = time.perf_counter()
     backbone_path = backbone or default_backbone()
     if not backbone_path.is_file():
-        raise InputNotFoundError(f"{backbone_path}: backbone ONNX not found (pass --backbone)")
+        raise InputNotFoundError(
+            f"{backbone_path}: backbone ONNX not found (pass --backbone: an EfficientNet-Lite0 ONNX, or the FP32 "
+            f"{DEFAULT_SOURCE_BUNDLE} bundle's ONNX from the source repository's models/; the wheel does not carry it)"
+        )
     paths = good_images(good_dir)
     fit_paths, held = split_holdout(paths, config.holdout_fraction)
     features = feature_graph(backbone_path)

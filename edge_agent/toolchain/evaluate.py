@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.errors import EdgeAgentError, InputNotFoundError
+from edge_agent.errors import EdgeAgentError, InputNotFoundError, require_extra
 from edge_agent.types import AnomalyScore, Classification, Detection
 from edge_agent.vision.model import Model
 from edge_agent.vision.postprocess import box_iou
@@ -325,7 +325,8 @@ def public(report: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def plot(report: Mapping[str, Any], path: Path) -> None:
-    """Confusion matrix (classification) or ROC curve (anomaly) as a PNG. Needs matplotlib."""
+    """Confusion matrix (classification) or ROC curve (anomaly) as a PNG. Needs matplotlib (the ``plot`` extra)."""
+    require_extra("matplotlib", "plot", "edge-agent eval --plot")
     import matplotlib
 
     matplotlib.use("Agg")

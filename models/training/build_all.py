@@ -21,12 +21,22 @@ from edge_agent.errors import QuantizationGateError
 from edge_agent.toolchain.anomaly_fit import FitConfig, fit_bundle
 from edge_agent.toolchain.quantize import GateConfig, quantize_and_gate
 from training import build_classifiers, calibrate_ood
-from training.common import BACKBONE, DATASETS, REPO
+from training.common import BACKBONE, DATASETS, REPO, require_shared
 
 log = logging.getLogger("build_all")
 VAR = REPO / "var" / "models"
 SPLITS = REPO / "var" / "splits"
 MODELS = REPO / "models"
+# What the tile bundles derive from (their INT8 twin copies it): the magnetic-tile data, not "the user's own photos".
+TILE_LICENSE = (
+    "Magnetic-tile defect dataset (Huang, Qiu & Yuan, The Visual Computer 2020): no licence file, research use, "
+    "cite the paper; the memory bank holds feature vectors of its train/good photos, no pixels. "
+    "EfficientNet-Lite0 weights: Apache-2.0"
+)
+TILE_SOURCE = (
+    "edge-agent inspect fit on ../shared/datasets/inspection/magnetic_tile/train/good "
+    "(make models: models/training/build_all.py); see MODEL_CARD.md"
+)
 
 
 def _gate(src: str, calib: Path, eval_dir: Path, name: str) -> dict[str, object]:
@@ -66,6 +76,7 @@ def _crop_gate_folder() -> Path:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    require_shared()
     t0 = time.perf_counter()
     summary: dict[str, object] = {}
     build_classifiers.main(["--out", str(VAR)])
@@ -78,7 +89,8 @@ def main() -> None:
     tiles = DATASETS / "inspection" / "magnetic_tile"
     fp32_dir = VAR / "tile_anomaly"
     shutil.rmtree(fp32_dir, ignore_errors=True)
-    summary["tile_fit"] = fit_bundle(tiles / "train" / "good", fp32_dir, "tile_anomaly", FitConfig(), backbone=BACKBONE)
+    summary["tile_fit"] = fit_bundle(tiles / "train" / "good", fp32_dir, "tile_anomaly", FitConfig(), backbone=BACKBONE,
+                                     license_=TILE_LICENSE, source=TILE_SOURCE)
     summary["tile_gate"] = _gate("tile_anomaly", tiles / "train" / "good", tiles, "tile_anomaly_int8")
     _replace_bundle(fp32_dir, MODELS / "tile_anomaly")  # the FP32 bundle always ships; the INT8 twin only if gated
     summary["seconds"] = round(time.perf_counter() - t0, 1)

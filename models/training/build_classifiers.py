@@ -19,7 +19,16 @@ import numpy as np
 import torch
 
 from training import heads
-from training.common import CACHE, DATASETS, REPO, Sample, list_class_folder, plantvillage_groups, split_groups
+from training.common import (
+    CACHE,
+    DATASETS,
+    REPO,
+    Sample,
+    list_class_folder,
+    plantvillage_groups,
+    require_shared,
+    split_groups,
+)
 from training.export import OOD_NODES, classifier_graph, classifier_manifest, write_bundle
 from training.features import extract
 
@@ -197,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", choices=["crop", "steel"], default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    require_shared()
     report: dict[str, object] = {}
     if args.only in (None, "steel"):
         report["steel"] = build_steel(args.out)

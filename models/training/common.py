@@ -30,6 +30,14 @@ SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", str(REPO.parent / "shared")))
 DATASETS = SHARED / "datasets"
 BACKBONE = SHARED / "models" / "efficientnet_lite0_imagenet" / "efficientnet_lite0.onnx"
 CACHE = REPO / "var" / "training"
+
+
+def require_shared() -> None:
+    """``make models`` reads the datasets and the backbone from ../shared: one line naming what is missing."""
+    for path in (DATASETS, BACKBONE):
+        if not path.exists():
+            raise SystemExit(f"make models: {path} not found (the shared datasets and models; "
+                             "set EDGE_AGENT_SHARED to the folder that holds datasets/ and models/)")
 SIZE = 224
 SEED = 20261123
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle
-from edge_agent.errors import ManifestError, QuantizationGateError
+from edge_agent.errors import ManifestError, QuantizationGateError, require_extra
 from edge_agent.fsutil import sha256_file
 from edge_agent.toolchain.evaluate import Progress, evaluate, public
 from edge_agent.toolchain.quantize.graph import QuantizeOptions, calibration_images, preprocess_file, quantize_onnx
@@ -115,6 +115,7 @@ def quantize_and_gate(
 
     Raises QuantizationGateError (with the report in ``.report``) when it refuses.
     """
+    require_extra("onnx", "tools", "edge-agent quantize")
     say = progress or (lambda _msg: None)
     calib = calibration_images(calib_dir, config.max_calibration_images)
     options = RuntimeOptions(intra_op_threads=config.threads)
