@@ -128,6 +128,7 @@ class Publisher:
         self._outstanding: dict[int, float] = {}
         self._mids: dict[int, int] = {}
         self._cursor = 0
+        self._sent_through = 0  # the highest seq published so far: sending it again counts as a re-publish
         self._acked = 0
         self._deleted = 0
         self._deleting: tuple[int, Future[int]] | None = None
@@ -476,7 +477,11 @@ class Publisher:
                 if not self._publish_row(row, base):
                     return
                 self._cursor = row.seq
-                self.counters["published"] += 1
+                if row.seq <= self._sent_through:  # sent before: a reconnect or a new coordinator session re-sends
+                    self.counters["republished"] += 1
+                else:
+                    self._sent_through = row.seq
+                    self.counters["published"] += 1
 
     def _retry(self, now: float) -> None:
         due = [s for s, t in self._outstanding.items() if now - t >= self.settings.ack_timeout_s]
