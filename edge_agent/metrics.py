@@ -241,9 +241,8 @@ class _StorageCollector:
         for name in ("ok", "low", "full"):
             state.add_metric([name], int(snap.get("disk_state") == name))
         yield state
-        yield GaugeMetricFamily(
-            "edge_agent_disk_reserve_held", "1 while the disk reserve is allocated.", value=int(bool(snap.get("reserve_held")))
-        )
+        held = int(bool(snap.get("reserve_held")))
+        yield GaugeMetricFamily("edge_agent_disk_reserve_held", "1 while the disk reserve is allocated.", value=held)
         alarms = CounterMetricFamily("edge_agent_alarms", "Alarms raised, by name.", labels=["alarm"])
         counts = dict(snap.get("alarms") or {})
         counts.setdefault("outbox_corrupt", 0)

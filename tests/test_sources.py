@@ -17,8 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Backoff, CameraSourceConfig, FolderSourceConfig
-from edge_agent.errors import ImageEmptyError, OverloadedError, StorageFullError
 from edge_agent.delivery.outbox import PendingInput
+from edge_agent.errors import ImageEmptyError, OverloadedError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.flow.sources.camera import (
     CameraSource,

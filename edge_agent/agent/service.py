@@ -39,8 +39,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
-from edge_agent.delivery.outbox import Outbox, OutboxLimits, PendingInput, SpaceState
+from edge_agent.delivery.outbox import Outbox, OutboxLimits, PendingInput
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
+from edge_agent.delivery.space import SpaceState
 from edge_agent.errors import ConfigError, InputError, OverloadedError, StorageError, StorageFullError, UpdateError
 from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
 from edge_agent.flow.sources import Source

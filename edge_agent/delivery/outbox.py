@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import queue
 import secrets
 import sqlite3
@@ -47,9 +46,16 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from edge_agent.delivery.repair import (
+    damage_before_open,
+    quarantine,
+    read_epoch_marker,
+    salvage_quarantines,
+    store_alarm,
+    write_epoch_marker,
+)
+from edge_agent.delivery.space import DiskSpace, Reserve, SpaceState
 from edge_agent.errors import StorageError, StorageFullError
-from edge_agent.delivery.repair import Salvage, check_wal, quarantine, repair_quarantined_wal, salvage
-from edge_agent.delivery.space import Reserve, free_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,14 +65,11 @@ WAL_AUTOCHECKPOINT_PAGES = 256  # SQLite checkpoints the log by itself past this
 JOURNAL_SIZE_LIMIT = 1 << 20  # and truncates it to this size when it starts over
 CHECKPOINT_EVERY_S = 1.0  # after deletions: checkpoint and truncate the log at most this often
 TIGHT_CHECKPOINT_EVERY_S = 0.2  # ... and this often after any write while space is short
-SPACE_CHECK_S = 1.0  # while space is short or the reserve is missing: look at the disk this often
-RESUME_MARGIN_BYTES = JOURNAL_SIZE_LIMIT  # inputs resume at min_free_bytes + this (or + half of it, if less)
 FREE_CHUNK = 32  # rows per transaction when deleting acknowledged rows on a full disk
 VACUUM_MIN_PAGES = 16  # free pages in the file before they are given back to the file system
 VACUUM_STEP_PAGES = 1024
 CONVERT_MAX_BYTES = 64 << 20  # an older database (no incremental vacuum) is converted at open up to this size
 ALARM_REPORT_S = 7 * 86_400.0  # heartbeats list the alarms of the last week
-SpaceState = Literal["ok", "low", "full"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -230,30 +233,28 @@ class Outbox:
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._read_lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
-        self._space_listeners: list[Callable[[SpaceState, int], None]] = []
-        self._space_lock = threading.Lock()
-        self._space: SpaceState = "ok"
-        self._free = -1
-        self._full_at = 0.0
         self._wal_dirty = False
         self._last_checkpoint = 0.0
         self._checkpoint_failures = 0
-        self._next_space_check = 0.0
         self._closed = False
         self.salvaged: list[dict[str, Any]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reserve = Reserve(self.path.with_name(f"{self.path.name}.reserve"), self.limits.reserve_bytes)
+        self.space = DiskSpace(self.path.parent, self.limits.min_free_bytes, self._reserve)
         self._writer = self._open_checked()
         try:
-            self._salvage_quarantines(self._writer)
+            self.salvaged = salvage_quarantines(self._writer, self.path, self._valid_result, ROW_OVERHEAD)
             self._reader = self._connect()
+        except sqlite3.Error as exc:
+            self._writer.close()
+            raise _translate(exc, "salvage") from exc
         except BaseException:
             self._writer.close()
             raise
         self.epoch = str(self._reader.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
         self._events_pending = int(self._reader.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-        self._write_marker()
-        self._refresh_space()
+        write_epoch_marker(self.path, self.epoch, self.device_id)
+        self.space.refresh()
         self._thread = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._thread.start()
 
@@ -269,36 +270,10 @@ class Outbox:
         conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         return conn
 
-    @property
-    def _marker(self) -> Path:
-        return self.path.with_name(f"{self.path.name}.epoch")
-
-    def _read_marker(self) -> str | None:
-        """The epoch last in use here (``<name>.epoch``), or None on a first start."""
-        try:
-            value = orjson.loads(self._marker.read_bytes()).get("epoch")
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            return None
-        return str(value) if value else None
-
-    def _write_marker(self) -> None:
-        if self._read_marker() == self.epoch:
-            return
-        tmp = self._marker.with_name(f".{self._marker.name}.tmp")
-        try:
-            with tmp.open("wb") as f:
-                f.write(orjson.dumps({"epoch": self.epoch, "device_id": self.device_id, "created_at": time.time()}))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._marker)
-        except OSError as exc:  # without it a later empty database is not recognised as a loss: say so
-            tmp.unlink(missing_ok=True)
-            log.warning("outbox: cannot write %s: %s", self._marker, exc.strerror)
-
     def _open_checked(self) -> sqlite3.Connection:
-        """Open the database; damaged files are set aside (and salvaged later by ``_salvage_quarantines``)."""
-        marker = self._read_marker()
-        reason, wal_damaged = self._damage_before_open(marker)
+        """Open the database; damaged files are set aside (and salvaged next by ``salvage_quarantines``)."""
+        marker = read_epoch_marker(self.path)
+        reason, wal_damaged = damage_before_open(self.path, marker)
         if reason is None:
             try:
                 return self._with_room(lambda: self._init_db(marker))
@@ -309,37 +284,19 @@ class Outbox:
                     raise _translate(exc, f"cannot open {self.path}") from exc
                 reason = f"is corrupt ({exc})"
         log.error("outbox database %s %s: setting it aside", self.path, reason)
-        target = quarantine(self.path)
-        with contextlib.suppress(OSError):
-            Path(f"{target}.reason").write_bytes(orjson.dumps({"reason": reason, "epoch": marker}))
-        if wal_damaged:
-            repair_quarantined_wal(target)
+        quarantine(self.path, reason, marker, repair_wal=wal_damaged)
         try:
             return self._with_room(lambda: self._init_db(None))
         except (sqlite3.Error, _Damaged) as exc:
             raise StorageError(f"outbox: cannot recreate {self.path}: {exc}") from exc
-
-    def _damage_before_open(self, marker: str | None) -> tuple[str | None, bool]:
-        """Damage SQLite would not report: an empty or missing database that existed, a damaged log."""
-        wal = Path(f"{self.path}-wal")
-        exists = self.path.exists()
-        if marker is not None and (not exists or self.path.stat().st_size == 0):
-            state = "is missing" if not exists else "is empty (0 bytes)"
-            return f"{state} although epoch {marker} was in use: its unsent results are lost", wal.exists()
-        if exists and wal.exists() and wal.stat().st_size > 32:
-            report = check_wal(wal)
-            if report.damaged:
-                return f"has a damaged {report.describe()}", True
-        return None, False
 
     def _with_room(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` (opening); when the disk is too full for it, release the reserve and try once more."""
         try:
             return fn()
         except sqlite3.Error as exc:
-            if not _is_full(exc) or not self._reserve.release():
+            if not _is_full(exc) or not self.space.out_of_space():
                 raise
-            self._mark_full()
             return fn()
 
     def _init_db(self, marker: str | None) -> sqlite3.Connection:
@@ -381,86 +338,8 @@ class Outbox:
         except sqlite3.Error as exc:
             log.warning("outbox: cannot convert %s to incremental vacuum now: %s", self.path, exc)
 
-    # ---------------------------------------------------------------- salvage
-    def _salvage_quarantines(self, conn: sqlite3.Connection) -> None:
-        """Salvage every set-aside database not salvaged yet into ``conn``, each with its alarm."""
-        for target in sorted(self.path.parent.glob(f"{self.path.name}.corrupt-*")):
-            if target.name.endswith(("-wal", "-shm", ".reason", ".salvaged", ".damaged")) or not target.is_file():
-                continue
-            done = Path(f"{target}.salvaged")
-            if done.exists():
-                continue
-            try:
-                info = orjson.loads(Path(f"{target}.reason").read_bytes())
-            except (OSError, orjson.JSONDecodeError):
-                info = {"reason": "was found set aside", "epoch": None}
-            found = salvage(target)
-            try:
-                counts = self._insert_salvage(conn, found, str(info.get("reason")), target)
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise _translate(exc, f"salvage from {target.name}") from exc
-            with contextlib.suppress(OSError):
-                done.write_bytes(orjson.dumps(counts))
-            self.salvaged.append(counts)
-
-    def _insert_salvage(self, conn: sqlite3.Connection, found: Salvage, reason: str, target: Path) -> dict[str, Any]:
-        """One transaction: the salvaged rows (results re-numbered), the alarm and its event."""
-        counts = {"results": 0, "inputs": 0, "pending_inputs": 0, "commands": 0, "events": 0,
-                  "invalid": 0, "unreadable": found.unreadable}
-        conn.execute("BEGIN IMMEDIATE")
-        for row in found.inputs:
-            if len(row) != 10 or not isinstance(row[0], str) or row[5] not in ("pending", "done", "rejected"):
-                counts["invalid"] += 1
-                continue
-            if conn.execute("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row).rowcount:
-                counts["inputs"] += 1
-                counts["pending_inputs"] += row[5] == "pending"
-        for row in sorted(found.results, key=lambda r: r[1] if isinstance(r[1], int) else 0):
-            if row[9] is not None:
-                continue  # acknowledged already
-            if not self._valid_result(row):
-                counts["invalid"] += 1
-                continue
-            if conn.execute("SELECT 1 FROM results WHERE result_id = ?", (row[0],)).fetchone():
-                continue
-            seq = self._counter(conn, "next_seq")
-            size = len(row[7]) + ROW_OVERHEAD
-            conn.execute(
-                "INSERT INTO results (seq, result_id, input_id, pipeline, model, model_version, created_at, body, size)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (seq, *row[:1], *row[2:8], size),
-            )
-            conn.execute("UPDATE inputs SET state='done', finished_at=? WHERE input_id=?", (time.time(), row[2]))
-            self._bump(conn, "next_seq", 1)
-            self._bump(conn, "unacked_rows", 1)
-            self._bump(conn, "unacked_bytes", size)
-            counts["results"] += 1
-        counts["pending_inputs"] = conn.execute("SELECT COUNT(*) FROM inputs WHERE state='pending'").fetchone()[0]
-        for row in found.commands:
-            counts["commands"] += conn.execute("INSERT OR IGNORE INTO commands VALUES (?, ?, ?)", row).rowcount
-        for row in found.events:
-            conn.execute("INSERT INTO events (event, severity, data, created_at) VALUES (?, ?, ?, ?)", row)
-            counts["events"] += 1
-        for row in found.alarms:
-            conn.execute("INSERT INTO alarms (name, message, data, raised_at) VALUES (?, ?, ?, ?)", row)
-        for name in ("dropped", "expired", "rejected_inputs", "acked_total"):
-            if isinstance(found.counters.get(name), int):
-                self._bump(conn, name, found.counters[name])
-        epoch = conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
-        message = (
-            f"outbox database {self.path} {reason}; set aside as {target.name}; salvaged {counts['results']} unsent "
-            f"results and {counts['inputs']} inputs ({counts['pending_inputs']} pending, re-run), "
-            f"{counts['unreadable']} unreadable ranges, {counts['invalid']} invalid rows; new epoch {epoch}"
-        )
-        data = {"reason": reason, "quarantined": target.name, "old_epoch": found.epoch, "epoch": epoch,
-                "salvaged": counts, "message": message}
-        self._store_alarm(conn, "outbox_corrupt", message, data)
-        conn.execute("COMMIT")
-        log.error("%s", message)
-        return {**counts, "quarantined": target.name, "reason": reason}
-
     def _valid_result(self, row: tuple[Any, ...]) -> bool:
+        """A salvaged result row is re-sent only if its id is the one its fields give and its body is JSON."""
         ids = row[0], row[2], row[3], row[4], row[5]
         if not all(isinstance(v, str) for v in ids) or not isinstance(row[7], bytes):
             return False
@@ -470,15 +349,6 @@ class Outbox:
             return isinstance(orjson.loads(row[7]), dict) and isinstance(row[6], (int, float))
         except orjson.JSONDecodeError:
             return False
-
-    @staticmethod
-    def _store_alarm(conn: sqlite3.Connection, name: str, message: str, data: dict[str, Any]) -> None:
-        now = time.time()
-        blob = orjson.dumps(data)
-        conn.execute("INSERT INTO alarms (name, message, data, raised_at) VALUES (?, ?, ?, ?)", (name, message, blob, now))
-        conn.execute(
-            "INSERT INTO events (event, severity, data, created_at) VALUES (?, 'alarm', ?, ?)", (name, blob, now)
-        )
 
     # ---------------------------------------------------------------- group commit
     def _write_loop(self) -> None:
@@ -541,7 +411,7 @@ class Outbox:
             for op in batch:
                 op.fut.set_exception(error)
             return
-        if (batch and any(op.frees for op in batch)) or self._space != "ok":
+        if any(op.frees for op in batch) or self.space.tight:
             self._wal_dirty = True
         if any(ok and isinstance(value, StoredResult) for ok, value in outcomes):
             self._notify()  # straight from here: no wait until each caller thread gets the GIL back
@@ -556,8 +426,7 @@ class Outbox:
     def _out_of_space(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         """A write failed for lack of space: release the reserve, delete what can be deleted in small
         transactions (truncating the log after each), then try the rest once more."""
-        self._mark_full()
-        self._reserve.release()
+        self.space.out_of_space()
         self._checkpoint(conn)
         for op in batch:
             if op.frees:
@@ -585,22 +454,22 @@ class Outbox:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             log.error("outbox: deleting rows on a full disk failed (retried later): %s", exc)
-            op.fut.set_exception(_translate(exc, "delete") if isinstance(exc, sqlite3.Error) else StorageError(str(exc)))
+            error = _translate(exc, "delete") if isinstance(exc, sqlite3.Error) else StorageError(str(exc))
+            op.fut.set_exception(error)
             return
         op.fut.set_result(total)
 
     # ---------------------------------------------------------------- space and log upkeep (writer thread)
     def _checkpoint_every(self) -> float:
-        every = TIGHT_CHECKPOINT_EVERY_S if self._space != "ok" else CHECKPOINT_EVERY_S
-        return min(every * 2 ** min(self._checkpoint_failures, 8), 30.0)  # back off while checkpoints fail
+        every = TIGHT_CHECKPOINT_EVERY_S if self.space.tight else CHECKPOINT_EVERY_S
+        return float(min(every * 2 ** min(self._checkpoint_failures, 8), 30.0))  # back off while checkpoints fail
 
     def _maintain_in(self) -> float | None:
         """Seconds until upkeep is due, or None when nothing is owed (the writer then just waits for work)."""
-        owed = self._wal_dirty or self._space != "ok" or (self._reserve.size > 0 and not self._reserve.held)
-        if not owed:
+        if not self._wal_dirty and not self.space.owed:
             return None
         now = time.monotonic()
-        due = self._next_space_check
+        due = self.space.next_check if self.space.owed else now + 3600.0
         if self._wal_dirty:
             due = min(due, self._last_checkpoint + self._checkpoint_every())
         return max(0.0, due - now)
@@ -609,8 +478,8 @@ class Outbox:
         now = time.monotonic()
         if self._wal_dirty and now - self._last_checkpoint >= self._checkpoint_every():
             self._checkpoint(conn)
-        if now >= self._next_space_check and (self._space != "ok" or (self._reserve.size > 0 and not self._reserve.held)):
-            self._refresh_space()
+        if self.space.owed and now >= self.space.next_check:
+            self.space.refresh()
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """Copy the log into the database and truncate it; give free pages back to the file system. On a full
@@ -620,7 +489,7 @@ class Outbox:
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            if free_pages >= VACUUM_MIN_PAGES and (self._space != "ok" or free_pages * 4 >= pages):
+            if free_pages >= VACUUM_MIN_PAGES and (self.space.tight or free_pages * 4 >= pages):
                 conn.execute("BEGIN IMMEDIATE")
                 for _ in range(min(free_pages, VACUUM_STEP_PAGES)):  # Python's execute steps once: one page each
                     conn.execute("PRAGMA incremental_vacuum(1)")
@@ -630,9 +499,8 @@ class Outbox:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            if _is_full(exc) and self._reserve.release():
-                self._mark_full()
-                self._checkpoint(conn)
+            if _is_full(exc) and self.space.out_of_space():
+                self._checkpoint(conn)  # once more, with the reserve's room
                 return
             self._checkpoint_failures += 1
             if self._checkpoint_failures in (1, 10) or self._checkpoint_failures % 100 == 0:
@@ -644,53 +512,13 @@ class Outbox:
         self._checkpoint_failures = 0
         self._wal_dirty = bool(busy)
 
-    def _refresh_space(self) -> SpaceState:
-        """Look at the disk: allocate the reserve again when there is room, update the state."""
-        self._next_space_check = time.monotonic() + SPACE_CHECK_S
-        try:
-            free = free_bytes(self.path.parent)
-        except OSError:
-            return self._space
-        if self._reserve.size > 0 and not self._reserve.held and self._reserve.ensure(free, 64 * 1024):
-            free = free_bytes(self.path.parent)
-        return self._set_space(free)
-
-    def _set_space(self, free: int) -> SpaceState:
-        full_recently = self._full_at and time.monotonic() - self._full_at < SPACE_CHECK_S
-        need = self.limits.min_free_bytes
-        if self._space != "ok":  # hysteresis: the log's own growth and truncation must not flip the state
-            need += min(RESUME_MARGIN_BYTES, self.limits.min_free_bytes // 2)
-        state: SpaceState = "full" if self._reserve.spent or full_recently else ("low" if free < need else "ok")
-        with self._space_lock:
-            self._free = free
-            changed = state != self._space
-            self._space = state
-        if changed:
-            log.log(logging.INFO if state == "ok" else logging.WARNING,
-                    "outbox: disk under %s is %s (%d bytes free, min_free_bytes %d)", self.path.parent,
-                    {"ok": "no longer short of space", "low": "low on space: new inputs wait",
-                     "full": "full: new inputs wait, acknowledged rows are deleted from the reserve"}[state],
-                    free, self.limits.min_free_bytes)
-            for listener in list(self._space_listeners):
-                try:
-                    listener(state, free)
-                except Exception:
-                    log.exception("outbox: space listener failed")
-        return state
-
-    def _mark_full(self) -> None:
-        self._full_at = time.monotonic()
-        self._next_space_check = 0.0
-        with contextlib.suppress(OSError):
-            self._set_space(free_bytes(self.path.parent))
-
     def add_space_listener(self, listener: Callable[[SpaceState, int], None]) -> None:
         """Call ``listener(state, free_bytes)`` whenever the disk state changes (ok, low, full)."""
-        self._space_listeners.append(listener)
+        self.space.add_listener(listener)
 
     @property
     def disk_state(self) -> SpaceState:
-        return self._space
+        return self.space.state
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
@@ -738,7 +566,7 @@ class Outbox:
     def raise_alarm(self, name: str, message: str, data: dict[str, Any] | None = None) -> None:
         """Store an alarm (heartbeats list it for a week) and its event (sent until the broker has it)."""
         try:
-            self._write(lambda conn: self._store_alarm(conn, name, message, {**(data or {}), "message": message}))
+            self._write(lambda conn: store_alarm(conn, name, message, {**(data or {}), "message": message}))
         except StorageError:
             self._alarm_in_memory(name, message)
             return
@@ -771,7 +599,8 @@ class Outbox:
         rows = self._read("SELECT id, event, severity, data, created_at FROM events ORDER BY id LIMIT ?", (limit,))
         out = []
         for r in rows:
-            severity = r[2] if r[2] in ("info", "warning", "alarm") else "alarm"
+            severity: Literal["info", "warning", "alarm"] = (
+                "info" if r[2] == "info" else "warning" if r[2] == "warning" else "alarm")
             try:
                 data = orjson.loads(r[3])
             except orjson.JSONDecodeError:
@@ -793,14 +622,14 @@ class Outbox:
         """Raise StorageFullError while the disk is short of space (under ``min_free_bytes`` free, or the reserve
         spent) or (policy ``reject_new``) the byte cap is hit. Cheap: one statvfs and one counter read."""
         try:
-            free = free_bytes(self.path.parent)
+            state = self.space.check()
         except OSError as exc:
             raise StorageError(f"cannot stat {self.path.parent}: {exc.strerror}") from exc
-        state = self._set_space(free)
         if state != "ok":
             self._refused_full += 1
             why = "the disk reserve is spent" if state == "full" else f"min_free_bytes is {self.limits.min_free_bytes}"
-            raise StorageFullError(f"disk under {self.path.parent} has {free} bytes free ({why}); inputs wait")
+            raise StorageFullError(f"disk under {self.path.parent} has {self.space.free} bytes free ({why}); "
+                                   "inputs wait")
         if self.limits.full_policy == "reject_new":
             used = int(self._read("SELECT value FROM counters WHERE name='unacked_bytes'")[0][0])
             if used >= self.limits.max_bytes:
@@ -958,10 +787,10 @@ class Outbox:
                 " WHERE acked_at IS NULL AND seq <= ? ORDER BY seq LIMIT ?)", (seq, limit),
             ).fetchone()
             if not count:
-                if self._space != "ok":
+                if self.space.tight:
                     conn.execute("DELETE FROM results WHERE acked_at IS NOT NULL")
                 return 0, True
-            if self.limits.retention_s <= 0 or self._space != "ok":
+            if self.limits.retention_s <= 0 or self.space.tight:
                 conn.execute("DELETE FROM results WHERE seq <= ?", (top,))
             else:
                 conn.execute("UPDATE results SET acked_at=? WHERE acked_at IS NULL AND seq <= ?", (time.time(), top))
@@ -982,7 +811,7 @@ class Outbox:
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             too_old = now - self.limits.max_age_s
-            keep = 0.0 if self._space != "ok" else self.limits.retention_s  # short of space: keep nothing acked
+            keep = 0.0 if self.space.tight else self.limits.retention_s  # short of space: keep nothing acked
             pruned = conn.execute(
                 "DELETE FROM results WHERE acked_at IS NOT NULL AND acked_at <= ?", (now - keep,)
             ).rowcount
@@ -1035,8 +864,8 @@ class Outbox:
             next_seq=int(counters["next_seq"]),
             epoch=self.epoch,
             alarms=tuple(self.alarms),
-            disk_state=self._space,
-            disk_free_bytes=self._free,
+            disk_state=self.space.state,
+            disk_free_bytes=self.space.free,
             reserve_held=self._reserve.held,
             events_pending=self._events_pending,
         )

@@ -15,19 +15,23 @@ SQLite on its own is silent about two kinds of damage that lose committed result
   first start (see ``outbox.py``).
 
 :func:`salvage` reads every table of a set-aside database row by row, stepping over pages that raise,
-and returns the rows; the outbox re-inserts them into a fresh database.
+and returns the rows; :func:`insert_salvage` puts them into the fresh database with the alarm.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def _parse_wal(data: bytes) -> tuple[bool, int, bytes, list[_Frame]] | None:
     """(header_ok, page_size, salts, frames) or None when this is not a WAL at all."""
     if len(data) < _WAL_HEADER:
         return None
-    magic, _version, page_size, _ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:_WAL_HEADER])
+    magic, _version, page_size, _ckpt, _salt1, _salt2, c1, c2 = struct.unpack(">8I", data[:_WAL_HEADER])
     big = magic == _WAL_MAGIC[1]
     valid_size = page_size >= 512 and page_size <= 65536 and page_size & (page_size - 1) == 0
     header_ok = magic in _WAL_MAGIC and valid_size and _checksum(data[:24], 0, 0, big) == (c1, c2)
@@ -157,8 +161,50 @@ def write_repaired_wal(src: Path, dst: Path) -> int:
     return kept
 
 
-def quarantine(db: Path) -> Path:
-    """Move ``db`` and its ``-wal``/``-shm`` aside to ``<db>.corrupt-<time>`` (same suffixes); returns that path."""
+def read_epoch_marker(db: Path) -> str | None:
+    """The epoch last in use for ``db`` (``<db>.epoch``), or None on a first start."""
+    try:
+        value = orjson.loads(db.with_name(f"{db.name}.epoch").read_bytes()).get("epoch")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def write_epoch_marker(db: Path, epoch: str, device_id: str) -> None:
+    """Record ``epoch`` as the one in use for ``db`` (atomically; a failure is logged: only detection suffers)."""
+    if read_epoch_marker(db) == epoch:
+        return
+    marker = db.with_name(f"{db.name}.epoch")
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(orjson.dumps({"epoch": epoch, "device_id": device_id, "created_at": time.time()}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+    except OSError as exc:  # without it a later empty database is not recognised as a loss: say so
+        tmp.unlink(missing_ok=True)
+        log.warning("outbox: cannot write %s: %s", marker, exc.strerror)
+
+
+def damage_before_open(db: Path, marker: str | None) -> tuple[str | None, bool]:
+    """Damage SQLite would not report, as (reason, the log is damaged): an empty or missing database where
+    ``marker`` says one was in use, a write-ahead log with committed transactions SQLite would drop."""
+    wal = Path(f"{db}-wal")
+    exists = db.exists()
+    if marker is not None and (not exists or db.stat().st_size == 0):
+        state = "is missing" if not exists else "is empty (0 bytes)"
+        return f"{state} although epoch {marker} was in use: its unsent results are lost", wal.exists()
+    if exists and wal.exists() and wal.stat().st_size > _WAL_HEADER:
+        report = check_wal(wal)
+        if report.damaged:
+            return f"has a damaged {report.describe()}", True
+    return None, False
+
+
+def quarantine(db: Path, reason: str = "", epoch: str | None = None, *, repair_wal: bool = False) -> Path:
+    """Move ``db`` and its ``-wal``/``-shm`` aside to ``<db>.corrupt-<time>`` (same suffixes), with ``.reason``
+    beside them (read by :func:`salvage_quarantines`); ``repair_wal``: also write a repaired log. Returns it."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = db.with_name(f"{db.name}.corrupt-{stamp}")
     n = 1
@@ -171,6 +217,10 @@ def quarantine(db: Path) -> Path:
             src.replace(Path(f"{target}{suffix}"))
     if not target.exists():
         target.touch()  # the database itself was missing: keep a marker so the quarantine can be found
+    with contextlib.suppress(OSError):
+        Path(f"{target}.reason").write_bytes(orjson.dumps({"reason": reason, "epoch": epoch}))
+    if repair_wal:
+        repair_quarantined_wal(target)
     return target
 
 
@@ -291,3 +341,106 @@ def salvage(db: Path) -> Salvage:
     finally:
         conn.close()
     return out
+
+
+def _bump(conn: sqlite3.Connection, name: str, delta: int) -> None:
+    conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (delta, name))
+
+
+def store_alarm(conn: sqlite3.Connection, name: str, message: str, data: dict[str, Any]) -> None:
+    """Store an alarm (``alarms``: heartbeats, metrics) and its event (``events``: sent until the broker has it)."""
+    now = time.time()
+    blob = orjson.dumps(data)
+    conn.execute("INSERT INTO alarms (name, message, data, raised_at) VALUES (?, ?, ?, ?)", (name, message, blob, now))
+    conn.execute("INSERT INTO events (event, severity, data, created_at) VALUES (?, 'alarm', ?, ?)", (name, blob, now))
+
+
+def insert_salvage(
+    conn: sqlite3.Connection, found: Salvage, *, what: str, target: Path,
+    valid_result: Callable[[tuple[Any, ...]], bool], row_overhead: int,
+) -> dict[str, Any]:
+    """Put ``found`` into the fresh outbox ``conn`` in one transaction with its ``outbox_corrupt`` alarm: inputs
+    with their state (pending ones are re-run by the recovery), unacknowledged results that ``valid_result``
+    accepts re-numbered in the new epoch (same result ids: the coordinator de-duplicates), commands (replay
+    protection), undelivered events, earlier alarms and the totals. ``what`` says what happened, for the alarm."""
+    counts = {"results": 0, "inputs": 0, "pending_inputs": 0, "commands": 0, "events": 0, "invalid": 0,
+              "unreadable": found.unreadable}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for row in found.inputs:
+            if len(row) != 10 or not isinstance(row[0], str) or row[5] not in ("pending", "done", "rejected"):
+                counts["invalid"] += 1
+            elif conn.execute("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row).rowcount:
+                counts["inputs"] += 1
+        for row in sorted(found.results, key=lambda r: r[1] if isinstance(r[1], int) else 0):
+            if row[9] is not None:
+                continue  # acknowledged already
+            if not valid_result(row):
+                counts["invalid"] += 1
+                continue
+            if conn.execute("SELECT 1 FROM results WHERE result_id = ?", (row[0],)).fetchone():
+                continue
+            seq = int(conn.execute("SELECT value FROM counters WHERE name = 'next_seq'").fetchone()[0])
+            size = len(row[7]) + row_overhead
+            conn.execute(
+                "INSERT INTO results (seq, result_id, input_id, pipeline, model, model_version, created_at, body, size)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (seq, row[0], *row[2:8], size),
+            )
+            conn.execute("UPDATE inputs SET state='done', finished_at=? WHERE input_id=?", (time.time(), row[2]))
+            _bump(conn, "next_seq", 1)
+            _bump(conn, "unacked_rows", 1)
+            _bump(conn, "unacked_bytes", size)
+            counts["results"] += 1
+        counts["pending_inputs"] = conn.execute("SELECT COUNT(*) FROM inputs WHERE state='pending'").fetchone()[0]
+        for row in found.commands:
+            counts["commands"] += conn.execute("INSERT OR IGNORE INTO commands VALUES (?, ?, ?)", row).rowcount
+        for row in found.events:
+            conn.execute("INSERT INTO events (event, severity, data, created_at) VALUES (?, ?, ?, ?)", row)
+            counts["events"] += 1
+        for row in found.alarms:
+            conn.execute("INSERT INTO alarms (name, message, data, raised_at) VALUES (?, ?, ?, ?)", row)
+        for name in ("dropped", "expired", "rejected_inputs", "acked_total"):
+            if isinstance(found.counters.get(name), int):
+                _bump(conn, name, found.counters[name])
+        epoch = conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
+        message = (
+            f"{what}; set aside as {target.name}; salvaged {counts['results']} unsent results and "
+            f"{counts['inputs']} inputs ({counts['pending_inputs']} pending, re-run), {counts['unreadable']} "
+            f"unreadable ranges, {counts['invalid']} invalid rows; new epoch {epoch}"
+        )
+        data = {"quarantined": target.name, "old_epoch": found.epoch, "epoch": epoch, "salvaged": counts,
+                "message": message}
+        store_alarm(conn, "outbox_corrupt", message, data)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    log.error("%s", message)
+    return {**counts, "quarantined": target.name}
+
+
+def salvage_quarantines(
+    conn: sqlite3.Connection, db: Path, valid_result: Callable[[tuple[Any, ...]], bool], row_overhead: int
+) -> list[dict[str, Any]]:
+    """Salvage every database set aside beside ``db`` and not salvaged yet into ``conn``, each with its alarm
+    (``<quarantine>.salvaged`` records it: a crash part way salvages again, at the next start). Raises
+    sqlite3.Error when the fresh database cannot take the rows (a full disk: the next start tries again)."""
+    done_now: list[dict[str, Any]] = []
+    for target in sorted(db.parent.glob(f"{db.name}.corrupt-*")):
+        if target.name.endswith(("-wal", "-shm", ".reason", ".salvaged", ".damaged")) or not target.is_file():
+            continue
+        done = Path(f"{target}.salvaged")
+        if done.exists():
+            continue
+        try:
+            info = orjson.loads(Path(f"{target}.reason").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            info = {"reason": "was found set aside", "epoch": None}
+        reason = str(info.get("reason") or "was found set aside")
+        counts = insert_salvage(conn, salvage(target), what=f"outbox database {db} {reason}", target=target,
+                                valid_result=valid_result, row_overhead=row_overhead)
+        with contextlib.suppress(OSError):
+            done.write_bytes(orjson.dumps(counts))
+        done_now.append({**counts, "reason": reason})
+    return done_now

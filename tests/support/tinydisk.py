@@ -26,7 +26,7 @@ def tiny_disk(path: Path, size: str = "3m") -> Iterator[Path]:
     try:
         yield path
     finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], check=False)  # still in use: detach now, freed when closed
 
 
