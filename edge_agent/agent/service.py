@@ -500,13 +500,17 @@ class Service:
             except Exception:  # a background loop catches, counts, reports and goes on
                 log.exception("housekeeping: re-running pending inputs failed")
 
-    def _sweep(self) -> int:
-        """Re-submit pending inputs (not folder ones: their source retries them) that have no attempt running."""
+    def _sweep(self, min_age_s: float | None = None) -> int:
+        """Re-submit pending inputs (not folder ones: their source retries them) that have no attempt running and
+        were accepted more than ``min_age_s`` ago (default: longer than an upload may wait to be submitted)."""
         assert self.outbox is not None
         folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
         with self._in_flight_lock:
             busy = set(self._in_flight)
-        todo = [p for p in self.outbox.pending_inputs() if p.source not in folders and p.input_id not in busy]
+        age = self.cfg.http.queue_wait_s + 5.0 if min_age_s is None else min_age_s
+        before = time.time() - age
+        todo = [p for p in self.outbox.pending_inputs()
+                if p.source not in folders and p.input_id not in busy and p.accepted_at <= before]
         items = self._recoverable(todo)
         if items:
             log.info("housekeeping: re-running %d pending inputs", len(items))

@@ -28,6 +28,7 @@ deadlock against the transport's network thread. Protocol (see ``docs/mqtt.md``)
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -138,6 +139,7 @@ class Publisher:
         self._tokens = 0.0
         self._alarms_sent = 0  # of the outbox's memory_alarms (alarms it could not store)
         self._event_mids: dict[int, int] = {}  # transport token -> stored event id
+        self._events_delivered: set[int] = set()  # PUBACKed, deletion not committed yet
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self.ack_topic = codec.ack_topic(self.device_id)
@@ -277,6 +279,8 @@ class Publisher:
                 self._on_inbound(value)
             elif kind == "event":
                 self._send_event(*value)
+            elif kind == "event_forgotten":
+                self._events_delivered.discard(value)
             elif kind == "pruned" and value.exception() is not None:
                 self.counters["errors"] += 1
                 log.error("publisher: outbox prune failed: %s", value.exception())
@@ -305,9 +309,9 @@ class Publisher:
 
     def _send_stored_events(self) -> None:
         """Publish the outbox's stored events not in flight yet; each is deleted on its PUBACK."""
-        if self.outbox.events_pending <= len(self._event_mids):
+        if self.outbox.events_pending <= len(self._event_mids) + len(self._events_delivered):
             return
-        flying = set(self._event_mids.values())
+        flying = set(self._event_mids.values()) | self._events_delivered
         for ev in self.outbox.pending_events():
             if ev.id in flying:
                 continue
@@ -319,11 +323,17 @@ class Publisher:
                 return
             self._event_mids[token] = ev.id
 
+    def _event_forgotten(self, event_id: int, _fut: Future[None]) -> None:
+        self._events.put(("event_forgotten", event_id))  # done callback (outbox writer): back to the worker
+
     def _on_puback(self, token: int, ok: bool, reason: str) -> None:
         event_id = self._event_mids.pop(token, None)
         if event_id is not None:
             if ok:
-                self.outbox.event_sent_async(event_id)
+                self._events_delivered.add(event_id)
+                self.outbox.event_sent_async(event_id).add_done_callback(
+                    functools.partial(self._event_forgotten, event_id)
+                )
             else:  # refused: kept, sent again after the next reconnect
                 self._event_mids[-token - 1] = event_id
                 log.error("publisher: broker refused stored event %d (%s); kept", event_id, reason)

@@ -55,6 +55,7 @@ class WalReport:
     """What :func:`check_wal` found. ``damaged``: committed transactions SQLite would silently drop."""
 
     frames: int = 0
+    in_use: int = 0  # frames of the log's current generation, up to its last intact one
     bad_frames: int = 0
     lost_commits: int = 0
     header_ok: bool = True
@@ -120,12 +121,13 @@ def check_wal(path: Path) -> WalReport:
     header_ok, _page_size, _salts, frames = parsed
     first_bad = next((i for i, f in enumerate(frames) if not f.ok), None)
     if first_bad is None:
-        return WalReport(frames=len(frames), header_ok=header_ok)
+        return WalReport(frames=len(frames), in_use=len(frames), header_ok=header_ok)
     later = frames[first_bad + 1 :]
     lost = sum(1 for f in later if f.ok and f.commit)
     last_ok = max((i for i, f in enumerate(frames) if f.ok), default=-1)
     bad = sum(1 for f in frames[: last_ok + 1] if not f.ok)  # not counting a torn or stale tail
-    return WalReport(frames=len(frames), bad_frames=bad, lost_commits=lost, header_ok=header_ok, first_bad=first_bad)
+    return WalReport(frames=len(frames), in_use=last_ok + 1, bad_frames=bad, lost_commits=lost,
+                     header_ok=header_ok, first_bad=first_bad)
 
 
 def write_repaired_wal(src: Path, dst: Path) -> int:
