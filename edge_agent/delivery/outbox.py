@@ -66,7 +66,8 @@ JOURNAL_SIZE_LIMIT = 1 << 20  # and truncates it to this size when it starts ove
 CHECKPOINT_EVERY_S = 1.0  # after deletions: checkpoint and truncate the log at most this often
 TIGHT_CHECKPOINT_EVERY_S = 0.2  # ... and this often after any write while space is short
 FREE_CHUNK = 32  # rows per transaction when deleting acknowledged rows on a full disk
-VACUUM_MIN_PAGES = 16  # free pages in the file before they are given back to the file system
+VACUUM_MIN_PAGES = 16  # free pages in the file given back to the file system while space is short...
+VACUUM_IDLE_PAGES = 4096  # ... and otherwise once this many (16 MiB) and half the file are free (a drained backlog)
 VACUUM_STEP_PAGES = 1024
 CONVERT_MAX_BYTES = 64 << 20  # an older database (no incremental vacuum) is converted at open up to this size
 ALARM_REPORT_S = 7 * 86_400.0  # heartbeats list the alarms of the last week
@@ -490,7 +491,7 @@ class Outbox:
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            if free_pages >= VACUUM_MIN_PAGES and (self.space.tight or free_pages * 4 >= pages):
+            if free_pages >= (VACUUM_MIN_PAGES if self.space.tight else max(VACUUM_IDLE_PAGES, pages // 2)):
                 conn.execute("BEGIN IMMEDIATE")
                 for _ in range(min(free_pages, VACUUM_STEP_PAGES)):  # Python's execute steps once: one page each
                     conn.execute("PRAGMA incremental_vacuum(1)")
