@@ -51,7 +51,6 @@ from edge_agent.delivery.repair import (
     quarantine,
     read_epoch_marker,
     salvage_quarantines,
-    store_alarm,
     write_epoch_marker,
 )
 from edge_agent.delivery.space import DiskSpace, Reserve, SpaceState
@@ -565,16 +564,6 @@ class Outbox:
             log.error("%s", text)
             self.memory_alarms.append(text)
 
-    def raise_alarm(self, name: str, message: str, data: dict[str, Any] | None = None) -> None:
-        """Store an alarm (heartbeats list it for a week) and its event (sent until the broker has it)."""
-        try:
-            self._write(lambda conn: store_alarm(conn, name, message, {**(data or {}), "message": message}))
-        except StorageError:
-            self._alarm_in_memory(name, message)
-            return
-        self._events_pending += 1
-        self._notify()
-
     @property
     def alarms(self) -> list[str]:
         """``name: message`` of the alarms raised in the last week, oldest first."""
@@ -615,7 +604,7 @@ class Outbox:
 
         def op(conn: sqlite3.Connection) -> None:
             if conn.execute("DELETE FROM events WHERE id = ?", (event_id,)).rowcount:
-                self._events_pending = max(0, self._events_pending - 1)
+                self._events_pending = max(0, self._events_pending - 1)  # only the writer thread changes it
 
         return self._submit(op, frees=True)
 

@@ -300,15 +300,17 @@ class Publisher:
         ts = time.time() if self.session_ts is None else self.session_ts
         online = codec.status_payload(device=self.device_id, state="online", ts=ts)
         self.transport.publish(codec.status_topic(self.device_id), codec.dumps(online), qos=1, retain=True)
+        self._alarms_sent = 0  # alarms the outbox could not store: once more on every connection
+        self._next_heartbeat = 0.0
+
+    def _send_stored_events(self) -> None:
+        """Publish the outbox's stored events not in flight yet (each is deleted on its PUBACK), and the alarms it
+        could not store (a database failing at run time), which are sent once per connection."""
         alarms = self.outbox.memory_alarms
         for alarm in alarms[self._alarms_sent :]:
             name, _, message = alarm.partition(": ")
             self._send_event(name, "alarm", {"message": message})
         self._alarms_sent = len(alarms)
-        self._next_heartbeat = 0.0
-
-    def _send_stored_events(self) -> None:
-        """Publish the outbox's stored events not in flight yet; each is deleted on its PUBACK."""
         if self.outbox.events_pending <= len(self._event_mids) + len(self._events_delivered):
             return
         flying = set(self._event_mids.values()) | self._events_delivered
