@@ -186,7 +186,7 @@ def test_a_corrupt_page_raises_an_alarm_and_the_readable_rows_are_salvaged(tmp_p
     for i in range(200):
         add(ob, i, pad=1500)
     for i in range(5):
-        ob.accept_input(f"pending{i}", source="s", pipeline="p", spool_path=None, meta={})
+        ob.accept_input(f"pending{i}", source="s", pipeline="p", spool_path=None, meta={}, idempotency_key=f"k{i}")
     assert ob.record_command("cmd-1", "ping")
     ob.close()
     pages = path.stat().st_size // 4096
@@ -203,6 +203,7 @@ def test_a_corrupt_page_raises_an_alarm_and_the_readable_rows_are_salvaged(tmp_p
         assert salvaged["results"] >= 190 and salvaged["unreadable"] >= 1
         assert {p.input_id for p in ob.pending_inputs()} >= {f"pending{i}" for i in range(5)}
         assert not ob.record_command("cmd-1", "ping")  # replay protection survived
+        assert ob.input_for_key("k0") == "pending0"  # a retried upload still finds its first one
         bodies = [r.body["i"] for r in ob.unacked(limit=500)]
         assert bodies == sorted(bodies) and len(set(bodies)) == len(bodies)  # order kept, nothing twice
     finally:

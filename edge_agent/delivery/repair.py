@@ -253,6 +253,7 @@ class Salvage:
     results: list[tuple[Any, ...]] = field(default_factory=list)
     inputs: list[tuple[Any, ...]] = field(default_factory=list)
     commands: list[tuple[Any, ...]] = field(default_factory=list)
+    input_keys: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     alarms: list[tuple[Any, ...]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
@@ -264,6 +265,7 @@ _TABLES: dict[str, str] = {
     "results": "result_id, seq, input_id, pipeline, model, model_version, created_at, body, size, acked_at",
     "inputs": "input_id, source, pipeline, spool_path, meta, state, code, message, accepted_at, finished_at",
     "commands": "command_id, name, ran_at",
+    "input_keys": "key, input_id",
     "events": "event, severity, data, created_at",
     "alarms": "name, message, data, raised_at",
 }
@@ -364,7 +366,8 @@ def insert_salvage(
     """Put ``found`` into the fresh outbox ``conn`` in one transaction with its ``outbox_corrupt`` alarm: inputs
     with their state (pending ones are re-run by the recovery), unacknowledged results that ``valid_result``
     accepts re-numbered in the new epoch (same result ids: the coordinator de-duplicates), commands (replay
-    protection), undelivered events, earlier alarms and the totals. ``what`` says what happened, for the alarm."""
+    protection), upload Idempotency-Keys, undelivered events, earlier alarms and the totals. ``what`` says what
+    happened, for the alarm."""
     counts = {"results": 0, "inputs": 0, "pending_inputs": 0, "commands": 0, "events": 0, "invalid": 0,
               "unreadable": found.unreadable}
     conn.execute("BEGIN IMMEDIATE")
@@ -396,6 +399,8 @@ def insert_salvage(
         counts["pending_inputs"] = conn.execute("SELECT COUNT(*) FROM inputs WHERE state='pending'").fetchone()[0]
         for row in found.commands:
             counts["commands"] += conn.execute("INSERT OR IGNORE INTO commands VALUES (?, ?, ?)", row).rowcount
+        for row in found.input_keys:  # Idempotency-Keys: a retried upload still finds its first one
+            conn.execute("INSERT OR IGNORE INTO input_keys VALUES (?, ?)", row)
         for row in found.events:
             conn.execute("INSERT INTO events (event, severity, data, created_at) VALUES (?, ?, ?, ?)", row)
             counts["events"] += 1
