@@ -204,7 +204,7 @@ def test_uploads_get_507_while_full_and_200_once_space_returns(tmp_path: Path, d
     from edge_agent.config import HttpConfig
     from edge_agent.flow.pipeline import Pipeline
     from edge_agent.sectors.crop import crop_verdict
-    from tests.support.api_harness import advice_book, fake_crop_model, leaf_jpeg
+    from tests.support.api_harness import LOCAL, advice_book, fake_crop_model, leaf_jpeg
 
     outbox = Outbox(disk / "outbox.db", "d", LIMITS)
     spool = disk / "spool" / "http"
@@ -218,7 +218,7 @@ def test_uploads_get_507_while_full_and_200_once_space_returns(tmp_path: Path, d
                      models=lambda: [], is_ready=lambda: True, registry=CollectorRegistry(), pipeline="crop",
                      advice=advice_book())
     try:
-        with TestClient(create_app(ctx)) as client:
+        with TestClient(create_app(ctx), base_url=LOCAL) as client:
             fill(disk, leave=256 * KIB)
             r = client.post("/v1/diagnose", content=leaf_jpeg(), headers={"content-type": "image/jpeg"})
             assert r.status_code == 507 and r.json()["error"]["code"] == "storage_full"
