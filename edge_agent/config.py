@@ -54,6 +54,7 @@ def _parse_size(value: Any) -> Any:
 
 
 ByteSize = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+ByteSizeOrZero = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Name = Annotated[str, Field(pattern=_NAME)]
 
@@ -297,7 +298,14 @@ class OutboxConfig(_Strict):
         default=3600.0, ge=0.0, description="Acknowledged results are kept this long for status queries."
     )
     min_free_bytes: ByteSize = Field(
-        default=32 * 1024**2, description="New inputs are refused while the state disk has less free space."
+        default=32 * 1024**2,
+        description="New inputs wait (folder files stay put, uploads get 507) while the state disk has less free "
+        "space; they resume by themselves once it has more.",
+    )
+    reserve_bytes: ByteSizeOrZero = Field(
+        default=4 * 1024**2,
+        description="Disk space the outbox keeps allocated (<state_dir>/outbox.db.reserve) and releases when the "
+        "disk is full, so acknowledged results can always be deleted; 0: none.",
     )
 
 

@@ -29,6 +29,11 @@ Names::
     edge_agent_model_updates_total{model,outcome}   counter    installed|rejected|rolled_back (model "unknown"
                                                                when refused before its statement was read)
     edge_agent_model_version{model,version}         gauge      1 for the version in force
+    edge_agent_disk_free_bytes                      gauge      free bytes on the state disk (outbox, spool)
+    edge_agent_disk_state{state}                    gauge      1 for the state in force: ok|low|full (low, full:
+                                                               new inputs wait; see docs/agent.md)
+    edge_agent_disk_reserve_held                    gauge      1 while the outbox's disk reserve is allocated
+    edge_agent_alarms_total{alarm}                  counter    alarms raised (outbox_corrupt), kept in the outbox
 """
 
 from __future__ import annotations
@@ -90,7 +95,9 @@ class Metrics:
         )
         self._versions: dict[str, str] = {}
         self._publisher: Callable[[], Mapping[str, Any]] | None = None
+        self._storage: Callable[[], Mapping[str, Any]] | None = None
         r.register(_PublisherCollector(self))
+        r.register(_StorageCollector(self))
 
     # --- helpers called by the other components ------------------------------------------------------------------
 
@@ -135,6 +142,11 @@ class Metrics:
     def bind_publisher(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
         """Export the publisher's counters (``Publisher.snapshot``) at scrape time."""
         self._publisher = snapshot
+
+    def bind_storage(self, read: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the disk state and alarms at scrape time: ``read()`` gives ``disk_free_bytes``,
+        ``disk_state``, ``reserve_held`` and ``alarms`` (name -> count)."""
+        self._storage = read
 
     def set_outbox(self, backlog: int, size_bytes: int, oldest_age_s: float) -> None:
         self.outbox_backlog.set(backlog)
@@ -202,3 +214,38 @@ class _PublisherCollector:
         yield refused
         connected = int(snap.get("state") == "connected")
         yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 when the publisher is connected.", value=connected)
+
+
+class _StorageCollector:
+    """Disk state and alarms of the outbox, read when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        read = self._metrics._storage
+        if read is None:
+            return
+        try:
+            snap = read()
+        except Exception:  # a scrape must never raise
+            log.debug("storage state unavailable", exc_info=True)
+            return
+        yield GaugeMetricFamily(
+            "edge_agent_disk_free_bytes", "Free bytes on the state disk.", value=snap.get("disk_free_bytes", -1)
+        )
+        state = GaugeMetricFamily("edge_agent_disk_state", "1 for the disk state in force.", labels=["state"])
+        for name in ("ok", "low", "full"):
+            state.add_metric([name], int(snap.get("disk_state") == name))
+        yield state
+        held = int(bool(snap.get("reserve_held")))
+        yield GaugeMetricFamily("edge_agent_disk_reserve_held", "1 while the disk reserve is allocated.", value=held)
+        alarms = CounterMetricFamily("edge_agent_alarms", "Alarms raised, by name.", labels=["alarm"])
+        counts = dict(snap.get("alarms") or {})
+        counts.setdefault("outbox_corrupt", 0)
+        for name, count in sorted(counts.items()):
+            alarms.add_metric([str(name)], int(count))
+        yield alarms

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Backoff, CameraSourceConfig, FolderSourceConfig
+from edge_agent.delivery.outbox import PendingInput
 from edge_agent.errors import ImageEmptyError, OverloadedError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.flow.sources.camera import (
@@ -53,7 +54,7 @@ class Journal:
         self.check_capacity()
         if input_id in self.inputs:
             return False
-        self.inputs[input_id] = {"state": "pending", "spool_path": spool_path, "meta": meta}
+        self.inputs[input_id] = {"state": "pending", "spool_path": spool_path, "meta": meta, "source": source}
         return True
 
     def input_state(self, input_id: str) -> str | None:
@@ -61,6 +62,12 @@ class Journal:
 
     def reject_input(self, input_id: str, code: str, message: str) -> None:
         self.inputs[input_id]["state"] = "rejected"
+
+    def pending_inputs(self) -> list[PendingInput]:
+        return [
+            PendingInput(i, v.get("source", "inbox"), "p", v["spool_path"], v["meta"], 0.0)
+            for i, v in self.inputs.items() if v["state"] == "pending"
+        ]
 
 
 class FakePipeline:

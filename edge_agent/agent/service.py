@@ -4,6 +4,11 @@
            -> pipelines -> publisher (MQTT; never blocks start-up) -> model updater (drop folder, when enabled)
            -> restart recovery -> sources -> HTTP API -> /metrics
 
+A full state disk is a state, not a failure: the outbox refuses new inputs while it is short of space
+(``health`` says ``degraded``, sources keep their files, uploads get 507) and the service re-runs
+pending inputs once space returns. Nothing at start-up exits for lack of space except an outbox that
+cannot be opened at all (``StorageError``: the CLI exits 75, which the systemd unit restarts).
+
 ``stop(timeout)`` undoes it in reverse within a bounded time: sources stop taking input, the API
 stops, pipelines drain (what they cannot finish stays pending in the outbox for the next start),
 the publisher says ``offline`` and disconnects, the outbox closes. ``run_service`` wires SIGTERM
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import functools
 import logging
@@ -33,9 +39,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
-from edge_agent.delivery.outbox import Outbox, OutboxLimits
+from edge_agent.delivery.outbox import Outbox, OutboxLimits, PendingInput
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
-from edge_agent.errors import ConfigError, InputError, OverloadedError, UpdateError
+from edge_agent.delivery.space import SpaceState
+from edge_agent.errors import ConfigError, InputError, OverloadedError, StorageError, StorageFullError, UpdateError
 from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
 from edge_agent.flow.sources import Source
 from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
@@ -50,6 +57,8 @@ from edge_agent.updates.store import ModelStore
 from edge_agent.vision.decode import PixelBudget
 
 log = logging.getLogger(__name__)
+
+SWEEP_S = 60.0  # pending inputs without a running attempt are re-run this often (and when space returns)
 
 TransportFactory = Callable[[MqttSettings, Will], Transport]
 ModelFactory = Callable[[Bundle, ModelConfig], Predictor]
@@ -121,6 +130,10 @@ class Service:
         self._ready = False
         self.state = "created"
         self.recovered = 0
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+        self._sweep_now = threading.Event()
+        self._housekeeping: threading.Thread | None = None
 
     # --- paths ----------------------------------------------------------------------------------------------------
 
@@ -134,12 +147,23 @@ class Service:
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Build and start everything; raises EdgeAgentError (config, models, storage) before anything runs."""
+        """Build and start everything; raises EdgeAgentError (config, models, storage) before anything runs.
+        A disk too full to start on raises StorageFullError (never a ConfigError: it is not the config's fault)."""
+        try:
+            self._start()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(f"state_dir: no space left under {self.state_dir}: {exc}") from exc
+            raise
+
+    def _start(self) -> None:
         self.state = "starting"
         cfg = self.cfg
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFullError(f"state_dir: no space to create {self.state_dir}") from exc
             raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc.strerror}") from exc
         self._lock_state_dir()
         self.store = ModelStore(self.state_dir / "models")
@@ -151,6 +175,7 @@ class Service:
             full_policy=o.full_policy,
             retention_s=o.retention_s,
             min_free_bytes=o.min_free_bytes,
+            reserve_bytes=o.reserve_bytes,
         )
         self.outbox = Outbox(self.state_dir / "outbox.db", cfg.device_id, limits)
         outbox = self.outbox
@@ -159,7 +184,14 @@ class Service:
             st = outbox.stats()
             return st.backlog, st.bytes, st.oldest_age_s
 
+        def storage() -> dict[str, Any]:
+            st = outbox.stats()
+            return {"disk_free_bytes": st.disk_free_bytes, "disk_state": st.disk_state,
+                    "reserve_held": st.reserve_held, "alarms": outbox.alarm_counts()}
+
         self.metrics.bind_outbox(outbox_stats)
+        self.metrics.bind_storage(storage)
+        outbox.add_space_listener(self._on_space)
         try:
             self._build_pipelines()
             self._build_publisher()
@@ -171,6 +203,7 @@ class Service:
             if self.updater is not None and cfg.updates.enabled:
                 self.updater.start()
             self._recover()
+            self._start_housekeeping()
             self._build_sources()
             for s in self.sources.values():
                 s.start()
@@ -209,8 +242,11 @@ class Service:
             if self._http_thread is not None:
                 self._http_thread.join(min(left(0.3), 3.0))
                 clean &= not self._http_thread.is_alive()
+        self._sweep_now.set()
         if self._recovery is not None:
             self._recovery.join(min(left(0.1), 1.0))
+        if self._housekeeping is not None:
+            self._housekeeping.join(min(left(0.1), 1.0))
         if self.updater is not None:
             clean &= self.updater.stop(min(left(0.3), 5.0))
         for pipeline in self.pipelines.values():
@@ -236,7 +272,10 @@ class Service:
     def _lock_state_dir(self) -> None:
         """One agent per state directory: two writers on one outbox and spool would step on each other."""
         path = self.state_dir / "agent.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # ENOSPC: no inode left for the lock file
+            raise StorageError(f"state_dir: cannot create {path}: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -421,16 +460,80 @@ class Service:
         pipeline = self.pipelines.get(item.pipeline)
         if pipeline is None:
             raise OverloadedError(f"no pipeline {item.pipeline!r} is running")
-        return pipeline.submit(item)
+        with self._in_flight_lock:
+            self._in_flight.add(item.input_id)
+        try:
+            fut = pipeline.submit(item)
+        except BaseException:
+            self._done_in_flight(item.input_id)
+            raise
+        fut.add_done_callback(lambda _f: self._done_in_flight(item.input_id))
+        return fut
+
+    def _done_in_flight(self, input_id: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(input_id)
+
+    def _on_space(self, state: SpaceState, free: int) -> None:
+        """The outbox's disk state changed (from its writer thread or a capacity check): tell and, once space is
+        back, re-run what waited."""
+        data = {"state": state, "free_bytes": free, "min_free_bytes": self.cfg.outbox.min_free_bytes}
+        if state == "ok":
+            self._publish_event("storage_ok", "info", data)
+            self._sweep_now.set()
+        else:
+            self._publish_event("storage_full", "alarm" if state == "full" else "warning", data)
+
+    def _start_housekeeping(self) -> None:
+        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+        self._housekeeping.start()
+
+    def _housekeep(self) -> None:
+        """Every SWEEP_S (and at once when space returns): re-run pending inputs nobody is working on."""
+        while not self._stopping.is_set():
+            self._sweep_now.wait(SWEEP_S)
+            self._sweep_now.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._sweep()
+            except Exception:  # a background loop catches, counts, reports and goes on
+                log.exception("housekeeping: re-running pending inputs failed")
+
+    def _sweep(self, min_age_s: float | None = None) -> int:
+        """Re-submit pending inputs (not folder ones: their source retries them) that have no attempt running and
+        were accepted more than ``min_age_s`` ago (default: longer than an upload may wait to be submitted)."""
+        assert self.outbox is not None
+        folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
+        with self._in_flight_lock:
+            busy = set(self._in_flight)
+        age = self.cfg.http.queue_wait_s + 5.0 if min_age_s is None else min_age_s
+        before = time.time() - age
+        todo = [p for p in self.outbox.pending_inputs()
+                if p.source not in folders and p.input_id not in busy and p.accepted_at <= before]
+        items = self._recoverable(todo)
+        if items:
+            log.info("housekeeping: re-running %d pending inputs", len(items))
+            self._resubmit(items)
+        return len(items)
 
     def _recover(self) -> None:
         """Re-submit inputs accepted before a restart that have no result yet (folder sources do their own)."""
         assert self.outbox is not None
+        self._clean_http_spool()
         folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
+        todo = self._recoverable([p for p in self.outbox.pending_inputs() if p.source not in folders])
+        if not todo:
+            return
+        log.info("recovery: re-submitting %d accepted inputs without a result", len(todo))
+        self._recovery = threading.Thread(target=self._resubmit, args=(todo,), name="recovery", daemon=True)
+        self._recovery.start()
+
+    def _recoverable(self, pending: Sequence[PendingInput]) -> list[InputItem]:
+        """Items to re-run for ``pending`` inputs; those that cannot run again are rejected (never left pending)."""
+        assert self.outbox is not None
         todo: list[InputItem] = []
-        for p in self.outbox.pending_inputs():
-            if p.source in folders:
-                continue
+        for p in pending:
             if p.pipeline not in self.pipelines:
                 self.outbox.reject_input(p.input_id, "pipeline_gone", f"pipeline {p.pipeline!r} is not configured")
             elif p.spool_path and Path(p.spool_path).is_file():
@@ -443,11 +546,30 @@ class Service:
                 )
             else:
                 self.outbox.reject_input(p.input_id, "input_lost", "no spool file to retry after a restart")
-        if not todo:
+        return todo
+
+    def _clean_http_spool(self) -> None:
+        """Uploads interrupted by a crash: partial ``.part`` files, and stored photos with no journal row
+        (their client never got an answer, so it sends them again) are deleted."""
+        assert self.outbox is not None
+        spool = self.spool_dir("http")
+        try:
+            entries = list(spool.iterdir())
+        except OSError:
             return
-        log.info("recovery: re-submitting %d accepted inputs without a result", len(todo))
-        self._recovery = threading.Thread(target=self._resubmit, args=(todo,), name="recovery", daemon=True)
-        self._recovery.start()
+        removed = 0
+        for path in entries:
+            if not path.is_file():
+                continue
+            input_id = path.name.rsplit(".", 1)[0]
+            if path.suffix == ".part" or self.outbox.input_state(input_id) is None:
+                try:
+                    path.unlink()
+                    removed += 1
+                except OSError as exc:
+                    log.warning("recovery: cannot delete %s: %s", path, exc.strerror)
+        if removed:
+            log.info("recovery: deleted %d unjournalled or partial upload files from %s", removed, spool)
 
     def _resubmit(self, items: Sequence[InputItem]) -> None:
         for item in items:
@@ -529,6 +651,13 @@ class Service:
                     if h.get("state") not in ("watching", "streaming")]
         if publisher not in ("connected", "disabled"):
             problems.append(f"mqtt: {publisher}")
+        alarms: list[str] = []
+        if self.outbox is not None:
+            st = self.outbox.stats()
+            alarms = list(st.alarms)
+            if st.disk_state != "ok":
+                problems.append(f"disk {st.disk_state}: {st.disk_free_bytes} bytes free under {self.state_dir} "
+                                f"(min_free_bytes {self.cfg.outbox.min_free_bytes}); new inputs wait")
         state = "ok" if self._ready and not problems else ("degraded" if self._ready else self.state)
         return {
             "state": state,
@@ -545,6 +674,7 @@ class Service:
             },
             "sources": sources,
             "mqtt": publisher,
+            "alarms": alarms,
         }
 
 

@@ -16,9 +16,12 @@ from typing import Annotated, Literal
 import typer
 
 from edge_agent.config import AgentConfig, default_config, load_config
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError, StorageError
 
 log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2  # the config or a model bundle is wrong: a person must fix it (systemd does not restart it)
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the state disk cannot hold the outbox right now (systemd restarts it)
 
 Kind = Literal["crop", "inspection", "livestock", "plain"]
 
@@ -102,7 +105,7 @@ def run(
             cfg = default_config(bundle=bundle, kind=kind)
     except EdgeAgentError as exc:
         typer.echo(f"error [{exc.code}] {exc.message}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     from edge_agent.agent.preflight import preflight
 
     try:  # what the files the config names say (bundles, tokens, keys); --check also builds each model
@@ -114,7 +117,7 @@ def run(
             preflight(cfg)
     except EdgeAgentError as exc:
         typer.echo(f"error [{exc.code}] {source}: {exc.message}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     if check:
         typer.echo(f"{source}: ok")
         return
@@ -124,7 +127,10 @@ def run(
 
     try:
         code = run_service(cfg)
+    except StorageError as exc:  # a full or failing state disk is not a config error: exit so that it is retried
+        typer.echo(f"error [{exc.code}] {exc.message} (exit {EXIT_TEMPFAIL}: try again later)", err=True)
+        raise typer.Exit(EXIT_TEMPFAIL) from None
     except EdgeAgentError as exc:
         typer.echo(f"error [{exc.code}] {exc.message}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CONFIG) from None
     raise typer.Exit(code)

@@ -21,11 +21,14 @@ deadlock against the transport's network thread. Protocol (see ``docs/mqtt.md``)
   so whatever we sent meanwhile may be gone; at most once per ``resend_min_interval_s``;
 * availability is retained on ``.../status`` (``online``, and ``offline`` as the last will);
 * heartbeats carry health, backlog, model versions and counters; the state is ``degraded``
-  while the broker is unreachable or refuses our publishes.
+  while the broker is unreachable or refuses our publishes;
+* events the outbox stores (alarms such as ``outbox_corrupt``) are published QoS 1 and forgotten once
+  the broker has them, so an alarm raised while offline, or just before a crash, still goes out.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -135,7 +138,9 @@ class Publisher:
         self._ack_seen = 0
         self._confirmed = 0  # highest seq the broker confirmed (PUBACK) receiving from us: acks never go beyond
         self._tokens = 0.0
-        self._alarms_sent = 0
+        self._alarms_sent = 0  # of the outbox's memory_alarms (alarms it could not store)
+        self._event_mids: dict[int, int] = {}  # transport token -> stored event id
+        self._events_delivered: set[int] = set()  # PUBACKed, deletion not committed yet
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self.ack_topic = codec.ack_topic(self.device_id)
@@ -250,6 +255,7 @@ class Publisher:
                 self._absorb_acks()
                 if self._connected:
                     self._resend_if_due(time.monotonic())
+                    self._send_stored_events()
                     self._fill()
                     self._retry(now)
                 self._commit_acks()  # never blocks: the delete commits on the outbox writer meanwhile
@@ -274,6 +280,8 @@ class Publisher:
                 self._on_inbound(value)
             elif kind == "event":
                 self._send_event(*value)
+            elif kind == "event_forgotten":
+                self._events_delivered.discard(value)
             elif kind == "pruned" and value.exception() is not None:
                 self.counters["errors"] += 1
                 log.error("publisher: outbox prune failed: %s", value.exception())
@@ -282,6 +290,7 @@ class Publisher:
     def _reset_inflight(self) -> None:
         self._outstanding.clear()
         self._mids.clear()
+        self._event_mids.clear()
         self._cursor = 0
 
     def _on_connected(self) -> None:
@@ -292,14 +301,46 @@ class Publisher:
         ts = time.time() if self.session_ts is None else self.session_ts
         online = codec.status_payload(device=self.device_id, state="online", ts=ts)
         self.transport.publish(codec.status_topic(self.device_id), codec.dumps(online), qos=1, retain=True)
-        alarms = self.outbox.alarms
+        self._alarms_sent = 0  # alarms the outbox could not store: once more on every connection
+        self._next_heartbeat = 0.0
+
+    def _send_stored_events(self) -> None:
+        """Publish the outbox's stored events not in flight yet (each is deleted on its PUBACK), and the alarms it
+        could not store (a database failing at run time), which are sent once per connection."""
+        alarms = self.outbox.memory_alarms
         for alarm in alarms[self._alarms_sent :]:
             name, _, message = alarm.partition(": ")
             self._send_event(name, "alarm", {"message": message})
         self._alarms_sent = len(alarms)
-        self._next_heartbeat = 0.0
+        if self.outbox.events_pending <= len(self._event_mids) + len(self._events_delivered):
+            return
+        flying = set(self._event_mids.values()) | self._events_delivered
+        for ev in self.outbox.pending_events():
+            if ev.id in flying:
+                continue
+            payload = codec.event_payload(
+                device=self.device_id, ts=ev.created_at, event=ev.event, severity=ev.severity, data=ev.data
+            )
+            token = self.transport.publish(codec.events_topic(self.device_id), codec.dumps(payload), qos=1)
+            if token is None:
+                return
+            self._event_mids[token] = ev.id
+
+    def _event_forgotten(self, event_id: int, _fut: Future[None]) -> None:
+        self._events.put(("event_forgotten", event_id))  # done callback (outbox writer): back to the worker
 
     def _on_puback(self, token: int, ok: bool, reason: str) -> None:
+        event_id = self._event_mids.pop(token, None)
+        if event_id is not None:
+            if ok:
+                self._events_delivered.add(event_id)
+                self.outbox.event_sent_async(event_id).add_done_callback(
+                    functools.partial(self._event_forgotten, event_id)
+                )
+            else:  # refused: kept, sent again after the next reconnect
+                self._event_mids[-token - 1] = event_id
+                log.error("publisher: broker refused stored event %d (%s); kept", event_id, reason)
+            return
         seq = self._mids.pop(token, None)
         if seq is None:
             return

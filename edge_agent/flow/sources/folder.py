@@ -14,11 +14,17 @@ not a regular file (symlinks, devices) are rejected without being read. When the
 files simply stay in the folder, refused, not lost.
 
 On start the spool is reconciled with the outbox: a file the journal does not know (a crash
-between move and journal) is accepted now, pending ones are submitted again, finished ones filed.
+between move and journal) is accepted now (or, while the disk is short of space, put back into the
+folder), pending ones are submitted again, finished ones filed; a pending input whose spool file is
+gone (an outbox rolled back by damage after the file was filed) is run again from ``done_dir`` when its
+file is there, else rejected as ``input_lost``: no input stays pending for ever. Partial copies
+(``.<name>.incoming``) a crash left behind are deleted; their originals were never removed.
+A copy into the spool that fails (ENOSPC on another file system) leaves the file in the folder.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -35,7 +41,8 @@ from typing import Any, Protocol
 import orjson
 
 from edge_agent.config import FolderSourceConfig
-from edge_agent.errors import EdgeAgentError, InputError, OverloadedError, StorageError
+from edge_agent.delivery.outbox import PendingInput
+from edge_agent.errors import EdgeAgentError, InputError, OverloadedError, StorageError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.flow.sources import Submit
 from edge_agent.metrics import Metrics
@@ -56,6 +63,7 @@ class InputJournal(Protocol):
     ) -> bool: ...
     def input_state(self, input_id: str) -> str | None: ...
     def reject_input(self, input_id: str, code: str, message: str) -> None: ...
+    def pending_inputs(self) -> list[PendingInput]: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,10 +87,14 @@ def durable_move(src: Path, dst: Path) -> None:
         if exc.errno != 18:  # EXDEV: another file system
             raise
         tmp = dst.with_name(f".{dst.name}.incoming")
-        with src.open("rb") as fin, tmp.open("wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
+        try:
+            with src.open("rb") as fin, tmp.open("wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+        except OSError:  # e.g. ENOSPC: no partial copy is left behind; the source is untouched
+            tmp.unlink(missing_ok=True)
+            raise
         os.rename(tmp, dst)
         _fsync_dir(dst.parent)
         src.unlink()
@@ -141,12 +153,14 @@ class FolderSource:
         self.rejected = 0
         self.refused_full = 0
         self.last_error: str | None = None
+        self._orphans: list[tuple[Path, str, str]] = []  # (spool file, input id, original name) not journalled
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         for d in (self.cfg.path, self.done_dir, self.rejected_dir, self.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._clean_partials()
         self.recover()
         self._thread = threading.Thread(target=self._loop, name=f"folder-{self.name}", daemon=True)
         self._thread.start()
@@ -191,28 +205,96 @@ class FolderSource:
 
     # --- recovery -------------------------------------------------------------------------------------------------
 
+    def _clean_partials(self) -> None:
+        """Delete partial copies and reason files a crash (or a full disk) left behind; originals are intact."""
+        for directory, suffixes in ((self.spool_dir, (".incoming",)),
+                                    (self.done_dir, (".incoming",)),
+                                    (self.rejected_dir, (".incoming", ".reason.json.tmp"))):
+            try:
+                entries = list(directory.iterdir())
+            except OSError:
+                continue
+            for path in entries:
+                if path.name.startswith(".") and path.name.endswith(suffixes) and path.is_file():
+                    log.info("folder %s: deleting the partial file %s", self.name, path)
+                    path.unlink(missing_ok=True)
+
     def recover(self) -> None:
-        """Reconcile the spool with the journal after a restart (see the module docstring)."""
+        """Reconcile the spool with the journal after a restart (see the module docstring). Never raises for
+        lack of space: a file that cannot be journalled now goes back to the folder (or waits in the spool)."""
+        known: set[str] = set()
         for path in sorted(self.spool_dir.iterdir()):
             if not path.is_file() or path.name.startswith("."):
                 continue
             input_id, sep, original = path.name.partition(_SEP)
             if not sep:
                 continue
+            known.add(input_id)
             state = self._journal.input_state(input_id)
             if state == "done":
                 self._file_done(path, original, input_id)
             elif state == "rejected":
                 self._file_rejected(path, original, "rejected", "rejected before the agent restarted")
+            elif state is None:
+                self._orphans.append((path, input_id, original))
             else:
-                if state is None:
-                    self._journal.accept_input(
-                        input_id, source=self.name, pipeline=self.cfg.pipeline, spool_path=str(path),
-                        meta={"original_name": original, "recovered": True},
-                    )
                 with self._lock:
                     self._waiting.append((0.0, self._item(input_id, path)))
                 log.info("folder %s: recovered %s from the spool", self.name, original)
+        self._adopt_orphans(put_back=True)
+        for pending in self._journal.pending_inputs():
+            if pending.source == self.name and pending.input_id not in known:
+                self._recover_filed(pending)
+
+    def _adopt_orphans(self, *, put_back: bool) -> None:
+        """Journal spool files the journal does not know (a crash or a full disk between move and journal).
+        While the outbox refuses inputs they go back to the folder (``put_back``) or wait for the next scan."""
+        orphans, self._orphans = self._orphans, []
+        for path, input_id, original in orphans:
+            try:
+                self._journal.accept_input(
+                    input_id, source=self.name, pipeline=self.cfg.pipeline, spool_path=str(path),
+                    meta={"original_name": original, "recovered": True},
+                )
+            except StorageError as exc:
+                self._refused(exc)
+                if put_back and self._put_back(path, original, input_id):
+                    continue
+                self._orphans.append((path, input_id, original))
+                continue
+            with self._lock:
+                self.accepted += 1
+                self._waiting.append((0.0, self._item(input_id, path)))
+            log.info("folder %s: took %s from the spool (it was never journalled)", self.name, original)
+
+    def _put_back(self, spool: Path, original: str, input_id: str) -> bool:
+        try:
+            durable_move(spool, _free_name(self.cfg.path, original, input_id[-8:]))
+        except OSError as exc:
+            log.warning("folder %s: cannot put %s back into the folder: %s", self.name, original, exc.strerror)
+            return False
+        log.info("folder %s: put %s back into the folder (not journalled, the disk is short of space)",
+                 self.name, original)
+        return True
+
+    def _recover_filed(self, pending: PendingInput) -> None:
+        """A pending input without its spool file: its result was rolled back after the file was filed."""
+        original = str(pending.meta.get("original_name") or "")
+        candidates = [self.done_dir / original, _free_name(self.done_dir, original, pending.input_id[-8:])]
+        source = next((c for c in candidates if original and c.is_file()), None)
+        if source is None:
+            self._journal.reject_input(pending.input_id, "input_lost", "the spool file is gone and not in done_dir")
+            log.warning("folder %s: input %s (%s) is lost: rejected", self.name, pending.input_id, original)
+            return
+        spool = self.spool_dir / f"{pending.input_id}{_SEP}{original[:120]}"
+        try:
+            durable_move(source, spool)
+        except OSError as exc:
+            log.warning("folder %s: cannot re-run %s from %s: %s", self.name, original, source, exc.strerror)
+            return  # stays pending: tried again at the next start
+        with self._lock:
+            self._waiting.append((0.0, self._item(pending.input_id, spool)))
+        log.warning("folder %s: re-running %s from %s (its result was lost)", self.name, original, self.done_dir)
 
     # --- scanning -------------------------------------------------------------------------------------------------
 
@@ -224,6 +306,8 @@ class FolderSource:
 
     def scan_once(self) -> int:
         """One pass: resubmit waiting inputs, then take settled files while there is room. Returns files taken."""
+        if self._orphans:
+            self._adopt_orphans(put_back=False)
         self._drain_waiting()
         now = self._clock()
         try:
@@ -272,20 +356,27 @@ class FolderSource:
             self._refused(exc)
             return 0
         moved: list[tuple[Path, Path, str, str, int]] = []
+        short = False  # ran out of space part way: the state stays "full"
         for path, name, size in batch:
             input_id = f"f-{uuid.uuid4().hex}"
             spool_path = self.spool_dir / f"{input_id}{_SEP}{name[:120]}"
             try:
-                os.rename(path, spool_path)
+                try:
+                    os.rename(path, spool_path)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:  # EXDEV: the spool is on another file system: copy
+                        raise
+                    durable_move(path, spool_path)
             except FileNotFoundError:
                 continue  # someone else took it
-            except OSError as exc:
-                if exc.errno == 18:  # EXDEV: the spool is on another file system
-                    durable_move(path, spool_path)
+            except OSError as exc:  # e.g. ENOSPC copying across file systems: the file stays in the folder
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    short = True
+                    self._refused(StorageFullError(f"no space to copy {name} into the spool"))
                 else:
                     self.last_error = f"cannot move into the spool: {exc.strerror}"
                     log.warning("folder %s: %s: %s", self.name, name, self.last_error)
-                    break
+                break  # the files already moved are journalled below
             moved.append((path, spool_path, input_id, name, size))
         if not moved:
             return 0
@@ -299,7 +390,10 @@ class FolderSource:
                     meta={"original_name": name, "size": size},
                 )
             except StorageError as exc:
-                durable_move(spool_path, path)  # refused, not lost: back where it was
+                try:
+                    durable_move(spool_path, path)  # refused, not lost: back where it was
+                except OSError:
+                    self._orphans.append((spool_path, input_id, name))  # journalled once space returns
                 return exc
             return None
 
@@ -308,13 +402,14 @@ class FolderSource:
         taken = 0
         for m, err in zip(moved, outcomes, strict=True):
             if err is not None:
+                short = True
                 self._refused(err)
                 continue
             taken += 1
             with self._lock:
                 self.accepted += 1
                 self._waiting.append((0.0, self._item(m[2], m[1])))
-        if taken:
+        if taken and not short:
             self.last_error = None
         return taken
 
