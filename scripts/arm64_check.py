@@ -119,11 +119,11 @@ def ensure_debian_tools() -> Path:
     return Path(qemu)
 
 
-def ensure_arm64_root(mirror: str) -> Path:
+def ensure_arm64_root(mirror: str | None) -> Path:
     """A Debian arm64 root with python3.11, extracted (no maintainer scripts run, so no emulation needed)."""
     root = WORK / "root"
     stamp = root / ".edge-agent-root"
-    want = f"{SUITE} {mirror} {' '.join(ROOT_PACKAGES)}\n"
+    want = f"{SUITE} {mirror or 'default'} {' '.join(ROOT_PACKAGES)}\n"
     if stamp.exists() and stamp.read_text() == want:
         return root
     if root.exists():
@@ -131,7 +131,7 @@ def ensure_arm64_root(mirror: str) -> Path:
     log(f"extracting a Debian {SUITE} arm64 root with {', '.join(ROOT_PACKAGES)} (mmdebstrap)")
     root.parent.mkdir(parents=True, exist_ok=True)
     sh(["mmdebstrap", "--quiet", "--variant=extract", "--architectures=arm64",
-        f"--include={','.join(ROOT_PACKAGES)}", SUITE, str(root), mirror])
+        f"--include={','.join(ROOT_PACKAGES)}", SUITE, str(root), *([mirror] if mirror else [])])
     stamp.write_text(want)
     return root
 
@@ -223,7 +223,8 @@ def main() -> int:
                     help="the shared folder holding datasets/ (default: ../shared)")
     ap.add_argument("--cpu", action="append", help=f"qemu CPU model, repeatable (default: {', '.join(DEFAULT_CPUS)})")
     ap.add_argument("--bundle", action="append", help="only this bundle (repeatable; default: every bundle)")
-    ap.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for the arm64 root")
+    ap.add_argument("--mirror", help="Debian mirror for the arm64 root (default: mmdebstrap's, with updates and "
+                    "security)")
     ap.add_argument("--report", type=Path, default=WORK / "report.json", help="where to write the figures (JSON)")
     args = ap.parse_args()
     cpus: list[str] = args.cpu or list(DEFAULT_CPUS)

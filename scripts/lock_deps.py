@@ -27,7 +27,6 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 UV_VERSION = "0.13.9"
 TOOLS = ROOT / "build" / "tools"
-INDEX = "https://pypi.org/simple"
 
 # (output file, python version, uv target platform, packages left out)
 LOCKS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -51,7 +50,7 @@ def uv() -> Path:
 
 
 def clean_pip_env() -> dict[str, str]:
-    """pip/uv environment without this machine's extra indexes and local wheel folders: PyPI only."""
+    """pip/uv environment without a machine's extra indexes and local wheel folders: uv's default index, PyPI."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_FIND_LINKS", "PIP_EXTRA_INDEX", "UV_"))}
     env["PIP_CONFIG_FILE"] = os.devnull
     env["UV_NO_CONFIG"] = "1"
@@ -72,7 +71,7 @@ def main() -> int:
         cmd = [
             str(exe), "pip", "compile", "pyproject.toml", "-",
             "--python-version", python, "--python-platform", platform,
-            "--generate-hashes", "--index-url", INDEX, "--quiet",
+            "--generate-hashes", "--quiet",
             "--custom-compile-command", "make lock", "-o", out,
         ]
         for extra in extras:
