@@ -182,6 +182,13 @@ def compose_spec_schema() -> dict[str, Any]:
     return schema
 
 
+def bind(volume: str) -> tuple[str, str]:
+    """(source, target) of a short-syntax volume, whose source may be a `${VAR:-default}` interpolation."""
+    rest = volume[:-3] if volume.endswith((":ro", ":rw")) else volume
+    source, target = rest.rsplit(":", 1)
+    return source, target
+
+
 def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
     schema = compose_spec_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
@@ -199,13 +206,15 @@ def test_compose_stack_has_broker_database_and_coordinator_wired_by_name(
     coordinator = services["coordinator"]
     assert coordinator["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert (ROOT / "deploy" / coordinator["build"]["context"] / coordinator["build"]["dockerfile"]).is_file()
-    mounted = {v.split(":")[1]: v.split(":")[0] for v in coordinator["volumes"]}
+    mounted = {target: source for source, target in map(bind, coordinator["volumes"])}
     config_path = mounted[coordinator["command"][coordinator["command"].index("--config") + 1]]
     cfg = load_coordinator_config(DEPLOY / config_path)
     assert cfg.mqtt.host in services and cfg.mqtt.host == "mqtt"
     assert cfg.store.type == "postgres" and "host=postgres " in cfg.store.dsn
     assert cfg.mqtt.password_env is not None and cfg.mqtt.password_env in coordinator["environment"]
     assert "PGPASSWORD" in coordinator["environment"]
+    assert cfg.ack_key is not None, "acks must be signed: the images' agent configs list mqtt.ack_keys"
+    assert any(cfg.ack_key.parent == Path(target) for target in mounted), "ack_key is not in a mounted folder"
     monkeypatch.setenv(cfg.mqtt.password_env, "pw")
     assert cfg.password() == "pw"
 
@@ -215,8 +224,8 @@ def test_compose_mounts_files_that_exist_and_publishes_only_tls_and_a_loopback_d
 ) -> None:
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith("./") and not source.startswith("./secrets"):
+            source = bind(volume)[0]
+            if source.startswith("./"):
                 assert (DEPLOY / source).exists(), f"{name}: mounts {source}, which is not in deploy/"
     published = {name: service.get("ports", []) for name, service in compose["services"].items()}
     assert published == {"mqtt": ["8883:8883"], "postgres": [], "coordinator": ["127.0.0.1:8090:8090"]}
