@@ -63,7 +63,7 @@ soak: system-deps $(STAMP)
 # ARM64 proof (not in `make test`: ~5 min per emulated CPU on 2 cores): `edge-agent infer` on every bundle under
 # models/, x86_64 against aarch64 emulated by qemu-user (Raspberry Pi 4 and 5 cores) with Debian's arm64 python3.11
 # and the aarch64 wheels pinned in deploy/docker/requirements-arm64.txt. apt-get (root) brings qemu-user-static and
-# mmdebstrap when missing; sample images come from $(SHARED)/datasets. See scripts/arm64_check.py.
+# mmdebstrap when missing; sample images from tests/data and $(SHARED)/datasets. See scripts/arm64_check.py.
 SHARED ?= ../shared
 arm64-check: $(STAMP)
 	nice -n 10 $(BIN)/python scripts/arm64_check.py --shared $(SHARED)

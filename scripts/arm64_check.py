@@ -15,7 +15,8 @@ What it does (as root on Debian/Ubuntu; nothing is fetched but Debian packages a
    table, writes build/arm64/report.json and exits 1 on any mismatch (2 when a setup step fails). Emulated times
    say nothing about a real board's speed.
 
-Sample images (2-3 per bundle) come from the shared datasets (../shared/datasets, or --shared DIR).
+Sample images, 3 per bundle: tests/data for the crop and detector bundles, the shared datasets (../shared/datasets,
+or --shared DIR) for the steel and tile ones, which have no licensed copy in this repository.
 """
 
 from __future__ import annotations
@@ -55,17 +56,18 @@ CPUINFO: dict[str, tuple[str, str, str, str]] = {  # features, variant, part, re
                     "asimddp ssbs", "0x3", "0xd0c", "1"),  # Arm servers (Graviton 2, Ampere Altra)
 }
 
-# Per bundle, sample images relative to the shared datasets folder (licences: see each dataset's SOURCE.md).
+# Per bundle, sample images: "tests/data/..." in this repository (licensed copies, tests/data/LICENSES.md), the others
+# relative to the shared datasets folder (NEU steel and magnetic tile have no licence, so no copy lives here).
 # The cow photo for crop_disease is there on purpose: the classifier must answer "not recognised" on both sides.
-COCO = "livestock/coco_demo/images"
+COCO = "tests/data/coco_demo/images"
 TILE = "inspection/magnetic_tile/test"
 DETECTOR_IMAGES = (f"{COCO}/000000078499.jpg", f"{COCO}/000000214753.jpg", f"{COCO}/000000261888.jpg")
 TILE_IMAGES = (f"{TILE}/good/exp1_num_11276.jpg", f"{TILE}/crack/exp1_num_249594.jpg",
                f"{TILE}/blowhole/exp1_num_108719.jpg")
 SAMPLES: dict[str, tuple[str, ...]] = {
     "crop_disease": (
-        "crops/plantvillage/train/Apple___Apple_scab/0208f4eb-45a4-4399-904e-989ac2c6257c___FREC_Scab_3037.jpg",
-        "crops/ibean/train/bean_rust/bean_rust_train_0.jpg",
+        "tests/data/crops/plantvillage/Apple___Apple_scab/0208f4eb-45a4-4399-904e-989ac2c6257c___FREC_Scab_3037.jpg",
+        "tests/data/crops/ibean/bean_rust/bean_rust_train_0.jpg",
         f"{COCO}/000000078499.jpg",
     ),
     "steel_defects": (
@@ -241,8 +243,10 @@ def main() -> int:
         missing = [n for n in names if n not in SAMPLES]
         if missing:
             raise CheckError(f"no sample images for bundle(s) {', '.join(missing)}: add them to SAMPLES in {__file__}")
-        if not datasets.is_dir():
-            raise CheckError(f"sample images are read from {datasets}, which does not exist: pass --shared DIR")
+        shared_needed = sorted(n for n in names if any(not r.startswith("tests/data/") for r in SAMPLES[n]))
+        if shared_needed and not datasets.is_dir():
+            raise CheckError(f"the sample images of {', '.join(shared_needed)} are read from {datasets}, which does "
+                             "not exist: pass --shared DIR (make arm64-check SHARED=DIR)")
         qemu = ensure_debian_tools()
         root = ensure_arm64_root(args.mirror)
         py_tag = PYTHON_VERSION.replace(".", "")
@@ -255,7 +259,7 @@ def main() -> int:
         rows: list[dict[str, Any]] = []
         failed = False
         for name in names:
-            images = [datasets / rel for rel in SAMPLES[name]]
+            images = [ROOT / rel if rel.startswith("tests/data/") else datasets / rel for rel in SAMPLES[name]]
             absent = [str(p) for p in images if not p.is_file()]
             if absent:
                 raise CheckError(f"{name}: sample image(s) missing: {', '.join(absent)}")
