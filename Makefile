@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak wheel
+.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak wheel arm64-check lock
 
 # Rebuild every shipped model bundle from ../shared (training extra: torch CPU; ~20-40 min on 2 cores).
 .PHONY: models
@@ -59,6 +59,18 @@ run: system-deps $(STAMP)
 # R14 soak of the delivery path (not in CI): SOAK_SECONDS=600 SOAK_PERIOD=15 by default
 soak: system-deps $(STAMP)
 	$(BIN)/pytest -q -s -m soak tests/soak_delivery.py
+
+# ARM64 proof (not in `make test`: ~5 min per emulated CPU on 2 cores): `edge-agent infer` on every bundle under
+# models/, x86_64 against aarch64 emulated by qemu-user (Raspberry Pi 4 and 5 cores) with Debian's arm64 python3.11
+# and the aarch64 wheels pinned in deploy/docker/requirements-arm64.txt. apt-get (root) brings qemu-user-static and
+# mmdebstrap when missing; sample images from tests/data and $(SHARED)/datasets. See scripts/arm64_check.py.
+SHARED ?= ../shared
+arm64-check: $(STAMP)
+	nice -n 10 $(BIN)/python scripts/arm64_check.py --shared $(SHARED)
+
+# Re-pin the container recipes' dependencies with hashes (deploy/docker/requirements-*.txt) after pyproject changes.
+lock: $(STAMP)
+	$(BIN)/python scripts/lock_deps.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
