@@ -20,10 +20,12 @@ class Tolerance:
     box_px: float  # per box corner, in original-image pixels
 
 
-# FP32 graphs see bit-identical input tensors on both sides (imaging's bit-exact resize), so only float rounding
-# inside onnxruntime's kernels differs. INT8 graphs run different integer kernels (x86 VNNI/AVX2 vs ARM NEON
-# dot products, different requantisation rounding), a quantisation step apart in places.
-TOLERANCES = {"fp32": Tolerance(score=1e-3, box_px=0.5), "int8": Tolerance(score=0.05, box_px=3.0)}
+# OpenCV's INTER_LINEAR resize rounds differently in its x86 and ARM code (13-22% of a resized picture's values
+# one level apart; vision/imaging.py says why the bit-exact mode is not used), so even FP32 graphs see slightly
+# different inputs: measured up to ~11 px on a YOLOX-Nano box corner and 1.3% of a tile anomaly score. INT8 graphs
+# add different integer kernels (x86 VNNI/AVX2 vs ARM NEON dot products, requantisation rounding). Labels, verdicts
+# and the set of detections must still match exactly.
+TOLERANCES = {"fp32": Tolerance(score=0.03, box_px=16.0), "int8": Tolerance(score=0.06, box_px=16.0)}
 
 
 @dataclass

@@ -16,12 +16,13 @@ from edge_agent.types import U8Image
 
 Interpolation = Literal["linear", "area", "nearest"]
 
-# "linear" is OpenCV's bit-exact bilinear resize: plain INTER_LINEAR rounds differently in its x86 (AVX2/AVX-512)
-# and ARM (NEON) code, which moved 13-22% of a resized photo's values by one level between the two and with them
-# detector boxes by up to 11 px and anomaly scores by 1.3% (`make arm64-check`); the exact one costs 0.1-0.45 ms
-# more per picture on x86 (640x428 -> 224x224: 0.08 -> 0.28 ms; 1920x1080 -> 416x234: 0.15 -> 0.59 ms).
+# "linear" is OpenCV's INTER_LINEAR, vectorised differently on x86 (AVX2/AVX-512) and ARM (NEON): 13-22% of a
+# resized photo's values come out one level apart between the two, which moves detector boxes by up to ~11 px and
+# anomaly scores by ~1.3% (`make arm64-check` states its tolerances accordingly). The bit-exact INTER_LINEAR_EXACT
+# would make FP32 inputs identical, but costs 0.1-0.45 ms more per picture on x86 (1920x1080 -> 416x234:
+# 0.15 -> 0.59 ms), which the frame loop's budget (benchmarks/) cannot afford; the models were trained with it too.
 _INTERP = {
-    "linear": cv2.INTER_LINEAR_EXACT,
+    "linear": cv2.INTER_LINEAR,
     "area": cv2.INTER_AREA,
     "nearest": cv2.INTER_NEAREST,
 }
