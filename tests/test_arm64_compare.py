@@ -49,11 +49,14 @@ def test_timings_and_image_path_are_not_compared() -> None:
 
 
 def test_classification_score_within_and_beyond_tolerance() -> None:
-    ref = classes(("a", 0.8000), ("b", 0.2000))
-    assert judge(ref, classes(("a", 0.8009), ("b", 0.1991))).problems == []
-    diff = judge(ref, classes(("a", 0.8020), ("b", 0.1980)))
-    assert len(diff.problems) == 2 and diff.max_score == pytest.approx(0.002)
-    assert judge(ref, classes(("a", 0.8020), ("b", 0.1980)), INT8).problems == []
+    fp32, int8 = TOLERANCES["fp32"].score, TOLERANCES["int8"].score
+    assert int8 > fp32
+    ref = classes(("a", 0.8000), ("b", 0.1000))
+    assert judge(ref, classes(("a", 0.8 + fp32 / 2), ("b", 0.1 - fp32 / 2))).problems == []
+    between = (fp32 + int8) / 2  # beyond FP32's tolerance, within INT8's
+    diff = judge(ref, classes(("a", 0.8 + between), ("b", 0.1 - between)))
+    assert len(diff.problems) == 2 and diff.max_score == pytest.approx(between)
+    assert judge(ref, classes(("a", 0.8 + between), ("b", 0.1 - between)), INT8).problems == []
 
 
 def test_classification_top_label_must_agree() -> None:
@@ -87,10 +90,11 @@ def test_detections_are_paired_by_label_and_overlap_not_by_order() -> None:
 
 
 def test_detection_box_beyond_tolerance_is_a_mismatch() -> None:
-    ref = dets(("cow", 0.8, [10.0, 10.0, 110.0, 90.0]))
-    diff = judge(ref, dets(("cow", 0.8, [12.0, 10.0, 110.0, 90.0])))
-    assert len(diff.problems) == 1 and diff.max_box == pytest.approx(2.0)
-    assert judge(ref, dets(("cow", 0.8, [12.0, 10.0, 110.0, 90.0])), INT8).problems == []
+    px = TOLERANCES["fp32"].box_px
+    ref = dets(("cow", 0.8, [100.0, 100.0, 300.0, 260.0]))
+    assert judge(ref, dets(("cow", 0.8, [100.0 + px - 1, 100.0, 300.0, 260.0]))).problems == []
+    diff = judge(ref, dets(("cow", 0.8, [100.0 + px + 2, 100.0, 300.0, 260.0])))
+    assert len(diff.problems) == 1 and diff.max_box == pytest.approx(px + 2)
 
 
 def test_detection_with_another_label_is_unpaired() -> None:
@@ -114,9 +118,10 @@ def anomaly(score: float, threshold: float = 47.0) -> dict[str, Any]:
 
 
 def test_anomaly_score_tolerance_is_relative_to_the_score() -> None:
-    assert judge(anomaly(30.0), anomaly(30.02)).problems == []  # 6.7e-4 of 30
-    diff = judge(anomaly(30.0), anomaly(30.1))
-    assert diff.problems and diff.max_score == pytest.approx(0.1 / 30)
+    t = TOLERANCES["fp32"].score
+    assert judge(anomaly(30.0), anomaly(30.0 * (1 + t / 3))).problems == []  # relative to 30, not absolute
+    diff = judge(anomaly(30.0), anomaly(30.0 * (1 + 2 * t)))
+    assert diff.problems and diff.max_score == pytest.approx(2 * t)
 
 
 def test_anomaly_verdict_may_flip_only_at_the_threshold() -> None:
