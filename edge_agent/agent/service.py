@@ -30,25 +30,28 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from edge_agent.agent.control import handle_command
+from edge_agent.agent.health import agent_health, models_info
+from edge_agent.agent.recovery import InFlight, Recovery
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
-from edge_agent.delivery.outbox import Outbox, OutboxLimits, PendingInput
+from edge_agent.delivery.outbox import Outbox, OutboxLimits
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
 from edge_agent.delivery.space import SpaceState
-from edge_agent.errors import ConfigError, InputError, OverloadedError, StorageError, StorageFullError, UpdateError
+from edge_agent.errors import ConfigError, OverloadedError, StorageError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
 from edge_agent.flow.sources import Source
 from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
 from edge_agent.flow.sources.folder import FolderSource
 from edge_agent.metrics import Metrics
-from edge_agent.protocol.commands import Command, CommandError
+from edge_agent.protocol.commands import Command
 from edge_agent.protocol.signing import AgentAuth
 from edge_agent.transport.base import MqttSettings, Transport, Will
 from edge_agent.updates.keys import load_private_key, load_trusted_keys
@@ -58,7 +61,6 @@ from edge_agent.vision.decode import PixelBudget
 
 log = logging.getLogger(__name__)
 
-SWEEP_S = 60.0  # pending inputs without a running attempt are re-run this often (and when space returns)
 
 TransportFactory = Callable[[MqttSettings, Will], Transport]
 ModelFactory = Callable[[Bundle, ModelConfig], Predictor]
@@ -124,16 +126,12 @@ class Service:
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self._metrics_server: Any = None
-        self._recovery: threading.Thread | None = None
+        self.recovery: Recovery | None = None
         self._stopping = threading.Event()
         self._lock_fd: int | None = None
         self._ready = False
         self.state = "created"
-        self.recovered = 0
-        self._in_flight: set[str] = set()
-        self._in_flight_lock = threading.Lock()
-        self._sweep_now = threading.Event()
-        self._housekeeping: threading.Thread | None = None
+        self.in_flight = InFlight()
 
     # --- paths ----------------------------------------------------------------------------------------------------
 
@@ -202,8 +200,9 @@ class Service:
                 self.publisher.start()
             if self.updater is not None and cfg.updates.enabled:
                 self.updater.start()
-            self._recover()
-            self._start_housekeeping()
+            self.recovery = Recovery(cfg, outbox, self.pipelines, self.submit, self.in_flight, self.spool_dir)
+            self.recovery.recover()
+            self.recovery.start_housekeeping()
             self._build_sources()
             for s in self.sources.values():
                 s.start()
@@ -242,11 +241,8 @@ class Service:
             if self._http_thread is not None:
                 self._http_thread.join(min(left(0.3), 3.0))
                 clean &= not self._http_thread.is_alive()
-        self._sweep_now.set()
-        if self._recovery is not None:
-            self._recovery.join(min(left(0.1), 1.0))
-        if self._housekeeping is not None:
-            self._housekeeping.join(min(left(0.1), 1.0))
+        if self.recovery is not None:
+            self.recovery.stop(min(left(0.1), 1.0))
         if self.updater is not None:
             clean &= self.updater.stop(min(left(0.3), 5.0))
         for pipeline in self.pipelines.values():
@@ -460,19 +456,19 @@ class Service:
         pipeline = self.pipelines.get(item.pipeline)
         if pipeline is None:
             raise OverloadedError(f"no pipeline {item.pipeline!r} is running")
-        with self._in_flight_lock:
-            self._in_flight.add(item.input_id)
+        self.in_flight.add(item.input_id)
         try:
             fut = pipeline.submit(item)
         except BaseException:
-            self._done_in_flight(item.input_id)
+            self.in_flight.discard(item.input_id)
             raise
-        fut.add_done_callback(lambda _f: self._done_in_flight(item.input_id))
+        fut.add_done_callback(lambda _f: self.in_flight.discard(item.input_id))
         return fut
 
-    def _done_in_flight(self, input_id: str) -> None:
-        with self._in_flight_lock:
-            self._in_flight.discard(input_id)
+    @property
+    def recovered(self) -> int:
+        """Inputs re-run by the restart recovery and the housekeeping sweeps."""
+        return self.recovery.recovered if self.recovery is not None else 0
 
     def _on_space(self, state: SpaceState, free: int) -> None:
         """The outbox's disk state changed (from its writer thread or a capacity check): tell and, once space is
@@ -480,108 +476,15 @@ class Service:
         data = {"state": state, "free_bytes": free, "min_free_bytes": self.cfg.outbox.min_free_bytes}
         if state == "ok":
             self._publish_event("storage_ok", "info", data)
-            self._sweep_now.set()
+            if self.recovery is not None:
+                self.recovery.wake()
         else:
             self._publish_event("storage_full", "alarm" if state == "full" else "warning", data)
 
-    def _start_housekeeping(self) -> None:
-        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
-        self._housekeeping.start()
-
-    def _housekeep(self) -> None:
-        """Every SWEEP_S (and at once when space returns): re-run pending inputs nobody is working on."""
-        while not self._stopping.is_set():
-            self._sweep_now.wait(SWEEP_S)
-            self._sweep_now.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                self._sweep()
-            except Exception:  # a background loop catches, counts, reports and goes on
-                log.exception("housekeeping: re-running pending inputs failed")
-
     def _sweep(self, min_age_s: float | None = None) -> int:
-        """Re-submit pending inputs (not folder ones: their source retries them) that have no attempt running and
-        were accepted more than ``min_age_s`` ago (default: longer than an upload may wait to be submitted)."""
-        assert self.outbox is not None
-        folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
-        with self._in_flight_lock:
-            busy = set(self._in_flight)
-        age = self.cfg.http.queue_wait_s + 5.0 if min_age_s is None else min_age_s
-        before = time.time() - age
-        todo = [p for p in self.outbox.pending_inputs()
-                if p.source not in folders and p.input_id not in busy and p.accepted_at <= before]
-        items = self._recoverable(todo)
-        if items:
-            log.info("housekeeping: re-running %d pending inputs", len(items))
-            self._resubmit(items)
-        return len(items)
-
-    def _recover(self) -> None:
-        """Re-submit inputs accepted before a restart that have no result yet (folder sources do their own)."""
-        assert self.outbox is not None
-        self._clean_http_spool()
-        folders = {s.name for s in self.cfg.sources if isinstance(s, FolderSourceConfig)}
-        todo = self._recoverable([p for p in self.outbox.pending_inputs() if p.source not in folders])
-        if not todo:
-            return
-        log.info("recovery: re-submitting %d accepted inputs without a result", len(todo))
-        self._recovery = threading.Thread(target=self._resubmit, args=(todo,), name="recovery", daemon=True)
-        self._recovery.start()
-
-    def _recoverable(self, pending: Sequence[PendingInput]) -> list[InputItem]:
-        """Items to re-run for ``pending`` inputs; those that cannot run again are rejected (never left pending)."""
-        assert self.outbox is not None
-        todo: list[InputItem] = []
-        for p in pending:
-            if p.pipeline not in self.pipelines:
-                self.outbox.reject_input(p.input_id, "pipeline_gone", f"pipeline {p.pipeline!r} is not configured")
-            elif p.spool_path and Path(p.spool_path).is_file():
-                hints = p.meta.get("hints") if isinstance(p.meta.get("hints"), dict) else {}
-                todo.append(
-                    InputItem(
-                        input_id=p.input_id, pipeline=p.pipeline, source=p.source, spool_path=p.spool_path,
-                        hints={str(k): str(v) for k, v in (hints or {}).items()},
-                    )
-                )
-            else:
-                self.outbox.reject_input(p.input_id, "input_lost", "no spool file to retry after a restart")
-        return todo
-
-    def _clean_http_spool(self) -> None:
-        """Uploads interrupted by a crash: partial ``.part`` files, and stored photos with no journal row
-        (their client never got an answer, so it sends them again) are deleted."""
-        assert self.outbox is not None
-        spool = self.spool_dir("http")
-        try:
-            entries = list(spool.iterdir())
-        except OSError:
-            return
-        removed = 0
-        for path in entries:
-            if not path.is_file():
-                continue
-            input_id = path.name.rsplit(".", 1)[0]
-            if path.suffix == ".part" or self.outbox.input_state(input_id) is None:
-                try:
-                    path.unlink()
-                    removed += 1
-                except OSError as exc:
-                    log.warning("recovery: cannot delete %s: %s", path, exc.strerror)
-        if removed:
-            log.info("recovery: deleted %d unjournalled or partial upload files from %s", removed, spool)
-
-    def _resubmit(self, items: Sequence[InputItem]) -> None:
-        for item in items:
-            while not self._stopping.is_set():
-                try:
-                    fut = self.submit(item)
-                except OverloadedError:
-                    self._stopping.wait(0.05)  # queue full: the recovery backlog waits its turn
-                    continue
-                self.recovered += 1
-                fut.add_done_callback(functools.partial(_drop_spool, item))
-                break
+        """One housekeeping sweep now (tests): the number of pending inputs re-run."""
+        assert self.recovery is not None
+        return self.recovery.sweep(min_age_s)
 
     def _events_sink(self, out: PipelineOutput, item: InputItem) -> None:
         """Sector events (rejected parts, livestock alerts) go out on the events topic (not durable)."""
@@ -600,94 +503,21 @@ class Service:
                                          {**ref, **alert})
 
     def models_info(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": b.manifest.name,
-                "version": b.manifest.version,
-                "task": b.manifest.task,
-                "labels": list(b.manifest.labels),
-                "license": b.manifest.license,
-                "config_name": name,
-                "installed_from": self._sources.get(name, "config"),
-            }
-            for name, b in self._bundles.items()
-        ]
+        return models_info(self._bundles, self._sources)
 
     def handle_command(self, command: Command) -> dict[str, Any]:
-        """Commands that change the running agent (the publisher handles its own first)."""
-        if command.name == "set_thresholds":
-            args = dict(command.args)
-            name = str(args.pop("pipeline"))
-            pipeline = self.pipelines.get(name)
-            if pipeline is None:
-                raise CommandError(f"unknown pipeline {name!r}", "command_invalid", command.id)
-            try:
-                applied = pipeline.set_thresholds(**{k: float(v) for k, v in args.items()})
-            except ValueError as exc:
-                raise CommandError(str(exc), "command_invalid", command.id) from exc
-            log.info("thresholds of pipeline %s set to %s", name, applied)
-            return {"pipeline": name, "thresholds": applied}
-        if command.name in ("model_update", "model_rollback"):
-            if self.updater is None or not self.cfg.updates.enabled:
-                raise CommandError("model updates are disabled on this agent (updates.enabled)",
-                                   "command_unsupported", command.id)
-            try:
-                if command.name == "model_update":
-                    path = self.updater.request_file(str(command.args["file"]))
-                    return {"accepted": True, "file": path.name, "outcome": "reported as a model_updated or "
-                            "model_update_rejected event"}
-                self.updater.request_rollback(str(command.args["model"]))
-                return {"accepted": True, "model": command.args["model"],
-                        "outcome": "reported as a model_rolled_back event"}
-            except UpdateError as exc:
-                raise CommandError(exc.message, exc.code, command.id) from exc
-        raise CommandError(f"command {command.name} is not supported here", "command_unsupported", command.id)
+        """Commands that change the running agent (the publisher handles its own first): ``agent.control``."""
+        updater = self.updater if self.cfg.updates.enabled else None
+        return handle_command(command, self.pipelines, updater)
 
     def health(self) -> dict[str, Any]:
-        """Status for heartbeats and ``/healthz``: ok, degraded (broker, camera or outbox trouble) or not ready."""
-        sources = {name: s.health() for name, s in self.sources.items()}
-        publisher = self.publisher.state if self.publisher is not None else "disabled"
-        problems = [f"source {n}: {h.get('state')}" for n, h in sources.items()
-                    if h.get("state") not in ("watching", "streaming")]
-        if publisher not in ("connected", "disabled"):
-            problems.append(f"mqtt: {publisher}")
-        alarms: list[str] = []
-        if self.outbox is not None:
-            st = self.outbox.stats()
-            alarms = list(st.alarms)
-            if st.disk_state != "ok":
-                problems.append(f"disk {st.disk_state}: {st.disk_free_bytes} bytes free under {self.state_dir} "
-                                f"(min_free_bytes {self.cfg.outbox.min_free_bytes}); new inputs wait")
-        state = "ok" if self._ready and not problems else ("degraded" if self._ready else self.state)
-        return {
-            "state": state,
-            "ready": self._ready,
-            "device": self.cfg.device_id,
-            "problems": problems,
-            "models": [{"name": m["name"], "version": m["version"], "installed_from": m["installed_from"]}
-                       for m in self.models_info()],
-            "updates": self.updater.status() if self.updater is not None else None,
-            "pipelines": {
-                name: {"kind": p.kind, "depth": p.depth, "in_flight": p.in_flight, "processed": p.processed,
-                       "failed": p.failed}
-                for name, p in self.pipelines.items()
-            },
-            "sources": sources,
-            "mqtt": publisher,
-            "alarms": alarms,
-        }
-
-
-def _drop_spool(item: InputItem, fut: Future[PipelineOutput]) -> None:
-    """Delete a recovered input's spool file once its result or rejection is journalled (kept for a retry otherwise)."""
-    if fut.cancelled() or item.spool_path is None:
-        return
-    exc = fut.exception()
-    if exc is None or isinstance(exc, InputError):
-        try:
-            Path(item.spool_path).unlink(missing_ok=True)
-        except OSError:
-            log.warning("recovery: cannot delete spool file of %s", item.input_id)
+        """Status for heartbeats and ``/healthz``: ``agent.health``."""
+        return agent_health(
+            ready=self._ready, state=self.state, device=self.cfg.device_id, sources=self.sources,
+            publisher=self.publisher.state if self.publisher is not None else "disabled", outbox=self.outbox,
+            state_dir=self.state_dir, min_free_bytes=self.cfg.outbox.min_free_bytes, models=self.models_info(),
+            updates=self.updater.status() if self.updater is not None else None, pipelines=self.pipelines,
+        )
 
 
 M_MMAP_THRESHOLD = -3

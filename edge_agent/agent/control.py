@@ -1,0 +1,46 @@
+"""Commands that change the running agent (the publisher checks, authenticates and answers them; it handles its
+own, such as ``ping`` and ``republish``, before these)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from edge_agent.errors import UpdateError
+from edge_agent.flow.pipeline import Pipeline
+from edge_agent.protocol.commands import Command, CommandError
+from edge_agent.updates.manager import ModelUpdater
+
+log = logging.getLogger(__name__)
+
+
+def handle_command(command: Command, pipelines: Mapping[str, Pipeline], updater: ModelUpdater | None) -> dict[str, Any]:
+    """Apply ``command``; ``updater`` is None where model updates are disabled. Raises CommandError with a code."""
+    if command.name == "set_thresholds":
+        args = dict(command.args)
+        name = str(args.pop("pipeline"))
+        pipeline = pipelines.get(name)
+        if pipeline is None:
+            raise CommandError(f"unknown pipeline {name!r}", "command_invalid", command.id)
+        try:
+            applied = pipeline.set_thresholds(**{k: float(v) for k, v in args.items()})
+        except ValueError as exc:
+            raise CommandError(str(exc), "command_invalid", command.id) from exc
+        log.info("thresholds of pipeline %s set to %s", name, applied)
+        return {"pipeline": name, "thresholds": applied}
+    if command.name in ("model_update", "model_rollback"):
+        if updater is None:
+            raise CommandError("model updates are disabled on this agent (updates.enabled)",
+                               "command_unsupported", command.id)
+        try:
+            if command.name == "model_update":
+                path = updater.request_file(str(command.args["file"]))
+                return {"accepted": True, "file": path.name, "outcome": "reported as a model_updated or "
+                        "model_update_rejected event"}
+            updater.request_rollback(str(command.args["model"]))
+            return {"accepted": True, "model": command.args["model"],
+                    "outcome": "reported as a model_rolled_back event"}
+        except UpdateError as exc:
+            raise CommandError(exc.message, exc.code, command.id) from exc
+    raise CommandError(f"command {command.name} is not supported here", "command_unsupported", command.id)
