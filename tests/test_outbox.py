@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.delivery.interface import OutboxInterface
 from edge_agent.delivery.outbox import Outbox, OutboxLimits, make_result_id
 from edge_agent.errors import StorageFullError
 
@@ -228,3 +229,16 @@ def test_a_real_disk_full_error_is_storage_full_and_nothing_half_written(tmp_pat
         assert ob.stats().backlog == stored + 1 and ob.pending_inputs() == []
     finally:
         ob.close()
+
+
+def test_the_sqlite_outbox_is_the_published_interface(tmp_path: Path) -> None:
+    """mypy checks the structure (``Outbox`` against ``delivery.interface.OutboxInterface``); this checks it runs."""
+    outbox = Outbox(tmp_path / "o.db", "dev1")
+    box: OutboxInterface = outbox
+    try:
+        assert box.accept_input("i1", source="t", pipeline="p", spool_path=None, meta={}, idempotency_key="k" * 16)
+        assert box.input_for_key("k" * 16) == "i1" and [p.input_id for p in box.pending_inputs()] == ["i1"]
+        stored = box.add_result("i1", pipeline="p", model="m", model_version="1", body={"x": 1})
+        assert box.get_result(stored.result_id) == box.get_result_by_input("i1") and box.input_state("i1") == "done"
+    finally:
+        outbox.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import PipelineConfig
+from edge_agent.delivery.interface import StoredResult
 from edge_agent.errors import (
     EdgeAgentError,
     ImageEmptyError,
@@ -56,29 +56,23 @@ class FakeModel:
         return Result(self.name, "1.0", "classification", (Classification(label, 0.9, 0),), size, Timings(1, 2, 3, 4))
 
 
-@dataclass
-class Stored:
-    result_id: str
-    seq: int
-    input_id: str
-    body: dict[str, Any]
-
-
 class FakeOutbox:
     def __init__(self, fail_with: EdgeAgentError | None = None) -> None:
-        self.results: dict[str, Stored] = {}
+        self.results: dict[str, StoredResult] = {}
         self.rejected: dict[str, str] = {}
         self.fail_with = fail_with
         self.lock = threading.Lock()
 
     def add_result(
         self, input_id: str, *, pipeline: str, model: str, model_version: str, body: dict[str, Any]
-    ) -> Stored:
+    ) -> StoredResult:
         if self.fail_with is not None:
             raise self.fail_with
         with self.lock:
             if input_id not in self.results:
-                self.results[input_id] = Stored(f"r-{input_id}", len(self.results) + 1, input_id, body)
+                self.results[input_id] = StoredResult(
+                    f"r-{input_id}", len(self.results) + 1, input_id, pipeline, model, model_version, 0.0, body
+                )
             return self.results[input_id]
 
     def reject_input(self, input_id: str, code: str, message: str) -> None:
@@ -308,7 +302,7 @@ def test_worker_infers_the_next_input_while_a_result_waits_for_the_disk() -> Non
     class SlowDisk(FakeOutbox):
         def add_result(
             self, input_id: str, *, pipeline: str, model: str, model_version: str, body: dict[str, Any]
-        ) -> Stored:
+        ) -> StoredResult:
             assert disk.wait(T)
             return super().add_result(input_id, pipeline=pipeline, model=model, model_version=model_version, body=body)
 

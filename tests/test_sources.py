@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import Backoff, CameraSourceConfig, FolderSourceConfig
-from edge_agent.delivery.outbox import PendingInput
+from edge_agent.delivery.interface import PendingInput
 from edge_agent.errors import ImageEmptyError, OverloadedError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.flow.sources.camera import (
@@ -49,7 +49,8 @@ class Journal:
             raise StorageFullError("outbox full")
 
     def accept_input(
-        self, input_id: str, *, source: str, pipeline: str, spool_path: str | None, meta: dict[str, Any]
+        self, input_id: str, *, source: str, pipeline: str, spool_path: str | None, meta: dict[str, Any],
+        idempotency_key: str | None = None,
     ) -> bool:
         self.check_capacity()
         if input_id in self.inputs:

@@ -14,7 +14,8 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from edge_agent.config import AgentConfig, FolderSourceConfig
-from edge_agent.delivery.outbox import Outbox, PendingInput
+from edge_agent.delivery.interface import PendingInput
+from edge_agent.delivery.outbox import Outbox
 from edge_agent.errors import InputError, OverloadedError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 

@@ -11,29 +11,13 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import HttpConfig
+from edge_agent.delivery.interface import InputJournal, ResultReader
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.sectors.advice import AdviceBook
 
 
-class UploadStore(Protocol):
-    """The outbox calls the API makes (``edge_agent.delivery.outbox.Outbox`` fits)."""
-
-    def check_capacity(self) -> None: ...
-    def accept_input(
-        self,
-        input_id: str,
-        *,
-        source: str,
-        pipeline: str,
-        spool_path: str | None,
-        meta: dict[str, Any],
-        idempotency_key: str | None = None,
-    ) -> bool: ...
-    def input_for_key(self, idempotency_key: str) -> str | None: ...
-    def reject_input(self, input_id: str, code: str, message: str) -> None: ...
-    def get_result(self, result_id: str) -> Any: ...
-    def get_result_by_input(self, input_id: str) -> Any: ...
-    def input_state(self, input_id: str) -> str | None: ...
+class UploadJournal(InputJournal, ResultReader, Protocol):
+    """The outbox roles the API uses: journal uploads, read results back (``delivery.interface``)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +32,7 @@ class ApiContext:
 
     settings: HttpConfig
     spool_dir: Path
-    outbox: UploadStore
+    outbox: UploadJournal
     submit: Callable[[InputItem], Future[PipelineOutput]]
     models: Callable[[], Sequence[Mapping[str, Any]]]
     is_ready: Callable[[], bool]

@@ -46,6 +46,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from edge_agent.delivery.interface import PendingInput, StoredResult
 from edge_agent.delivery.repair import (
     damage_before_open,
     quarantine,
@@ -108,30 +109,6 @@ class OutboxLimits:
     retention_s: float = 0.0
     input_retention_s: float = 7 * 24 * 3600.0
     reserve_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class PendingInput:
-    input_id: str
-    source: str
-    pipeline: str
-    spool_path: str | None
-    meta: dict[str, Any]
-    accepted_at: float
-
-
-@dataclass(frozen=True)
-class StoredResult:
-    result_id: str
-    seq: int
-    input_id: str
-    pipeline: str
-    model: str
-    model_version: str
-    created_at: float
-    body: dict[str, Any]
-    size: int = 0
-    acked: bool = False
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from edge_agent.delivery.outbox import Outbox, StoredResult
+from edge_agent.delivery.interface import StoredResult
+from edge_agent.delivery.outbox import Outbox
 from edge_agent.errors import EdgeAgentError
 from edge_agent.protocol import codec, signing
 from edge_agent.protocol.commands import Command, CommandError, CommandPolicy, check_policy, parse_command

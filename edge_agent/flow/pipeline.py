@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.config import PipelineConfig
-from edge_agent.delivery.outbox import StoredResult
+from edge_agent.delivery.interface import ResultJournal, StoredResult
 from edge_agent.errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
 from edge_agent.metrics import Metrics
 from edge_agent.sectors.inspection import InspectionRules, inspection_verdict
@@ -70,15 +70,6 @@ class Predictor(Protocol):
 
     def predict(self, image: Image) -> Result: ...
     def predict_bytes(self, data: bytes) -> Result: ...
-
-
-class ResultStore(Protocol):
-    """What a pipeline needs from the outbox (``edge_agent.delivery.outbox.Outbox`` fits)."""
-
-    def add_result(
-        self, input_id: str, *, pipeline: str, model: str, model_version: str, body: dict[str, Any]
-    ) -> Any: ...
-    def reject_input(self, input_id: str, code: str, message: str) -> None: ...
 
 
 Sector = Callable[[Result, InputItem], dict[str, Any]]
@@ -153,7 +144,7 @@ class Pipeline:
         self,
         name: str,
         models: Sequence[Predictor],
-        outbox: ResultStore,
+        outbox: ResultJournal,
         *,
         kind: str = "plain",
         sector: Sector = no_sector,

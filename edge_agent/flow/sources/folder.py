@@ -36,12 +36,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from edge_agent.config import FolderSourceConfig
-from edge_agent.delivery.outbox import PendingInput
+from edge_agent.delivery.interface import InputJournal, PendingInput
 from edge_agent.errors import EdgeAgentError, InputError, OverloadedError, StorageError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.flow.sources import Submit
@@ -52,18 +52,6 @@ log = logging.getLogger(__name__)
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
 _SEP = "--"
 RETRY_DELAY_S = 5.0
-
-
-class InputJournal(Protocol):
-    """What the folder source needs from the outbox."""
-
-    def check_capacity(self) -> None: ...
-    def accept_input(
-        self, input_id: str, *, source: str, pipeline: str, spool_path: str | None, meta: dict[str, Any]
-    ) -> bool: ...
-    def input_state(self, input_id: str) -> str | None: ...
-    def reject_input(self, input_id: str, code: str, message: str) -> None: ...
-    def pending_inputs(self) -> list[PendingInput]: ...
 
 
 def _fsync_dir(path: Path) -> None:
