@@ -47,4 +47,18 @@ def test_every_module_is_in_exactly_one_layer() -> None:
 
 def test_top_level_holds_only_packages_and_the_shared_values() -> None:
     top = sorted(p.stem for p in (ROOT / "edge_agent").glob("*.py") if p.stem not in {"__init__", "__main__"})
-    assert top == ["config", "errors", "fsutil", "metrics", "types"]
+    assert top == ["batching", "config", "errors", "fsutil", "metrics", "types"]
+
+
+def test_take_batch_takes_what_is_queued_up_to_the_limit_and_sees_the_stop_sentinel() -> None:
+    import queue
+
+    from edge_agent.batching import take_batch
+
+    q: queue.Queue[int | None] = queue.Queue()
+    for i in (2, 3, 4):
+        q.put(i)
+    assert take_batch(q, 1, 3) == ([1, 2, 3], False)  # the limit counts the first item
+    q.put(None)
+    assert take_batch(q, 0, 10) == ([0, 4], True)
+    assert take_batch(q, 5, 10) == ([5], False)  # empty: no waiting

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import functools
 import logging
 import os
@@ -50,6 +49,7 @@ from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predic
 from edge_agent.flow.sources import Source
 from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
 from edge_agent.flow.sources.folder import FolderSource
+from edge_agent.fsutil import lock_dir
 from edge_agent.metrics import Metrics
 from edge_agent.protocol.commands import Command
 from edge_agent.protocol.signing import AgentAuth
@@ -267,17 +267,12 @@ class Service:
 
     def _lock_state_dir(self) -> None:
         """One agent per state directory: two writers on one outbox and spool would step on each other."""
-        path = self.state_dir / "agent.lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:  # ENOSPC: no inode left for the lock file
-            raise StorageError(f"state_dir: cannot create {path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
+            self._lock_fd = lock_dir(self.state_dir)
+        except BlockingIOError as exc:
             raise ConfigError(f"state_dir: another edge-agent is running with {self.state_dir}") from exc
-        self._lock_fd = fd
+        except OSError as exc:  # ENOSPC: no inode left for the lock file
+            raise StorageError(f"state_dir: cannot create {self.state_dir / 'agent.lock'}: {exc.strerror}") from exc
 
     # --- building ---------------------------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.batching import take_batch
 from edge_agent.coordinator.store import BatchOutcome, DeadLetter, DeviceUpdate, ResultRow, Store
 from edge_agent.errors import StoreRejectedError, StoreUnavailableError
 from edge_agent.protocol import codec, signing
@@ -190,17 +191,7 @@ class Coordinator:
             first = self._inbox.get()
             if first is None:
                 return
-            batch = [first]
-            stop = False
-            while len(batch) < self.batch_max:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
+            batch, stop = take_batch(self._inbox, first, self.batch_max)
             try:
                 self._process(batch)
             except Exception:

@@ -46,6 +46,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from edge_agent.batching import take_batch
 from edge_agent.delivery.interface import PendingInput, StoredResult
 from edge_agent.delivery.repair import (
     damage_before_open,
@@ -340,17 +341,7 @@ class Outbox:
                 continue
             if first is None:
                 return
-            batch = [first]
-            stop = False
-            while len(batch) < GROUP_MAX:
-                try:
-                    item = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
+            batch, stop = take_batch(self._ops, first, GROUP_MAX)
             self._run_batch(conn, batch)
             self._maintain(conn)
             if stop:

@@ -45,6 +45,7 @@ from edge_agent.delivery.interface import InputJournal, PendingInput
 from edge_agent.errors import EdgeAgentError, InputError, OverloadedError, StorageError, StorageFullError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.flow.sources import Submit
+from edge_agent.fsutil import fsync_dir
 from edge_agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,6 @@ _SEP = "--"
 RETRY_DELAY_S = 5.0
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def durable_move(src: Path, dst: Path) -> None:
@@ -84,10 +74,10 @@ def durable_move(src: Path, dst: Path) -> None:
             tmp.unlink(missing_ok=True)
             raise
         os.rename(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent, best_effort=True)
         src.unlink()
         return
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent, best_effort=True)
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -368,7 +358,7 @@ class FolderSource:
             moved.append((path, spool_path, input_id, name, size))
         if not moved:
             return 0
-        _fsync_dir(self.spool_dir)  # the renames are durable before any journal row points at them
+        fsync_dir(self.spool_dir, best_effort=True)  # the renames are durable before any journal row points at them
 
         def accept(m: tuple[Path, Path, str, str, int]) -> EdgeAgentError | None:
             path, spool_path, input_id, name, size = m
