@@ -530,6 +530,14 @@ class UpdatesConfig(_Strict):
         default=0.1, ge=0.0, lt=1.0,
         description="Errors allowed among the probation inputs, as a fraction; one more rolls back.",
     )
+    fetch_base_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+        description="The coordinator's update files (http://host:port/ or a path below it): a model_update command "
+        "whose url is a relative name is fetched from here. Absolute URLs in signed commands need no base.",
+    )
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600, description="Socket timeout of one fetch request (connect, each read)."
+    )
 
     @model_validator(mode="after")
     def _keys_when_enabled(self) -> UpdatesConfig:

@@ -213,3 +213,9 @@ class UpdateNotFoundError(UpdateError):
 
 class UpdateRollbackError(UpdateError):
     code = "update_rollback_unavailable"
+
+
+class UpdateFetchError(UpdateError):
+    """The update file could not be fetched from the coordinator (unreachable, HTTP error, wrong size, no base URL)."""
+
+    code = "update_fetch_failed"

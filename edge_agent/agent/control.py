@@ -10,6 +10,7 @@ from typing import Any
 from edge_agent.errors import UpdateError
 from edge_agent.flow.pipeline import Pipeline
 from edge_agent.protocol.commands import Command, CommandError
+from edge_agent.updates.fetch import FetchSpec
 from edge_agent.updates.manager import ModelUpdater
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,14 @@ def handle_command(command: Command, pipelines: Mapping[str, Pipeline], updater:
                                "command_unsupported", command.id)
         try:
             if command.name == "model_update":
+                outcome = "reported as a model_updated or model_update_rejected event"
+                if "url" in command.args:
+                    spec = FetchSpec(name=str(command.args["file"]), url=str(command.args["url"]),
+                                     sha256=str(command.args["sha256"]), size=int(command.args["size"]))
+                    updater.request_fetch(spec)
+                    return {"accepted": True, "file": spec.name, "fetching": spec.url, "outcome": outcome}
                 path = updater.request_file(str(command.args["file"]))
-                return {"accepted": True, "file": path.name, "outcome": "reported as a model_updated or "
-                        "model_update_rejected event"}
+                return {"accepted": True, "file": path.name, "outcome": outcome}
             updater.request_rollback(str(command.args["model"]))
             return {"accepted": True, "model": command.args["model"],
                     "outcome": "reported as a model_rolled_back event"}

@@ -3,8 +3,9 @@
 A command payload is ``{"v": 1, "id": "<unique id>", "args": {...}}`` (``v`` optional), plus, when an operator
 signed it (``signing.py``), ``device`` and ``name`` (which must match the topic), ``ts``, ``exp`` and ``sig``. Commands:
 ``ping``, ``heartbeat``, ``republish``, ``set_heartbeat_interval {seconds}``, ``set_thresholds {pipeline, score?,
-iou?, anomaly?}``, ``model_update {file}`` (a file name in the update drop folder) and ``model_rollback {model}``
-(see docs/model-updates.md). Anything
+iou?, anomaly?}``, ``model_update {file, url?, sha256?, size?}`` (a file name in the update drop folder; with
+``url``, ``sha256`` and ``size``, the agent first fetches it over HTTP from the coordinator under that name) and
+``model_rollback {model}`` (see docs/model-updates.md). Anything
 malformed is refused as a whole (no partial change) with a stable code:
 
 =========================  ==========================================================
@@ -41,6 +42,12 @@ MAX_COMMAND_BYTES = 64 * 1024
 ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# an absolute http(s) URL (no credentials, no fragment), or a relative path resolved against updates.fetch_base_url
+URL_RE = re.compile(r"^(https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9_.~%/-]*)?(\?[A-Za-z0-9_.~%=&-]*)?|"
+                    r"[A-Za-z0-9_][A-Za-z0-9_.~%/-]{0,255})$")
+MAX_URL = 1024
+MAX_FETCH_BYTES = 1 << 40
 
 
 class CommandError(EdgeAgentError):
@@ -91,6 +98,27 @@ def _file_name(key: str, value: Any) -> str:
     return value
 
 
+def _url(key: str, value: Any) -> str:
+    """Where the agent fetches the update file: ``http(s)://host[:port]/path`` or a relative path (no ``..``)."""
+    if (not isinstance(value, str) or len(value) > MAX_URL or not URL_RE.match(value)
+            or ".." in value.split("?", 1)[0].split("/")):
+        raise CommandError(f"argument {key!r} must be an http(s) URL or a relative path without '..'",
+                           "command_invalid")
+    return value
+
+
+def _sha256(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not SHA256_RE.match(value):
+        raise CommandError(f"argument {key!r} must be 64 lowercase hex digits (sha256)", "command_invalid")
+    return value
+
+
+def _size(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FETCH_BYTES:
+        raise CommandError(f"argument {key!r} must be an integer byte count within [1, 2^40]", "command_invalid")
+    return value
+
+
 # name -> (required args, optional args); each arg maps to its checker
 _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable[[str, Any], Any]]]] = {
     "ping": ({}, {}),
@@ -101,7 +129,7 @@ _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable
         {"pipeline": _name},
         {"score": _number(0.0, 1.0), "iou": _number(0.0, 1.0), "anomaly": _number(0.0, 1e9)},
     ),
-    "model_update": ({"file": _file_name}, {}),
+    "model_update": ({"file": _file_name}, {"url": _url, "sha256": _sha256, "size": _size}),
     "model_rollback": ({"model": _name}, {}),
 }
 KNOWN_COMMANDS = frozenset(_SPECS)
@@ -150,6 +178,9 @@ def parse_command(name: str, payload: bytes) -> Command:
         raise CommandError(exc.message, exc.code, command_id) from None
     if name == "set_thresholds" and len(checked) == 1:
         raise CommandError("set_thresholds needs at least one of score, iou, anomaly", "command_invalid", command_id)
+    fetch = {"url", "sha256", "size"} & set(checked)
+    if name == "model_update" and fetch and len(fetch) != 3:
+        raise CommandError("model_update: url, sha256 and size go together", "command_invalid", command_id)
     return Command(id=command_id, name=name, args=checked, raw=value)
 
 

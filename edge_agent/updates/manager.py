@@ -2,7 +2,8 @@
 
 One thread (``ModelUpdater``) does every install and rollback, one at a time:
 
-    drop folder file | model_update command -> stage_update (verify, unpack) -> promote to versions/<v>
+    drop folder file | model_update command (with a url: fetched first, fetch.py) -> stage_update (verify, unpack)
+      -> promote to versions/<v>
       -> load one model per pipeline worker -> smoke test each -> switch the pointer (fsync, os.replace)
       -> Pipeline.replace_models with probation wrappers (in-flight inputs finish on the old model)
       -> probation: the first ``probation_inputs`` inputs; an error is counted and the input is re-run on the
@@ -11,7 +12,7 @@ One thread (``ModelUpdater``) does every install and rollback, one at a time:
 
 A refused update never touches the pipelines or the pointer. The file goes to ``done/`` or to ``rejected/`` with
 ``<name>.reason.json``; every outcome is logged, counted (``edge_agent_model_updates_total``) and published as an
-event (``model_updated``, ``model_update_rejected``, ``model_rolled_back``).
+event (``model_updated``, ``model_update_rejected``, ``model_rolled_back``, ``model_probation_passed``).
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ from edge_agent.errors import (
     InputError,
     ModelNotFoundError,
     UpdateError,
+    UpdateFetchError,
     UpdateNotFoundError,
     UpdateRollbackError,
     UpdateSmokeTestError,
+    UpdateTooLargeError,
 )
 from edge_agent.flow.pipeline import Pipeline, Predictor
 from edge_agent.fsutil import lock_dir
 from edge_agent.metrics import Metrics
 from edge_agent.types import Image, Result
 from edge_agent.updates.archive import Limits, bundle_from, stage_update
+from edge_agent.updates.fetch import FetchSpec, fetch, resolve_url
 from edge_agent.updates.format import check_applicable, parse_version
 from edge_agent.updates.keys import load_trusted_keys
 from edge_agent.updates.smoke import smoke_test
@@ -263,6 +267,7 @@ class ModelUpdater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, tuple[int, int]] = {}
+        self._fetching: set[str] = set()
         self._stuck: dict[str, tuple[int, int]] = {}
         self.last: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
@@ -312,6 +317,35 @@ class ModelUpdater:
             raise UpdateNotFoundError(f"no update file {name!r} in {self.drop_dir}")
         self._jobs.put(("file", path))
         return path
+
+    def request_fetch(self, spec: FetchSpec) -> None:
+        """Fetch ``spec`` from the coordinator (own thread), then queue it like :meth:`request_file`; a failed fetch is
+        reported as a ``model_update_rejected`` event. Raises UpdateError at once for what cannot work."""
+        if spec.size > self.settings.max_update_bytes:
+            raise UpdateTooLargeError(
+                f"update of {spec.size} bytes exceeds updates.max_update_bytes ({self.settings.max_update_bytes})")
+        resolve_url(spec.url, self.settings.fetch_base_url)
+        with self._lock:
+            if spec.name in self._fetching:
+                raise UpdateFetchError(f"{spec.name} is already being fetched")
+            self._fetching.add(spec.name)
+        threading.Thread(target=self._fetch, args=(spec,), name=f"fetch-{spec.name}", daemon=True).start()
+
+    def _fetch(self, spec: FetchSpec) -> None:
+        try:
+            path = fetch(spec, self.drop_dir, base_url=self.settings.fetch_base_url,
+                         max_bytes=self.settings.max_update_bytes, timeout_s=self.settings.fetch_timeout_s)
+        except UpdateError as exc:
+            self._rejected(Path(spec.name), exc)
+            return
+        except Exception as exc:  # never dies silently
+            log.exception("model updates: unexpected error fetching %s", spec.name)
+            self._rejected(Path(spec.name), UpdateFetchError(f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        finally:
+            with self._lock:
+                self._fetching.discard(spec.name)
+        self._jobs.put(("file", path))
 
     def request_rollback(self, model: str, reason: str = "requested by command") -> None:
         if model not in self.slots:
@@ -472,6 +506,13 @@ class ModelUpdater:
                      slot.bundle.manifest.version, probation.seen, probation.errors)
             if self.last is not None and self.last.get("model") == name:
                 self.last = {**self.last, "probation": probation.to_dict()}
+            version = slot.bundle.manifest.version
+        if self._publish is not None:  # what a staged rollout waits for (edge-coordinator rollout)
+            try:
+                self._publish("model_probation_passed", "info",
+                              {"model": name, "version": version, "probation": probation.to_dict()})
+            except Exception:
+                log.exception("model updates: cannot publish model_probation_passed")
 
     # --- rollback -----------------------------------------------------------------------------------------------
 
