@@ -200,5 +200,91 @@ def command(
         raise typer.Exit(1)
 
 
+def _names(values: list[str] | None) -> list[str]:
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
+@app.command()
+def rollout(
+    update_file: Annotated[Path, typer.Argument(help="Signed update file (edge-agent models sign).", exists=True,
+                                                dir_okay=False, show_default=False)],
+    canary: Annotated[list[str], typer.Option("--canary", help="Canary device(s): repeat or comma-separate.",
+                                              show_default=False)],
+    device: Annotated[list[str] | None, typer.Option("--device", help="The rest of the fleet (repeat or comma-"
+                      "separate). Default: every device the coordinator's store knows (--config).",
+                      show_default=False)] = None,
+    wave: Annotated[int, typer.Option("--wave", help="Devices per stage after the canaries (0: all at once).",
+                                      min=0)] = 0,
+    key: Annotated[Path | None, typer.Option("--key", help="The operator's Ed25519 private key (commands).",
+                                             show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Coordinator YAML (mqtt, store).",
+                                                show_default=False)] = None,
+    bind: Annotated[str, typer.Option("--bind", help="Address the update file is served on: the coordinator's "
+                                      "LAN address (0.0.0.0 needs --public-url).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port the update file is served on (0: any free one).",
+                                      min=0, max=65535)] = 8765,
+    public_url: Annotated[str | None, typer.Option("--public-url", help="Base URL agents reach the file server at "
+                          "(default http://<bind>:<port>).", show_default=False)] = None,
+    relative: Annotated[bool, typer.Option("--relative", help="Send only 'updates/<file>': agents resolve it "
+                                           "against their updates.fetch_base_url.")] = False,
+    soak: Annotated[float, typer.Option("--soak", help="Seconds to keep watching each stage after probation.",
+                                        min=0)] = 0,
+    answer_timeout: Annotated[float, typer.Option("--answer-timeout", min=1)] = 30,
+    install_timeout: Annotated[float, typer.Option("--install-timeout", min=1)] = 600,
+    probation_timeout: Annotated[float, typer.Option("--probation-timeout", min=1)] = 3600,
+    ttl: Annotated[float, typer.Option("--ttl", help="Seconds each command stays valid.", min=1)] = 300,
+) -> None:
+    """Staged rollout: canaries first, then the fleet; halts on the first failure. Prints a JSON report;
+    exit 0 when every device passed probation, 1 when halted, 2 on bad input."""
+    import json
+
+    from edge_agent.coordinator.files import FileServer
+    from edge_agent.coordinator.operator import operator_settings
+    from edge_agent.coordinator.rollout import Rollout, RolloutSettings, read_statement
+    from edge_agent.updates.keys import load_private_key
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    canaries = _names(canary)
+    try:
+        statement = read_statement(update_file)
+        private = load_private_key(key) if key is not None else None
+        cfg = load_coordinator_config(config) if config is not None else CoordinatorConfig()
+        rest = _names(device)
+        if not rest and config is not None:
+            store = build_store(cfg)
+            try:
+                rest = [str(d["device"]) for d in store.devices()]
+            finally:
+                store.close()
+        rest = [d for d in rest if d not in canaries]
+        server = FileServer(bind, port)
+    except (EdgeAgentError, OSError) as exc:
+        typer.echo(f"error: {getattr(exc, 'code', 'os_error')}: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from exc
+    if not canaries or (bind in ("0.0.0.0", "::") and public_url is None):
+        server.stop()
+        typer.echo("error: --canary names no device" if not canaries else
+                   "error: --bind 0.0.0.0 needs --public-url (the address agents reach)", err=True)
+        raise typer.Exit(2)
+    published = server.publish(update_file)
+    base = (public_url or f"http://{bind}:{server.port}").rstrip("/")
+    url = f"updates/{published.name}" if relative else f"{base}/updates/{published.name}"
+    size = wave or len(rest) or 1
+    stages = [canaries] + [rest[i:i + size] for i in range(0, len(rest), size)]
+    job = Rollout(PahoTransport(operator_settings(mqtt_settings(cfg))), published, url, statement.name,
+                  statement.version, private,
+                  RolloutSettings(ttl_s=ttl, answer_timeout_s=answer_timeout, install_timeout_s=install_timeout,
+                                  probation_timeout_s=probation_timeout, soak_s=soak))
+    server.start()
+    log.info("serving %s (%d bytes, sha256 %s) at %s", published.name, published.size, published.sha256, url)
+    try:
+        report = job.run(stages)
+    finally:
+        server.stop()
+    typer.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
