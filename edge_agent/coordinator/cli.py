@@ -245,6 +245,10 @@ def rollout(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     canaries = _names(canary)
+    if not canaries or (bind in ("0.0.0.0", "::") and public_url is None):  # noqa: S104 - the check itself
+        typer.echo("error: --canary names no device" if not canaries else
+                   "error: --bind 0.0.0.0 needs --public-url (the address agents reach)", err=True)
+        raise typer.Exit(2)
     try:
         statement = read_statement(update_file)
         private = load_private_key(key) if key is not None else None
@@ -261,11 +265,6 @@ def rollout(
     except (EdgeAgentError, OSError) as exc:
         typer.echo(f"error: {getattr(exc, 'code', 'os_error')}: {getattr(exc, 'message', exc)}", err=True)
         raise typer.Exit(2) from exc
-    if not canaries or (bind in ("0.0.0.0", "::") and public_url is None):
-        server.stop()
-        typer.echo("error: --canary names no device" if not canaries else
-                   "error: --bind 0.0.0.0 needs --public-url (the address agents reach)", err=True)
-        raise typer.Exit(2)
     published = server.publish(update_file)
     base = (public_url or f"http://{bind}:{server.port}").rstrip("/")
     url = f"updates/{published.name}" if relative else f"{base}/updates/{published.name}"
