@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jsonschema
 import pytest
@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from edge_agent.agent.service import Service, onnx_model_factory
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import ModelConfig, load_config
+from edge_agent.coordinator import files
 from edge_agent.coordinator.cli import app
 from edge_agent.coordinator.files import FileServer
 from edge_agent.coordinator.operator import operator_settings
@@ -156,7 +157,7 @@ def test_fetch_resumes_with_range_verifies_and_bounds(tmp_path: Path, server: Fi
     # unknown file: a clear code after its retries
     with pytest.raises(UpdateFetchError) as missing:
         fetch(FetchSpec("p.update", server.url("nope.update"), SHA, 10), drop, base_url=None, max_bytes=1 << 20,
-              attempts=2)
+              attempts=2, backoff_s=0.01)
     assert missing.value.code == "update_fetch_failed" and "404" in missing.value.message
     # a relative name resolves against the configured base, and only then
     base = f"http://127.0.0.1:{server.port}"
@@ -165,6 +166,32 @@ def test_fetch_resumes_with_range_verifies_and_bounds(tmp_path: Path, server: Fi
         resolve_url("updates/m.update", None)
     assert fetch(FetchSpec("q.update", "updates/m.update", pub.sha256, pub.size), drop, base_url=base + "/",
                  max_bytes=1 << 20).read_bytes() == data
+
+
+def test_a_download_broken_midway_resumes_where_it_stopped(
+    tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(1_500_000)
+    (tmp_path / "m.update").write_bytes(data)
+    pub = server.publish(tmp_path / "m.update")
+    real_copy = files._copy
+    broken: list[int] = []
+
+    def copy_then_break(src: BinaryIO, dst: BinaryIO, n: int) -> None:
+        if not broken:  # the first transfer: the link dies after 300 kB (the server closes the connection)
+            broken.append(300_000)
+            real_copy(src, dst, 300_000)
+            raise OSError("link lost")
+        real_copy(src, dst, n)
+
+    monkeypatch.setattr(files, "_copy", copy_then_break)
+    drop = tmp_path / "drop"
+    spec = FetchSpec("m.update", server.url("m.update"), pub.sha256, pub.size)
+
+    path = fetch(spec, drop, base_url=None, max_bytes=1 << 21, backoff_s=0.01)
+
+    assert path.read_bytes() == data
+    assert server.requests == [("m.update", "", 200), ("m.update", "bytes=300000-", 206)]
 
 
 # --- the rollout against three agents ---------------------------------------------------------------------------

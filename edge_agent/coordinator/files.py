@@ -84,7 +84,8 @@ class FileServer:
         return published
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="update-files", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="update-files", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -10,9 +10,11 @@ Stdlib HTTP (``urllib``): no new dependency.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -48,7 +50,7 @@ def resolve_url(url: str, base: str | None) -> str:
 
 
 def fetch(spec: FetchSpec, drop_dir: Path, *, base_url: str | None, max_bytes: int, timeout_s: float = 30.0,
-          attempts: int = 3) -> Path:
+          attempts: int = 3, backoff_s: float = 1.0) -> Path:
     """Download ``spec`` into ``drop_dir/spec.name`` (verified); returns that path. Raises UpdateError codes
     ``update_fetch_failed``, ``update_too_large``, ``update_checksum_mismatch``; nothing lands in the drop folder then.
     """
@@ -66,9 +68,11 @@ def fetch(spec: FetchSpec, drop_dir: Path, *, base_url: str | None, max_bytes: i
         except UpdateTooLargeError:
             part.unlink(missing_ok=True)
             raise
-        except (OSError, urllib.error.URLError, UpdateFetchError) as exc:
+        except (OSError, http.client.HTTPException, UpdateFetchError) as exc:  # URLError is an OSError
             last = exc
             log.warning("model updates: fetch of %s failed (attempt %d of %d): %s", url, attempt, attempts, exc)
+            if attempt < attempts:
+                time.sleep(backoff_s * attempt)  # the fetch thread's retry pause (1 s, 2 s): the link may come back
     else:
         raise UpdateFetchError(f"cannot fetch {url}: {last}")
     digest = _sha256_of(part)
