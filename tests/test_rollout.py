@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from importlib import resources
@@ -30,9 +30,9 @@ from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import ModelConfig, load_config
 from edge_agent.coordinator import files
 from edge_agent.coordinator.cli import app
-from edge_agent.coordinator.files import FileServer
+from edge_agent.coordinator.files import FileServer, Published
 from edge_agent.coordinator.operator import operator_settings
-from edge_agent.coordinator.rollout import Rollout, RolloutSettings, read_statement
+from edge_agent.coordinator.rollout import DeviceProgress, Rollout, RolloutSettings, read_statement
 from edge_agent.errors import (
     OverloadedError,
     UpdateChecksumError,
@@ -41,12 +41,13 @@ from edge_agent.errors import (
     UpdateTooLargeError,
 )
 from edge_agent.flow.pipeline import InputItem, PipelineOutput, Predictor
+from edge_agent.protocol import codec
 from edge_agent.protocol.commands import CommandError, parse_command
-from edge_agent.transport.base import MqttSettings
+from edge_agent.transport.base import InboundMessage, MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
 from edge_agent.updates.archive import sign_bundle
 from edge_agent.updates.fetch import FetchSpec, fetch, resolve_url
-from tests.support.broker import Broker
+from tests.support.broker import Broker, free_port
 from tests.support.updates import NAME, copy_bundle, keys, png
 from tests.test_model_update_service import BreaksOnBytes
 
@@ -199,7 +200,8 @@ def test_a_download_broken_midway_resumes_where_it_stopped(
 DEVICES = ("dev-1", "dev-2", "dev-3")
 
 
-def agent_config(root: Path, device: str, port: int, models_dir: Path, trusted: Path, operator: Path) -> Path:
+def agent_config(root: Path, device: str, port: int, models_dir: Path, trusted: Path, operator: Path,
+                 base_url: str | None) -> Path:
     text = f"""\
 device_id: {device}
 state_dir: {root / device}
@@ -230,6 +232,8 @@ updates:
   probation_inputs: 3
   max_error_rate: 0.34
 """
+    if base_url is not None:
+        text += f"  fetch_base_url: {base_url}\n"
     path = root / f"{device}.yaml"
     path.write_text(text)
     return path
@@ -263,7 +267,8 @@ class Feeder:
 
 
 @contextmanager
-def fleet(tmp_path: Path, factory: Callable[[Bundle, ModelConfig], Predictor]) -> Iterator[dict[str, Any]]:
+def fleet(tmp_path: Path, factory: Callable[[Bundle, ModelConfig], Predictor],
+          base_url: str | None = None) -> Iterator[dict[str, Any]]:
     models_dir = tmp_path / "models"
     copy_bundle(models_dir / NAME, "1.0.0")
     sign_key, trusted = keys(tmp_path / "keys")
@@ -278,7 +283,7 @@ def fleet(tmp_path: Path, factory: Callable[[Bundle, ModelConfig], Predictor]) -
     feeder: Feeder | None = None
     try:
         for device in DEVICES:
-            cfg = load_config(agent_config(tmp_path, device, broker.port, models_dir, trusted, op_public))
+            cfg = load_config(agent_config(tmp_path, device, broker.port, models_dir, trusted, op_public, base_url))
             services.append(Service(cfg, model_factory=factory))
             services[-1].start()
         assert wait_for(lambda: all(s.publisher is not None and s.publisher.transport.connected for s in services),
@@ -311,22 +316,25 @@ def version(service: Service) -> str:
 
 
 def test_a_good_update_rolls_out_to_the_canary_then_the_fleet(tmp_path: Path) -> None:
-    """Through the CLI, as an operator runs it (its own file server on a free port)."""
-    with fleet(tmp_path, onnx_model_factory) as env:
+    """Through the CLI, as an operator runs it (its own file server); the agents resolve the file's relative url
+    against their updates.fetch_base_url."""
+    port = free_port()
+    with fleet(tmp_path, onnx_model_factory, base_url=f"http://127.0.0.1:{port}/") as env:
         config = tmp_path / "coordinator.yaml"
         config.write_text(f"mqtt:\n  host: 127.0.0.1\n  port: {env['broker'].port}\n  client_id: op\n")
         result = CliRunner().invoke(app, [
             "rollout", str(env["update"]), "--canary", "dev-1", "--device", "dev-2,dev-3", "--config", str(config),
-            "--key", str(tmp_path / "op-keys" / "operator.key"), "--port", "0", "--answer-timeout", str(T),
-            "--install-timeout", str(T), "--probation-timeout", str(T)])
+            "--key", str(tmp_path / "op-keys" / "operator.key"), "--port", str(port), "--relative",
+            "--answer-timeout", str(T), "--install-timeout", str(T), "--probation-timeout", str(T)])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
+        assert report["file"]["url"] == f"updates/{env['update'].name}"
 
         assert report["ok"] and report["halted"] is None and report["never_sent"] == []
         by_device = {d["device"]: d for d in report["devices"]}
         assert all(d["state"] == "passed" for d in by_device.values())
         # the fleet was sent the command only after the canary passed probation
-        assert by_device["dev-1"]["passed_s"] < min(by_device["dev-2"]["sent_s"], by_device["dev-3"]["sent_s"])
+        assert by_device["dev-1"]["passed_s"] <= min(by_device["dev-2"]["sent_s"], by_device["dev-3"]["sent_s"])
         assert {version(s) for s in env["services"].values()} == {"1.1.0"}
         for s in env["services"].values():  # fetched, verified, installed, filed under done/
             assert (s.cfg.updates.drop_dir / "done" / env["update"].name).is_file()
@@ -361,3 +369,50 @@ def test_a_failing_canary_halts_the_rollout_and_the_fleet_never_receives_it(
         for device in ("dev-2", "dev-3"):
             assert services[device].health()["updates"]["last"] is None  # nothing ever reached them
             assert services[device].publisher.counters["commands_ok"] == 0
+
+
+class NoTransport:
+    """The rollout's transport when a test feeds it messages itself."""
+
+    connected = True
+
+    def start(self, listener: object) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
+        return 1
+
+    def subscribe(self, filters: Sequence[str], qos: int = 1) -> None: ...
+
+    def ack(self, message: InboundMessage) -> None: ...
+
+
+def test_a_heartbeat_stands_in_for_lost_update_events(tmp_path: Path) -> None:
+    """Events are dropped while an agent is offline; its next heartbeat's health.updates tells the outcome."""
+    published = Published("steel-1.1.0.update", tmp_path / "u", 10, SHA)
+    job = Rollout(NoTransport(), published, "http://c/u", NAME, "1.1.0", None)
+    for device in ("a", "b", "c", "d"):
+        job.progress[device] = DeviceProgress(device, 0, state="accepted", sent_at=0.0, sent_wall=1000.0)
+
+    def heartbeat(device: str, last: dict[str, Any], version: str, probation: dict[str, Any] | None) -> None:
+        health = {"updates": {"last": last, "models": {NAME: {"version": version, "source": "update",
+                                                              "probation": probation}}}}
+        payload = codec.heartbeat_payload(device=device, ts=1002.0, state="connected", uptime_s=1.0, outbox={},
+                                          publisher={}, health=health)
+        job.on_message(InboundMessage(codec.heartbeat_topic(device), codec.dumps(payload)))
+        job._drain(0.0)
+
+    installed = {"outcome": "installed", "model": NAME, "version": "1.1.0", "file": published.name, "at": 1001.0}
+    heartbeat("a", installed, "1.1.0", {"state": "running", "seen": 1, "of": 3})
+    assert job.progress["a"].state == "installed"
+    heartbeat("a", installed, "1.1.0", None)
+    assert job.progress["a"].state == "passed"
+    heartbeat("b", {**installed, "at": 999.0}, "1.1.0", None)  # an outcome from before the command: not ours
+    assert job.progress["b"].state == "accepted"
+    heartbeat("c", {"outcome": "rejected", "model": NAME, "file": published.name, "code": "update_bad_signature",
+                    "message": "m", "at": 1001.0}, "1.0.0", None)
+    assert (job.progress["c"].state, job.progress["c"].code) == ("failed", "update_bad_signature")
+    heartbeat("d", {"outcome": "rolled_back", "model": NAME, "version": "1.0.0", "from_version": "1.1.0",
+                    "reason": "3 errors", "at": 1001.0}, "1.0.0", None)
+    assert (job.progress["d"].state, job.progress["d"].code) == ("failed", "rolled_back")

@@ -10,7 +10,8 @@ during the optional soak. The first failure halts the rollout: later stages are 
                      -> a failure (command refused, model_update_rejected, model_rolled_back, rollback refused,
                         offline, timeout) -> halt, report
 
-Event-driven (no polling of devices): one MQTT connection subscribed to the devices' events and status topics.
+Event-driven (no polling of devices): one MQTT connection subscribed to the devices' events, status and heartbeat
+topics; a heartbeat's ``health.updates`` stands in for an event lost while the agent was offline.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class DeviceProgress:
     code: str | None = None
     message: str | None = None
     sent_at: float | None = None
+    sent_wall: float = 0.0
     installed_at: float | None = None
     passed_at: float | None = None
 
@@ -108,7 +110,8 @@ class Rollout:
     # --- transport listener (paho's thread) ---------------------------------------------------------------------
 
     def on_connected(self, session_present: bool) -> None:
-        filters = [f for d in self._devices for f in (codec.events_topic(d), codec.status_topic(d))]
+        filters = [f for d in self._devices
+                   for f in (codec.events_topic(d), codec.status_topic(d), codec.heartbeat_topic(d))]
         self.transport.subscribe(filters, qos=1)
         self._connected.set()
 
@@ -182,7 +185,7 @@ class Rollout:
             if self.transport.publish(codec.command_topic(device, "model_update"), codec.dumps(payload),
                                       qos=1, retain=False) is None:
                 return self._fail(p, "publish_failed", "the command could not be published (not connected)")
-            p.sent_at = self.clock()
+            p.sent_at, p.sent_wall = self.clock(), time.time()
             self._set(p, "sent")
         s = self.settings
         while True:
@@ -243,6 +246,9 @@ class Rollout:
             elif doc.get("state") == "online":
                 self.offline.discard(p.device)
             return
+        if doc.get("kind") == "heartbeat":
+            self._heartbeat(p, doc)
+            return
         data = doc.get("data")
         if doc.get("kind") != "event" or not isinstance(data, dict) or p.state in ("pending", FAILED):
             return
@@ -267,6 +273,35 @@ class Rollout:
             self._fail(p, "rolled_back", str(data.get("reason")))
         elif event == "model_rollback_refused" and mine:
             self._fail(p, "rollback_refused", str(data.get("message")))
+
+    def _heartbeat(self, p: DeviceProgress, doc: dict[str, Any]) -> None:
+        """Events are not durable (dropped while an agent is offline): the heartbeat's ``health.updates.last``, when
+        it is newer than our command, stands in for a lost ``model_updated`` / ``model_update_rejected`` /
+        ``model_rolled_back``; the new version in force out of probation for a lost ``model_probation_passed``."""
+        if p.state not in ("sent", "accepted", "installed"):
+            return
+        health = doc.get("health")
+        updates = health.get("updates") if isinstance(health, dict) else None
+        if not isinstance(updates, dict):
+            return
+        last, models = updates.get("last"), updates.get("models")
+        status = models.get(self.model) if isinstance(models, dict) else None
+        at = last.get("at") if isinstance(last, dict) else None
+        if not isinstance(last, dict) or not isinstance(at, int | float) or at < p.sent_wall:
+            return  # (agent clock) an outcome from before this command
+        outcome = last.get("outcome")
+        if outcome == "installed" and last.get("model") == self.model and last.get("version") == self.version:
+            if p.state != "installed":
+                p.installed_at = self.clock()
+                self._set(p, "installed")
+            if (isinstance(status, dict) and status.get("version") == self.version
+                    and status.get("probation") is None):
+                p.passed_at = self.clock()
+                self._set(p, PASSED)
+        elif outcome == "rejected" and last.get("file") == self.published.name:
+            self._fail(p, str(last.get("code")), str(last.get("message")))
+        elif outcome == "rolled_back" and last.get("model") == self.model and last.get("from_version") == self.version:
+            self._fail(p, "rolled_back", str(last.get("reason")))
 
     def _set(self, p: DeviceProgress, state: str) -> None:
         p.state = state

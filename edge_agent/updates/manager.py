@@ -594,8 +594,10 @@ class ModelUpdater:
                 "probation": slot.probation.to_dict() if slot.probation is not None else None,
                 "rolled_back": dict(p.rolled_back) if p.rolled_back else None,
             }
+        with self._lock:
+            fetching = sorted(self._fetching)
         return {"enabled": self.settings.enabled, "watching": self.running, "drop_dir": str(self.drop_dir),
-                "models": models, "last": self.last}
+                "models": models, "last": self.last, "fetching": fetching}
 
 
 def _file_away(path: Path, dest: Path, reason: dict[str, Any] | None) -> None:
