@@ -165,6 +165,9 @@ def test_fetch_resumes_with_range_verifies_and_bounds(tmp_path: Path, server: Fi
     assert resolve_url("updates/m.update", base) == server.url("m.update")
     with pytest.raises(UpdateFetchError):
         resolve_url("updates/m.update", None)
+    assert resolve_url(server.url("m.update"), base) == server.url("m.update")
+    with pytest.raises(UpdateFetchError):  # with a base configured, nothing from elsewhere
+        resolve_url("http://198.51.100.7/updates/m.update", base)
     assert fetch(FetchSpec("q.update", "updates/m.update", pub.sha256, pub.size), drop, base_url=base + "/",
                  max_bytes=1 << 20).read_bytes() == data
 

@@ -41,8 +41,11 @@ class FetchSpec:
 
 
 def resolve_url(url: str, base: str | None) -> str:
-    """``url`` itself when absolute, else resolved below ``base`` (UpdateFetchError without one)."""
+    """``url`` itself when absolute, else resolved below ``base`` (UpdateFetchError without one). With a ``base``,
+    an absolute URL must lie below it: a board configured for its coordinator fetches from nowhere else."""
     if urllib.parse.urlsplit(url).scheme in ("http", "https"):
+        if base is not None and not url.startswith(base if base.endswith("/") else base + "/"):
+            raise UpdateFetchError(f"update url {url!r} is not below updates.fetch_base_url {base!r}")
         return url
     if base is None:
         raise UpdateFetchError(f"relative update url {url!r} but no updates.fetch_base_url is configured")
