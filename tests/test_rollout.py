@@ -271,7 +271,8 @@ class Feeder:
 
 @contextmanager
 def fleet(tmp_path: Path, factory: Callable[[Bundle, ModelConfig], Predictor],
-          base_url: str | None = None) -> Iterator[dict[str, Any]]:
+          base_url: str | None = None, offline: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """Agents on DEVICES; those in ``offline`` are stopped (their retained status says so) before inputs flow."""
     models_dir = tmp_path / "models"
     copy_bundle(models_dir / NAME, "1.0.0")
     sign_key, trusted = keys(tmp_path / "keys")
@@ -291,8 +292,11 @@ def fleet(tmp_path: Path, factory: Callable[[Bundle, ModelConfig], Predictor],
             services[-1].start()
         assert wait_for(lambda: all(s.publisher is not None and s.publisher.transport.connected for s in services),
                         T), "the agents did not connect"
+        for s in [s for s in services if s.cfg.device_id in offline]:
+            s.stop()
+            services.remove(s)
         feeder = Feeder(services)
-        yield {"services": dict(zip(DEVICES, services, strict=True)), "server": server, "update": update,
+        yield {"services": {s.cfg.device_id: s for s in services}, "server": server, "update": update,
                "op_key": op_key, "broker": broker}
     finally:
         if feeder is not None:
@@ -419,3 +423,26 @@ def test_a_heartbeat_stands_in_for_lost_update_events(tmp_path: Path) -> None:
     heartbeat("d", {"outcome": "rolled_back", "model": NAME, "version": "1.0.0", "from_version": "1.1.0",
                     "reason": "3 errors", "at": 1001.0}, "1.0.0", None)
     assert (job.progress["d"].state, job.progress["d"].code) == ("failed", "rolled_back")
+
+
+def test_a_device_offline_halts_its_stage_before_anyone_in_it_is_sent_the_update(tmp_path: Path) -> None:
+    with fleet(tmp_path, onnx_model_factory, offline=("dev-3",)) as env:
+        report = rollout(env, [["dev-1"], ["dev-2", "dev-3"]])
+
+        assert not report["ok"]
+        assert report["halted"]["stage"] == 1 and report["halted"]["device"] == "dev-3"
+        assert report["halted"]["code"] == "device_offline"
+        assert report["never_sent"] == ["dev-2", "dev-3"]
+        assert version(env["services"]["dev-1"]) == "1.1.0" and version(env["services"]["dev-2"]) == "1.0.0"
+
+
+def test_the_cli_refuses_bad_arguments_before_sending_anything(tmp_path: Path) -> None:
+    not_an_update = tmp_path / "x.update"
+    not_an_update.write_bytes(b"hello")
+    runner = CliRunner()
+    result = runner.invoke(app, ["rollout", str(not_an_update), "--canary", "dev-1"])
+    assert result.exit_code == 2 and "update_corrupt" in result.output
+    result = runner.invoke(app, ["rollout", str(not_an_update), "--canary", "dev-1", "--bind", "0.0.0.0"])
+    assert result.exit_code == 2 and "--public-url" in result.output
+    result = runner.invoke(app, ["rollout", str(not_an_update), "--canary", ","])
+    assert result.exit_code == 2 and "--canary names no device" in result.output

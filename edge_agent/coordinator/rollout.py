@@ -174,10 +174,11 @@ class Rollout:
     def _run_stage(self, index: int, devices: list[str]) -> DeviceProgress | None:
         log.info("rollout: stage %d: %s", index, ", ".join(devices))
         self._drain(0.0)
+        for device in devices:  # nobody in a stage is sent anything while one of them is known to be offline
+            if device in self.offline:
+                return self._fail(self.progress[device], "device_offline", "the device is offline (its status)")
         for device in devices:
             p = self.progress[device]
-            if device in self.offline:
-                return self._fail(p, "device_offline", "the device is offline (its retained status)")
             payload = build_command(device, "model_update", {
                 "file": self.published.name, "url": self.url, "sha256": self.published.sha256,
                 "size": self.published.size}, key=self.key, ttl_s=self.settings.ttl_s)
