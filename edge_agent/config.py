@@ -546,6 +546,19 @@ class UpdatesConfig(_Strict):
         return self
 
 
+class HomeAssistantConfig(_Strict):
+    """Home Assistant MQTT discovery (docs/mqtt.md#home-assistant): retained entity configs and per-pipeline state."""
+
+    enabled: bool = Field(default=False, description="Publish Home Assistant discovery configs and pipeline state.")
+    discovery_prefix: str = Field(
+        default="homeassistant", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Home Assistant's discovery prefix (its MQTT integration setting).",
+    )
+    state_interval_s: float = Field(
+        default=1.0, ge=0.1, le=3600, description="Seconds between state updates of one pipeline at most.",
+    )
+
+
 class AgentConfig(_Strict):
     device_id: Name = Field(
         default="edge-01", description="This device's id: MQTT topics, result ids ('coordinator' is reserved)."
@@ -565,6 +578,9 @@ class AgentConfig(_Strict):
     metrics: MetricsConfig = Field(default=MetricsConfig(), description="Prometheus endpoint.")
     updates: UpdatesConfig = Field(default=UpdatesConfig(), description="Signed model updates with rollback.")
     commands: CommandsConfig = Field(default=CommandsConfig(), description="MQTT commands: keys, allow-list, bounds.")
+    home_assistant: HomeAssistantConfig = Field(
+        default=HomeAssistantConfig(), description="Home Assistant MQTT discovery.",
+    )
     decode_pixel_budget: int = Field(
         default=24_000_000, ge=1_000_000, le=1_000_000_000,
         description="Pixels that may be decoded at once, summed over every image being decoded (uploads and "

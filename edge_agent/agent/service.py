@@ -41,6 +41,7 @@ from edge_agent.agent.health import agent_health, models_info
 from edge_agent.agent.recovery import InFlight, Recovery
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
+from edge_agent.delivery.homeassistant import HomeAssistant
 from edge_agent.delivery.outbox import Outbox, OutboxLimits
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
 from edge_agent.delivery.space import SpaceState
@@ -379,8 +380,20 @@ class Service:
             auth=auth,
             policy=self.cfg.commands.policy(),
             session_ts=session_ts,
+            home_assistant=self._home_assistant(),
         )
         self.metrics.bind_publisher(self.publisher.snapshot)
+
+    def _home_assistant(self) -> HomeAssistant | None:
+        ha = self.cfg.home_assistant
+        if not ha.enabled:
+            return None
+        return HomeAssistant(
+            self.cfg.device_id,
+            [(p.name, p.kind) for p in self.cfg.pipelines],
+            discovery_prefix=ha.discovery_prefix,
+            state_interval_s=ha.state_interval_s,
+        )
 
     def _build_sources(self) -> None:
         assert self.outbox is not None

@@ -38,6 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edge_agent.delivery.homeassistant import HomeAssistant
 from edge_agent.delivery.interface import StoredResult
 from edge_agent.delivery.outbox import Outbox
 from edge_agent.errors import EdgeAgentError
@@ -90,8 +91,11 @@ class Publisher:
         auth: AgentAuth | None = None,
         policy: CommandPolicy | None = None,
         session_ts: float | None = None,
+        home_assistant: HomeAssistant | None = None,
     ) -> None:
         self.outbox = outbox
+        self.home_assistant = home_assistant
+        """Home Assistant discovery: configs on every connect, per-pipeline state as results go out."""
         self.session_ts = session_ts
         """The will's timestamp (see :func:`availability_will`); ``online`` carries it too. None: the time now."""
         self.transport = transport
@@ -304,6 +308,10 @@ class Publisher:
         self.transport.publish(codec.status_topic(self.device_id), codec.dumps(online), qos=1, retain=True)
         self._alarms_sent = 0  # alarms the outbox could not store: once more on every connection
         self._next_heartbeat = 0.0
+        if self.home_assistant is not None:
+            for topic, config in self.home_assistant.discovery():
+                self.transport.publish(topic, codec.dumps(config), qos=1, retain=True)
+            self._send_states(force=True)
 
     def _send_stored_events(self) -> None:
         """Publish the outbox's stored events not in flight yet (each is deleted on its PUBACK), and the alarms it
@@ -524,6 +532,8 @@ class Publisher:
                 else:
                     self._sent_through = row.seq
                     self.counters["published"] += 1
+                    if self.home_assistant is not None:
+                        self.home_assistant.observe(row.pipeline, row.created_at, row.body)
 
     def _retry(self, now: float) -> None:
         due = [s for s, t in self._outstanding.items() if now - t >= self.settings.ack_timeout_s]
@@ -544,7 +554,15 @@ class Publisher:
                 self.counters["republished"] += 1
         log.info("publisher: re-published %d unacknowledged results", len(wanted))
 
+    def _send_states(self, now: float | None = None, *, force: bool = False) -> None:
+        """The retained Home Assistant state of each pipeline that changed (at most once per its interval)."""
+        assert self.home_assistant is not None
+        for topic, state in self.home_assistant.states(time.monotonic() if now is None else now, force=force):
+            self.transport.publish(topic, codec.dumps(state), qos=1, retain=True)
+
     def _timers(self, now: float) -> None:
+        if self._connected and self.home_assistant is not None:
+            self._send_states(now)
         if self._connected and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_s
             self._send_heartbeat()
