@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from edge_agent.coordinator.config import CoordinatorConfig, load_coordinator_config
+from edge_agent.coordinator.retention import Retention
 from edge_agent.coordinator.service import Coordinator, coordinator_will
 from edge_agent.coordinator.store import SqliteStore, Store
 from edge_agent.errors import ConfigError, EdgeAgentError, require_extra
@@ -115,6 +116,8 @@ def run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     coordinator.start()
+    retention = Retention(coordinator.store, cfg.store.retention)
+    retention.start()
     dashboard = None
     if cfg.dashboard.enabled:
         from edge_agent.coordinator.dashboard import Dashboard
@@ -134,6 +137,7 @@ def run(
     log.info("coordinator running; broker %s:%d; store %s", cfg.mqtt.host, cfg.mqtt.port, cfg.store.type)
     done.wait()
     log.info("coordinator stopping")
+    retention.stop()
     if dashboard is not None:
         dashboard.stop()
     coordinator.stop(5)

@@ -38,15 +38,28 @@ class CoordinatorMqtt(_Strict):
                                     "through $share/<group>/ so several coordinators split the load.")
 
 
+class RetentionConfig(_Strict):
+    """Keeps the store bounded: acknowledged results older than ``max_age_days``, then the oldest beyond
+    ``max_results``, are deleted every ``interval_s`` (in batches of ``batch`` rows, short transactions).
+    Unacknowledged results (above their device's watermark) are never deleted. Null: no bound of that kind."""
+
+    max_age_days: float | None = Field(None, gt=0, description="Delete results received longer ago than this.")
+    max_results: int | None = Field(None, ge=1, description="Keep at most this many results (the newest).")
+    interval_s: float = Field(300.0, ge=1, le=86_400, description="Seconds between retention passes.")
+    batch: int = Field(5000, ge=1, le=1_000_000, description="Rows deleted per transaction at most.")
+
+
 class SqliteStoreConfig(_Strict):
     type: Literal["sqlite"] = Field("sqlite", description="SQLite file (WAL); several coordinators on one host may "
                                     "share it.")
     path: Path = Field(Path("coordinator.db"), description="Database file.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Age/size bound of results.")
 
 
 class PostgresStoreConfig(_Strict):
     type: Literal["postgres"] = Field(description="PostgreSQL through psycopg.")
     dsn: str = Field(description="libpq connection string, e.g. 'host=127.0.0.1 dbname=edge user=edge'.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Age/size bound of results.")
 
 
 class DashboardConfig(_Strict):

@@ -117,6 +117,10 @@ class Store(Protocol):
 
     def count_results(self, device: str | None = None) -> int: ...
 
+    def prune(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int:
+        """Retention: delete at most ``limit`` acknowledged results (received before ``older_than``, then the
+        oldest beyond the newest ``keep``); returns how many. Never one above its device's watermark."""
+
     def result_ids(self, device: str | None = None) -> set[str]: ...
 
     def close(self) -> None: ...
@@ -128,6 +132,7 @@ CREATE TABLE IF NOT EXISTS results (
     input_id TEXT NOT NULL, pipeline TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
     created_at REAL NOT NULL, received_at REAL NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS results_dev_seq ON results(device, epoch, seq);
+CREATE INDEX IF NOT EXISTS results_received ON results(received_at);
 CREATE TABLE IF NOT EXISTS watermarks (
     device TEXT NOT NULL, epoch TEXT NOT NULL, acked_seq INTEGER NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (device, epoch));
@@ -138,6 +143,21 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, payload BLOB NOT NULL, payload_bytes INTEGER NOT NULL);
 """
+
+
+PRUNE_BY_AGE = (
+    "DELETE FROM results WHERE result_id IN (SELECT r.result_id FROM results r WHERE r.received_at < %s AND EXISTS"
+    " (SELECT 1 FROM watermarks w WHERE w.device = r.device AND w.epoch = r.epoch AND w.acked_seq >= r.seq)"
+    " ORDER BY r.received_at LIMIT %s)"
+)
+PRUNE_OLDEST = (
+    "DELETE FROM results WHERE result_id IN (SELECT r.result_id FROM results r WHERE EXISTS"
+    " (SELECT 1 FROM watermarks w WHERE w.device = r.device AND w.epoch = r.epoch AND w.acked_seq >= r.seq)"
+    " ORDER BY r.received_at LIMIT %s)"
+)
+"""Retention only removes results at or below their (device, epoch) watermark: the acknowledged prefix, which the
+watermark never needs again (it only ever grows from its stored value). Placeholders are PostgreSQL's ``%s``
+(SQLite uses them with ``%s`` replaced by ``?``)."""
 
 
 def _sqlite_failure(exc: BaseException) -> StorageError:
@@ -349,6 +369,34 @@ class SqliteStore:
                 (limit,),
             ).fetchall()
         return dead_letter_rows(rows)
+
+    def prune(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int:
+        """Delete at most ``limit`` acknowledged results: received before ``older_than`` (epoch seconds), then the
+        oldest beyond the newest ``keep``. Returns how many went; one short transaction per call."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                deleted = 0
+                if older_than is not None:
+                    deleted += conn.execute(
+                        PRUNE_BY_AGE.replace("%s", "?"), (older_than, limit),
+                    ).rowcount
+                if keep is not None and deleted < limit:
+                    excess = int(conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]) - keep
+                    if excess > 0:
+                        deleted += conn.execute(
+                            PRUNE_OLDEST.replace("%s", "?"), (min(excess, limit - deleted),),
+                        ).rowcount
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                if not isinstance(exc, Exception):
+                    raise
+                raise _sqlite_failure(exc) from exc
+        return deleted
 
     def count_results(self, device: str | None = None) -> int:
         with self._lock:

@@ -21,6 +21,8 @@ import psycopg
 
 from edge_agent.coordinator.store import (
     DEAD_LETTER_KEEP,
+    PRUNE_BY_AGE,
+    PRUNE_OLDEST,
     BatchOutcome,
     DeadLetter,
     DeviceUpdate,
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS results (
     input_id TEXT NOT NULL, pipeline TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL, payload BYTEA NOT NULL);
 CREATE INDEX IF NOT EXISTS results_dev_seq ON results(device, epoch, seq);
+CREATE INDEX IF NOT EXISTS results_received ON results(received_at);
 CREATE TABLE IF NOT EXISTS watermarks (
     device TEXT NOT NULL, epoch TEXT NOT NULL, acked_seq BIGINT NOT NULL, PRIMARY KEY (device, epoch));
 CREATE TABLE IF NOT EXISTS devices (
@@ -209,6 +212,23 @@ class PostgresStore:
                 (limit,),
             ).fetchall()
         return dead_letter_rows(rows)
+
+    def prune(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int:
+        """As ``SqliteStore.prune``: at most ``limit`` acknowledged results, by age then beyond ``keep``."""
+        with self._lock:
+            try:
+                with self._conn.transaction():
+                    deleted = 0
+                    if older_than is not None:
+                        deleted += self._conn.execute(PRUNE_BY_AGE, (older_than, limit)).rowcount
+                    if keep is not None and deleted < limit:
+                        row = self._conn.execute("SELECT COUNT(*) FROM results").fetchone()
+                        excess = (int(row[0]) if row else 0) - keep
+                        if excess > 0:
+                            deleted += self._conn.execute(PRUNE_OLDEST, (min(excess, limit - deleted),)).rowcount
+            except Exception as exc:
+                raise _pg_failure(exc, self._conn) from exc
+        return deleted
 
     def count_results(self, device: str | None = None) -> int:
         with self._lock, self._conn.transaction():
