@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import re
 import threading
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -81,6 +83,10 @@ def test_state_templates_read_diagnosis_confidence_counts_and_defect_rate() -> N
     ha.observe("raw", 1795440000.0, {"predictions": [{"label": "cat", "score": 0.25, "index": 1}]})
     ha.observe("unknown", 1.0, {})  # ignored
     states = dict(ha.states(0.0))
+    schema = json.loads(resources.files("edge_agent.protocol").joinpath("schemas/state.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for state in states.values():
+        jsonschema.validate(json.loads(codec.dumps(state)), schema, cls=jsonschema.Draft202012Validator)
     assert set(states) == {state_topic("dev1", p) for p, _ in PIPELINES}
     assert ha.states(1.0) == []  # throttled, and nothing changed
     assert len(ha.states(1.0, force=True)) == 4
