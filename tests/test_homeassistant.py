@@ -191,3 +191,39 @@ def test_discovery_and_state_through_a_real_mosquitto(tmp_path: Path) -> None:
             watcher.transport.stop()
         outbox.close()
         broker.close()
+
+
+def test_the_shipped_acl_lets_a_device_announce_only_itself(tmp_path: Path) -> None:
+    from tests.support.broker import ShippedBroker
+    from tests.support.tls import make_tls
+    from tests.test_control_auth import Client
+
+    tls = make_tls(tmp_path / "tls")
+    users = {"farm-01": "pw-farm", "mallory": "pw-mallory", "homeassistant": "pw-ha"}
+    broker = ShippedBroker(tmp_path / "broker", users=users, tls=tls)
+    broker.start()
+    clients: list[Client] = []
+    try:
+        ha_user = Client(broker.tls_port, "homeassistant", username="homeassistant", password=users["homeassistant"],
+                         ca_file=tls.ca, subscribe=("homeassistant/#", "edge/v1/+/state/+"))
+        device = Client(broker.tls_port, "farm-01", username="farm-01", password=users["farm-01"], ca_file=tls.ca)
+        mallory = Client(broker.tls_port, "mallory", username="mallory", password=users["mallory"], ca_file=tls.ca)
+        clients += [ha_user, device, mallory]
+        ha = HomeAssistant("farm-01", [("leaf", "crop")])
+        for topic, config in ha.discovery():
+            assert device.publish(topic, config, retain=True), topic
+        state_t, state = ha.states(0.0, force=True)[0]
+        assert device.publish(state_t, state, retain=True)
+        # another device can neither announce entities under farm-01's node nor write its state
+        assert not mallory.publish(ha.discovery()[0][0], {"name": "fake"}, retain=True)
+        assert not mallory.publish(state_t, {"results": 999}, retain=True)
+        assert mallory.publish(HomeAssistant("mallory", []).discovery()[0][0], {"name": "own"}, retain=True)
+        # Home Assistant's user reads them all and may not publish commands
+        wanted = {t for t, _ in ha.discovery()} | {state_t}
+        assert wait_for(lambda: wanted <= {m.topic for m in list(ha_user.messages)}, 10)
+        assert all(json.loads(m.payload) != {"name": "fake"} for m in list(ha_user.messages))
+        assert not ha_user.publish(codec.command_topic("farm-01", "ping"), b'{"id": "x"}')
+    finally:
+        for client in clients:
+            client.close()
+        broker.close()
