@@ -227,3 +227,44 @@ def test_the_shipped_acl_lets_a_device_announce_only_itself(tmp_path: Path) -> N
         for client in clients:
             client.close()
         broker.close()
+
+
+def test_the_agent_service_announces_itself_when_enabled(tmp_path: Path) -> None:
+    """The composition root wires it: a real Service (tiny classifier, folder source) over a fake broker."""
+    from edge_agent.agent.service import Service
+    from edge_agent.config import load_config
+    from edge_agent.transport.fake import FakeBroker
+    from tests.support.onnx_models import classifier_manifest, tiny_classifier, write_bundle
+    from tests.test_service import LABELS, fake_transports, png, write_config
+
+    models = tmp_path / "models"
+    (models / "tiny_leaf").mkdir(parents=True)
+    onnx_path = tiny_classifier(models / "tiny_leaf" / "model.onnx", n_classes=len(LABELS))
+    write_bundle(models / "tiny_leaf", classifier_manifest(onnx_path, LABELS, name="tiny_leaf"))
+    cfg = load_config(write_config(tmp_path, models, mqtt="mqtt:\n  heartbeat_s: 0.2\n",
+                                   extra="home_assistant:\n  enabled: true\n  discovery_prefix: ha\n"))
+    broker = FakeBroker()
+    service = Service(cfg, transport_factory=fake_transports(broker))
+    service.start()
+    try:
+        for i in range(3):
+            (tmp_path / "inbox" / f"leaf{i}.png").write_bytes(png(i))
+        state_t = state_topic("dev-1", "crop")
+
+        def state() -> dict[str, Any]:
+            found = dict(broker.retained_for(state_t))
+            return json.loads(found[state_t]) if state_t in found else {}
+
+        assert wait_for(lambda: state().get("results") == 3, 30), state()
+        configs = dict(broker.retained_for("ha/#"))
+        diagnosis = json.loads(configs["ha/sensor/dev-1/crop_diagnosis/config"])
+        assert diagnosis["unique_id"] == "edge_agent_dev-1_crop_diagnosis"
+        assert diagnosis["state_topic"] == state_t
+        assert render(diagnosis["value_template"], state()) in {"healthy", "Apple_scab", "not recognised"}
+        assert "ha/binary_sensor/dev-1/status/config" in configs
+        backlog = json.loads(configs["ha/sensor/dev-1/backlog/config"])
+        assert wait_for(lambda: any(t == codec.heartbeat_topic("dev-1") for t, _ in list(broker.published)), 10)
+        heartbeats = [json.loads(p) for t, p in list(broker.published) if t == codec.heartbeat_topic("dev-1")]
+        assert render(backlog["value_template"], heartbeats[-1]).isdigit()
+    finally:
+        service.stop()
