@@ -265,17 +265,22 @@ class CoordinatorProc:
         status = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
         return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> dict[str, float]:
+        """The coordinator's Prometheus counters (``/metrics``), names without ``edge_coordinator_``; {} if down."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.dashboard_port}/api/devices", timeout=5) as r:
-                data: dict[str, Any] = json.loads(r.read())
-                counters: dict[str, Any] = data.get("counters", {})
-                return counters
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.dashboard_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
         except (OSError, ValueError):
             return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith("edge_coordinator_") and "{" not in name:
+                out[name.removeprefix("edge_coordinator_")] = float(value)
+        return out
 
     def connected(self) -> bool:
-        return bool(self.counters().get("connected"))
+        return self.counters().get("mqtt_connected") == 1
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -361,7 +366,9 @@ def measure(devices: int = 1000, rate: float = 1.0, duration: float = 60.0, *, w
                     "name": c.name,
                     "cpu_percent": round(100 * (b - a) / (t_end - t_cpu0), 1),
                     "rss_mb": round(m[0], 1), "peak_rss_mb": round(m[1], 1),
-                    "inserted": k.get("inserted"), "duplicates": k.get("duplicates"), "received": k.get("received"),
+                    "inserted": int(k.get("results_inserted_total", -1)),
+                    "duplicates": int(k.get("duplicates_total", -1)),
+                    "received": int(k.get("messages_total", -1)),
                 }
                 for c, a, b, m, k in zip(coordinators, cpu0, cpu1, memory, counters, strict=True)
             ],
