@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 
 from edge_agent.coordinator.config import load_coordinator_config
-from edge_agent.coordinator.dashboard import Dashboard
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import (
     DEAD_LETTER_PAYLOAD_BYTES,
@@ -184,19 +182,6 @@ def test_password_comes_from_a_file_or_the_environment(tmp_path: Path, monkeypat
     monkeypatch.setenv("EDGE_TEST_PW", "x")
     assert config.password() == "x"
     assert "s3cret" not in repr(load_coordinator_config(tmp_path / "a.yaml"))
-
-
-def test_dashboard_serves_the_page_and_device_json() -> None:
-    dash = Dashboard("127.0.0.1", 0, lambda: {"devices": [{"device": "d1"}], "counters": {}})
-    dash.start()
-    try:
-        base = f"http://127.0.0.1:{dash.port}"
-        with urllib.request.urlopen(base + "/", timeout=5) as r:
-            assert b"Devices" in r.read()
-        with urllib.request.urlopen(base + "/api/devices", timeout=5) as r:
-            assert json.loads(r.read())["devices"][0]["device"] == "d1"
-    finally:
-        dash.stop()
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from edge_agent import __version__
 from edge_agent.api import idempotency
-from edge_agent.api.auth import TokenSet, is_loopback
+from edge_agent.tokens import TokenSet, is_loopback
 from edge_agent.api.context import ApiContext
 from edge_agent.api.errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
 from edge_agent.api.middleware import Auth, BodyLimit, HostCheck, HostRule, RateLimit, SecurityHeaders

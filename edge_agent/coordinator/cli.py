@@ -6,11 +6,12 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edge_agent.coordinator.config import CoordinatorConfig, load_coordinator_config
+from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.retention import Retention
 from edge_agent.coordinator.service import Coordinator, coordinator_will
 from edge_agent.coordinator.store import SqliteStore, Store
@@ -18,6 +19,9 @@ from edge_agent.errors import ConfigError, EdgeAgentError, require_extra
 from edge_agent.protocol.signing import CoordinatorAuth
 from edge_agent.transport.base import MqttSettings
 from edge_agent.transport.mqtt import PahoTransport
+
+if TYPE_CHECKING:
+    from edge_agent.coordinator.http import HttpServer
 
 app = typer.Typer(add_completion=False, help="The edge coordinator: stores results and acknowledges them end to end.")
 log = logging.getLogger("edge_agent.coordinator")
@@ -88,6 +92,17 @@ def build_auth(config: CoordinatorConfig) -> CoordinatorAuth:
     )
 
 
+def build_http(cfg: CoordinatorConfig, coordinator: Coordinator, monitor: FleetMonitor | None) -> HttpServer:
+    """The HTTP app (``create_app``) on uvicorn; ConfigError on a bad tokens file or a public bind without one."""
+    from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
+    from edge_agent.tokens import TokenSet
+
+    http = cfg.http_settings()
+    tokens = TokenSet.load(http.tokens_file) if http.tokens_file is not None else TokenSet()
+    ctx = HttpContext(coordinator.store, coordinator.snapshot, tokens, monitor, dict(cfg.devices))
+    return HttpServer(create_app(ctx), http.bind, http.port, tokens)
+
+
 @app.callback()
 def _root() -> None:
     """edge-coordinator."""
@@ -115,32 +130,34 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    monitor = FleetMonitor(coordinator.store, coordinator.transport, cfg.alerts, dict(cfg.devices),
+                           ack_key=coordinator.auth.ack_key)
+    coordinator.observers.append(monitor)
+    monitor.start()
     coordinator.start()
     retention = Retention(coordinator.store, cfg.store.retention)
     retention.start()
-    dashboard = None
-    if cfg.dashboard.enabled:
-        from edge_agent.coordinator.dashboard import Dashboard
-
-        dashboard = Dashboard(
-            cfg.dashboard.bind,
-            cfg.dashboard.port,
-            lambda: {
-                "devices": coordinator.store.devices(),
-                "counters": coordinator.snapshot(),
-                "dead_letters": coordinator.store.dead_letters(20),
-            },
-            metrics=coordinator.snapshot,
-        )
-        dashboard.start()
-        log.info("dashboard on http://%s:%d/", cfg.dashboard.bind, dashboard.port)
+    server = None
+    http = cfg.http_settings()
+    if http.enabled:
+        try:
+            server = build_http(cfg, coordinator, monitor)
+            server.start()
+        except EdgeAgentError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            retention.stop()
+            coordinator.stop(5)
+            monitor.stop()
+            raise typer.Exit(2) from exc
+        log.info("HTTP API and dashboard on http://%s:%d/", http.bind, server.port)
     log.info("coordinator running; broker %s:%d; store %s", cfg.mqtt.host, cfg.mqtt.port, cfg.store.type)
     done.wait()
     log.info("coordinator stopping")
     retention.stop()
-    if dashboard is not None:
-        dashboard.stop()
+    if server is not None:
+        server.stop()
     coordinator.stop(5)
+    monitor.stop()
     coordinator.store.close()
 
 

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.config import load_yaml
+from edge_agent.coordinator.alerts import AlertsConfig, DeviceMeta
 from edge_agent.errors import ConfigError
 
 
@@ -62,10 +63,20 @@ class PostgresStoreConfig(_Strict):
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Age/size bound of results.")
 
 
+class CoordinatorHttp(_Strict):
+    enabled: bool = Field(False, description="Serve the HTTP API, /metrics and the live dashboard.")
+    bind: str = Field("127.0.0.1", description="Address to bind to (a non-loopback one needs tokens_file).")
+    port: int = Field(8090, ge=0, le=65535, description="Port (0 = any free port).")
+    tokens_file: Path | None = Field(None, description="Bearer tokens, one per line ('<token> [expiry]'); without "
+                                     "it the API is open, which is allowed on a loopback bind only.")
+
+
 class DashboardConfig(_Strict):
-    enabled: bool = Field(False, description="Serve a small live device page.")
-    bind: str = Field("127.0.0.1", description="Address to bind the dashboard to.")
-    port: int = Field(8090, ge=0, le=65535, description="Dashboard port (0 = any free port).")
+    """Deprecated: ``dashboard: {enabled, bind, port}`` is read as ``http`` when ``http`` is not enabled."""
+
+    enabled: bool = Field(False, description="Deprecated alias of http.enabled.")
+    bind: str = Field("127.0.0.1", description="Deprecated alias of http.bind.")
+    port: int = Field(8090, ge=0, le=65535, description="Deprecated alias of http.port.")
 
 
 class CoordinatorConfig(_Strict):
@@ -75,7 +86,11 @@ class CoordinatorConfig(_Strict):
     )
     batch_max: int = Field(1000, ge=1, le=100000, description="Messages committed per transaction at most.")
     max_payload_bytes: int = Field(1 << 20, ge=1024, description="Larger result payloads are refused and counted.")
-    dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Live page.")
+    http: CoordinatorHttp = Field(default_factory=CoordinatorHttp, description="HTTP API and live dashboard.")
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig, description="Deprecated: see http.")
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="Alert rules.")
+    devices: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], DeviceMeta] = Field(
+        default_factory=dict, description="Device id -> its site, coordinates, line or pen (alerts, dashboard).")
     ack_key: Path | None = Field(None, description="Ed25519 private key (PEM, `edge-agent models keygen`) that signs "
                                  "every ack; agents list its .pub under mqtt.ack_keys. Null: acks go unsigned.")
     ack_ttl_s: float = Field(300.0, gt=0, le=86_400, description="Each ack is valid this long (its exp field).")
@@ -83,6 +98,12 @@ class CoordinatorConfig(_Strict):
         default_factory=dict, description="Device id -> its Ed25519 public key (PEM): results from a device listed "
         "here must be signed by that key (the agent's mqtt.result_key); others are dropped and counted as forged.")
     require_device_keys: bool = Field(False, description="Also drop results from devices not in device_keys.")
+
+    def http_settings(self) -> CoordinatorHttp:
+        """``http``, or the deprecated ``dashboard`` section when only that one is enabled."""
+        if not self.http.enabled and self.dashboard.enabled:
+            return CoordinatorHttp(enabled=True, bind=self.dashboard.bind, port=self.dashboard.port)
+        return self.http
 
     def password(self) -> str | None:
         """The MQTT password from its file or environment variable (never logged)."""

@@ -35,7 +35,8 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,37 @@ class _Item:
     result: ResultRow | None = None
     device: DeviceUpdate | None = None
     dead: DeadLetter | None = None
+
+
+ACK_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (s) of the ingest-to-ack latency histogram (received from the broker -> ack published)."""
+INGEST_RATE_WINDOW_S = 60.0
+
+Observer = Callable[[Sequence[ResultRow], Sequence[DeviceUpdate]], None]
+"""Told what each committed batch held (results, device updates), on the worker thread: must only enqueue."""
+
+
+class LatencyHistogram:
+    """Cumulative histogram (Prometheus style) of ingest-to-ack seconds; written by the worker thread only."""
+
+    def __init__(self, bounds: Sequence[float] = ACK_LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        cumulative, total = [], 0
+        for c in self.counts:
+            total += c
+            cumulative.append(total)
+        return {"bounds": list(self.bounds), "cumulative": cumulative, "sum": self.sum, "count": self.count}
 
 
 class _Stopping(Exception):
@@ -117,6 +149,9 @@ class Coordinator:
             0,
         )
         self.dead_letter_reasons: dict[str, int] = {}
+        self.ack_latency = LatencyHistogram()
+        self.observers: list[Observer] = []
+        self._ingested: deque[tuple[float, int]] = deque()
         self.store_ok = True
         self.session: str | None = None
         self.connected = threading.Event()
@@ -172,7 +207,16 @@ class Coordinator:
             "store_ok": self.store_ok,
             "session": self.session,
             "dead_letter_reasons": dict(self.dead_letter_reasons),
+            "ack_latency": self.ack_latency.snapshot(),
+            "ingest_rate": self.ingest_rate(),
         }
+
+    def ingest_rate(self, now: float | None = None) -> float:
+        """Results stored per second over the last ``INGEST_RATE_WINDOW_S`` (first time only)."""
+        now = time.monotonic() if now is None else now
+        points = list(self._ingested)
+        recent = sum(n for t, n in points if t >= now - INGEST_RATE_WINDOW_S)
+        return recent / INGEST_RATE_WINDOW_S
 
     def _publish_status(self, state: str) -> None:
         payload = codec.coordinator_status_payload(
@@ -224,6 +268,22 @@ class Coordinator:
         for message in batch:
             self.transport.ack(message)
         self.counters["settled"] += len(batch)
+        acked = time.time()
+        results = [i.result for i in items if i.result is not None]
+        for r in results:
+            self.ack_latency.observe(max(0.0, acked - r.received_at))
+        inserted = sum(o.inserted for o in outcomes)
+        if inserted:
+            mono = time.monotonic()
+            self._ingested.append((mono, inserted))
+            while self._ingested and self._ingested[0][0] < mono - INGEST_RATE_WINDOW_S:
+                self._ingested.popleft()
+        devices = [i.device for i in items if i.device is not None]
+        for observer in self.observers:
+            try:
+                observer(results, devices)
+            except Exception:
+                log.exception("coordinator: an observer failed (the batch is stored and acknowledged)")
 
     def _classify(self, message: InboundMessage, now: float) -> _Item:
         """Check one message before any transaction; a refused one becomes a dead letter (never raises)."""

@@ -97,6 +97,76 @@ class BatchOutcome:
     """(device, epoch) -> cumulative ack for every pair touched by the batch."""
 
 
+@dataclass(frozen=True)
+class ResultQuery:
+    """Which stored results to read (every filter optional), in (created_at, result_id) order from ``after``."""
+
+    device: str | None = None
+    pipeline: str | None = None
+    since: float | None = None
+    """created_at >= since"""
+    until: float | None = None
+    """created_at < until"""
+    after: tuple[float, str] | None = None
+    """Keyset cursor: the (created_at, result_id) of the last row already read."""
+    descending: bool = False
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    result_id: str
+    device: str
+    epoch: str
+    seq: int
+    pipeline: str
+    model: str
+    model_version: str
+    created_at: float
+    received_at: float
+    payload: bytes
+
+
+def result_sql(query: ResultQuery, mark: str) -> tuple[str, list[Any]]:
+    """The SELECT for ``query`` with ``mark`` as the placeholder (``?`` SQLite, ``%s`` psycopg)."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("device", query.device), ("pipeline", query.pipeline)):
+        if value is not None:
+            where.append(f"{column} = {mark}")
+            params.append(value)
+    if query.since is not None:
+        where.append(f"created_at >= {mark}")
+        params.append(query.since)
+    if query.until is not None:
+        where.append(f"created_at < {mark}")
+        params.append(query.until)
+    if query.after is not None:
+        op = "<" if query.descending else ">"
+        where.append(f"(created_at {op} {mark} OR (created_at = {mark} AND result_id {op} {mark}))")
+        params += [query.after[0], query.after[0], query.after[1]]
+    order = "DESC" if query.descending else "ASC"
+    sql = (
+        "SELECT result_id, device, epoch, seq, pipeline, model, model_version, created_at, received_at, payload"  # noqa: S608 (fixed names and placeholders only)
+        f" FROM results{' WHERE ' + ' AND '.join(where) if where else ''}"
+        f" ORDER BY created_at {order}, result_id {order} LIMIT {mark}"
+    )
+    params.append(int(query.limit))
+    return sql, params
+
+
+def stored_results(rows: Sequence[tuple[Any, ...]]) -> list[StoredResult]:
+    return [
+        StoredResult(str(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4]), str(r[5]), str(r[6]), float(r[7]),
+                     float(r[8]), bytes(r[9]))
+        for r in rows
+    ]
+
+
+ALERTS_KEEP = 10_000
+"""The alerts table keeps the newest this many alerts."""
+
+
 class Store(Protocol):
     def commit_batch(
         self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
@@ -123,6 +193,15 @@ class Store(Protocol):
 
     def result_ids(self, device: str | None = None) -> set[str]: ...
 
+    def query_results(self, query: ResultQuery) -> list[StoredResult]:
+        """One page of stored results matching ``query`` (filters, keyset cursor, order, limit)."""
+
+    def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
+        """Insert or update alerts (JSON objects of schema ``alert.json``), keyed by their ``id``."""
+
+    def alerts(self, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest alerts (by ``started_at``), optionally only ``firing`` or ``resolved`` ones."""
+
     def close(self) -> None: ...
 
 
@@ -142,6 +221,11 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, payload BLOB NOT NULL, payload_bytes INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS results_created ON results(created_at, result_id);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY, rule TEXT NOT NULL, state TEXT NOT NULL, started_at REAL NOT NULL,
+    updated_at REAL NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS alerts_started ON alerts(started_at);
 """
 
 
@@ -192,6 +276,14 @@ def dead_letter_rows(rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
         }
         for row_id, received_at, topic, reason, detail, payload, size in rows
     ]
+
+
+def alert_row(alert: dict[str, Any]) -> tuple[str, str, str, float, float, bytes]:
+    """(alert_id, rule, state, started_at, updated_at, payload) of one alert object."""
+    return (
+        str(alert["id"]), str(alert["rule"]), str(alert["state"]), float(alert["started_at"]),
+        float(alert["updated_at"]), orjson.dumps(alert),
+    )
 
 
 def next_watermark(current: int, base: int, seqs_above: Sequence[int]) -> int:
@@ -409,6 +501,47 @@ class SqliteStore:
             if device is None:
                 return {r for (r,) in self._conn.execute("SELECT result_id FROM results")}
             return {r for (r,) in self._conn.execute("SELECT result_id FROM results WHERE device = ?", (device,))}
+
+    def query_results(self, query: ResultQuery) -> list[StoredResult]:
+        sql, params = result_sql(query, "?")
+        with self._lock:
+            return stored_results(self._conn.execute(sql, params).fetchall())
+
+    def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
+        if not alerts:
+            return
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id) DO UPDATE SET"
+                    " state = excluded.state, updated_at = excluded.updated_at, payload = excluded.payload",
+                    [alert_row(a) for a in alerts],
+                )
+                conn.execute(
+                    "DELETE FROM alerts WHERE alert_id IN (SELECT alert_id FROM alerts ORDER BY started_at DESC"
+                    " LIMIT -1 OFFSET ?)", (ALERTS_KEEP,),
+                )
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                if not isinstance(exc, Exception):
+                    raise
+                raise _sqlite_failure(exc) from exc
+
+    def alerts(self, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            if state:
+                rows = self._conn.execute(
+                    "SELECT payload FROM alerts WHERE state = ? ORDER BY started_at DESC LIMIT ?", (state, limit)
+                ).fetchall()
+            else:
+                rows = self._conn.execute("SELECT payload FROM alerts ORDER BY started_at DESC LIMIT ?",
+                                          (limit,)).fetchall()
+        return [orjson.loads(bytes(r[0])) for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -20,17 +20,23 @@ import orjson
 import psycopg
 
 from edge_agent.coordinator.store import (
+    ALERTS_KEEP,
     DEAD_LETTER_KEEP,
     PRUNE_BY_AGE,
     PRUNE_OLDEST,
     BatchOutcome,
     DeadLetter,
     DeviceUpdate,
+    ResultQuery,
     ResultRow,
+    StoredResult,
+    alert_row,
     backlog,
     dead_letter_rows,
     heartbeat_dict,
     next_watermark,
+    result_sql,
+    stored_results,
 )
 from edge_agent.errors import StorageError, StoreRejectedError, StoreUnavailableError
 
@@ -49,6 +55,11 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS dead_letters (
     id BIGSERIAL PRIMARY KEY, received_at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, payload BYTEA NOT NULL, payload_bytes BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS results_created ON results(created_at, result_id);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY, rule TEXT NOT NULL, state TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL, payload BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS alerts_started ON alerts(started_at);
 """
 
 
@@ -245,6 +256,41 @@ class PostgresStore:
             else:
                 rows = self._conn.execute("SELECT result_id FROM results WHERE device = %s", (device,)).fetchall()
         return {str(r[0]) for r in rows}
+
+    def query_results(self, query: ResultQuery) -> list[StoredResult]:
+        sql, params = result_sql(query, "%s")
+        with self._lock, self._conn.transaction():
+            return stored_results(self._conn.execute(sql, params).fetchall())
+
+    def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
+        if not alerts:
+            return
+        with self._lock:
+            conn = self._conn
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO alerts VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (alert_id) DO UPDATE SET"
+                        " state = excluded.state, updated_at = excluded.updated_at, payload = excluded.payload",
+                        [alert_row(a) for a in alerts],
+                    )
+                    cur.execute(
+                        "DELETE FROM alerts WHERE alert_id IN (SELECT alert_id FROM alerts ORDER BY started_at DESC"
+                        " OFFSET %s)", (ALERTS_KEEP,),
+                    )
+            except Exception as exc:
+                raise _pg_failure(exc, conn) from exc
+
+    def alerts(self, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock, self._conn.transaction():
+            if state:
+                rows = self._conn.execute(
+                    "SELECT payload FROM alerts WHERE state = %s ORDER BY started_at DESC LIMIT %s", (state, limit)
+                ).fetchall()
+            else:
+                rows = self._conn.execute("SELECT payload FROM alerts ORDER BY started_at DESC LIMIT %s",
+                                          (limit,)).fetchall()
+        return [orjson.loads(bytes(r[0])) for r in rows]
 
     def close(self) -> None:
         with self._lock:

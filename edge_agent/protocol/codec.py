@@ -443,6 +443,11 @@ def parse_result(data: bytes, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the coordinator's availability
+def coordinator_alert_topic(rule: str) -> str:
+    """Where the coordinator publishes fleet alerts (schema ``alert.json``; QoS 1, not retained)."""
+    return f"{ROOT}/{COORDINATOR}/alerts/{check_name(rule, 'alert rule')}"
+
+
 def coordinator_status_topic() -> str:
     return f"{ROOT}/{COORDINATOR}/status"
 

@@ -52,7 +52,7 @@ class CoordinatorProcess:
             f"mqtt: {{port: {self.broker_port}, client_id: {self.client_id}, keepalive_s: 5}}\n"
             f"store: {{type: sqlite, path: {self.db}}}\n"
             f"batch_max: {self.batch_max}\n"
-            f"dashboard: {{enabled: true, bind: 127.0.0.1, port: {self.dashboard_port}}}\n"
+            f"http: {{enabled: true, bind: 127.0.0.1, port: {self.dashboard_port}}}\n"
         )
         return config
 
