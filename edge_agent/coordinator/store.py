@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -298,6 +298,15 @@ def next_watermark(current: int, base: int, seqs_above: Sequence[int]) -> int:
     return mark
 
 
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """A failed read is the store's state (closed, locked, I/O): StoreUnavailableError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreUnavailableError(f"coordinator store: {exc}") from exc
+
+
 class SqliteStore:
     """Store in one SQLite file (WAL, synchronous=FULL); safe to share between processes on one host."""
 
@@ -430,7 +439,7 @@ class SqliteStore:
             )
 
     def devices(self) -> list[dict[str, Any]]:
-        with self._lock:
+        with _reading(), self._lock:
             rows = self._conn.execute(
                 "SELECT device, state, state_ts, last_heartbeat, heartbeat, last_result, results FROM devices"
                 " ORDER BY device"
@@ -454,7 +463,7 @@ class SqliteStore:
         return out
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        with self._lock:
+        with _reading(), self._lock:
             rows = self._conn.execute(
                 "SELECT id, received_at, topic, reason, detail, payload, payload_bytes FROM dead_letters"
                 " ORDER BY id DESC LIMIT ?",
@@ -491,20 +500,20 @@ class SqliteStore:
         return deleted
 
     def count_results(self, device: str | None = None) -> int:
-        with self._lock:
+        with _reading(), self._lock:
             if device is None:
                 return int(self._conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
             return int(self._conn.execute("SELECT COUNT(*) FROM results WHERE device = ?", (device,)).fetchone()[0])
 
     def result_ids(self, device: str | None = None) -> set[str]:
-        with self._lock:
+        with _reading(), self._lock:
             if device is None:
                 return {r for (r,) in self._conn.execute("SELECT result_id FROM results")}
             return {r for (r,) in self._conn.execute("SELECT result_id FROM results WHERE device = ?", (device,))}
 
     def query_results(self, query: ResultQuery) -> list[StoredResult]:
         sql, params = result_sql(query, "?")
-        with self._lock:
+        with _reading(), self._lock:
             return stored_results(self._conn.execute(sql, params).fetchall())
 
     def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
@@ -533,7 +542,7 @@ class SqliteStore:
                 raise _sqlite_failure(exc) from exc
 
     def alerts(self, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        with self._lock:
+        with _reading(), self._lock:
             if state:
                 rows = self._conn.execute(
                     "SELECT payload FROM alerts WHERE state = ? ORDER BY started_at DESC LIMIT ?", (state, limit)

@@ -12,8 +12,9 @@ batch's data raise StoreRejectedError.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -70,6 +71,15 @@ def _pg_failure(exc: Exception, conn: psycopg.Connection[Any] | None) -> Storage
     if isinstance(exc, psycopg.errors.InsufficientResources | psycopg.errors.LockNotAvailable):
         return StoreUnavailableError(f"coordinator store (postgres): {exc}")
     return StoreRejectedError(f"coordinator store (postgres) refused the batch: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _reading(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A failed read is the server's or the link's state: StoreUnavailableError."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise StoreUnavailableError(f"coordinator store (postgres): {exc}") from exc
 
 
 class PostgresStore:
@@ -192,7 +202,7 @@ class PostgresStore:
         return mark
 
     def devices(self) -> list[dict[str, Any]]:
-        with self._lock, self._conn.transaction():
+        with self._lock, _reading(self._conn), self._conn.transaction():
             rows = self._conn.execute(
                 "SELECT device, state, state_ts, last_heartbeat, heartbeat, last_result, results FROM devices"
                 " ORDER BY device"
@@ -216,7 +226,7 @@ class PostgresStore:
         return out
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        with self._lock, self._conn.transaction():
+        with self._lock, _reading(self._conn), self._conn.transaction():
             rows = self._conn.execute(
                 "SELECT id, received_at, topic, reason, detail, payload, payload_bytes FROM dead_letters"
                 " ORDER BY id DESC LIMIT %s",
@@ -242,7 +252,7 @@ class PostgresStore:
         return deleted
 
     def count_results(self, device: str | None = None) -> int:
-        with self._lock, self._conn.transaction():
+        with self._lock, _reading(self._conn), self._conn.transaction():
             if device is None:
                 row = self._conn.execute("SELECT COUNT(*) FROM results").fetchone()
             else:
@@ -250,7 +260,7 @@ class PostgresStore:
         return int(row[0]) if row else 0
 
     def result_ids(self, device: str | None = None) -> set[str]:
-        with self._lock, self._conn.transaction():
+        with self._lock, _reading(self._conn), self._conn.transaction():
             if device is None:
                 rows = self._conn.execute("SELECT result_id FROM results").fetchall()
             else:
@@ -259,7 +269,7 @@ class PostgresStore:
 
     def query_results(self, query: ResultQuery) -> list[StoredResult]:
         sql, params = result_sql(query, "%s")
-        with self._lock, self._conn.transaction():
+        with self._lock, _reading(self._conn), self._conn.transaction():
             return stored_results(self._conn.execute(sql, params).fetchall())
 
     def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
@@ -282,7 +292,7 @@ class PostgresStore:
                 raise _pg_failure(exc, conn) from exc
 
     def alerts(self, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        with self._lock, self._conn.transaction():
+        with self._lock, _reading(self._conn), self._conn.transaction():
             if state:
                 rows = self._conn.execute(
                     "SELECT payload FROM alerts WHERE state = %s ORDER BY started_at DESC LIMIT %s", (state, limit)
