@@ -31,7 +31,6 @@ from starlette.requests import ClientDisconnect
 
 from edge_agent import __version__
 from edge_agent.api import idempotency
-from edge_agent.tokens import TokenSet, is_loopback
 from edge_agent.api.context import ApiContext
 from edge_agent.api.errors import RETRY_AFTER_S, ApiError, error_body, from_agent_error
 from edge_agent.api.middleware import Auth, BodyLimit, HostCheck, HostRule, RateLimit, SecurityHeaders
@@ -51,6 +50,7 @@ from edge_agent.config import HttpConfig
 from edge_agent.errors import ConfigError, EdgeAgentError, InputError, OverloadedError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.sectors.advice import AdviceBook, load_advice
+from edge_agent.tokens import TokenSet, is_loopback
 
 log = logging.getLogger(__name__)
 

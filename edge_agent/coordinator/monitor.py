@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_agent.coordinator.alerts import AlertEngine, AlertsConfig, DeviceMeta
 from edge_agent.coordinator.store import DeviceUpdate, ResultQuery, ResultRow, Store
@@ -29,12 +29,16 @@ from edge_agent.protocol import codec, signing
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from edge_agent.transport.base import Transport
-
 log = logging.getLogger(__name__)
 
 SEED_MAX = 50_000
 """At most this many stored results are replayed into the rules and the view on start."""
+
+class Publisher(Protocol):
+    """The part of a ``Transport`` the monitor uses."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None: ...
+
 
 _Batch = tuple[Sequence[ResultRow], Sequence[DeviceUpdate]]
 
@@ -43,7 +47,7 @@ class FleetMonitor:
     def __init__(
         self,
         store: Store,
-        transport: Transport | None,
+        transport: Publisher | None,
         config: AlertsConfig,
         devices: dict[str, DeviceMeta] | None = None,
         *,
@@ -62,6 +66,7 @@ class FleetMonitor:
         self.version = 0
         """Bumped whenever the view or the alerts change (the dashboard's stream waits on it)."""
         self._lock = threading.Lock()
+        self._serial = threading.Lock()
         self._inbox: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._unsaved: list[dict[str, Any]] = []
         self._unpublished: list[dict[str, Any]] = []
@@ -110,7 +115,11 @@ class FleetMonitor:
                 log.exception("monitor: failed on a batch (the results are stored; alerts may be late)")
 
     def process(self, batch: _Batch | None) -> None:
-        """Feed one batch (None: a tick alone), then store and publish what changed."""
+        """Feed one batch (None: a tick alone), then store and publish what changed (one caller at a time)."""
+        with self._serial:
+            self._process(batch)
+
+    def _process(self, batch: _Batch | None) -> None:
         now = self.clock()
         changes: list[dict[str, Any]] = []
         with self._lock:
