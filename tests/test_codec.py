@@ -26,7 +26,7 @@ def valid(kind: str, payload: dict[str, Any]) -> None:
 
 
 def test_every_schema_is_a_valid_draft_2020_12_schema() -> None:
-    for kind in ("result", "ack", "status", "heartbeat", "event", "command", "coordinator"):
+    for kind in ("result", "ack", "status", "heartbeat", "event", "command", "coordinator", "alert"):
         jsonschema.Draft202012Validator.check_schema(schema(kind))
 
 
