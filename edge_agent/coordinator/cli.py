@@ -133,23 +133,21 @@ def run(
     monitor = FleetMonitor(coordinator.store, coordinator.transport, cfg.alerts, dict(cfg.devices),
                            ack_key=coordinator.auth.ack_key)
     coordinator.observers.append(monitor)
-    monitor.start()
-    coordinator.start()
-    retention = Retention(coordinator.store, cfg.store.retention)
-    retention.start()
     server = None
     http = cfg.http_settings()
-    if http.enabled:
+    if http.enabled:  # first: a bad tokens file stops the start, and /readyz answers before ingest begins
         try:
             server = build_http(cfg, coordinator, monitor)
             server.start()
         except EdgeAgentError as exc:
             typer.echo(f"error: {exc.message}", err=True)
-            retention.stop()
-            coordinator.stop(5)
-            monitor.stop()
+            coordinator.store.close()
             raise typer.Exit(2) from exc
         log.info("HTTP API and dashboard on http://%s:%d/", http.bind, server.port)
+    monitor.start()
+    coordinator.start()
+    retention = Retention(coordinator.store, cfg.store.retention)
+    retention.start()
     log.info("coordinator running; broker %s:%d; store %s", cfg.mqtt.host, cfg.mqtt.port, cfg.store.type)
     done.wait()
     log.info("coordinator stopping")
