@@ -5,6 +5,9 @@ edge/v1/coordinator/alerts/<rule> (valid against alert.json, signed) and restore
 from __future__ import annotations
 
 import json
+import threading
+import time
+import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,13 @@ from edge_agent.coordinator.store import DeviceUpdate, SqliteStore
 from edge_agent.coordinator.summary import Summary, summarize
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import codec, signing
+from edge_agent.transport.base import InboundMessage, MqttSettings
+from edge_agent.transport.mqtt import PahoTransport
 from edge_agent.updates.format import key_id
 from tests.fleet_fixtures import crop, inspection, livestock, result_row
+from tests.support.broker import Broker
+from tests.support.coordinator_proc import CoordinatorProcess
+from tests.support.wait import wait_for
 
 T0 = 1_700_000_000.0
 SCHEMA = json.loads(resources.files("edge_agent.protocol").joinpath("schemas").joinpath("alert.json").read_text())
@@ -219,3 +227,68 @@ def test_monitor_stores_publishes_signed_alerts_and_does_not_repeat_them_after_a
     now[0] = T0 + 106
     monitor2.process(None)
     assert {a["subject"] for a in store.alerts(state="firing")} == {"Bean___rust@farm-a", "a1", "a2"}
+
+
+class Client:
+    """A plain MQTT client: what it receives on its filters, and publish."""
+
+    def __init__(self, port: int, client_id: str, filters: list[str]) -> None:
+        self.filters = filters
+        self.ready = threading.Event()
+        self.received: list[InboundMessage] = []
+        self.transport = PahoTransport(MqttSettings(port=port, client_id=client_id))
+        self.transport.start(self)
+
+    def on_connected(self, session_present: bool) -> None:
+        if self.filters:
+            self.transport.subscribe(self.filters, qos=1)
+        self.ready.set()
+
+    def on_disconnected(self, reason: str) -> None:
+        self.ready.clear()
+
+    def on_message(self, message: InboundMessage) -> None:
+        self.received.append(message)
+
+    def on_published(self, token: int, ok: bool, reason: str) -> None: ...
+
+
+def test_a_real_coordinator_publishes_an_offline_alert_on_mosquitto_and_serves_it(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    coordinator = CoordinatorProcess(tmp_path / "coord", broker.port, extra_config=(
+        "devices: {barn-1: {site: ranch}}\nalerts: {tick_s: 0.2, device_offline: {after_s: 1}}\n"))
+    watcher = device = None
+    try:
+        coordinator.start(wait_connected=True)
+        watcher = Client(broker.port, "watcher", ["edge/v1/coordinator/alerts/#"])
+        device = Client(broker.port, "barn-1", [])
+        assert watcher.ready.wait(10) and device.ready.wait(10)
+
+        def status(state: str) -> None:
+            payload = codec.status_payload(device="barn-1", state=state, ts=time.time())  # type: ignore[arg-type]
+            assert device is not None and device.transport.publish(codec.status_topic("barn-1"), codec.dumps(payload),
+                                                                   qos=1, retain=True) is not None
+
+        status("online")
+        status("offline")  # what its last will says
+        assert wait_for(lambda: len(watcher.received) >= 1, 15), coordinator.read_log()[-2000:]
+        fired = json.loads(watcher.received[0].payload)
+        valid(fired)
+        assert watcher.received[0].topic == "edge/v1/coordinator/alerts/device_offline"
+        assert (fired["state"], fired["subject"], fired["site"]) == ("firing", "barn-1", "ranch")
+        status("online")
+        assert wait_for(lambda: len(watcher.received) >= 2, 15)
+        resolved = json.loads(watcher.received[1].payload)
+        assert (resolved["id"], resolved["state"]) == (fired["id"], "resolved")
+        with urllib.request.urlopen(f"http://127.0.0.1:{coordinator.dashboard_port}/api/v1/alerts", timeout=5) as r:
+            stored = json.loads(r.read())["alerts"]
+        assert [(a["id"], a["state"]) for a in stored] == [(fired["id"], "resolved")]
+        with urllib.request.urlopen(f"http://127.0.0.1:{coordinator.dashboard_port}/metrics", timeout=5) as r:
+            assert "edge_coordinator_alerts_raised_total 1.0" in r.read().decode()
+    finally:
+        for client in (watcher, device):
+            if client is not None:
+                client.transport.stop()
+        coordinator.close()
+        broker.close()

@@ -34,6 +34,7 @@ class CoordinatorProcess:
         client_id: str = "coord",
         db: Path | None = None,
         batch_max: int = 1000,
+        extra_config: str = "",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,7 @@ class CoordinatorProcess:
         self.client_id = client_id
         self.db = db or self.workdir / "coordinator.db"
         self.batch_max = batch_max
+        self.extra_config = extra_config
         self.dashboard_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "coordinator.log"
@@ -53,6 +55,7 @@ class CoordinatorProcess:
             f"store: {{type: sqlite, path: {self.db}}}\n"
             f"batch_max: {self.batch_max}\n"
             f"http: {{enabled: true, bind: 127.0.0.1, port: {self.dashboard_port}}}\n"
+            + self.extra_config
         )
         return config
 
