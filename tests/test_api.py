@@ -28,10 +28,10 @@ from PIL import Image as PILImage
 from prometheus_client import generate_latest
 
 from edge_agent.api.middleware import RateLimit
+from edge_agent.auth.tokens import TokenSet, is_loopback
 from edge_agent.config import HttpConfig
 from edge_agent.errors import ConfigError, OverloadedError, StorageFullError
 from edge_agent.flow.pipeline import InputItem
-from edge_agent.tokens import TokenSet, is_loopback
 from tests.support.api_harness import (
     LOCAL,
     GatedModel,

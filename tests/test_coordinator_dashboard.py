@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, Request, sync_playwright
 
+from edge_agent.auth.tokens import TokenSet
 from edge_agent.coordinator.alerts import AlertsConfig, DeviceMeta, OfflineRule, OutbreakRule
 from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
 from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.store import DeviceUpdate, ResultRow, SqliteStore
-from edge_agent.tokens import TokenSet
 from tests.fleet_fixtures import crop, inspection, livestock, result_row
 
 ROOT = Path(__file__).resolve().parent.parent

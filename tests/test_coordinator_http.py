@@ -15,13 +15,13 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
+from edge_agent.auth.tokens import TokenSet
 from edge_agent.coordinator.alerts import AlertsConfig, DeviceMeta
 from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
 from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.store import DeviceUpdate, SqliteStore, Store
 from edge_agent.coordinator.store_pg import PostgresStore
 from edge_agent.errors import ConfigError
-from edge_agent.tokens import TokenSet
 from tests.fleet_fixtures import crop, inspection, result_row
 from tests.support.postgres import Postgres
 

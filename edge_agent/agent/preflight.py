@@ -68,7 +68,7 @@ def _check_http(cfg: AgentConfig) -> None:
     h = cfg.http
     if not h.enabled or h.tokens_file is None:
         return
-    from edge_agent.tokens import TokenSet
+    from edge_agent.auth.tokens import TokenSet
 
     try:
         TokenSet.load(h.tokens_file)

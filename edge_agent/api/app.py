@@ -46,11 +46,11 @@ from edge_agent.api.schemas import (
 )
 from edge_agent.api.telemetry import HttpMetrics, Telemetry
 from edge_agent.api.upload import MultipartUpload, SpoolFile, clean_hint, multipart_boundary, new_input_id
+from edge_agent.auth.tokens import TokenSet, is_loopback
 from edge_agent.config import HttpConfig
 from edge_agent.errors import ConfigError, EdgeAgentError, InputError, OverloadedError
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.sectors.advice import AdviceBook, load_advice
-from edge_agent.tokens import TokenSet, is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from edge_agent.api.errors import Message, Receive, Scope, Send, send_error
-from edge_agent.tokens import TokenSet
+from edge_agent.auth.tokens import TokenSet
 
 log = logging.getLogger(__name__)
 

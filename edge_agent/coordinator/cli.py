@@ -94,8 +94,8 @@ def build_auth(config: CoordinatorConfig) -> CoordinatorAuth:
 
 def build_http(cfg: CoordinatorConfig, coordinator: Coordinator, monitor: FleetMonitor | None) -> HttpServer:
     """The HTTP app (``create_app``) on uvicorn; ConfigError on a bad tokens file or a public bind without one."""
+    from edge_agent.auth.tokens import TokenSet
     from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
-    from edge_agent.tokens import TokenSet
 
     http = cfg.http_settings()
     tokens = TokenSet.load(http.tokens_file) if http.tokens_file is not None else TokenSet()

@@ -45,12 +45,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edge_agent.auth.tokens import TokenSet, is_loopback
 from edge_agent.coordinator.alerts import DeviceMeta
 from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.store import ResultQuery, Store, StoredResult
 from edge_agent.coordinator.summary import summarize
 from edge_agent.errors import ConfigError, StorageError
-from edge_agent.tokens import TokenSet, is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Credentials shared by the agent's and the coordinator's HTTP sides (bearer tokens)."""
