@@ -19,11 +19,15 @@ from edge_agent.auth.tokens import TokenSet
 from edge_agent.coordinator.alerts import AlertsConfig, DeviceMeta
 from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
 from edge_agent.coordinator.monitor import FleetMonitor
+from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import DeviceUpdate, SqliteStore, Store
 from edge_agent.coordinator.store_pg import PostgresStore
 from edge_agent.errors import ConfigError
+from edge_agent.protocol import codec
+from edge_agent.transport import FakeBroker, FakeTransport, InboundMessage
 from tests.fleet_fixtures import crop, inspection, result_row
 from tests.support.postgres import Postgres
+from tests.support.wait import wait_for
 
 T0 = 1_700_000_000.0
 TOKEN = "t0ken-for-the-fleet-api-0123456789"
@@ -215,3 +219,34 @@ def test_stream_pushes_a_snapshot_whenever_the_fleet_changes(tmp_path: Path) -> 
                 {"day": "2023-11-14", "site": "farm-1", "disease": "Bean___rust", "count": 1}]
     finally:
         server.stop()
+
+
+def test_the_coordinator_measures_ack_latency_and_ingest_rate_and_tells_its_observers(tmp_path: Path) -> None:
+    broker = FakeBroker()
+    coordinator = Coordinator(SqliteStore(tmp_path / "c.db"), FakeTransport(broker))
+    told: list[tuple[int, int]] = []
+    coordinator.observers.append(lambda results, devices: told.append((len(results), len(devices))))
+
+    def broken(results: object, devices: object) -> None:
+        raise RuntimeError("observer bug")
+
+    coordinator.observers.append(broken)  # a failing observer changes nothing
+    topic = codec.results_topic("d1", "p")
+    for seq in range(1, 31):
+        payload = codec.result_payload(device="d1", epoch="e1", base=1, result_id=f"{seq:032x}", seq=seq,
+                                       input_id=f"i{seq}", pipeline="p", model="m", model_version="1",
+                                       created_at=1.0, sent_at=2.0, body={})
+        coordinator.on_message(InboundMessage(topic, codec.dumps(payload), 1, False, seq))
+    coordinator.on_message(InboundMessage(topic, codec.dumps(codec.result_payload(
+        device="d1", epoch="e1", base=1, result_id=f"{1:032x}", seq=1, input_id="i1", pipeline="p", model="m",
+        model_version="1", created_at=1.0, sent_at=2.0, body={})), 1, False, 99))  # a duplicate
+    coordinator.start()
+    try:
+        assert wait_for(lambda: coordinator.counters["settled"] >= 31, 5)
+        snap = coordinator.snapshot()
+        assert snap["ack_latency"]["count"] == 31 and snap["ack_latency"]["cumulative"][-1] == 31
+        assert 0 <= snap["ack_latency"]["sum"] < 31 * 5
+        assert snap["ingest_rate"] == pytest.approx(30 / 60)  # 30 stored (the duplicate not) in the last minute
+        assert sum(r for r, _ in told) == 31 and coordinator.store.count_results() == 30
+    finally:
+        coordinator.stop(2)
