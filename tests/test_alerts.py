@@ -153,11 +153,11 @@ def test_headcount_drop_and_recovery() -> None:
     for i in range(20):
         assert count(10, T0 + i * 10) == []
     assert count(8, T0 + 300) == []  # -20 %: not enough
-    fired = count(5, T0 + 301)  # median of the last minute: 6.5 (8 and 5), under 70 % of 10
+    fired = count(5, T0 + 301)  # mean of the last minute: 6.5 (8 and 5), under 70 % of 10
     assert [(a["rule"], a["value"], a["baseline"]) for a in fired] == [("headcount_drop", 6.5, 10.0)]
     assert count(5, T0 + 302) == []
     assert count(8, T0 + 340) == []  # recovering, under 90 % of the baseline it fired on
-    resolved = count(10, T0 + 380) + count(10, T0 + 381)  # median 9 (8, 10): within 10 % of 10
+    resolved = count(10, T0 + 380) + count(10, T0 + 381)  # mean 9 (8, 10): within 10 % of 10
     assert [a["state"] for a in resolved] == ["resolved"]
 
 

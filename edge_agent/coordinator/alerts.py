@@ -8,8 +8,8 @@ Four rules (configured under ``alerts:``, see docs/coordinator.md):
 - ``defect_spike``: per device and pipeline (a line), the defect rate of the last ``window_s`` against the
   baseline rate of the ``baseline_s`` before it. Fires when the rate is at least ``factor`` x baseline and
   at least ``min_rate`` over ``min_samples`` parts; resolves when it is under ``clear_factor`` x baseline.
-- ``headcount_drop``: per device and pipeline (a pen), the median animals in frame over the last
-  ``window_s`` against the median of the ``baseline_s`` before it. Fires when it dropped by
+- ``headcount_drop``: per device and pipeline (a pen), the mean animals in frame over the last
+  ``window_s`` against the mean of the ``baseline_s`` before it. Fires when it dropped by
   ``drop_fraction`` or more (from a baseline of at least ``min_baseline``); resolves when back within
   ``clear_fraction`` of the baseline it fired against.
 - ``device_offline``: a device whose availability is ``offline``, or that sent nothing at all, for longer
@@ -18,7 +18,8 @@ Four rules (configured under ``alerts:``, see docs/coordinator.md):
 Hysteresis: each rule resolves at a lower bar than it fires at. De-duplication: one alert per (rule,
 subject) while it is firing, however often the condition is met; after it resolved, the same subject
 fires again only ``cooldown_s`` later. Duplicated results (at-least-once delivery) are counted once by
-their ``result_id`` (the last ``SEEN_KEEP`` ids are remembered).
+their ``result_id`` (the last ``SEEN_KEEP`` ids are remembered). Every window keeps running counts and sums,
+so a result costs O(1) per rule (an outbreak: O(devices at the site)), whatever the window's length.
 
 Every change is an alert object (schema ``edge_agent/protocol/schemas/alert.json``): ``firing`` when
 raised, the same ``id`` with ``resolved`` when cleared.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -75,7 +75,7 @@ class DefectSpikeRule(_Strict):
 
 class HeadcountDropRule(_Strict):
     enabled: bool = True
-    window_s: float = Field(300.0, gt=0, description="Recent window (median animals in frame).")
+    window_s: float = Field(300.0, gt=0, description="Recent window (mean animals in frame).")
     baseline_s: float = Field(3_600.0, gt=0, description="Baseline window before the recent one.")
     drop_fraction: float = Field(0.2, gt=0, lt=1, description="Fires when the count dropped by this fraction.")
     clear_fraction: float = Field(0.1, ge=0, lt=1, description="Resolves when within this fraction of the baseline.")
@@ -111,6 +111,54 @@ def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(a)))
 
 
+class Window:
+    """Values in time order with a running count and sum; ``drop_before`` ages them out in O(1) each.
+
+    Values are expected in about ``created_at`` order (one device's results are); a late one is kept
+    until it is the oldest. At most ``MAX_POINTS`` are kept."""
+
+    __slots__ = ("points", "total")
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[float, float]] = deque()
+        self.total = 0.0
+
+    def add(self, ts: float, value: float) -> None:
+        self.points.append((ts, value))
+        self.total += value
+        if len(self.points) > MAX_POINTS:
+            self.total -= self.points.popleft()[1]
+
+    def drop_before(self, cutoff: float, into: Window | None = None) -> None:
+        """Remove values older than ``cutoff`` (moving them to ``into`` when given)."""
+        points = self.points
+        while points and points[0][0] < cutoff:
+            ts, value = points.popleft()
+            self.total -= value
+            if into is not None:
+                into.add(ts, value)
+        if not points:
+            self.total = 0.0  # no float drift once empty
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def mean(self) -> float:
+        return self.total / len(self.points) if self.points else 0.0
+
+
+@dataclass
+class _Split:
+    """A recent window and the baseline window right before it."""
+
+    recent: Window = field(default_factory=Window)
+    base: Window = field(default_factory=Window)
+
+    def advance(self, now: float, window_s: float, baseline_s: float) -> None:
+        self.recent.drop_before(now - window_s, into=self.base)
+        self.base.drop_before(now - window_s - baseline_s)
+
+
 @dataclass
 class _Active:
     alert: dict[str, Any]
@@ -132,9 +180,11 @@ class AlertEngine:
     _active: dict[tuple[str, str], _Active] = field(default_factory=dict)
     _resolved_at: dict[tuple[str, str], float] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    _diagnoses: dict[str, deque[tuple[float, str]]] = field(default_factory=dict)
-    _defects: dict[tuple[str, str], deque[tuple[float, bool]]] = field(default_factory=dict)
-    _heads: dict[tuple[str, str], deque[tuple[float, int]]] = field(default_factory=dict)
+    _diagnoses: dict[str, dict[str, Window]] = field(default_factory=dict)
+    """disease -> device -> diagnosis times"""
+    _defects: dict[tuple[str, str], _Split] = field(default_factory=dict)
+    _heads: dict[tuple[str, str], _Split] = field(default_factory=dict)
+    _near: dict[str, tuple[list[str], str]] = field(default_factory=dict)
     _devices: dict[str, _Device] = field(default_factory=dict)
 
     # inputs -------------------------------------------------------------------------------------
@@ -150,13 +200,13 @@ class AlertEngine:
             self._seen.popitem(last=False)
         out: list[dict[str, Any]] = []
         if summary.disease is not None and self.config.disease_outbreak.enabled:
-            _push(self._diagnoses.setdefault(summary.disease, deque()), (created_at, device))
+            self._diagnoses.setdefault(summary.disease, {}).setdefault(device, Window()).add(created_at, 1.0)
             out += self._outbreak(summary.disease, device, now)
         if summary.defect is not None and self.config.defect_spike.enabled:
-            _push(self._defects.setdefault((device, pipeline), deque()), (created_at, summary.defect))
+            self._defects.setdefault((device, pipeline), _Split()).recent.add(created_at, float(summary.defect))
             out += self._defect(device, pipeline, now)
         if summary.headcount is not None and self.config.headcount_drop.enabled:
-            _push(self._heads.setdefault((device, pipeline), deque()), (created_at, summary.headcount))
+            self._heads.setdefault((device, pipeline), _Split()).recent.add(created_at, float(summary.headcount))
             out += self._headcount(device, pipeline, now)
         return out
 
@@ -174,9 +224,9 @@ class AlertEngine:
         out: list[dict[str, Any]] = []
         for device in list(self._devices):
             out += self._offline(device, now)
-        for disease in list(self._diagnoses):
-            for key in [k for k in self._active if k[0] == "disease_outbreak" and k[1].startswith(disease + "@")]:
-                out += self._outbreak(disease, self._active[key].alert["device"], now)
+        for (rule, _), active in list(self._active.items()):
+            if rule == "disease_outbreak" and isinstance(active.alert.get("disease"), str):
+                out += self._outbreak(active.alert["disease"], active.alert["device"], now)
         for device, pipeline in list(self._defects):
             out += self._defect(device, pipeline, now)
         for device, pipeline in list(self._heads):
@@ -217,27 +267,37 @@ class AlertEngine:
             return self._resolve(key, now, value=round(max(0.0, down_for), 1))
         return []
 
-    def _outbreak(self, disease: str, device: str, now: float) -> list[dict[str, Any]]:
+    def _group(self, device: str) -> tuple[list[str], str]:
+        """The devices whose diagnoses count with ``device``'s, and how to say where (cached: metadata is fixed)."""
+        cached = self._near.get(device)
+        if cached is not None:
+            return cached
         rule = self.config.disease_outbreak
-        points = self._diagnoses[disease]
-        while points and points[0][0] < now - rule.window_s:
-            points.popleft()
         meta = self.devices_meta.get(device, DeviceMeta())
         if rule.radius_km is not None and meta.lat is not None and meta.lon is not None:
-            lat, lon = meta.lat, meta.lon
-
-            def near(other: str) -> bool:
-                m = self.devices_meta.get(other)
-                return (m is not None and m.lat is not None and m.lon is not None
-                        and distance_km(lat, lon, m.lat, m.lon) <= (rule.radius_km or 0.0))
+            near = [d for d, m in self.devices_meta.items() if m.lat is not None and m.lon is not None
+                    and distance_km(meta.lat, meta.lon, m.lat, m.lon) <= rule.radius_km]
             where = f"within {rule.radius_km:g} km of {meta.site or device}"
+        elif meta.site is not None:
+            near = [d for d, m in self.devices_meta.items() if m.site == meta.site]
+            where = f"site {meta.site}"
         else:
-            site = meta.site
+            near, where = [], f"device {device}"
+        group = (sorted(set(near) | {device}), where)
+        self._near[device] = group
+        return group
 
-            def near(other: str) -> bool:
-                return other == device if site is None else self.devices_meta.get(other, DeviceMeta()).site == site
-            where = f"site {site}" if site is not None else f"device {device}"
-        n = sum(1 for ts, other in points if ts >= now - rule.window_s and near(other))
+    def _outbreak(self, disease: str, device: str, now: float) -> list[dict[str, Any]]:
+        rule = self.config.disease_outbreak
+        by_device = self._diagnoses.get(disease, {})
+        near, where = self._group(device)
+        n = 0
+        for other in near:
+            times = by_device.get(other)
+            if times is not None:
+                times.drop_before(now - rule.window_s)
+                n += len(times)
+        meta = self.devices_meta.get(device, DeviceMeta())
         key = ("disease_outbreak", f"{disease}@{meta.site or device}")
         if n >= rule.count:
             return self._fire(key, now, device=device, value=n, threshold=rule.count, disease=disease,
@@ -248,50 +308,41 @@ class AlertEngine:
 
     def _defect(self, device: str, pipeline: str, now: float) -> list[dict[str, Any]]:
         rule = self.config.defect_spike
-        points = self._defects[(device, pipeline)]
-        start = now - rule.window_s
-        while points and points[0][0] < start - rule.baseline_s:
-            points.popleft()
-        recent = [d for ts, d in points if ts >= start]
-        base = [d for ts, d in points if ts < start]
+        split = self._defects[(device, pipeline)]
+        split.advance(now, rule.window_s, rule.baseline_s)
         key = ("defect_spike", f"{device}/{pipeline}")
         active = self._active.get(key)
-        if not recent:
+        if not split.recent:
             return self._resolve(key, now, value=0.0) if active else []
-        rate = sum(recent) / len(recent)
-        baseline = sum(base) / len(base) if base else 0.0
+        rate, baseline = split.recent.mean(), split.base.mean()
         if active is not None:
-            if rate < max(active.bar * self.config.defect_spike.clear_factor, rule.min_rate):
+            if rate < max(active.bar * rule.clear_factor, rule.min_rate):
                 return self._resolve(key, now, value=round(rate, 4))
             return []
-        if len(recent) >= rule.min_samples and rate >= rule.min_rate and rate >= rule.factor * baseline:
+        if len(split.recent) >= rule.min_samples and rate >= rule.min_rate and rate >= rule.factor * baseline:
             return self._fire(key, now, device=device, pipeline=pipeline, value=round(rate, 4),
                               threshold=round(max(rule.min_rate, rule.factor * baseline), 4),
                               baseline=round(baseline, 4), bar=baseline,
-                              message=f"defect rate {rate:.1%} on {device}/{pipeline} over {len(recent)} parts "
+                              message=f"defect rate {rate:.1%} on {device}/{pipeline} over {len(split.recent)} parts "
                                       f"(baseline {baseline:.1%})")
         return []
 
     def _headcount(self, device: str, pipeline: str, now: float) -> list[dict[str, Any]]:
         rule = self.config.headcount_drop
-        points = self._heads[(device, pipeline)]
-        start = now - rule.window_s
-        while points and points[0][0] < start - rule.baseline_s:
-            points.popleft()
-        recent = [n for ts, n in points if ts >= start]
-        base = [n for ts, n in points if ts < start]
+        split = self._heads[(device, pipeline)]
+        split.advance(now, rule.window_s, rule.baseline_s)
         key = ("headcount_drop", f"{device}/{pipeline}")
         active = self._active.get(key)
-        if not recent:
+        if not split.recent:
             return []
-        current = float(statistics.median(recent))
+        current = round(split.recent.mean(), 3)
         if active is not None:
             if current >= active.bar * (1 - rule.clear_fraction):
                 return self._resolve(key, now, value=current)
             return []
-        if not base:
+        if not split.base:
             return []
-        baseline = float(statistics.median(base))
+        baseline = round(split.base.mean(), 3)
         if baseline >= rule.min_baseline and current <= baseline * (1 - rule.drop_fraction):
             return self._fire(key, now, device=device, pipeline=pipeline, value=current,
                               threshold=round(baseline * (1 - rule.drop_fraction), 3), baseline=baseline,
@@ -329,8 +380,3 @@ class AlertEngine:
         alert = {**active.alert, "state": "resolved", "value": value, "updated_at": now, "resolved_at": now}
         return [alert]
 
-
-def _push(points: deque[Any], item: Any) -> None:
-    points.append(item)
-    if len(points) > MAX_POINTS:
-        points.popleft()

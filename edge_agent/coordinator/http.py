@@ -140,11 +140,11 @@ def decode_cursor(cursor: str | None) -> tuple[float, str] | None:
 
 
 def result_json(row: StoredResult) -> dict[str, Any]:
-    summary = summarize(row.payload)
     try:
         payload = orjson.loads(row.payload)
     except orjson.JSONDecodeError:
         payload = None
+    summary = summarize(payload if isinstance(payload, dict) else b"")
     return {
         "result_id": row.result_id, "device": row.device, "pipeline": row.pipeline, "model": row.model,
         "model_version": row.model_version, "epoch": row.epoch, "seq": row.seq, "created_at": row.created_at,

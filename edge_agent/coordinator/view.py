@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.coordinator.alerts import DeviceMeta
+from edge_agent.coordinator.alerts import DeviceMeta, Window
 from edge_agent.coordinator.summary import Summary
 
 LATEST = 30
@@ -30,7 +30,7 @@ class FleetView:
     devices_meta: dict[str, DeviceMeta] = field(default_factory=dict)
     latest: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=LATEST))
     diagnoses: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    _defects: dict[str, deque[tuple[float, bool]]] = field(default_factory=dict)
+    _defects: dict[str, Window] = field(default_factory=dict)
     headcount: dict[str, dict[str, Any]] = field(default_factory=dict)
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
@@ -51,8 +51,8 @@ class FleetView:
             key = (day, meta.site or device, summary.disease)
             self.diagnoses[key] = self.diagnoses.get(key, 0) + 1
         if summary.defect is not None:
-            points = self._defects.setdefault(meta.line or f"{device}/{pipeline}", deque(maxlen=100_000))
-            points.append((created_at, summary.defect))
+            line = meta.line or f"{device}/{pipeline}"
+            self._defects.setdefault(line, Window()).add(created_at, float(summary.defect))
         if summary.headcount is not None:
             pen = meta.pen or f"{device}/{pipeline}"
             current = self.headcount.get(pen)
@@ -64,12 +64,10 @@ class FleetView:
         for key in [k for k in self.diagnoses if k[0] < first_day]:
             del self.diagnoses[key]
         lines = []
-        for line, points in sorted(self._defects.items()):
-            while points and points[0][0] < now - DEFECT_WINDOW_S:
-                points.popleft()
-            failed = sum(1 for _, d in points if d)
-            lines.append({"line": line, "parts": len(points), "failed": failed,
-                          "rate": round(failed / len(points), 4) if points else None})
+        for line, window in sorted(self._defects.items()):
+            window.drop_before(now - DEFECT_WINDOW_S)
+            lines.append({"line": line, "parts": len(window), "failed": round(window.total),
+                          "rate": round(window.mean(), 4) if window else None})
         return {
             "diagnoses": [
                 {"day": d, "site": s, "disease": x, "count": n} for (d, s, x), n in sorted(self.diagnoses.items())
