@@ -177,6 +177,14 @@ def test_device_offline_longer_than_t() -> None:
     assert e.tick(T0 + 59) == [] and len(e.tick(T0 + 61)) == 1
 
 
+def test_the_monitor_never_holds_up_ingest(tmp_path: Path) -> None:
+    monitor = FleetMonitor(SqliteStore(tmp_path / "c.db"), None, AlertsConfig())  # not started: nothing drains
+    batch = [result_row("d", 1, T0, inspection(True))]
+    for _ in range(1001):
+        monitor(batch, [])
+    assert monitor.counters["batches_skipped"] == 1
+
+
 def test_config_carries_rules_and_device_metadata() -> None:
     cfg = parse_coordinator_config({
         "devices": {"a1": {"site": "farm-a", "lat": 1.0, "lon": 2.0}},

@@ -273,6 +273,9 @@ class CoordinatorCollector:
             yield firing
             yield CounterMetricFamily("edge_coordinator_alerts_raised_total", "Alerts raised.",
                                       value=float(monitor.counters["alerts_fired"]))
+            yield CounterMetricFamily("edge_coordinator_alert_batches_skipped_total",
+                                      "Committed batches the alert rules skipped (they fell behind ingest).",
+                                      value=float(monitor.counters["batches_skipped"]))
 
 
 # ------------------------------------------------------------------------------------------------- routers

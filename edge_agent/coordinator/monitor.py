@@ -12,6 +12,7 @@ availability, and the results of the rules' windows (at most ``SEED_MAX`` of the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_PENDING_BATCHES = 1000
+"""Committed batches waiting for the monitor at most; beyond, a batch is skipped by the rules (counted,
+logged): the ingest path never waits for alerting."""
 SEED_MAX = 50_000
 """At most this many stored results are replayed into the rules and the view on start."""
 
@@ -61,20 +65,27 @@ class FleetMonitor:
         self.view = FleetView(dict(devices or {}))
         self.ack_key = ack_key
         self.clock = clock
-        self.counters = {"alerts_fired": 0, "alerts_resolved": 0, "alerts_published": 0, "alert_store_errors": 0}
+        self.counters = {"alerts_fired": 0, "alerts_resolved": 0, "alerts_published": 0, "alert_store_errors": 0,
+                         "batches_skipped": 0}
         self.changed = threading.Condition()
         self.version = 0
         """Bumped whenever the view or the alerts change (the dashboard's stream waits on it)."""
         self._lock = threading.Lock()
         self._serial = threading.Lock()
-        self._inbox: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._inbox: queue.Queue[_Batch | None] = queue.Queue(MAX_PENDING_BATCHES)
         self._unsaved: list[dict[str, Any]] = []
         self._unpublished: list[dict[str, Any]] = []
         self._thread: threading.Thread | None = None
 
     # coordinator observer (worker thread: enqueue only) -----------------------------------------
     def __call__(self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate]) -> None:
-        self._inbox.put((list(results), list(devices)))
+        try:
+            self._inbox.put_nowait((list(results), list(devices)))
+        except queue.Full:
+            self.counters["batches_skipped"] += 1
+            if self.counters["batches_skipped"] in (1, 10, 100) or self.counters["batches_skipped"] % 1000 == 0:
+                log.warning("monitor: %d batches skipped by the alert rules (they fall behind ingest)",
+                            self.counters["batches_skipped"])
 
     # lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,7 +97,8 @@ class FleetMonitor:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._inbox.put(None)
+        with contextlib.suppress(queue.Full):
+            self._inbox.put(None, timeout=timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
