@@ -248,7 +248,7 @@ class CoordinatorProc:
         config.write_text(json.dumps({
             "mqtt": {"port": broker_port, "client_id": name, "share_group": "fleet", "keepalive_s": 10},
             "store": {"type": "postgres", "dsn": dsn},
-            "dashboard": {"enabled": True, "bind": "127.0.0.1", "port": self.dashboard_port},
+            "http": {"enabled": True, "bind": "127.0.0.1", "port": self.dashboard_port},
         }))
         self.log = (workdir / f"{name}.log").open("wb")
         self.proc = subprocess.Popen(
