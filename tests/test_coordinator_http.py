@@ -152,8 +152,7 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         HttpServer(create_app(HttpContext(store, status)), "0.0.0.0", 0, TokenSet())
 
 
-def test_readiness_and_metrics(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "c.db")
+def test_readiness_and_metrics(store: Store) -> None:
     store.commit_batch([], [DeviceUpdate("a", T0, state="online"), DeviceUpdate("b", T0, state="offline"),
                             DeviceUpdate("c", T0, state="online")])
     snap = status()

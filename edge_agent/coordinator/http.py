@@ -298,7 +298,7 @@ def ops_router(ctx: HttpContext) -> APIRouter:
             reasons.append("store_unavailable")
         else:
             try:
-                ctx.store.count_results("\x00readyz")  # one cheap indexed read
+                ctx.store.alerts(limit=1)  # one cheap indexed read
             except StorageError:
                 reasons.append("store_unavailable")
         return JSONResponse({"ready": not reasons, "reasons": reasons}, status_code=503 if reasons else 200)
