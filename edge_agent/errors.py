@@ -12,7 +12,8 @@ The tree::
     │   │   ├── UnsupportedFormatError image_unsupported_format
     │   │   ├── ImageTooLargeError    image_too_large
     │   │   └── ImageEmptyError       image_empty
-    │   └── InputNotFoundError        input_not_found
+    │   ├── InputNotFoundError        input_not_found
+    │   └── DatasetError              dataset_invalid (a training folder's bad label, missing label file, ...)
     ├── RuntimeBackendError           runtime_error
     ├── StorageError                  storage_error
     │   ├── StorageFullError          storage_full
@@ -93,6 +94,12 @@ class ImageEmptyError(ImageError):
 
 class InputNotFoundError(InputError):
     code = "input_not_found"
+
+
+class DatasetError(InputError):
+    """A labelled training folder is unusable; the message names the file (and line)."""
+
+    code = "dataset_invalid"
 
 
 class RuntimeBackendError(EdgeAgentError):

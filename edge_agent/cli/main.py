@@ -20,7 +20,7 @@ from rich.table import Table
 from edge_agent import __version__
 from edge_agent.bundles.bundle import default_models_dir, find_bundle, load_bundle, require_bundle_dirs
 from edge_agent.cli.bench import bench_command as _bench_command
-from edge_agent.cli.models import eval_command, inspect_app, quantize_command, register_update_commands
+from edge_agent.cli.models import detect_app, eval_command, inspect_app, quantize_command, register_update_commands
 from edge_agent.cli.run import run as _run_agent
 from edge_agent.errors import EdgeAgentError, InputNotFoundError
 
@@ -39,6 +39,7 @@ app.command("run")(_run_agent)
 app.command("eval")(eval_command)
 app.command("quantize")(quantize_command)
 app.add_typer(inspect_app, name="inspect")
+app.add_typer(detect_app, name="detect")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -1,6 +1,6 @@
-"""``edge-agent eval``, ``quantize``, ``inspect fit`` and ``models keygen/sign/verify/install/rollback``.
+"""``edge-agent eval``, ``quantize``, ``inspect fit``, ``detect fit`` and ``models keygen/sign/verify/install/rollback``.
 
-Registered on the main app in ``cli.py``. Thin: parse, call evaluate/quantize/anomaly_fit, print.
+Registered on the main app in ``cli.py``. Thin: parse, call evaluate/quantize/anomaly_fit/detect_fit, print.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from edge_agent.bundles.bundle import default_models_dir, find_bundle
@@ -29,6 +36,9 @@ ModelsDir = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 inspect_app = typer.Typer(
     help="Inspection tools: fit an anomaly model from photos of good parts.", no_args_is_help=True
+)
+detect_app = typer.Typer(
+    help="Detection tools: fit a detector to one camera from its own labelled frames.", no_args_is_help=True
 )
 
 
@@ -201,6 +211,67 @@ def fit_command(
         return
     out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} images fitted, bank "
               f"{report['bank_size']} patches, threshold {report['threshold']:.4f}, {report['seconds']:.0f} s")
+
+
+@detect_app.command("fit")
+def detect_fit_command(
+    frames_dir: Annotated[Path, typer.Argument(help="Labelled frames in YOLO layout: images/, labels/ (class cx cy w h, "
+                                               "normalised), optional classes.txt.", show_default=False)],
+    out_name: Annotated[str, typer.Option("--out", help="Name of the detector bundle to write.")],
+    models_dir: ModelsDir = None,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
+                                                  "(default: <models-dir>/<out>).")] = None,
+    base: Annotated[str, typer.Option(help="Bundle to start from (YOLOX with post-processing in its graph).")]
+    = "yolox_nano",
+    labels: Annotated[str | None, typer.Option(help="Class names, comma-separated (default: classes.txt).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training frames.")] = 30,
+    size: Annotated[int, typer.Option(help="Square input size of the fitted model (multiple of 32).")] = 320,
+    holdout: Annotated[float, typer.Option(help="Fraction of frames, the last in time order, held out to "
+                                           "measure the bundle (0: none).")] = 0.2,
+    gap: Annotated[float, typer.Option(help="Fraction of frames dropped between training and held-out frames.")]
+    = 0.04,
+    top_down: Annotated[bool, typer.Option("--top-down/--side-view", help="Camera looks down (flips and quarter "
+                                           "turns are fair augmentations) or from the side.")] = True,
+    threshold: Annotated[float | None, typer.Option(help="Shipped score threshold (default: best F1 on the "
+                                                    "held-out frames).")] = None,
+    threads: Annotated[int, typer.Option(help="Training threads.")] = 1,
+    int8: Annotated[bool, typer.Option("--int8", help="Also quantize; an <out>_int8 bundle is written only if the "
+                                       "gate passes (as accurate on the held-out frames, and faster).")] = False,
+    as_json: Json = False,
+) -> None:
+    """Fine-tune a detector on one camera's labelled frames (CPU, minutes; needs the 'train' extra)."""
+    from .detect_fit import DetectFitConfig, fit_detector, gate_int8
+
+    if size % 32 or size < 64:
+        raise typer.BadParameter(f"--size {size}: must be a multiple of 32, at least 64")
+    root = models_dir or default_models_dir()
+    names = tuple(n.strip() for n in labels.split(",") if n.strip()) if labels else ()
+    config = DetectFitConfig(holdout=holdout, gap=gap, size=size, epochs=epochs, top_down=top_down,
+                             score_threshold=threshold, threads=threads, labels=names)
+    target = out_dir or root / out_name
+    try:
+        base_bundle = find_bundle(base, root)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=err, disable=as_json, transient=True) as bar:
+            task = bar.add_task("", total=None)
+            say = lambda msg, done, total: bar.update(task, description=msg, completed=done, total=total)  # noqa: E731
+            report = fit_detector(frames_dir, target, out_name, config, base=base_bundle, progress=say)
+            if int8:
+                report["int8"] = gate_int8(target, frames_dir, config, progress=say)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _json(report)
+        return
+    held = report.get("held_out")
+    figures = (f"held-out AP50 {held['ap50']:.3f}, recall {held['recall']:.3f} and precision {held['precision']:.3f} "
+               f"at score {report['score_threshold']}" if held else "nothing held out")
+    out.print(f"[green]wrote[/green] {escape(report['bundle'])}: {report['n_train']} frames trained, {figures}; "
+              f"{report['seconds']:.0f} s")
+    if int8:
+        gate = report["int8"]
+        verdict = "[green]written[/green]" if gate.get("passed") else "[yellow]not written[/yellow]"
+        out.print(f"INT8 {verdict}: {escape(str(gate.get('reason')))}")
 
 
 # --- signed model updates (docs/model-updates.md) ---------------------------------------------------------------------

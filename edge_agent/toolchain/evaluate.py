@@ -9,12 +9,14 @@ Layouts:
   with the fraction the model rejected ("not recognised").
 * anomaly: ``DIR/test/<good|defect type>/*`` (or ``DIR/<good|defect>/*``); every folder but ``good`` is anomalous.
 * detection: ``DIR/images/*`` + ``DIR/labels/<stem>.txt`` (YOLO: class cx cy w h, normalised); AP at IoU 0.5,
-  class-agnostic unless ``class_map`` maps dataset class ids to model labels.
+  class-agnostic unless ``class_map`` maps dataset class ids to model labels, from detections down to score
+  0.01; recall and precision at the bundle's shipped score threshold.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,19 +107,20 @@ def roc_curve(
     return fp / max(1, int((~pos).sum())), tp / max(1, int(pos.sum()))
 
 
-def average_precision(
+def match_detections(
     detections: Sequence[tuple[int, float, tuple[float, float, float, float]]],
     truths: Mapping[int, Sequence[tuple[float, float, float, float]]],
     iou_threshold: float = 0.5,
-) -> float:
-    """All-point interpolated AP. ``detections`` are (image index, score, box); ``truths`` image -> boxes."""
-    n_truth = sum(len(v) for v in truths.values())
-    if n_truth == 0:
-        return 0.0
+) -> list[tuple[float, bool]]:
+    """Greedy matching, best score first (each truth found at most once): (score, hit) per detection, best first.
+
+    Detections above any score threshold are matched exactly as if the others did not exist, so one matching
+    serves AP and the recall at every threshold.
+    """
     used = {k: np.zeros(len(v), dtype=bool) for k, v in truths.items()}
     gt = {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in truths.items()}
-    hits = []
-    for img, _score, box in sorted(detections, key=lambda d: -d[1]):
+    out: list[tuple[float, bool]] = []
+    for img, score, box in sorted(detections, key=lambda d: -d[1]):
         boxes = gt.get(img)
         hit = False
         if boxes is not None and len(boxes):
@@ -127,8 +130,15 @@ def average_precision(
             if ious[j] >= iou_threshold:
                 used[img][j] = True
                 hit = True
-        hits.append(hit)
-    h = np.asarray(hits, dtype=bool)
+        out.append((float(score), hit))
+    return out
+
+
+def ap_from_matches(matches: Sequence[tuple[float, bool]], n_truth: int) -> float:
+    """All-point interpolated AP from :func:`match_detections` output."""
+    if n_truth == 0:
+        return 0.0
+    h = np.asarray([hit for _, hit in matches], dtype=bool)
     tp = np.cumsum(h)
     fp = np.cumsum(~h)
     recall = np.concatenate([[0.0], tp / n_truth, [1.0]])
@@ -137,6 +147,41 @@ def average_precision(
         precision[i] = max(precision[i], precision[i + 1])
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def average_precision(
+    detections: Sequence[tuple[int, float, tuple[float, float, float, float]]],
+    truths: Mapping[int, Sequence[tuple[float, float, float, float]]],
+    iou_threshold: float = 0.5,
+) -> float:
+    """All-point interpolated AP. ``detections`` are (image index, score, box); ``truths`` image -> boxes."""
+    n_truth = sum(len(v) for v in truths.values())
+    return ap_from_matches(match_detections(detections, truths, iou_threshold), n_truth)
+
+
+def recall_precision(matches: Sequence[tuple[float, bool]], n_truth: int, threshold: float) -> dict[str, Any]:
+    """Recall, precision and counts of the detections scoring >= ``threshold``."""
+    kept = [hit for score, hit in matches if score >= threshold]
+    tp = sum(kept)
+    return {
+        "threshold": threshold,
+        "recall": round(tp / n_truth, 4) if n_truth else 0.0,
+        "precision": round(tp / len(kept), 4) if kept else 0.0,
+        "found": tp,
+        "false_positives": len(kept) - tp,
+        "n_truth": n_truth,
+    }
+
+
+def best_f1_threshold(matches: Sequence[tuple[float, bool]], n_truth: int) -> float:
+    """The score threshold (a detection's score, floored to 4 decimals) with the best F1 (ties: the higher)."""
+    best, best_f1, tp = 0.5, -1.0, 0
+    for k, (score, hit) in enumerate(matches, start=1):
+        tp += hit
+        f1 = 2 * tp / (k + n_truth) if n_truth else 0.0
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = score, f1
+    return math.floor(best * 1e4) / 1e4
 
 
 # ----------------------------------------------------------------------------------------------- folders
@@ -276,21 +321,37 @@ def evaluate_anomaly(model: Model, root: Path, progress: Progress | None = None)
     }
 
 
-def evaluate_detection(
-    model: Model, root: Path, class_map: Mapping[int, str] | None = None, progress: Progress | None = None
+AP_SCORE_FLOOR = 0.01
+"""Detections are collected down to this score for AP (the shipped threshold would cut the curve short)."""
+
+
+def detection_report(
+    model: Model,
+    items: Sequence[tuple[Path, Path]],
+    class_map: Mapping[int, str] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """``ap50``: class-agnostic AP at IoU 0.5, or per mapped class (dataset id -> model label) and their mean."""
+    """AP50 and, at the model's own score threshold, recall and precision over (image, YOLO label file) pairs.
+
+    ``ap50``: class-agnostic AP at IoU 0.5 (or, with ``class_map`` from dataset ids to model labels, per mapped
+    class and their mean), from detections down to :data:`AP_SCORE_FLOOR`; ``recall``/``precision``/``found``/
+    ``false_positives`` at the manifest's ``thresholds.score``; ``best_f1_threshold`` (class-agnostic).
+    """
     from PIL import Image as PILImage
 
-    items = list_detection(root)
+    m = model.manifest
+    shipped = m.thresholds.score
+    probe = Model(m.model_copy(update={"thresholds": m.thresholds.model_copy(
+        update={"score": min(AP_SCORE_FLOOR, shipped)})}), model.runtime, max_pixels=model.max_pixels)
+    labels = {img: lab for img, lab in items}
     dets: dict[str, list[tuple[int, float, tuple[float, float, float, float]]]] = {}
     truths: dict[str, dict[int, list[tuple[float, float, float, float]]]] = {}
     n = 0
-    for i, (path, result) in enumerate(_run(model, (p for p, _ in items), progress, len(items))):
+    for i, (path, result) in enumerate(_run(probe, (p for p, _ in items), progress, len(items))):
         n += 1
         with PILImage.open(path) as im:
             w, h = im.size
-        for cls, box in read_yolo_labels(root / "labels" / f"{path.stem}.txt", w, h):
+        for cls, box in read_yolo_labels(labels[path], w, h):
             key = class_map.get(cls, "") if class_map else "*"
             if key:
                 truths.setdefault(key, {}).setdefault(i, []).append(box)
@@ -299,14 +360,34 @@ def evaluate_detection(
             key = "*" if not class_map else p.label
             if not class_map or key in class_map.values():
                 dets.setdefault(key, []).append((i, p.score, p.box))
-    per = {k: round(average_precision(dets.get(k, []), v), 4) for k, v in truths.items()}
+    matches = {k: match_detections(dets.get(k, []), v) for k, v in truths.items()}
+    counts = {k: sum(len(b) for b in v.values()) for k, v in truths.items()}
+    per = {k: round(ap_from_matches(matches[k], counts[k]), 4) for k in truths}
+    pooled = sorted((x for v in matches.values() for x in v), key=lambda x: -x[0])
+    n_truth = sum(counts.values())
+    at = recall_precision(pooled, n_truth, shipped)
     return {
-        "model": model.manifest.name,
+        "model": m.name,
         "n": n,
         "ap50": round(float(np.mean(list(per.values()))), 4) if per else 0.0,
         "per_class": per,
+        "n_truth": n_truth,
+        "score_threshold": shipped,
+        "recall": at["recall"],
+        "precision": at["precision"],
+        "found": at["found"],
+        "false_positives": at["false_positives"],
+        "best_f1_threshold": best_f1_threshold(pooled, n_truth),
+        "_matches": pooled,
         "_scored": [],
     }
+
+
+def evaluate_detection(
+    model: Model, root: Path, class_map: Mapping[int, str] | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """:func:`detection_report` over a YOLO folder (``root/images`` + ``root/labels``)."""
+    return detection_report(model, list_detection(root), class_map, progress)
 
 
 def evaluate(model: Model, root: Path, progress: Progress | None = None) -> dict[str, Any]:
