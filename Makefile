@@ -12,10 +12,11 @@ models: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,train]'
 	$(BIN)/python -m models.training.build_all
 
+# the train extra (torch, CPU) too: tests/test_detect_fit.py fits a small detector
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,train]'
 	$(BIN)/python -m tests.support.wheelhouse  # the runtime dependencies as wheels, for tests/test_wheel.py
 	touch $(STAMP)
 

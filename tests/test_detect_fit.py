@@ -104,7 +104,7 @@ def test_fit_writes_a_bundle_with_held_out_figures(fitted: tuple[Path, dict[str,
 
 def test_fitted_bundle_finds_the_animals_the_base_misses(fitted: tuple[Path, dict[str, Any], Path],
                                                         tmp_path: Path) -> None:
-    bundle_dir, report, _ = fitted
+    bundle_dir, _, _ = fitted
     fresh = write_frames(tmp_path / "later", 6, seed=7)  # frames the fit never saw
     items = list_detection(fresh)
     fitted_model = Model.load(load_bundle(bundle_dir))

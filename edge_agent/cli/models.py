@@ -1,4 +1,4 @@
-"""``edge-agent eval``, ``quantize``, ``inspect fit``, ``detect fit`` and ``models keygen/sign/verify/install/rollback``.
+"""``edge-agent eval``, ``quantize``, ``inspect fit``, ``detect fit``, ``models keygen/sign/verify/install/rollback``.
 
 Registered on the main app in ``cli.py``. Thin: parse, call evaluate/quantize/anomaly_fit/detect_fit, print.
 """
@@ -215,8 +215,8 @@ def fit_command(
 
 @detect_app.command("fit")
 def detect_fit_command(
-    frames_dir: Annotated[Path, typer.Argument(help="Labelled frames in YOLO layout: images/, labels/ (class cx cy w h, "
-                                               "normalised), optional classes.txt.", show_default=False)],
+    frames_dir: Annotated[Path, typer.Argument(help="Labelled frames in YOLO layout: images/, labels/ (class cx cy w "
+                                               "h, normalised), optional classes.txt.", show_default=False)],
     out_name: Annotated[str, typer.Option("--out", help="Name of the detector bundle to write.")],
     models_dir: ModelsDir = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "

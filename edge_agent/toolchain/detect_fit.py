@@ -1,4 +1,4 @@
-"""``edge-agent detect fit``: adapt the bundled YOLOX-Nano detector to one camera from its own labelled frames, on a CPU.
+"""``edge-agent detect fit``: adapt the bundled YOLOX-Nano detector to one camera from its labelled frames, on a CPU.
 
 FRAMES_DIR is in YOLO layout: ``images/``, ``labels/<stem>.txt`` (one ``class cx cy w h`` line per box, normalised;
 an empty file is a frame with nothing in it) and an optional ``classes.txt`` (one name a line; looked up in

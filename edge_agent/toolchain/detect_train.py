@@ -20,7 +20,6 @@ back into the same graph. The fitted bundle runs with onnxruntime alone.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 from . import imaging
@@ -108,8 +107,8 @@ class GraphNet(nn.Module):
         if op == "Sigmoid":
             return torch.sigmoid(env[ins[0]])
         if op in ("Mul", "Add", "Sub", "Div"):
-            fn = {"Mul": torch.mul, "Add": torch.add, "Sub": torch.sub, "Div": torch.div}[op]
-            return fn(env[ins[0]].float(), env[ins[1]].float())
+            x, y = env[ins[0]].float(), env[ins[1]].float()
+            return x * y if op == "Mul" else x + y if op == "Add" else x - y if op == "Sub" else x / y
         if op == "Concat":
             return torch.cat([env[i] for i in ins], dim=int(a["axis"]))
         if op == "MaxPool":
@@ -157,7 +156,8 @@ def _boxes_in(boxes: F32, x0: float, y0: float, r: float, w: int, h: int, min_vi
     c = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
     visible = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
     keep = (visible >= min_visible * np.maximum(area, 1e-6)) & (c[:, 2] - c[:, 0] >= 2) & (c[:, 3] - c[:, 1] >= 2)
-    return np.concatenate([c, boxes[:, 4:5]], axis=1)[keep]
+    out: F32 = np.concatenate([c, boxes[:, 4:5]], axis=1)[keep]
+    return out
 
 
 def _paste(canvas: U8Image, img: U8Image, r: float, x0: int, y0: int) -> None:
@@ -320,7 +320,7 @@ def yolox_loss(
     regs, objs, clss, centres, sts = [], [], [], [], []
     for lvl, s in enumerate(strides):
         reg, obj, cls = outputs[3 * lvl : 3 * lvl + 3]
-        b, _, h, w = reg.shape
+        h, w = reg.shape[2], reg.shape[3]
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         grid = torch.stack([xs, ys], -1).reshape(-1, 2).float()
         r = reg.flatten(2).transpose(1, 2)  # (B, hw, 4)
@@ -427,7 +427,7 @@ def train(
                 group["lr"] = lr
             loss = yolox_loss(net(x), strides, targets)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             step += 1
