@@ -292,6 +292,8 @@ class DetectFitConfig:
     iou_threshold: float = 0.45
     labels: tuple[str, ...] = ()
     """Class names (overrides classes.txt)."""
+    refit: bool = False
+    """After measuring, train again with the same recipe on every frame (held-out ones too) and ship that."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Trainer options passed through (experiments)."""
 
@@ -313,25 +315,8 @@ def fit_detector(
     train_idx, test_idx = temporal_split(len(frames), config.holdout, gap)
     base_bundle = base or find_bundle(DEFAULT_BASE, _models_dir())
     model, head = base_graph(base_bundle)
-    override = class_init(model, head, base_bundle.manifest.labels, labels)
-    say("loading frames", 0, len(train_idx))
-    data = []
-    for k, i in enumerate(train_idx):
-        data.append(load_frame(frames[i]))
-        say("loading frames", k + 1, len(train_idx))
-    try:
-        from . import detect_train
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EdgeAgentError("detect fit needs the 'train' extra (torch): pip install 'edge-agent[train]'") from exc
-    tc = detect_train.TrainConfig(
-        size=config.size, epochs=config.epochs, batch=config.batch, lr=config.lr, train_scope=config.train_scope,
-        augment=detect_train.Augment(mosaic=config.mosaic, top_down=config.top_down), seed=config.seed,
-        threads=config.threads, **config.extra,
-    )
-    trainable = _scope(model, head, config.train_scope)
     t_train = time.perf_counter()
-    weights = detect_train.train(model, head.outputs(), head.strides, override, data, tc, trainable,
-                                 progress=lambda s, total, _loss: say("training", s, total))
+    weights = _train(model, head, base_bundle, labels, frames, train_idx, config, say)
     t_train = time.perf_counter() - t_train
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = f"{name}.onnx"
@@ -357,11 +342,18 @@ def fit_detector(
         held = detection_report(fitted, items, progress=lambda d, t: say("measuring held-out frames", d, t))
         if config.score_threshold is None:
             threshold = float(held["best_f1_threshold"])
-        report["held_out"] = {k: v for k, v in held.items() if not k.startswith("_")}
+        report["held_out"] = {k: held[k] for k in ("n", "n_truth", "ap50", "best_f1_threshold")}
     manifest["thresholds"]["score"] = round(threshold, 4)
     report["score_threshold"] = manifest["thresholds"]["score"]
     if test_idx:
         report["held_out"].update(_at_threshold(held, threshold))
+    if config.refit and test_idx:  # same recipe on every frame; the figures above are the held-out run's
+        t_refit = time.perf_counter()
+        model, head = base_graph(base_bundle)
+        weights = _train(model, head, base_bundle, labels, frames, range(len(frames)), config, say, "refit on all")
+        write_graph(model, head, weights, len(labels), config.size, out_dir / model_file)
+        manifest["sha256"] = sha256_file(out_dir / model_file)
+        report["refit"] = {"n_train": len(frames), "seconds": round(time.perf_counter() - t_refit, 1)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     manifest["metadata"]["fit"] = {k: v for k, v in report.items() if k not in ("bundle", "name")}
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -371,6 +363,31 @@ def fit_detector(
         (out_dir / "MODEL_CARD.md").write_text(model_card_stub(report, manifest, frames_dir))
     log.info("fitted %s on %d frames in %.0f s", name, len(train_idx), report["seconds"])
     return report
+
+
+def _train(
+    model: Any, head: YoloxHead, base: Bundle, labels: Sequence[str], frames: Sequence[Frame],
+    indices: Sequence[int], config: DetectFitConfig, say: FitProgress, stage: str = "training",
+) -> dict[str, F32]:
+    """Trained convolution weights (by initializer name) from ``frames[indices]``."""
+    say("loading frames", 0, len(indices))
+    data = []
+    for k, i in enumerate(indices):
+        data.append(load_frame(frames[i]))
+        say("loading frames", k + 1, len(indices))
+    try:
+        from . import detect_train
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EdgeAgentError("detect fit needs the 'train' extra (torch): pip install 'edge-agent[train]'") from exc
+    tc = detect_train.TrainConfig(
+        size=config.size, epochs=config.epochs, batch=config.batch, lr=config.lr, train_scope=config.train_scope,
+        augment=detect_train.Augment(mosaic=config.mosaic, top_down=config.top_down), seed=config.seed,
+        threads=config.threads, **config.extra,
+    )
+    override = class_init(model, head, base.manifest.labels, labels)
+    return detect_train.train(model, head.outputs(), head.strides, override, data, tc,
+                              _scope(model, head, config.train_scope),
+                              progress=lambda s, total, _loss: say(stage, s, total))
 
 
 def _at_threshold(held: dict[str, Any], threshold: float) -> dict[str, Any]:
@@ -460,6 +477,8 @@ def model_card_stub(report: dict[str, Any], manifest: dict[str, Any], frames_dir
         f"| precision at score {report['score_threshold']} | {held['precision']:.3f} |\n"
         if held else "| (no frames held out: nothing measured) | |\n"
     )
+    refit_line = (f"- Shipped weights: the same recipe trained again on all {report['refit']['n_train']} frames after "
+                  "measuring (`--refit`); the figures below are the held-out run's.\n" if "refit" in report else "")
     return f"""# {manifest['name']}: model card (stub written by `edge-agent detect fit`)
 
 {manifest['description']}
@@ -469,7 +488,7 @@ def model_card_stub(report: dict[str, Any], manifest: dict[str, Any], frames_dir
 - Trained on the first {report['n_train']} frames in time order ({report['train_boxes']} boxes); the last
   {report['n_held_out']} frames (from `{report.get('held_out_first')}`, {report['held_out_boxes']} boxes) were held
   out, {report['n_gap']} frames between them dropped.
-- **Licence of the frames: fill in.** The fitted weights derive from them and from {manifest['license']}.
+{refit_line}- **Licence of the frames: fill in.** The fitted weights derive from them and from {manifest['license']}.
 
 ## Figures on the held-out frames (FP32, this bundle)
 | metric | value |
