@@ -276,11 +276,12 @@ class DetectFitConfig:
     """Fraction of frames (the last ones in time order) held out to measure the bundle; 0: none."""
     gap: float = 0.04
     """Fraction of frames dropped between the training frames and the held-out block."""
-    size: int = 416
-    epochs: int = 40
+    size: int = 320
+    epochs: int = 30
     batch: int = 8
-    lr: float = 1e-3
-    train_scope: str = "all"
+    lr: float = 3e-3
+    train_scope: str = "head"
+    """head (the decoupled head's convolutions; backbone and neck frozen) | neck_head | all: see the model card."""
     top_down: bool = True
     """The camera looks down: vertical flips and quarter turns are fair augmentations."""
     mosaic: float = 0.5
@@ -380,7 +381,7 @@ def _train(
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise EdgeAgentError("detect fit needs the 'train' extra (torch): pip install 'edge-agent[train]'") from exc
     tc = detect_train.TrainConfig(
-        size=config.size, epochs=config.epochs, batch=config.batch, lr=config.lr, train_scope=config.train_scope,
+        size=config.size, epochs=config.epochs, batch=config.batch, lr=config.lr,
         augment=detect_train.Augment(mosaic=config.mosaic, top_down=config.top_down), seed=config.seed,
         threads=config.threads, **config.extra,
     )

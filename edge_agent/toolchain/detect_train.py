@@ -361,15 +361,13 @@ def yolox_loss(
 
 @dataclass(frozen=True)
 class TrainConfig:
-    size: int = 416
-    epochs: int = 40
+    size: int = 320
+    epochs: int = 30
     batch: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     no_mosaic_epochs: int = 5
-    train_scope: str = "all"
-    """all | neck_head (the backbone frozen) | head (only the decoupled head's convolutions)."""
     augment: Augment = Augment()
     seed: int = 0
     threads: int = 2
