@@ -222,3 +222,19 @@ def test_graph_net_computes_what_onnxruntime_computes() -> None:
     for w, g in zip(want, got, strict=True):
         assert w.shape == tuple(g.shape)
         assert np.abs(w - g.numpy()).max() < 1e-3
+
+
+def test_eval_reports_ap50_and_recall_at_the_shipped_threshold(fitted: tuple[Path, dict[str, Any], Path],
+                                                                tmp_path: Path) -> None:
+    bundle_dir, _, _ = fitted
+    fresh = write_frames(tmp_path / "later", 5, seed=3)
+    result = CliRunner().invoke(app, ["eval", "--model", "chute_cam", "--models-dir", str(bundle_dir.parent),
+                                      str(fresh), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    shipped = load_bundle(bundle_dir).manifest.thresholds.score
+    assert doc["score_threshold"] == shipped
+    assert doc["n"] == 5 and doc["n_truth"] == sum(
+        len((fresh / "labels" / f"frame_{t}.txt").read_text().splitlines()) for t in range(5))
+    assert 0.0 <= doc["recall"] <= 1.0 and doc["found"] == round(doc["recall"] * doc["n_truth"])
+    assert doc["ap50"] > 0.5

@@ -14,11 +14,14 @@ from edge_agent.cli import app
 from edge_agent.errors import InputNotFoundError
 from edge_agent.toolchain.evaluate import (
     average_precision,
+    best_f1_threshold,
     classification_metrics,
     evaluate,
     list_anomaly,
+    match_detections,
     public,
     read_yolo_labels,
+    recall_precision,
     roc_auc,
 )
 from edge_agent.vision.model import Model
@@ -56,6 +59,24 @@ def test_average_precision() -> None:
     # a miss (second truth never found) halves the reachable recall
     assert average_precision(perfect[:1], truths) == pytest.approx(0.5)
     assert average_precision([], truths) == 0.0
+
+
+def test_recall_precision_at_a_threshold_and_the_best_f1_one() -> None:
+    truths = {0: [(0.0, 0.0, 10.0, 10.0), (20.0, 0.0, 30.0, 10.0)], 1: [(0.0, 0.0, 10.0, 10.0)]}
+    dets = [
+        (0, 0.9, (0.0, 0.0, 10.0, 10.0)),  # hit
+        (0, 0.8, (0.0, 0.0, 10.0, 10.0)),  # duplicate of a found truth: a false positive
+        (1, 0.6, (1.0, 1.0, 10.0, 10.0)),  # hit
+        (0, 0.2, (20.0, 0.0, 30.0, 10.0)),  # hit, low score
+    ]
+    matches = match_detections(dets, truths)
+    assert matches == [(0.9, True), (0.8, False), (0.6, True), (0.2, True)]
+    at = recall_precision(matches, 3, 0.5)
+    assert (at["found"], at["false_positives"], at["recall"], at["precision"]) == (2, 1, 0.6667, 0.6667)
+    assert recall_precision(matches, 3, 0.1)["recall"] == 1.0
+    # F1 by cut: 0.9 -> 2/4, 0.8 -> 2/5, 0.6 -> 4/6, 0.2 -> 6/7: the last
+    assert best_f1_threshold(matches, 3) == 0.2
+    assert best_f1_threshold(matches[:3], 3) == 0.6
 
 
 def test_read_yolo_labels(tmp_path: Path) -> None:

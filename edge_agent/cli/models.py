@@ -234,8 +234,6 @@ def detect_fit_command(
                                            "turns are fair augmentations) or from the side.")] = True,
     threshold: Annotated[float | None, typer.Option(help="Shipped score threshold (default: best F1 on the "
                                                     "held-out frames).")] = None,
-    refit: Annotated[bool, typer.Option("--refit", help="After measuring, train again on every frame (held-out "
-                                        "ones too) and ship that; the figures stay the held-out run's.")] = False,
     threads: Annotated[int, typer.Option(help="Training threads.")] = 1,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize; an <out>_int8 bundle is written only if the "
                                        "gate passes (as accurate on the held-out frames, and faster).")] = False,
@@ -249,7 +247,7 @@ def detect_fit_command(
     root = models_dir or default_models_dir()
     names = tuple(n.strip() for n in labels.split(",") if n.strip()) if labels else ()
     config = DetectFitConfig(holdout=holdout, gap=gap, size=size, epochs=epochs, top_down=top_down,
-                             score_threshold=threshold, threads=threads, labels=names, refit=refit)
+                             score_threshold=threshold, threads=threads, labels=names)
     target = out_dir or root / out_name
     try:
         base_bundle = find_bundle(base, root)

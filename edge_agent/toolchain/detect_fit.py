@@ -293,8 +293,6 @@ class DetectFitConfig:
     iou_threshold: float = 0.45
     labels: tuple[str, ...] = ()
     """Class names (overrides classes.txt)."""
-    refit: bool = False
-    """After measuring, train again with the same recipe on every frame (held-out ones too) and ship that."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Trainer options passed through (experiments)."""
 
@@ -348,13 +346,6 @@ def fit_detector(
     report["score_threshold"] = manifest["thresholds"]["score"]
     if test_idx:
         report["held_out"].update(_at_threshold(held, threshold))
-    if config.refit and test_idx:  # same recipe on every frame; the figures above are the held-out run's
-        t_refit = time.perf_counter()
-        model, head = base_graph(base_bundle)
-        weights = _train(model, head, base_bundle, labels, frames, range(len(frames)), config, say, "refit on all")
-        write_graph(model, head, weights, len(labels), config.size, out_dir / model_file)
-        manifest["sha256"] = sha256_file(out_dir / model_file)
-        report["refit"] = {"n_train": len(frames), "seconds": round(time.perf_counter() - t_refit, 1)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     manifest["metadata"]["fit"] = {k: v for k, v in report.items() if k not in ("bundle", "name")}
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -368,7 +359,7 @@ def fit_detector(
 
 def _train(
     model: Any, head: YoloxHead, base: Bundle, labels: Sequence[str], frames: Sequence[Frame],
-    indices: Sequence[int], config: DetectFitConfig, say: FitProgress, stage: str = "training",
+    indices: Sequence[int], config: DetectFitConfig, say: FitProgress,
 ) -> dict[str, F32]:
     """Trained convolution weights (by initializer name) from ``frames[indices]``."""
     say("loading frames", 0, len(indices))
@@ -388,7 +379,7 @@ def _train(
     override = class_init(model, head, base.manifest.labels, labels)
     return detect_train.train(model, head.outputs(), head.strides, override, data, tc,
                               _scope(model, head, config.train_scope),
-                              progress=lambda s, total, _loss: say(stage, s, total))
+                              progress=lambda s, total, _loss: say("training", s, total))
 
 
 def _at_threshold(held: dict[str, Any], threshold: float) -> dict[str, Any]:
@@ -478,8 +469,6 @@ def model_card_stub(report: dict[str, Any], manifest: dict[str, Any], frames_dir
         f"| precision at score {report['score_threshold']} | {held['precision']:.3f} |\n"
         if held else "| (no frames held out: nothing measured) | |\n"
     )
-    refit_line = (f"- Shipped weights: the same recipe trained again on all {report['refit']['n_train']} frames after "
-                  "measuring (`--refit`); the figures below are the held-out run's.\n" if "refit" in report else "")
     return f"""# {manifest['name']}: model card (stub written by `edge-agent detect fit`)
 
 {manifest['description']}
@@ -489,7 +478,7 @@ def model_card_stub(report: dict[str, Any], manifest: dict[str, Any], frames_dir
 - Trained on the first {report['n_train']} frames in time order ({report['train_boxes']} boxes); the last
   {report['n_held_out']} frames (from `{report.get('held_out_first')}`, {report['held_out_boxes']} boxes) were held
   out, {report['n_gap']} frames between them dropped.
-{refit_line}- **Licence of the frames: fill in.** The fitted weights derive from them and from {manifest['license']}.
+- **Licence of the frames: fill in.** The fitted weights derive from them and from {manifest['license']}.
 
 ## Figures on the held-out frames (FP32, this bundle)
 | metric | value |
