@@ -48,5 +48,5 @@ def test_shipped_figures_are_reproducible(held_out: list[tuple[Path, Path]]) -> 
 def test_it_finds_the_cattle_the_coco_detector_misses(held_out: list[tuple[Path, Path]]) -> None:
     fitted = detection_report(Model.load(find_bundle("cattle_overhead", MODELS)), held_out, {0: "cow"})
     coco = detection_report(Model.load(find_bundle("yolox_nano", MODELS)), held_out, {0: "cow"})
-    assert fitted["ap50"] > 0.6 and fitted["recall"] > 0.5
+    assert fitted["ap50"] > 0.5 and fitted["recall"] > 0.5
     assert coco["ap50"] < 0.2 and fitted["ap50"] > coco["ap50"] + 0.4

@@ -281,7 +281,7 @@ class DetectFitConfig:
     batch: int = 8
     lr: float = 3e-3
     train_scope: str = "neck_head"
-    """neck_head (the backbone frozen) | head (the decoupled head only) | all: see models/cattle_overhead/MODEL_CARD.md."""
+    """neck_head (backbone frozen) | head (the decoupled head only) | all: see models/cattle_overhead/MODEL_CARD.md."""
     top_down: bool = True
     """The camera looks down: vertical flips and quarter turns are fair augmentations."""
     mosaic: float = 0.5
