@@ -57,7 +57,8 @@ CPUINFO: dict[str, tuple[str, str, str, str]] = {  # features, variant, part, re
 }
 
 # Per bundle, sample images: "tests/data/..." in this repository (licensed copies, tests/data/LICENSES.md), the others
-# relative to the shared datasets folder (NEU steel and magnetic tile have no licence, so no copy lives here).
+# relative to the shared datasets folder (NEU steel, magnetic tile and cattle chute have no licence, so no copy lives
+# here).
 # The cow photo for crop_disease is there on purpose: the classifier must answer "not recognised" on both sides.
 COCO = "tests/data/coco_demo/images"
 TILE = "inspection/magnetic_tile/test"
@@ -80,6 +81,11 @@ SAMPLES: dict[str, tuple[str, ...]] = {
     "yolox_nano": DETECTOR_IMAGES,
     "nanodet_m_320": DETECTOR_IMAGES,
     "nanodet_m_320_int8": DETECTOR_IMAGES,
+    "cattle_overhead": (  # the chute frames have no licence either: read from the shared folder
+        "livestock/cattle_chute/train/images/frame_002376.jpg",
+        "livestock/cattle_chute/train/images/frame_003128.jpg",
+        "livestock/cattle_chute/train/images/frame_005048.jpg",
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""edge_agent.detect_fit / `edge-agent detect fit`: a detector fitted to one camera from its own labelled frames.
+"""toolchain.detect_fit / `edge-agent detect fit`: a detector fitted to one camera from its own labelled frames.
 
 The frames are synthetic (made here, no licence needed): brown "animals" (ellipses with a pale back stripe) walking
 down a grey chute seen from above, a few per frame, in time order.
@@ -15,21 +15,22 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from edge_agent.bundle import find_bundle, load_bundle
+from edge_agent.bundles.bundle import find_bundle, load_bundle
 from edge_agent.cli import app
-from edge_agent.detect_fit import (
+from edge_agent.errors import DatasetError, InputNotFoundError
+from edge_agent.toolchain.detect_fit import (
     find_yolox_head,
     parse_label_file,
     read_frames,
     temporal_split,
     write_graph,
 )
-from edge_agent.errors import DatasetError, InputNotFoundError
-from edge_agent.evaluate import detection_report, list_detection
-from edge_agent.model import Model
+from edge_agent.toolchain.evaluate import detection_report, list_detection
 from edge_agent.types import Detection
+from edge_agent.vision.model import Model
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+from .conftest import COCO_DEMO, MODELS
+
 W, H = 160, 256
 
 
@@ -180,7 +181,7 @@ def test_write_graph_with_the_base_weights_gives_the_base_detections(tmp_path: P
     import onnx
     from onnx import numpy_helper
 
-    from edge_agent.detect_fit import base_graph
+    from edge_agent.toolchain.detect_fit import base_graph
 
     base = find_bundle("yolox_nano", MODELS)
     model, head = base_graph(base)
@@ -189,11 +190,11 @@ def test_write_graph_with_the_base_weights_gives_the_base_detections(tmp_path: P
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in head.cls_weights[0]}
     write_graph(model, head, weights, len(base.manifest.labels), 416, tmp_path / "copy.onnx")
     onnx.checker.check_model(onnx.load(str(tmp_path / "copy.onnx")))
-    from edge_agent.runtime import OrtRuntime
+    from edge_agent.vision.runtime import OrtRuntime
 
     copy = Model(base.manifest, OrtRuntime(tmp_path / "copy.onnx"))
     original = Model.load(base)
-    photo = next((MODELS.parent.parent / "shared" / "datasets" / "livestock" / "coco_demo" / "images").glob("*.jpg"))
+    photo = next((COCO_DEMO / "images").glob("*.jpg"))
     a, b = original.predict_bytes(photo.read_bytes()), copy.predict_bytes(photo.read_bytes())
     assert [p.label for p in a.predictions] == [p.label for p in b.predictions] and a.predictions
     for p, q in zip(a.predictions, b.predictions, strict=True):
@@ -207,8 +208,8 @@ def test_graph_net_computes_what_onnxruntime_computes() -> None:
     import onnxruntime as ort
     import torch
 
-    from edge_agent.detect_fit import base_graph
-    from edge_agent.detect_train import GraphNet
+    from edge_agent.toolchain.detect_fit import base_graph
+    from edge_agent.toolchain.detect_train import GraphNet
 
     model, head = base_graph(find_bundle("yolox_nano", MODELS))
     net = GraphNet(model, head.outputs())
@@ -238,3 +239,23 @@ def test_eval_reports_ap50_and_recall_at_the_shipped_threshold(fitted: tuple[Pat
         len((fresh / "labels" / f"frame_{t}.txt").read_text().splitlines()) for t in range(5))
     assert 0.0 <= doc["recall"] <= 1.0 and doc["found"] == round(doc["recall"] * doc["n_truth"])
     assert doc["ap50"] > 0.5
+
+
+def test_the_shipped_cattle_bundle_states_its_held_out_figures() -> None:
+    """models/cattle_overhead (`make models`): one label, figures measured on held-out frames, the card agrees.
+
+    (The frames themselves have no licence and stay in ../shared: `make models` re-measures them.)"""
+    bundle = find_bundle("cattle_overhead", MODELS)
+    m = bundle.manifest
+    assert m.labels == ("cow",) and m.decoder.type == "detections" and m.input.dtype == "uint8"
+    fit = m.metadata["fit"]
+    assert fit["n_held_out"] == 44 and fit["held_out_first"] == "frame_002373.jpg"
+    assert fit["n_train"] + fit["n_gap"] + fit["n_held_out"] == fit["n_frames"] == 222
+    held = fit["held_out"]
+    assert m.thresholds.score == fit["score_threshold"] == held["threshold"]
+    card = (bundle.directory / "MODEL_CARD.md").read_text()
+    for figure in (f"**{held['ap50']:.3f}**", f"**{held['recall']:.3f}**", f"{m.thresholds.score}", "no licence"):
+        assert figure in card, figure
+    model = Model.load(bundle)
+    result = model.predict_bytes(next((COCO_DEMO / "images").glob("*.jpg")).read_bytes())
+    assert all(isinstance(p, Detection) and p.label == "cow" for p in result.predictions)

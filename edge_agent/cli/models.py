@@ -240,7 +240,7 @@ def detect_fit_command(
     as_json: Json = False,
 ) -> None:
     """Fine-tune a detector on one camera's labelled frames (CPU, minutes; needs the 'train' extra)."""
-    from .detect_fit import DetectFitConfig, fit_detector, gate_int8
+    from edge_agent.toolchain.detect_fit import DetectFitConfig, fit_detector, gate_int8
 
     if size % 32 or size < 64:
         raise typer.BadParameter(f"--size {size}: must be a multiple of 32, at least 64")

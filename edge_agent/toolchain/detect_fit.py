@@ -8,7 +8,7 @@ FRAMES_DIR, then its parent). Every label line is checked first; a bad one stops
 Recipe (chosen by measurement, see ``models/cattle_overhead/MODEL_CARD.md``): the frames are sorted by name (the
 camera's time order), the last ``holdout`` fraction is kept aside as one block with ``gap`` frames dropped before
 it (no neighbouring frames on both sides), and every convolution of YOLOX-Nano (COCO, Apache-2.0) is fine-tuned on
-the rest with YOLOX's own loss and augmentation (:mod:`edge_agent.detect_train`, the ``train`` extra: torch).
+the rest with YOLOX's own loss and augmentation (:mod:`edge_agent.toolchain.detect_train`, ``train`` extra).
 The trained weights are written back into the bundled graph (its class convolutions cut to the new classes), which
 keeps the post-processing and uint8 input in the graph (decoder ``detections``), so the bundle runs with
 onnxruntime alone. The held-out block is then scored by the real bundle (AP50, recall and precision at the
@@ -31,11 +31,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import detector_heads
-from .bundle import MANIFEST_NAME, Bundle, find_bundle, load_bundle, sha256_file
-from .decode import decode_image
-from .errors import DatasetError, EdgeAgentError, InputNotFoundError, ManifestError, QuantizationGateError
-from .evaluate import IMAGE_SUFFIXES
+from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, find_bundle, load_bundle
+from edge_agent.errors import (
+    DatasetError,
+    EdgeAgentError,
+    InputNotFoundError,
+    ManifestError,
+    QuantizationGateError,
+    require_extra,
+)
+from edge_agent.fsutil import sha256_file
+from edge_agent.toolchain import detector_heads
+from edge_agent.toolchain.evaluate import IMAGE_SUFFIXES
+from edge_agent.vision.decode import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +340,9 @@ def fit_detector(
     }
     threshold = config.score_threshold if config.score_threshold is not None else 0.3
     if test_idx:
-        from .evaluate import detection_report
-        from .model import Model
-        from .runtime import RuntimeOptions
+        from edge_agent.toolchain.evaluate import detection_report
+        from edge_agent.vision.model import Model
+        from edge_agent.vision.runtime import RuntimeOptions
 
         fitted = Model.load(load_bundle(out_dir), RuntimeOptions(intra_op_threads=config.threads))
         items = [(frames[i].image, frames_dir / "labels" / f"{frames[i].image.stem}.txt") for i in test_idx]
@@ -367,10 +375,8 @@ def _train(
     for k, i in enumerate(indices):
         data.append(load_frame(frames[i]))
         say("loading frames", k + 1, len(indices))
-    try:
-        from . import detect_train
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EdgeAgentError("detect fit needs the 'train' extra (torch): pip install 'edge-agent[train]'") from exc
+    require_extra("torch", "train", "edge-agent detect fit")
+    from edge_agent.toolchain import detect_train
     tc = detect_train.TrainConfig(
         size=config.size, epochs=config.epochs, batch=config.batch, lr=config.lr,
         augment=detect_train.Augment(mosaic=config.mosaic, top_down=config.top_down), seed=config.seed,
@@ -383,7 +389,7 @@ def _train(
 
 
 def _at_threshold(held: dict[str, Any], threshold: float) -> dict[str, Any]:
-    from .evaluate import recall_precision
+    from edge_agent.toolchain.evaluate import recall_precision
 
     return recall_precision(held["_matches"], held["n_truth"], threshold)
 
@@ -423,7 +429,7 @@ def _scope(model: Any, head: YoloxHead, scope: str) -> Callable[[str], bool]:
 
 
 def _models_dir() -> Path:
-    from .bundle import default_models_dir
+    from edge_agent.bundles.bundle import default_models_dir
 
     return default_models_dir()
 
@@ -507,11 +513,11 @@ def gate_int8(
     bundle_dir: Path, frames_dir: Path, config: DetectFitConfig, out_dir: Path | None = None,
     progress: FitProgress | None = None,
 ) -> dict[str, Any]:
-    """Static INT8 of a fitted bundle behind the gate (edge_agent.quantize): calibrated on the training frames,
+    """Static INT8 of a fitted bundle behind the gate (toolchain.quantize): calibrated on the training frames,
     judged on the same held-out frames as the fit; ``<name>_int8`` is written beside it only if the gate passes."""
     import tempfile
 
-    from .quantize import GateConfig, quantize_and_gate
+    from edge_agent.toolchain.quantize import GateConfig, quantize_and_gate
 
     say = progress or (lambda _stage, _done, _total: None)
     frames, _ = read_frames(frames_dir, config.labels or None)

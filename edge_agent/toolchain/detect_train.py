@@ -1,8 +1,8 @@
 """The torch side of ``edge-agent detect fit`` (the ``train`` extra): fine-tune a YOLOX graph on YOLO-labelled frames.
 
-Only :mod:`edge_agent.detect_fit` imports this module, and only when it trains. Nothing here knows about bundles
-or files: it gets the base ONNX graph, the tensors of its head (:class:`~edge_agent.detect_fit.YoloxHead`) and the
-frames as arrays, and returns the trained convolution weights by initializer name, which ``detect_fit`` writes
+Only :mod:`edge_agent.toolchain.detect_fit` imports this module, and only when it trains. Nothing here knows about
+bundles or files: it gets the base ONNX graph, the tensors of its head (``detect_fit.YoloxHead``) and the frames as
+arrays, and returns the trained convolution weights by initializer name, which ``detect_fit`` writes
 back into the same graph. The fitted bundle runs with onnxruntime alone.
 
 * :class:`GraphNet` runs the ONNX graph itself in torch (the op set of a YOLOX export: Conv, Sigmoid, Mul, Add,
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import imaging
-from .types import U8Image
+from edge_agent.types import U8Image
+from edge_agent.vision import imaging
 
 F32 = npt.NDArray[np.float32]
 TrainProgress = Callable[[int, int, float], None]
