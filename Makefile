@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .PHONY: models
 models: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,train]'
-	$(BIN)/python -m models.training.build_all
+	PYTHONPATH=models $(BIN)/python -m models.training.build_all  # the training code imports `training.*`
 
 # the train extra (torch, CPU) too: tests/test_detect_fit.py fits a small detector
 $(STAMP): pyproject.toml setup.py
