@@ -58,26 +58,6 @@ def row(seq: int, device: str = "d1", epoch: str = "e1", base: int = 1) -> Resul
     )
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = Postgres()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """The same contract tests run against both backends."""
-    s: Store
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "c.db")
-    else:
-        s = PostgresStore(request.getfixturevalue("postgres").new_database())
-    yield s
-    s.close()
-
-
 def test_store_ignores_duplicates_and_acks_only_contiguous_prefixes(store: Store) -> None:
     out = store.commit_batch([row(1), row(2), row(4)], [])
     assert (out.inserted, out.duplicates, out.watermarks) == (3, 0, {("d1", "e1"): 2})

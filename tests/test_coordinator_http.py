@@ -21,35 +21,14 @@ from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
 from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import DeviceUpdate, SqliteStore, Store
-from edge_agent.coordinator.store_pg import PostgresStore
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import codec
 from edge_agent.transport import FakeBroker, FakeTransport, InboundMessage
 from tests.fleet_fixtures import crop, inspection, result_row
-from tests.support.postgres import Postgres
 from tests.support.wait import wait_for
 
 T0 = 1_700_000_000.0
 TOKEN = "t0ken-for-the-fleet-api-0123456789"
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = Postgres()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "c.db")
-    else:
-        s = PostgresStore(request.getfixturevalue("postgres").new_database())
-    yield s
-    s.close()
 
 
 def status(**over: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@ only acknowledged results (at or below their device's watermark) are ever delete
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ import pytest
 from edge_agent.coordinator.config import RetentionConfig, parse_coordinator_config
 from edge_agent.coordinator.retention import Retention
 from edge_agent.coordinator.store import ResultRow, SqliteStore, Store
-from edge_agent.coordinator.store_pg import PostgresStore
 from edge_agent.errors import ConfigError
-from tests.support.postgres import Postgres
 
 T0 = 1_795_440_000.0
 
@@ -23,25 +20,6 @@ def row(seq: int, received_at: float, device: str = "d1") -> ResultRow:
         result_id=f"{device}-{seq}", device=device, epoch="e1", seq=seq, base=1, input_id=f"i{seq}", pipeline="p",
         model="m", model_version="1", created_at=received_at, received_at=received_at, payload=b"{}",
     )
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    server = Postgres()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "c.db")
-    else:
-        s = PostgresStore(request.getfixturevalue("postgres").new_database())
-    yield s
-    s.close()
 
 
 def seqs(store: Store, device: str = "d1") -> list[int]:
