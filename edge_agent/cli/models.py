@@ -53,11 +53,11 @@ def _json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _bar(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, disable=quiet, transient=True,
-    )
+def _bar(quiet: bool, eta: bool = False) -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if eta:
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
+    return Progress(*columns, console=err, disable=quiet, transient=True)
 
 
 def eval_command(
@@ -84,7 +84,7 @@ def eval_command(
         if plot is not None:  # before minutes of evaluation, not after
             require_extra("matplotlib", "plot", "edge-agent eval --plot")
         m = Model.load(find_bundle(model, models_dir or default_models_dir()), RuntimeOptions(intra_op_threads=threads))
-        with _bar(as_json) as bar:
+        with _bar(as_json, eta=True) as bar:
             task = bar.add_task(f"eval {model}", total=None)
             progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
             if class_map and m.manifest.task == "detection":
@@ -124,6 +124,15 @@ def _print_report(doc: dict[str, Any]) -> None:
         for name, row in per.items():
             table.add_row(name, str(row.get("n", "")), str(row.get("recall", "-")), str(row.get("precision", "-")),
                           str(row.get("rejected", "-")))
+        out.print(table)
+    at = doc.get("recall_at_false_reject")
+    if isinstance(at, dict) and at:
+        out.print("[bold]recall at false reject[/bold] " + "  ".join(f"{k}: {v}" for k, v in at.items()))
+    types = doc.get("per_type")
+    if isinstance(types, dict) and types:
+        table = Table("defect type", "n", "recall at threshold", "auroc")
+        for name, row in types.items():
+            table.add_row(name, str(row.get("n", "")), str(row.get("recall", "-")), str(row.get("auroc", "-")))
         out.print(table)
 
 
@@ -186,31 +195,46 @@ def fit_command(
                                                   "(default: <models-dir>/<out>).")] = None,
     backbone: Annotated[Path | None, typer.Option(help="EfficientNet-Lite0 ONNX, or an anomaly bundle "
                                                   "made by this command (default: the shipped tile_anomaly).")] = None,
-    coreset: Annotated[float, typer.Option(help="Fraction of patch features kept in the memory bank.")] = 0.25,
-    max_bank: Annotated[int, typer.Option(help="Upper bound on memory-bank size.")] = 4000,
-    holdout: Annotated[float, typer.Option(help="Fraction of good photos kept aside to set the threshold.")] = 0.2,
+    max_false_reject: Annotated[float, typer.Option(
+        "--max-false-reject", min=0.0, max=0.5,
+        help="Target share of good parts rejected: the threshold is set from cross-validated scores of the "
+             "good photos.")] = 0.05,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the threshold.")] = 10,
+    coreset: Annotated[float, typer.Option(min=0.001, max=1.0,
+                                           help="Fraction of patch features kept in each memory bank.")] = 0.1,
+    max_bank: Annotated[int, typer.Option(min=1, help="Upper bound on each scale's memory bank.")] = 4000,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
     as_json: Json = False,
 ) -> None:
-    """Build a PatchCore-style anomaly bundle from photos of good parts (CPU, minutes)."""
+    """Build a multi-scale PatchCore anomaly bundle from photos of good parts (CPU, about a minute for 300)."""
     from edge_agent.toolchain.anomaly_fit import FitConfig, fit_bundle
 
     base = models_dir or default_models_dir()
-    config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, holdout_fraction=holdout)
+    config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, folds=folds, max_false_reject=max_false_reject,
+                       threads=threads)
     try:
         require_extra("onnx", "tools", "edge-agent inspect fit")
-        with _bar(as_json) as bar:
+        with _bar(as_json, eta=True) as bar:
             task = bar.add_task("", total=None)
-            report = fit_bundle(
-                good_dir, out_dir or base / out_name, out_name, config, backbone=backbone,
-                progress=lambda msg, done, total: bar.update(task, description=msg, completed=done, total=total),
-            )
+            stage = {"name": ""}
+
+            def progress(msg: str, done: int, total: int) -> None:
+                if msg != stage["name"]:  # a new stage: restart the clock so the ETA is the stage's own
+                    stage["name"] = msg
+                    bar.reset(task, description=msg, total=total, completed=done)
+                else:
+                    bar.update(task, completed=done, total=total)
+
+            report = fit_bundle(good_dir, out_dir or base / out_name, out_name, config, backbone=backbone,
+                                progress=progress)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if as_json:
         _json(report)
         return
-    out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} images fitted, bank "
-              f"{report['bank_size']} patches, threshold {report['threshold']:.4f}, {report['seconds']:.0f} s")
+    out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} photos, banks "
+              f"{report['bank_size']} patches, threshold {report['threshold']:.4f} (cross-validated false rejects "
+              f"{report['cv_false_reject']:.1%}, target {report['max_false_reject']:.1%}), {report['seconds']:.0f} s")
 
 
 @detect_app.command("fit")

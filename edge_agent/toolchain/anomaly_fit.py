@@ -1,14 +1,23 @@
-"""``edge-agent inspect fit``: build a PatchCore-style anomaly bundle from photos of good parts, on a CPU.
+"""``edge-agent inspect fit``: build a multi-scale PatchCore anomaly bundle from photos of good parts, on a CPU.
 
-Recipe (after Roth et al. 2022, "Towards Total Recall in Industrial Anomaly Detection"): EfficientNet-Lite0
-(ImageNet) outputs of blocks 14 and 15 (7x7, 192 + 320 channels) are concatenated and averaged over 3x3
-neighbourhoods (deeper features beat the 28x28 ones on magnetic tiles: image AUROC 0.93 against 0.77);
-patch vectors of the good photos form a memory bank, thinned by greedy k-centre coreset selection.
-The exported ONNX graph computes, per patch, the distance to its nearest bank vector: the
-``anomaly_map`` (1, 1, 7, 7) and its maximum, the image ``score``. The threshold is the highest score among
-good photos held out from the bank (so those would all pass).
+Recipe (after Roth et al. 2022, "Towards Total Recall in Industrial Anomaly Detection", run at three scales):
 
-The graph is built with ``onnx.helper`` from the backbone ONNX; fitting uses onnxruntime + numpy only.
+1. The photo (stretched to 192x192 by the agent) is gain-normalised in the graph (mean brightness -> 110) and
+   resized to 128, 160 and 192 px. Each size runs EfficientNet-Lite0 (ImageNet, frozen) up to blocks 14 and 15
+   (stride 32: 4x4, 5x5 and 6x6 patches, 192 + 320 channels), averaged over 3x3 neighbourhoods.
+2. Per scale, a memory bank of patch vectors of the good photos, thinned by greedy k-centre coreset selection.
+3. Per scale, each patch's distance to its nearest bank vector, standardised by the spread of that scale's
+   image scores on good photos held out of the bank (cross-validation), upsampled to 60x60, summed over the
+   scales and smoothed (Gaussian, sigma 1 cell): the ``anomaly_map``. Its maximum is the image ``score``.
+4. The operating point is part of the fit: K-fold cross-validation over the good photos (each photo scored by a
+   bank built without it) gives out-of-bank scores; the shipped threshold is their ``1 - max_false_reject``
+   quantile. The shipped banks then hold every photo.
+
+Why this recipe (magnetic tiles, measured in ``models/tile_anomaly/MODEL_CARD.md``): the deep stride-32 features
+beat finer ones (28x28 stage-3/4 features, 448 px input) by a wide margin on textured parts whose good examples
+vary a lot, and small inputs (more context per patch) beat 224 px; the three scales together beat any one.
+The ONNX graph holds everything (backbone x3 with shared weights, banks, distance, normalisation, upsampling,
+smoothing); fitting uses onnxruntime + numpy only.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,28 +47,54 @@ log = logging.getLogger(__name__)
 FitProgress = Callable[[str, int, int], None]
 F32 = npt.NDArray[np.float32]
 
-SIZE = 224
-GRID = 7
-T_A = "/_blocks.14/Add_output_0"  # (N, 192, 7, 7)
-T_B = "/_blocks.15/_project_conv/Conv_output_0"  # (N, 320, 7, 7)
+SIZE = 192
+"""Model input (the agent stretches each photo to SIZE x SIZE); the largest scale."""
+SCALES = (128, 160, 192)
+STRIDE = 32
+MAP = 60
+"""Side of the output ``anomaly_map``; a multiple of every scale's grid (4, 5, 6) so upsampling is exact."""
+SMOOTH_SIGMA = 1.0
+SMOOTH_K = 7
+GAIN_TARGET = 110.0
+T_A = "/_blocks.14/Add_output_0"  # (N, 192, s/32, s/32)
+T_B = "/_blocks.15/_project_conv/Conv_output_0"  # (N, 320, s/32, s/32)
 DIM = 512
 DEFAULT_SOURCE_BUNDLE = "tile_anomaly"
-DIST_NODES = ["pc_sq", "pc_cross", "pc_add", "pc_add2", "pc_min", "pc_relu", "pc_sqrt", "pc_map", "pc_score"]
+RECIPE = (f"EfficientNet-Lite0 blocks 14 + 15 at {'/'.join(map(str, SCALES))} px, 3x3 average, greedy coreset "
+          "per scale, scale-standardised nearest-neighbour maps summed, max of the smoothed map")
+BACKBONE_PREFIX_KEY = "edge_agent.backbone_prefix"
 FLOAT_STEM = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
 """EfficientNet-Lite0 nodes kept in float when quantizing: INT8 there cost 0.03 image AUROC on magnetic tiles."""
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    coreset_fraction: float = 0.25
+    coreset_fraction: float = 0.1
+    min_bank: int = 400
+    """Per scale: a bank keeps at least this many vectors (or all of them), whatever the fraction."""
     max_bank: int = 4000
-    max_candidates: int = 60000
-    holdout_fraction: float = 0.2
+    """Per scale: upper bound on the bank."""
+    folds: int = 10
+    """Cross-validation folds for the threshold (at most one per photo)."""
+    max_false_reject: float = 0.05
     projection_dim: int = 64
     seed: int = 0
-    batch: int = 16
+    batch: int = 8
     threads: int = 0
+    scales: tuple[int, ...] = field(default=SCALES)
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.coreset_fraction <= 1.0:
+            raise ValueError("coreset_fraction must be in (0, 1]")
+        if not 0.0 <= self.max_false_reject < 1.0:
+            raise ValueError("max_false_reject must be in [0, 1)")
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2")
+        if not self.scales or any(s % STRIDE or s > SIZE or MAP % (s // STRIDE) for s in self.scales):
+            raise ValueError(f"scales must be multiples of {STRIDE}, at most {SIZE}, with grids dividing {MAP}")
+
+
+# ----------------------------------------------------------------------------------------------- graph surgery
 
 
 def prune_graph(model: onnx.ModelProto, keep_outputs: Iterable[str]) -> onnx.ModelProto:
@@ -105,8 +140,9 @@ def fold_uint8_input(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
     g.node.extend(nodes)
     return model
 
+
 def default_backbone(models_dir: Path | None = None) -> Path:
-    """The shipped tile anomaly bundle's ONNX: its feature part (up to ``patches``) is reused for new fits."""
+    """The shipped tile anomaly bundle's ONNX: its backbone is reused for new fits."""
     base = models_dir or default_models_dir()
     try:
         return load_bundle(base / DEFAULT_SOURCE_BUNDLE).onnx_path
@@ -114,43 +150,209 @@ def default_backbone(models_dir: Path | None = None) -> Path:
         return base / DEFAULT_SOURCE_BUNDLE / f"{DEFAULT_SOURCE_BUNDLE}.onnx"
 
 
-def feature_graph(backbone: Path) -> Any:
-    """uint8 NCHW ``pixels`` -> ``patches`` (N, 512, 7, 7): the backbone cut after block 15 + aggregation.
+def backbone_core(model: onnx.ModelProto, source: Path | str = "backbone") -> tuple[list[Any], list[Any]]:
+    """(nodes, initializers) computing ``T_A`` and ``T_B`` from a float tensor named ``input`` ((x-127)/128, NCHW).
 
-    Accepts the full EfficientNet-Lite0 export (float input named ``input``, normalised (x-127)/128) or a graph
-    that already takes uint8 ``pixels`` (the shipped, truncated one).
+    Accepts the EfficientNet-Lite0 export, a bundle made by this module (one of its per-scale copies, named by
+    the ``edge_agent.backbone_prefix`` metadata) and the older single-scale bundles (uint8 ``pixels`` input).
+    """
+    from onnx import helper
+
+    g = model.graph
+    props = {p.key: p.value for p in model.metadata_props}
+    prefix = props.get(BACKBONE_PREFIX_KEY)
+    init_names = {i.name for i in g.initializer}
+    if prefix:  # a bundle made here: one per-scale copy of the export's nodes (their names start with "/")
+        nodes = []
+        for n in g.node:
+            if not n.name.startswith(prefix + "/"):
+                continue
+            m = helper.make_node(n.op_type, [_strip(i, prefix, init_names) for i in n.input],
+                                 [_strip(o, prefix, init_names) for o in n.output], name=n.name[len(prefix):])
+            m.attribute.extend(n.attribute)
+            nodes.append(m)
+    else:  # the export (float ``input``) or an older bundle (uint8 pixels -> pre_* -> ``input``)
+        nodes = [n for n in g.node if n.name not in ("pre_cast", "pre_sub", "pre_mul")]
+        if not any(o == "input" for n in g.node for o in n.output) and g.input[0].name != "input":
+            raise ManifestError(f"{source}: not an EfficientNet-Lite0 export (no float input named 'input')")
+    produced = {o for n in nodes for o in n.output}
+    if T_A not in produced or T_B not in produced:
+        raise ManifestError(f"{source}: not an EfficientNet-Lite0 export (missing {T_A} / {T_B})")
+    sub = _graph_of(nodes, list(g.initializer))
+    prune_graph(sub, {T_A, T_B})
+    return list(sub.graph.node), list(sub.graph.initializer)
+
+
+def _strip(name: str, prefix: str, keep: set[str]) -> str:
+    if not name or name in keep:
+        return name
+    if name == prefix + "input":
+        return "input"
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def _graph_of(nodes: Sequence[Any], initializers: Sequence[Any]) -> onnx.ModelProto:
+    from onnx import helper
+
+    g = helper.make_graph(list(nodes), "tmp", [], [], list(initializers))
+    return helper.make_model(g)
+
+
+def _prefixed(nodes: Sequence[Any], prefix: str, shared: set[str], entry: str) -> list[Any]:
+    """Copy ``nodes`` with every non-shared tensor and node name prefixed; ``input`` becomes ``entry``."""
+    from onnx import helper
+
+    def rename(name: str) -> str:
+        if not name or name in shared:
+            return name
+        return entry if name == "input" else prefix + name
+
+    out = []
+    for n in nodes:
+        m = helper.make_node(n.op_type, [rename(i) for i in n.input], [rename(o) for o in n.output],
+                             name=prefix + (n.name or n.output[0]))
+        m.attribute.extend(n.attribute)
+        out.append(m)
+    return out
+
+
+def feature_graph(backbone: Path, scales: Sequence[int] = SCALES) -> Any:
+    """uint8 NCHW ``pixels`` (N, 3, 192, 192) -> ``patches_<s>`` (N, 512, s/32, s/32) for each scale ``s``.
+
+    Gain normalisation, resizing and (x-127)/128 are in the graph; the backbone copies share their weights.
     """
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     try:
-        model = onnx.load(str(backbone))
+        source = onnx.load(str(backbone))
     except Exception as exc:
         raise ManifestError(f"{backbone}: cannot read backbone ONNX: {exc}") from exc
-    g = model.graph
-    produced = {o for n in g.node for o in n.output}
-    if T_A not in produced or T_B not in produced:
-        raise ManifestError(f"{backbone}: not an EfficientNet-Lite0 export (missing {T_A} / {T_B})")
-    if g.input[0].name == "pixels":
-        g.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
-    else:
-        fold_uint8_input(model, SIZE)
-    # keep only what the two stage outputs need
-    prune_graph(model, {T_A, T_B})
-    del g.value_info[:]
-    del g.output[:]
-    g.node.extend([
-        helper.make_node("Concat", [T_A, T_B], ["pc_cat"], axis=1, name="pc_concat"),
-        helper.make_node("AveragePool", ["pc_cat"], ["patches"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                         count_include_pad=0, name="pc_local"),
-    ])
-    g.output.append(helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["N", DIM, GRID, GRID]))
-    model.producer_name = "edge-agent anomaly_fit"
+    core_nodes, core_inits = backbone_core(source, backbone)
+    shared = {i.name for i in core_inits}
+    nodes: list[Any] = [
+        helper.make_node("Cast", ["pixels"], ["pre_f"], to=TensorProto.FLOAT, name="pre_cast"),
+        helper.make_node("ReduceMean", ["pre_f"], ["pre_mean_px"], axes=[1, 2, 3], keepdims=1, name="pre_mean"),
+        helper.make_node("Max", ["pre_mean_px", "pre_one"], ["pre_mean_pos"], name="pre_floor"),
+        helper.make_node("Div", ["pre_target", "pre_mean_pos"], ["pre_gain"], name="pre_gain_div"),
+        helper.make_node("Mul", ["pre_f", "pre_gain"], ["pre_g"], name="pre_gain_mul"),
+        helper.make_node("Clip", ["pre_g", "pre_lo", "pre_hi"], ["pre_norm"], name="pre_clip"),
+        helper.make_node("Shape", ["pixels"], ["pre_shape"], name="pre_shape"),
+        helper.make_node("Slice", ["pre_shape", "pre_s0", "pre_s2"], ["pre_nc"], name="pre_nc"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(1.0, np.float32), "pre_one"),
+        numpy_helper.from_array(np.array(GAIN_TARGET, np.float32), "pre_target"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "pre_lo"),
+        numpy_helper.from_array(np.array(255.0, np.float32), "pre_hi"),
+        numpy_helper.from_array(np.array([0], np.int64), "pre_s0"),
+        numpy_helper.from_array(np.array([2], np.int64), "pre_s2"),
+        numpy_helper.from_array(np.array(127.0, np.float32), "pre_center"),
+        numpy_helper.from_array(np.array(1.0 / 128.0, np.float32), "pre_scale"),
+        *core_inits,
+    ]
+    outputs = []
+    for s in scales:
+        p = f"s{s}/"
+        src = "pre_norm"
+        if s != SIZE:
+            inits.append(numpy_helper.from_array(np.array([s, s], np.int64), f"{p}hw"))
+            nodes += [
+                helper.make_node("Concat", ["pre_nc", f"{p}hw"], [f"{p}size"], axis=0, name=f"{p}size"),
+                helper.make_node("Resize", ["pre_norm", "", "", f"{p}size"], [f"{p}resized"], mode="linear",
+                                 coordinate_transformation_mode="half_pixel", name=f"{p}resize"),
+            ]
+            src = f"{p}resized"
+        nodes += [
+            helper.make_node("Sub", [src, "pre_center"], [f"{p}centered"], name=f"{p}pre_sub"),
+            helper.make_node("Mul", [f"{p}centered", "pre_scale"], [f"{p}input"], name=f"{p}pre_mul"),
+            *_prefixed(core_nodes, p, shared, f"{p}input"),
+            helper.make_node("Concat", [p + T_A, p + T_B], [f"{p}cat"], axis=1, name=f"{p}pc_concat"),
+            helper.make_node("AveragePool", [f"{p}cat"], [f"patches_{s}"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                             count_include_pad=0, name=f"{p}pc_local"),
+        ]
+        outputs.append(helper.make_tensor_value_info(f"patches_{s}", TensorProto.FLOAT,
+                                                     ["N", DIM, s // STRIDE, s // STRIDE]))
+    graph = helper.make_graph(
+        nodes, "edge_agent_anomaly_features",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE])], outputs, inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                              producer_name="edge-agent anomaly_fit")
+    model.ir_version = min(model.ir_version, 8)
+    helper.set_model_props(model, {BACKBONE_PREFIX_KEY: f"s{max(scales)}/"})
+    onnx.checker.check_model(model)
     return model
 
 
-def anomaly_graph(features: Any, bank: F32) -> Any:
-    """Append nearest-neighbour scoring against ``bank`` (M, 512) to the feature graph (batch 1)."""
+def gaussian_kernel(size: int = SMOOTH_K, sigma: float = SMOOTH_SIGMA) -> F32:
+    ax = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    k = np.exp(-(ax**2) / (2 * sigma**2))
+    k /= k.sum()
+    return np.outer(k, k).astype(np.float32)
+
+
+def tail_nodes(scales: Sequence[int], stats: Sequence[tuple[float, float]]) -> tuple[list[Any], list[Any]]:
+    """Nodes: ``dist_<s>`` (N, 1, g, g) -> standardise, upsample to MAP x MAP, sum, smooth -> ``anomaly_map``,
+    ``score``."""
+    from onnx import helper, numpy_helper
+
+    pad = SMOOTH_K // 2
+    inits = [
+        numpy_helper.from_array(np.array([MAP, MAP], np.int64), "pc_map_hw"),
+        numpy_helper.from_array(np.array([0], np.int64), "pc_s0"),
+        numpy_helper.from_array(np.array([2], np.int64), "pc_s2"),
+        numpy_helper.from_array(np.array([0, 0, pad, pad, 0, 0, pad, pad], np.int64), "pc_pads"),
+        numpy_helper.from_array(gaussian_kernel()[None, None], "pc_gauss"),
+    ]
+    nodes = [
+        helper.make_node("Shape", [f"dist_{scales[0]}"], ["pc_dshape"], name="pc_dshape"),
+        helper.make_node("Slice", ["pc_dshape", "pc_s0", "pc_s2"], ["pc_nc"], name="pc_nc"),
+        helper.make_node("Concat", ["pc_nc", "pc_map_hw"], ["pc_map_size"], axis=0, name="pc_map_size"),
+    ]
+    ups = []
+    for s, (mu, sd) in zip(scales, stats, strict=True):
+        p = f"s{s}/"
+        inits += [numpy_helper.from_array(np.array(mu, np.float32), f"{p}pc_mu"),
+                  numpy_helper.from_array(np.array(1.0 / max(sd, 1e-6), np.float32), f"{p}pc_inv_sd")]
+        nodes += [
+            helper.make_node("Sub", [f"dist_{s}", f"{p}pc_mu"], [f"{p}pc_dc"], name=f"{p}pc_center"),
+            helper.make_node("Mul", [f"{p}pc_dc", f"{p}pc_inv_sd"], [f"{p}pc_z"], name=f"{p}pc_standardise"),
+            helper.make_node("Resize", [f"{p}pc_z", "", "", "pc_map_size"], [f"{p}pc_up"], mode="linear",
+                             coordinate_transformation_mode="half_pixel", name=f"{p}pc_upsample"),
+        ]
+        ups.append(f"{p}pc_up")
+    nodes += [
+        helper.make_node("Sum", ups, ["pc_sum"], name="pc_sum"),
+        helper.make_node("Pad", ["pc_sum", "pc_pads"], ["pc_padded"], mode="reflect", name="pc_pad"),
+        helper.make_node("Conv", ["pc_padded", "pc_gauss"], ["anomaly_map"], name="pc_smooth"),
+        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0, name="pc_score"),
+    ]
+    return nodes, inits
+
+
+def tail_graph(scales: Sequence[int], stats: Sequence[tuple[float, float]]) -> Any:
+    """The scoring tail alone (batched): per-scale distance maps in, ``anomaly_map`` and ``score`` out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inits = tail_nodes(scales, stats)
+    graph = helper.make_graph(
+        nodes, "edge_agent_anomaly_tail",
+        [helper.make_tensor_value_info(f"dist_{s}", TensorProto.FLOAT, ["N", 1, s // STRIDE, s // STRIDE])
+         for s in scales],
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", 1, MAP, MAP]),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def anomaly_graph(features: Any, banks: dict[int, F32], stats: Sequence[tuple[float, float]]) -> Any:
+    """Append nearest-neighbour scoring against each scale's bank (M_s, 512) and the tail (batch 1)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -158,33 +360,55 @@ def anomaly_graph(features: Any, bank: F32) -> Any:
     model.CopyFrom(features)
     g = model.graph
     del g.output[:]
-    d = bank.shape[1]
-    g.initializer.extend([
-        numpy_helper.from_array(np.array([d, GRID * GRID], np.int64), "pc_shape"),
-        numpy_helper.from_array((-2.0 * bank.T).astype(np.float32), "pc_bank_t2"),
-        numpy_helper.from_array((bank.astype(np.float64) ** 2).sum(1).astype(np.float32), "pc_bank_sq"),
-        numpy_helper.from_array(np.array([1, 1, GRID, GRID], np.int64), "pc_map_shape"),
-    ])
-    g.node.extend([
-        helper.make_node("Reshape", ["patches", "pc_shape"], ["pc_flat"], name="pc_reshape"),
-        helper.make_node("Transpose", ["pc_flat"], ["pc_rows"], perm=[1, 0], name="pc_transpose"),
-        helper.make_node("ReduceSumSquare", ["pc_rows"], ["pc_rows_sq"], axes=[1], keepdims=1, name="pc_sq"),
-        helper.make_node("MatMul", ["pc_rows", "pc_bank_t2"], ["pc_cross_out"], name="pc_cross"),
-        helper.make_node("Add", ["pc_cross_out", "pc_rows_sq"], ["pc_d0"], name="pc_add"),
-        helper.make_node("Add", ["pc_d0", "pc_bank_sq"], ["pc_d"], name="pc_add2"),
-        helper.make_node("ReduceMin", ["pc_d"], ["pc_min_out"], axes=[1], keepdims=0, name="pc_min"),
-        helper.make_node("Relu", ["pc_min_out"], ["pc_pos"], name="pc_relu"),
-        helper.make_node("Sqrt", ["pc_pos"], ["pc_dist"], name="pc_sqrt"),
-        helper.make_node("Reshape", ["pc_dist", "pc_map_shape"], ["anomaly_map"], name="pc_map"),
-        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0, name="pc_score"),
-    ])
+    scales = sorted(banks)
+    for s in scales:
+        p = f"s{s}/"
+        grid = s // STRIDE
+        bank = banks[s]
+        g.initializer.extend([
+            numpy_helper.from_array(np.array([DIM, grid * grid], np.int64), f"{p}pc_shape"),
+            numpy_helper.from_array(np.ascontiguousarray((-2.0 * bank.T).astype(np.float32)), f"{p}pc_bank_t2"),
+            numpy_helper.from_array((bank.astype(np.float64) ** 2).sum(1).astype(np.float32), f"{p}pc_bank_sq"),
+            numpy_helper.from_array(np.array([1, 1, grid, grid], np.int64), f"{p}pc_map_shape"),
+        ])
+        g.node.extend([
+            helper.make_node("Reshape", [f"patches_{s}", f"{p}pc_shape"], [f"{p}pc_flat"], name=f"{p}pc_reshape"),
+            helper.make_node("Transpose", [f"{p}pc_flat"], [f"{p}pc_rows"], perm=[1, 0], name=f"{p}pc_transpose"),
+            helper.make_node("ReduceSumSquare", [f"{p}pc_rows"], [f"{p}pc_rows_sq"], axes=[1], keepdims=1,
+                             name=f"{p}pc_sq"),
+            helper.make_node("MatMul", [f"{p}pc_rows", f"{p}pc_bank_t2"], [f"{p}pc_cross_out"], name=f"{p}pc_cross"),
+            helper.make_node("Add", [f"{p}pc_cross_out", f"{p}pc_rows_sq"], [f"{p}pc_d0"], name=f"{p}pc_add"),
+            helper.make_node("Add", [f"{p}pc_d0", f"{p}pc_bank_sq"], [f"{p}pc_d"], name=f"{p}pc_add2"),
+            helper.make_node("ReduceMin", [f"{p}pc_d"], [f"{p}pc_min_out"], axes=[1], keepdims=0, name=f"{p}pc_min"),
+            helper.make_node("Relu", [f"{p}pc_min_out"], [f"{p}pc_pos"], name=f"{p}pc_relu"),
+            helper.make_node("Sqrt", [f"{p}pc_pos"], [f"{p}pc_dist"], name=f"{p}pc_sqrt"),
+            helper.make_node("Reshape", [f"{p}pc_dist", f"{p}pc_map_shape"], [f"dist_{s}"], name=f"{p}pc_map"),
+        ])
+    nodes, inits = tail_nodes(scales, stats)
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
     g.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 3, SIZE, SIZE]))
     g.output.extend([
         helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
-        helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, GRID, GRID]),
+        helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, MAP, MAP]),
     ])
     onnx.checker.check_model(model)
     return model
+
+
+def float_nodes(model: Any) -> list[str]:
+    """Node names INT8 quantization must leave in float: pre-processing, stems, distance search and the tail."""
+    out = []
+    for n in model.graph.node:
+        name = n.name
+        local = name.split("/", 1)[1] if name.startswith("s") and "/" in name else name
+        if (local.startswith(("pre_", "pc_", "resize", "size")) or name.startswith(("pre_", "pc_"))
+                or any(name.endswith(stem) for stem in FLOAT_STEM)):
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- data
 
 
 def good_images(folder: Path) -> list[Path]:
@@ -196,12 +420,12 @@ def good_images(folder: Path) -> list[Path]:
     return paths
 
 
-def to_pixels(path: Path) -> npt.NDArray[np.uint8]:
-    """Decode (as the agent does) and stretch to 224x224 RGB, CHW uint8 (the bundle's input spec)."""
+def to_pixels(path: Path, size: int = SIZE) -> npt.NDArray[np.uint8]:
+    """Decode (as the agent does) and stretch to size x size RGB, CHW uint8 (the bundle's input spec)."""
     import cv2
 
-    image = decode_image(path.read_bytes(), size_hint=lambda w, h: (min(w, SIZE), min(h, SIZE)))
-    px = cv2.resize(image.pixels, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    image = decode_image(path.read_bytes(), size_hint=lambda w, h: (min(w, size), min(h, size)))
+    px = cv2.resize(image.pixels, (size, size), interpolation=cv2.INTER_LINEAR)
     if image.color == "BGR":
         px = px[:, :, ::-1]
     return np.ascontiguousarray(px.transpose(2, 0, 1))
@@ -214,17 +438,22 @@ def greedy_coreset(x: F32, k: int, projection_dim: int, seed: int, progress: Fit
         return list(range(n))
     rng = np.random.default_rng(seed)
     proj = rng.standard_normal((x.shape[1], projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
-    z = x @ proj
+    z = np.ascontiguousarray(x @ proj)
     sq = np.einsum("ij,ij->i", z, z)
     chosen = [int(rng.integers(n))]
-    dist = sq - 2 * z @ z[chosen[0]] + sq[chosen[0]]
+    # einsum, not BLAS: a matrix-vector product per step is faster single-threaded on a busy CPU
+    dist = sq - 2 * np.einsum("ij,j->i", z, z[chosen[0]]) + sq[chosen[0]]
     for i in range(1, k):
         nxt = int(np.argmax(dist))
         chosen.append(nxt)
-        np.minimum(dist, sq - 2 * z @ z[nxt] + sq[nxt], out=dist)
-        if progress is not None and i % 100 == 0:
+        np.minimum(dist, sq - 2 * np.einsum("ij,j->i", z, z[nxt]) + sq[nxt], out=dist)
+        if progress is not None and i % 200 == 0:
             progress("coreset", i, k)
     return chosen
+
+
+def bank_size(n: int, config: FitConfig) -> int:
+    return min(n, config.max_bank, max(min(n, config.min_bank), round(n * config.coreset_fraction)))
 
 
 def _session(model: Any, threads: int) -> Any:
@@ -237,10 +466,12 @@ def _session(model: Any, threads: int) -> Any:
 
 
 def extract_patches(
-    session: Any, paths: Sequence[Path], batch: int, progress: FitProgress | None = None, label: str = "features"
-) -> F32:
-    """(len(paths), 49, 512) patch vectors."""
-    out = []
+    session: Any, paths: Sequence[Path], scales: Sequence[int], batch: int, progress: FitProgress | None = None,
+    label: str = "features",
+) -> dict[int, F32]:
+    """Per scale: (len(paths), grid * grid, 512) patch vectors."""
+    out: dict[int, list[F32]] = {s: [] for s in scales}
+    names = [f"patches_{s}" for s in scales]
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
         pixels = []
@@ -249,11 +480,11 @@ def extract_patches(
                 pixels.append(to_pixels(p))
             except EdgeAgentError as exc:
                 raise InputNotFoundError(f"{p}: {exc.message}") from exc
-        (patches,) = session.run(["patches"], {"pixels": np.stack(pixels)})
-        out.append(patches.reshape(len(chunk), patches.shape[1], -1).transpose(0, 2, 1))
+        for s, patches in zip(scales, session.run(names, {"pixels": np.stack(pixels)}), strict=True):
+            out[s].append(patches.reshape(len(chunk), patches.shape[1], -1).transpose(0, 2, 1))
         if progress is not None:
             progress(label, min(start + batch, len(paths)), len(paths))
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+    return {s: np.ascontiguousarray(np.concatenate(v), dtype=np.float32) for s, v in out.items()}
 
 
 def nearest_distances(patches: F32, bank: F32, chunk: int = 4096) -> F32:
@@ -268,13 +499,65 @@ def nearest_distances(patches: F32, bank: F32, chunk: int = 4096) -> F32:
     return out.reshape(patches.shape[:-1])
 
 
-def split_holdout(paths: Sequence[Path], fraction: float) -> tuple[list[Path], list[Path]]:
-    """Deterministic: every k-th photo is held out to set the threshold."""
-    if fraction <= 0:
-        return list(paths), []
-    step = max(2, round(1 / fraction))
-    held = [p for i, p in enumerate(paths) if i % step == step - 1]
-    return [p for i, p in enumerate(paths) if i % step != step - 1], held
+def fold_ids(n: int, folds: int) -> npt.NDArray[np.int64]:
+    """Deterministic fold of each photo (interleaved, so photos taken in sequence spread over the folds)."""
+    return np.arange(n, dtype=np.int64) % min(folds, n)
+
+
+def select_bank(patches: F32, config: FitConfig, seed: int, progress: FitProgress | None = None) -> F32:
+    flat = patches.reshape(-1, patches.shape[-1])
+    idx = greedy_coreset(flat, bank_size(len(flat), config), config.projection_dim, seed, progress)
+    return np.ascontiguousarray(flat[np.sort(idx)])
+
+
+def threshold_at(scores: Sequence[float] | F32, max_false_reject: float) -> float:
+    """The lowest threshold that rejects (score > threshold) at most ``max_false_reject`` of ``scores``."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    allowed = int(np.floor(max_false_reject * len(s) + 1e-9))
+    return float(s[min(allowed, len(s) - 1)])
+
+
+def cross_validate(
+    patches: dict[int, F32], config: FitConfig, progress: FitProgress | None = None
+) -> tuple[dict[int, F32], npt.NDArray[np.int64]]:
+    """Out-of-bank distance maps: each photo scored against banks built from the other folds.
+
+    Returns per scale (n, grid, grid) distances, and the fold of each photo.
+    """
+    n = len(next(iter(patches.values())))
+    folds = fold_ids(n, config.folds)
+    k = int(folds.max()) + 1
+    out = {s: np.zeros((n, s // STRIDE, s // STRIDE), np.float32) for s in patches}
+    for f in range(k):
+        held = folds == f
+        for s, p in patches.items():
+            bank = select_bank(p[~held], config, config.seed + f)
+            g = s // STRIDE
+            out[s][held] = nearest_distances(p[held], bank).reshape(-1, g, g)
+        if progress is not None:
+            progress("threshold (cross-validation)", f + 1, k)
+    return out, folds
+
+
+def scale_stats(dists: dict[int, F32]) -> list[tuple[float, float]]:
+    """Per scale (in sorted order): mean and spread of the out-of-bank image scores (max patch distance)."""
+    stats = []
+    for s in sorted(dists):
+        img = dists[s].reshape(len(dists[s]), -1).max(1).astype(np.float64)
+        stats.append((float(img.mean()), float(max(img.std(), 1e-6))))
+    return stats
+
+
+def run_tail(dists: dict[int, F32], stats: Sequence[tuple[float, float]], threads: int = 0) -> tuple[F32, F32]:
+    """(anomaly maps (n, MAP, MAP), scores (n,)) from per-scale distance maps, through the same ONNX tail."""
+    scales = sorted(dists)
+    session = _session(tail_graph(scales, stats), threads)
+    feeds = {f"dist_{s}": dists[s][:, None].astype(np.float32) for s in scales}
+    maps, scores = session.run(["anomaly_map", "score"], feeds)
+    return maps[:, 0], scores
+
+
+# ----------------------------------------------------------------------------------------------- fit
 
 
 def fit_bundle(
@@ -289,6 +572,8 @@ def fit_bundle(
 ) -> dict[str, Any]:
     """Fit and write ``out_dir`` (manifest.json + ``<name>.onnx``). Returns a summary dict."""
     require_extra("onnx", "tools", "edge-agent inspect fit")
+    import onnx
+
     t0 = time.perf_counter()
     backbone_path = backbone or default_backbone()
     if not backbone_path.is_file():
@@ -297,43 +582,38 @@ def fit_bundle(
             f"{DEFAULT_SOURCE_BUNDLE} bundle's ONNX from the source repository's models/; the wheel does not carry it)"
         )
     paths = good_images(good_dir)
-    fit_paths, held = split_holdout(paths, config.holdout_fraction)
-    features = feature_graph(backbone_path)
+    scales = tuple(sorted(config.scales))
+    features = feature_graph(backbone_path, scales)
     session = _session(features, config.threads)
-    patches = extract_patches(session, fit_paths, config.batch, progress)
+    patches = extract_patches(session, paths, scales, config.batch, progress)
     t_features = time.perf_counter() - t0
-    flat = patches.reshape(-1, patches.shape[-1])
-    k = max(1, min(config.max_bank, round(len(flat) * config.coreset_fraction)))
-    if len(flat) > config.max_candidates:  # random pre-selection keeps the coreset step fast on 2 cores
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(flat), config.max_candidates, replace=False))
-        flat = flat[keep]
-    idx = greedy_coreset(flat, k, config.projection_dim, config.seed, progress)
-    bank = np.ascontiguousarray(flat[np.sort(idx)])
-    t_coreset = time.perf_counter() - t0 - t_features
+    oof, folds = cross_validate(patches, config, progress)
+    stats = scale_stats(oof)
+    _, oof_scores = run_tail(oof, stats, config.threads)
+    threshold = threshold_at(oof_scores, config.max_false_reject)
+    t_cv = time.perf_counter() - t0 - t_features
+    banks = {}
+    for i, s in enumerate(scales):
+        if progress is not None:
+            progress(f"memory bank {s} px", i, len(scales))
+        banks[s] = select_bank(patches[s], config, config.seed + 1000 + s)
     if progress is not None:
-        progress("threshold", 0, max(1, len(held)))
-    if held:
-        held_scores = nearest_distances(extract_patches(session, held, config.batch, progress, "threshold"), bank)
-        scores = held_scores.reshape(len(held), -1).max(1)
-    else:  # no hold-out: leave-in scores are ~0, so use the bank's own spread as a floor
-        scores = nearest_distances(patches[: min(len(patches), 8)], bank).reshape(-1)
-    threshold = float(scores.max()) if held else float(np.percentile(scores, 99.9))
-    model = anomaly_graph(features, bank)
+        progress("memory bank", len(scales), len(scales))
+    model = anomaly_graph(features, banks, stats)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = f"{name}.onnx"
-    import onnx
-
     onnx.save(model, str(out_dir / model_file))
+    false_rejects = float(np.mean(oof_scores > threshold))
     manifest = {
         "schema_version": 1,
         "name": name,
-        "version": "1.0.0",
+        "version": "2.0.0",
         "task": "anomaly",
         "model_file": model_file,
         "sha256": sha256_file(out_dir / model_file),
         "license": license_,
         "source": source or f"edge-agent inspect fit {good_dir.name}",
-        "description": "PatchCore-style anomaly detector fitted on photos of good parts.",
+        "description": "Multi-scale PatchCore anomaly detector fitted on photos of good parts.",
         "input": {
             "name": "pixels", "width": SIZE, "height": SIZE, "layout": "NCHW", "dtype": "uint8", "color": "RGB",
             "resize": {"mode": "stretch", "interpolation": "linear"},
@@ -343,38 +623,47 @@ def fit_bundle(
         "labels": ["good", "anomalous"],
         "thresholds": {"anomaly": round(threshold, 6)},
         "metadata": {
-            "quantize": {"nodes_to_exclude": [*DIST_NODES, "pc_reshape", "pc_transpose", "pc_concat", "pc_local",
-                                              *FLOAT_STEM]},
+            "quantize": {"nodes_to_exclude": float_nodes(model)},
             "fit": {
-                "recipe": "EfficientNet-Lite0 block 14 + block 15 features (7x7), 3x3 average, greedy coreset",
-                "n_fit": len(fit_paths),
-                "n_threshold": len(held),
-                "bank_size": len(bank),
-                "threshold_rule": "max score of held-out good photos" if held else "99.9th pct of patch distances",
-                "held_out_scores": {"min": float(scores.min()), "median": float(np.median(scores)),
-                                    "max": float(scores.max())},
+                "recipe": RECIPE,
+                "scales": list(scales),
+                "n_fit": len(paths),
+                "folds": int(folds.max()) + 1,
+                "bank_size": {str(s): len(b) for s, b in banks.items()},
+                "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)} for s, (m, sd) in zip(scales, stats,
+                                                                                                   strict=True)},
+                "max_false_reject": config.max_false_reject,
+                "threshold_rule": f"{1 - config.max_false_reject:.3f} quantile of out-of-bank scores of the good "
+                                  f"photos ({int(folds.max()) + 1}-fold cross-validation)",
+                "cv_false_reject": round(false_rejects, 4),
+                "oof_scores": {"min": round(float(oof_scores.min()), 4),
+                               "median": round(float(np.median(oof_scores)), 4),
+                               "max": round(float(oof_scores.max()), 4)},
             },
         },
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     load_bundle(out_dir)
     seconds = time.perf_counter() - t0
-    log.info("fitted %s on %d photos in %.1f s (bank %d)", name, len(fit_paths), seconds, len(bank))
+    log.info("fitted %s on %d photos in %.1f s (banks %s)", name, len(paths), seconds,
+             {s: len(b) for s, b in banks.items()})
     return {
         "bundle": str(out_dir),
         "name": name,
-        "n_fit": len(fit_paths),
-        "n_threshold": len(held),
-        "bank_size": len(bank),
+        "n_fit": len(paths),
+        "folds": int(folds.max()) + 1,
+        "bank_size": sum(len(b) for b in banks.values()),
         "threshold": threshold,
+        "max_false_reject": config.max_false_reject,
+        "cv_false_reject": round(false_rejects, 4),
         "seconds": round(seconds, 2),
         "seconds_features": round(t_features, 2),
-        "seconds_coreset": round(t_coreset, 2),
+        "seconds_cross_validation": round(t_cv, 2),
     }
 
 
 def export_backbone(full_backbone: Path, out_path: Path) -> None:
-    """Write the truncated uint8 feature backbone that ``inspect fit`` uses by default (for ``make models``)."""
+    """Write the multi-scale uint8 feature graph that ``inspect fit`` can use as its backbone."""
     import onnx
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
