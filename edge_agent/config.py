@@ -112,6 +112,15 @@ class InspectionOptions(_Strict):
     reject_signal: str = Field(
         default="reject", min_length=1, max_length=64, description="Name of the signal emitted for a failed part."
     )
+    heatmap: Literal["never", "failed", "always"] = Field(
+        default="never",
+        description="Add a PNG thumbnail of the anomaly heat map (base64) to the verdict of failed parts or of every "
+        "part (anomaly models with a map).",
+    )
+    heatmap_max_side: int = Field(default=64, ge=8, le=256, description="Longest side of the thumbnail, pixels.")
+    heatmap_max_bytes: int = Field(
+        default=8192, ge=256, le=65536, description="Upper bound on the PNG size; the thumbnail shrinks to fit."
+    )
 
 
 class Zone(_Strict):

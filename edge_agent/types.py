@@ -108,12 +108,27 @@ class Detection:
 
 
 @dataclass(frozen=True)
+class AnomalyRegion:
+    """A connected area of the anomaly map above the threshold: ``box`` (x1, y1, x2, y2) in original-image pixels,
+    ``score`` its peak, ``area`` its share of the image (0..1)."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    area: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": [round(v, 1) for v in self.box], "score": round(self.score, 6), "area": round(self.area, 5)}
+
+
+@dataclass(frozen=True)
 class AnomalyScore:
-    """Image-level anomaly verdict; ``heatmap`` is (h, w) float32 in model-input space."""
+    """Image-level anomaly verdict; ``heatmap`` is (h, w) float32 in model-input space; ``regions`` are the areas
+    of the map above the threshold (largest peak first), empty for a good part."""
 
     score: float
     threshold: float
     heatmap: F32Array | None = field(default=None, compare=False, repr=False)
+    regions: tuple[AnomalyRegion, ...] = ()
 
     @property
     def is_anomalous(self) -> bool:
@@ -129,6 +144,7 @@ class AnomalyScore:
             "score": round(self.score, 6),
             "threshold": round(self.threshold, 6),
             "anomalous": self.is_anomalous,
+            "regions": [r.to_dict() for r in self.regions],
         }
 
 

@@ -123,6 +123,11 @@ class AnomalyDecoder(_Strict):
     type: Literal["anomaly"]
     score_output: str = Field(description="(1,) or (1, 1) image anomaly score.")
     map_output: str | None = Field(default=None, description="Optional (1, 1, h, w) or (1, h, w) anomaly map.")
+    map_regions: bool = Field(
+        default=True,
+        description="The map is in the score's units (the score is its maximum): the areas above the threshold "
+        "are reported as boxes of anomalous regions. False for a map on another scale (no boxes).",
+    )
 
 
 Decoder = Annotated[

@@ -10,17 +10,27 @@ A result the model rejected as out of its domain fails by default (a camera poin
 thing must not pass parts). Pure: no I/O, no globals. The verdict is JSON-ready::
 
     {"verdict": "pass" | "fail", "passed": bool, "reasons": [str, ...],
-     "defects": [{"label", "score", "box"?}], "score": float, "signal": "reject" | None}
+     "defects": [{"label", "score", "box"?, "area"?}], "score": float, "signal": "reject" | None,
+     "heatmap"?: {"format": "png", "encoding": "base64", "width", "height", "min", "max", "threshold", "data"}}
 
-``score`` is the highest defect score, or the anomaly score (also on a good part).
+``score`` is the highest defect score, or the anomaly score (also on a good part). An anomalous part lists one
+``anomaly`` defect per region of its map above the threshold, with its box in original-image pixels (one
+defect without a box when the model has no map). ``heatmap`` (opt-in, ``InspectionRules.heatmap``) is a
+greyscale PNG of the anomaly map in the photo's aspect: grey level ``v`` means ``min + v / 255 * (max - min)``
+in score units, so ``threshold`` is the boundary between pass and fail. JSON Schema:
+``edge_agent/protocol/schemas/inspection.json``.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from edge_agent.types import AnomalyScore, Classification, Detection, Result
+import numpy as np
+
+from edge_agent.types import AnomalyScore, Classification, Detection, F32Array, Result
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,9 @@ class InspectionRules:
     min_score: float = 0.5
     fail_when_rejected: bool = True
     reject_signal: str = "reject"
+    heatmap: Literal["never", "failed", "always"] = "never"
+    heatmap_max_side: int = 64
+    heatmap_max_bytes: int = 8192
 
     def is_defect_label(self, label: str) -> bool:
         key = label.casefold()
@@ -70,18 +83,62 @@ def inspection_verdict(result: Result, rules: InspectionRules = InspectionRules(
     if any("box" in d for d in defects):
         reasons.append("defect_detected")
 
-    for anomaly in (p for p in result.predictions if isinstance(p, AnomalyScore)):
+    anomalies = [p for p in result.predictions if isinstance(p, AnomalyScore)]
+    for anomaly in anomalies:
         score = max(score, anomaly.score)  # reported on good parts too: operators watch the margin
         if anomaly.is_anomalous:
-            defects.append({"label": "anomaly", "score": round(anomaly.score, 6)})
+            if anomaly.regions:
+                defects.extend({"label": "anomaly", **r.to_dict()} for r in anomaly.regions)
+            else:
+                defects.append({"label": "anomaly", "score": round(anomaly.score, 6)})
             reasons.append("anomaly_above_threshold")
 
     passed = not reasons
-    return {
+    verdict: dict[str, Any] = {
         "verdict": "pass" if passed else "fail",
         "passed": passed,
         "reasons": reasons,
         "defects": defects,
         "score": round(score, 6),
         "signal": None if passed else rules.reject_signal,
+    }
+    want = rules.heatmap == "always" or (rules.heatmap == "failed" and not passed)
+    mapped = next((a for a in anomalies if a.heatmap is not None), None)
+    if want and mapped is not None and mapped.heatmap is not None:
+        verdict["heatmap"] = heatmap_thumbnail(mapped.heatmap, mapped.threshold, result.image_size,
+                                               rules.heatmap_max_side, rules.heatmap_max_bytes)
+    return verdict
+
+
+def heatmap_thumbnail(
+    heatmap: F32Array, threshold: float, image_size: tuple[int, int], max_side: int = 64, max_bytes: int = 8192
+) -> dict[str, Any]:
+    """A greyscale PNG of ``heatmap`` in the photo's aspect (longest side ``max_side``, shrunk until the PNG is at
+    most ``max_bytes``), base64, with the value range it encodes (see the module doc)."""
+    from PIL import Image as PILImage
+
+    values = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+    lo = float(values.min())
+    hi = max(float(values.max()), float(threshold), lo + 1e-6)
+    grey = np.clip((values - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    w, h = image_size
+    side = max(8, max_side)
+    while True:
+        f = side / max(w, h, 1)
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        buf = io.BytesIO()
+        PILImage.fromarray(grey, "L").resize(size, PILImage.Resampling.BILINEAR).save(buf, "PNG", optimize=True)
+        png = buf.getvalue()
+        if len(png) <= max_bytes or side <= 8:
+            break
+        side = max(8, side * 3 // 4)
+    return {
+        "format": "png",
+        "encoding": "base64",
+        "width": size[0],
+        "height": size[1],
+        "min": round(lo, 6),
+        "max": round(hi, 6),
+        "threshold": round(float(threshold), 6),
+        "data": base64.b64encode(png).decode("ascii"),
     }

@@ -510,7 +510,7 @@ def select_bank(patches: F32, config: FitConfig, seed: int, progress: FitProgres
     return np.ascontiguousarray(flat[np.sort(idx)])
 
 
-def threshold_at(scores: Sequence[float] | F32, max_false_reject: float) -> float:
+def threshold_at(scores: Sequence[float] | npt.NDArray[Any], max_false_reject: float) -> float:
     """The lowest threshold that rejects (score > threshold) at most ``max_false_reject`` of ``scores``."""
     s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     allowed = int(np.floor(max_false_reject * len(s) + 1e-9))

@@ -26,7 +26,17 @@ from edge_agent.bundles.manifest import (
     decoder_feeds,
 )
 from edge_agent.errors import ManifestError
-from edge_agent.types import AnomalyScore, Classification, Detection, Image, Prediction, PreprocessMeta, Result, Timings
+from edge_agent.types import (
+    AnomalyRegion,
+    AnomalyScore,
+    Classification,
+    Detection,
+    Image,
+    Prediction,
+    PreprocessMeta,
+    Result,
+    Timings,
+)
 from edge_agent.vision import postprocess as pp
 from edge_agent.vision.decode import DEFAULT_MAX_PIXELS, PixelBudget, decode_image
 from edge_agent.vision.preprocess import Preprocessor, map_box_to_original
@@ -182,7 +192,15 @@ class Model:
             score = pp.anomaly_score(outputs[dec.score_output])
             heat = pp.anomaly_map(outputs[dec.map_output]) if dec.map_output else None
             assert th.anomaly is not None  # guaranteed by the manifest validator
-            return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat),), False
+            regions: tuple[AnomalyRegion, ...] = ()
+            if heat is not None and dec.map_regions and score > th.anomaly:
+                w_in, h_in = m.input.width, m.input.height
+                regions = tuple(
+                    AnomalyRegion(box=map_box_to_original((x1 * w_in, y1 * h_in, x2 * w_in, y2 * h_in), meta),
+                                  score=peak, area=area)
+                    for (x1, y1, x2, y2), peak, area in pp.anomaly_regions(heat, th.anomaly)
+                )
+            return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat, regions=regions),), False
         if isinstance(dec, DetectionsDecoder):  # filtered, decoded and NMS-ed in the graph, best first
             xyxy = outputs[dec.boxes_output].tolist()
             scores = outputs[dec.scores_output].tolist()

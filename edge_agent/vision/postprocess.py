@@ -334,3 +334,44 @@ def anomaly_map(map_output: F32) -> F32:
     while arr.ndim > 2:
         arr = arr[0]
     return arr
+
+
+def anomaly_regions(
+    heatmap: F32, threshold: float, max_regions: int = 8
+) -> list[tuple[tuple[float, float, float, float], float, float]]:
+    """Connected areas (8-neighbourhood) of ``heatmap`` above ``threshold``, largest peak first.
+
+    Each is ((x1, y1, x2, y2) as fractions 0..1 of the map's width and height, peak value, share of the map's
+    cells). A map cell covers [i/w, (i+1)/w) of the image, so boxes are given at cell edges.
+    """
+    above = np.asarray(heatmap) > threshold
+    if not above.any():
+        return []
+    h, w = above.shape
+    labels = np.zeros((h, w), np.int32)
+    regions: list[tuple[tuple[float, float, float, float], float, float]] = []
+    values = np.asarray(heatmap, dtype=np.float32)
+    n = 0
+    for y0, x0 in zip(*np.nonzero(above), strict=True):
+        if labels[y0, x0]:
+            continue
+        n += 1
+        labels[y0, x0] = n
+        stack = [(int(y0), int(x0))]
+        ys: list[int] = []
+        xs: list[int] = []
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < h and 0 <= xx < w and above[yy, xx] and not labels[yy, xx]:
+                        labels[yy, xx] = n
+                        stack.append((yy, xx))
+        peak = float(values[ys, xs].max())
+        box = (min(xs) / w, min(ys) / h, (max(xs) + 1) / w, (max(ys) + 1) / h)
+        regions.append((box, peak, len(ys) / (h * w)))
+    regions.sort(key=lambda r: -r[1])
+    return regions[:max_regions]
