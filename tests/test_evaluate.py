@@ -19,10 +19,12 @@ from edge_agent.toolchain.evaluate import (
     evaluate,
     list_anomaly,
     match_detections,
+    operating_points,
     public,
     read_yolo_labels,
     recall_precision,
     roc_auc,
+    threshold_for_false_reject,
 )
 from edge_agent.vision.model import Model
 from tests.support.color_models import write_bundle, write_images
@@ -141,3 +143,24 @@ def test_parse_class_map() -> None:
     assert _parse_class_map(["0=cow", "2 = horse"]) == {0: "cow", 2: "horse"}
     with pytest.raises(typer.BadParameter):
         _parse_class_map(["cow"])
+
+
+def test_operating_points_at_the_shipped_threshold_and_at_false_reject_rates() -> None:
+    good = np.arange(100, dtype=float)  # 0..99
+    bad = np.array([99.5, 98.5, 97.5, 94.5, 89.5, 50.0, 10.0, 0.5])
+    out = operating_points(good, bad, threshold=95.0)
+    assert out["false_reject"] == 0.04 and out["recall"] == 3 / 8  # 96..99 rejected; 99.5, 98.5, 97.5 caught
+    # 1%: threshold 98 (only 99 rejected) -> 99.5, 98.5; 5%: 94 -> + 97.5, 94.5; 10%: 89 -> + 89.5
+    assert out["recall_at_false_reject"] == {"1%": 0.25, "5%": 0.5, "10%": 0.625}
+    assert threshold_for_false_reject(good, 0.0) == 99.0
+    assert threshold_for_false_reject([3.0, 1.0, 2.0], 0.5) == 2.0  # one of three may be rejected
+
+
+def test_roc_auc_scales_to_pixel_counts() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.random(2_000_000) < 0.05
+    scores = np.round(rng.normal(truth * 1.0, 1.0), 1)  # heavy ties, as in heat maps
+    from math import erf
+
+    # binormal: positives shifted by one sd -> AUROC = Phi(1 / sqrt(2)) = (1 + erf(1/2)) / 2 = 0.760
+    assert roc_auc(scores, truth) == pytest.approx(0.5 * (1 + erf(0.5)), abs=0.005)

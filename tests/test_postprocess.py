@@ -7,6 +7,7 @@ import itertools
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -208,3 +209,19 @@ def test_small_softmax_top_k_matches_the_numpy_path(logits: list[float], k: int,
     # same order wherever the values are not (numerically) tied
     for a, b, va in zip(idx, want_idx.tolist(), vals, strict=True):
         assert a == b or abs(float(probs[a]) - float(probs[b])) <= 1e-6 * max(1.0, abs(va))
+
+
+def test_anomaly_regions_are_connected_areas_above_the_threshold() -> None:
+    heat = np.zeros((10, 20), np.float32)
+    heat[1:3, 2:5] = 2.0  # a 2x3 blob
+    heat[3, 5] = 1.5  # touches the blob diagonally: same region (8-neighbourhood)
+    heat[6:9, 15:17] = 4.0  # a second, stronger blob
+    heat[0, 19] = 0.9  # under the threshold
+    regions = pp.anomaly_regions(heat, 1.0)
+    assert [r[1] for r in regions] == [4.0, 2.0]  # strongest peak first
+    (box_a, _, area_a), (box_b, _, area_b) = regions
+    assert box_a == pytest.approx((15 / 20, 6 / 10, 17 / 20, 9 / 10))  # cell edges, as fractions of the map
+    assert box_b == pytest.approx((2 / 20, 1 / 10, 6 / 20, 4 / 10))
+    assert area_a == pytest.approx(6 / 200) and area_b == pytest.approx(7 / 200)
+    assert pp.anomaly_regions(heat, 5.0) == []
+    assert len(pp.anomaly_regions(heat, 1.0, max_regions=1)) == 1

@@ -16,7 +16,7 @@ from edge_agent.sectors.livestock import (
     greedy_match,
     iou_matrix,
 )
-from edge_agent.types import AnomalyScore, Classification, Detection, Prediction, Result, Timings
+from edge_agent.types import AnomalyRegion, AnomalyScore, Classification, Detection, Prediction, Result, Timings
 
 
 def result(*preds: Prediction, rejected: bool = False, size: tuple[int, int] = (100, 100)) -> Result:
@@ -170,3 +170,80 @@ def test_sources_are_tracked_independently() -> None:
 def test_anomaly_score_is_reported_on_good_parts_too() -> None:
     out = inspection_verdict(result(AnomalyScore(0.2, 0.5)))
     assert out["verdict"] == "pass" and out["score"] == pytest.approx(0.2)
+
+
+# --- inspection: where the anomaly is ---------------------------------------------------------------------------
+
+
+def _inspection_schema() -> dict[str, Any]:
+    import json
+    from importlib import resources
+
+    text = resources.files("edge_agent.protocol").joinpath("schemas").joinpath("inspection.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def _valid(verdict: dict[str, Any]) -> None:
+    import json
+
+    import jsonschema
+
+    from edge_agent.protocol import codec
+
+    jsonschema.validate(json.loads(codec.dumps(verdict)), _inspection_schema(), cls=jsonschema.Draft202012Validator)
+
+
+def _map_with_blob() -> np.ndarray:
+    heat = np.zeros((60, 60), np.float32)
+    heat[10:20, 30:50] = 3.0
+    return heat
+
+
+def test_anomaly_regions_become_defect_boxes() -> None:
+    regions = (AnomalyRegion((30.0, 10.0, 50.0, 20.0), 3.0, 0.05), AnomalyRegion((0.0, 0.0, 5.0, 5.0), 2.0, 0.01))
+    out = inspection_verdict(result(AnomalyScore(3.0, 1.0, heatmap=_map_with_blob(), regions=regions)))
+    assert out["verdict"] == "fail" and out["reasons"] == ["anomaly_above_threshold"]
+    assert out["defects"] == [
+        {"label": "anomaly", "box": [30.0, 10.0, 50.0, 20.0], "score": 3.0, "area": 0.05},
+        {"label": "anomaly", "box": [0.0, 0.0, 5.0, 5.0], "score": 2.0, "area": 0.01},
+    ]
+    assert "heatmap" not in out  # opt-in
+    _valid(out)
+
+
+@pytest.mark.parametrize(("mode", "failed", "attached"), [("never", True, False), ("failed", True, True),
+                                                          ("failed", False, False), ("always", False, True)])
+def test_heatmap_thumbnail_is_opt_in(mode: Any, failed: bool, attached: bool) -> None:
+    score = AnomalyScore(3.0 if failed else 0.5, 1.0, heatmap=_map_with_blob())
+    out = inspection_verdict(result(score), InspectionRules(heatmap=mode))
+    assert ("heatmap" in out) is attached
+    _valid(out)
+
+
+def test_heatmap_thumbnail_keeps_the_photo_aspect_and_its_levels() -> None:
+    import base64
+    import io
+
+    from PIL import Image as PILImage
+
+    out = inspection_verdict(result(AnomalyScore(3.0, 1.0, heatmap=_map_with_blob()), size=(200, 100)),
+                             InspectionRules(heatmap="failed", heatmap_max_side=64))
+    thumb = out["heatmap"]
+    assert (thumb["width"], thumb["height"]) == (64, 32)
+    assert thumb["min"] == 0.0 and thumb["max"] == 3.0 and thumb["threshold"] == 1.0
+    with PILImage.open(io.BytesIO(base64.b64decode(thumb["data"]))) as im:
+        assert im.format == "PNG" and im.size == (64, 32) and im.mode == "L"
+        px = np.asarray(im)
+    assert px[7, 40] == 255 and px[25, 5] == 0  # the blob is white where the map peaks, black elsewhere
+
+
+def test_heatmap_thumbnail_shrinks_to_its_byte_budget() -> None:
+    from edge_agent.sectors.inspection import heatmap_thumbnail
+
+    noise = np.random.default_rng(0).random((60, 60)).astype(np.float32)  # incompressible
+    big = heatmap_thumbnail(noise, 0.5, (640, 480), max_side=256, max_bytes=65536)
+    small = heatmap_thumbnail(noise, 0.5, (640, 480), max_side=256, max_bytes=1500)
+    assert big["width"] == 256
+    assert len(__import__("base64").b64decode(small["data"])) <= 1500 and small["width"] < 256
+    assert small["width"] / small["height"] == pytest.approx(640 / 480, rel=0.1)
