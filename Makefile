@@ -12,6 +12,11 @@ models: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,train]'
 	PYTHONPATH=models $(BIN)/python -m models.training.build_all  # the training code imports `training.*`
 
+# Only tile_anomaly (+ its gated INT8 twin): onnxruntime + numpy, a few minutes.
+.PHONY: models-tile
+models-tile: $(STAMP)
+	PYTHONPATH=models $(BIN)/python -m models.training.build_all --only tile
+
 # the train extra (torch, CPU) too: tests/test_detect_fit.py fits a small detector
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)

@@ -35,6 +35,7 @@ from edge_agent.toolchain.anomaly_fit import (
 from edge_agent.toolchain.evaluate import evaluate
 from edge_agent.types import AnomalyScore
 from edge_agent.vision.model import Model
+from edge_agent.vision.runtime import OrtRuntime
 
 BACKBONE = default_backbone()  # the shipped tile_anomaly bundle doubles as the feature extractor
 
@@ -236,3 +237,36 @@ def test_fit_config_refuses_bad_values() -> None:
         FitConfig(folds=1)
     with pytest.raises(ValueError, match="scales"):
         FitConfig(scales=(100,))
+
+
+def test_refit_rebuilds_banks_and_threshold_from_the_graphs_own_features(
+    tmp_path: Path, fitted: tuple[Path, dict[str, Any], Path]
+) -> None:
+    """What the INT8 gate does after quantizing: banks from the quantized graph's features, threshold re-derived."""
+    import shutil
+
+    from edge_agent.toolchain.anomaly_fit import fitted_here, refit_banks
+
+    bundle_dir, report, line = fitted
+    bundle = load_bundle(bundle_dir)
+    assert fitted_here(bundle.manifest.metadata)
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(bundle.onnx_path, copy)
+    same = refit_banks(copy, bundle_dir.parent / "good", bundle.manifest.metadata)
+    assert same["threshold"] == pytest.approx(report["threshold"], rel=1e-5)  # same graph, same photos: same fit
+    assert same["fit"]["scale_stats"] == bundle.manifest.metadata["fit"]["scale_stats"]
+    six = tmp_path / "six"
+    six.mkdir()
+    for i in range(6):
+        Image.fromarray(_part(300 + i)).save(six / f"{i}.png")
+    other = refit_banks(copy, six, bundle.manifest.metadata)
+    assert other["fit"]["n_fit"] == 6 and other["fit"]["folds"] == 5
+    assert other["threshold"] != pytest.approx(report["threshold"], rel=1e-5)
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(copy)).graph.initializer}
+    assert weights["s128/pc_bank_t2"].shape == (512, 48)  # half of 6 photos x 16 patches
+    refitted = Model(bundle.manifest.model_copy(update={"thresholds": bundle.manifest.thresholds.model_copy(
+        update={"anomaly": other["threshold"]})}), OrtRuntime(copy))
+    scratch = (line / "test" / "scratch" / "0.png").read_bytes()
+    assert refitted.predict_bytes(scratch).predictions[0].label == "anomalous"
+    with pytest.raises(ManifestError, match="not a bundle made by inspect fit"):
+        refit_banks(copy, six, {})

@@ -138,6 +138,20 @@ def test_kept_float_covers_fused_names_and_depthwise_convs() -> None:
     assert both == ["dw_conv", "pc_cross/MatMulAddFusion"]
 
 
+def test_kept_float_covers_fused_names_that_hold_a_slash() -> None:
+    """Multi-scale anomaly graphs name nodes per scale (``s128/pc_cross``); their fusions stay float too."""
+    model = _graph(
+        [
+            helper.make_node("Gemm", ["f", "bank", "c"], ["d"], name="s128/pc_cross/MatMulAddFusion"),
+            helper.make_node("Gemm", ["f", "bank", "c"], ["e"], name="s128/head/MatMulAddFusion"),
+        ],
+        [_w("bank", 4, 4)],
+        ["d", "e"],
+    )
+    kept = nodes_kept_float(model, QuantizeOptions(nodes_to_exclude=("s128/pc_cross",)))
+    assert kept == ["s128/pc_cross/MatMulAddFusion"]
+
+
 def test_tail_is_everything_after_the_last_convolutions() -> None:
     model = _graph(
         [

@@ -199,7 +199,7 @@ def fit_command(
         "--max-false-reject", min=0.0, max=0.5,
         help="Target share of good parts rejected: the threshold is set from cross-validated scores of the "
              "good photos.")] = 0.05,
-    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the threshold.")] = 10,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the threshold.")] = 20,
     coreset: Annotated[float, typer.Option(min=0.001, max=1.0,
                                            help="Fraction of patch features kept in each memory bank.")] = 0.1,
     max_bank: Annotated[int, typer.Option(min=1, help="Upper bound on each scale's memory bank.")] = 4000,

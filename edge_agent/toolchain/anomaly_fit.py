@@ -74,7 +74,7 @@ class FitConfig:
     """Per scale: a bank keeps at least this many vectors (or all of them), whatever the fraction."""
     max_bank: int = 4000
     """Per scale: upper bound on the bank."""
-    folds: int = 10
+    folds: int = 20
     """Cross-validation folds for the threshold (at most one per photo)."""
     max_false_reject: float = 0.05
     projection_dim: int = 64
@@ -633,6 +633,7 @@ def fit_bundle(
                 "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)} for s, (m, sd) in zip(scales, stats,
                                                                                                    strict=True)},
                 "max_false_reject": config.max_false_reject,
+                "config": fit_config_doc(config),
                 "threshold_rule": f"{1 - config.max_false_reject:.3f} quantile of out-of-bank scores of the good "
                                   f"photos ({int(folds.max()) + 1}-fold cross-validation)",
                 "cv_false_reject": round(false_rejects, 4),
@@ -660,6 +661,79 @@ def fit_bundle(
         "seconds_features": round(t_features, 2),
         "seconds_cross_validation": round(t_cv, 2),
     }
+
+
+def fit_config_doc(config: FitConfig) -> dict[str, Any]:
+    """The settings a refit needs to reproduce a fit (stored in the manifest's ``metadata.fit.config``)."""
+    return {"coreset_fraction": config.coreset_fraction, "min_bank": config.min_bank, "max_bank": config.max_bank,
+            "folds": config.folds, "max_false_reject": config.max_false_reject,
+            "projection_dim": config.projection_dim, "seed": config.seed, "scales": list(config.scales)}
+
+
+def fitted_here(metadata: dict[str, Any]) -> bool:
+    """Whether a manifest's metadata says the bundle was made by :func:`fit_bundle` (and can be refitted)."""
+    fit = metadata.get("fit")
+    return isinstance(fit, dict) and isinstance(fit.get("config"), dict) and "scales" in fit["config"]
+
+
+def refit_banks(onnx_path: Path, good_dir: Path, metadata: dict[str, Any], threads: int = 0,
+                progress: FitProgress | None = None) -> dict[str, Any]:
+    """Rebuild, in place, the memory banks, scale statistics and threshold of a graph made by :func:`fit_bundle`
+    from the features that graph itself computes on the good photos (same settings as the fit).
+
+    Used after INT8 quantization: with banks of FP32 features, the quantized backbone's features sit farther from
+    every bank vector, and the FP32 threshold would reject about twice the target share of good parts. Returns
+    the new ``threshold`` and the updated ``fit`` metadata.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not fitted_here(metadata):
+        raise ManifestError(f"{onnx_path}: not a bundle made by inspect fit (no metadata.fit.config)")
+    doc = dict(metadata["fit"]["config"])
+    config = FitConfig(**{**doc, "scales": tuple(doc["scales"]), "threads": threads})
+    scales = tuple(sorted(config.scales))
+    model = onnx.load(str(onnx_path))
+    features = onnx.ModelProto()
+    features.CopyFrom(model)
+    prune_graph(features, {f"patches_{s}" for s in scales})
+    del features.graph.output[:]
+    features.graph.output.extend(helper.make_tensor_value_info(f"patches_{s}", TensorProto.FLOAT, None) for s in scales)
+    features.graph.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
+    paths = good_images(good_dir)
+    patches = extract_patches(_session(features, threads), paths, scales, config.batch, progress)
+    oof, folds = cross_validate(patches, config, progress)
+    stats = scale_stats(oof)
+    _, oof_scores = run_tail(oof, stats, threads)
+    threshold = threshold_at(oof_scores, config.max_false_reject)
+    values: dict[str, F32] = {}
+    for s, (mu, sd) in zip(scales, stats, strict=True):
+        bank = select_bank(patches[s], config, config.seed + 1000 + s)
+        values[f"s{s}/pc_bank_t2"] = np.ascontiguousarray((-2.0 * bank.T).astype(np.float32))
+        values[f"s{s}/pc_bank_sq"] = (bank.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        values[f"s{s}/pc_mu"] = np.array(mu, np.float32)
+        values[f"s{s}/pc_inv_sd"] = np.array(1.0 / max(sd, 1e-6), np.float32)
+    found = set()
+    for init in model.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+            found.add(init.name)
+    missing = sorted(set(values) - found)
+    if missing:
+        raise ManifestError(f"{onnx_path}: memory bank tensors not found (quantized?): {', '.join(missing)}")
+    onnx.save(model, str(onnx_path))
+    fit = dict(metadata["fit"])
+    fit.update({
+        "n_fit": len(paths),
+        "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)} for s, (m, sd) in zip(scales, stats,
+                                                                                           strict=True)},
+        "cv_false_reject": round(float(np.mean(oof_scores > threshold)), 4),
+        "oof_scores": {"min": round(float(oof_scores.min()), 4), "median": round(float(np.median(oof_scores)), 4),
+                       "max": round(float(oof_scores.max()), 4)},
+        "refit": "memory banks, scale statistics and threshold rebuilt from this graph's own features",
+        "folds": int(folds.max()) + 1,
+    })
+    return {"threshold": threshold, "fit": fit}
 
 
 def export_backbone(full_backbone: Path, out_path: Path) -> None:

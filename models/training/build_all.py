@@ -3,8 +3,9 @@
 1. crop + steel: FP32 classifiers into var/models (build_classifiers), then ``quantize`` with the gate into
    models/crop_disease and models/steel_defects; the crop OOD threshold is re-derived on the INT8 model.
 2. tile: ``inspect fit`` on magnetic_tile/train/good ships as models/tile_anomaly (FP32); its INT8 twin goes
-   through the gate into models/tile_anomaly_int8 (stem and distance search kept in float, per the manifest's
-   ``metadata.quantize``).
+   through the gate into models/tile_anomaly_int8 (pre-processing, stems, distance search and scoring tail kept
+   in float, per the manifest's ``metadata.quantize``, memory banks and threshold refitted on INT8 features); a twin
+   the gate refuses is removed, not left stale.
 3. cattle: ``detect fit`` on livestock/cattle_chute/train ships as models/cattle_overhead (FP32, its figures on the
    held-out last fifth of the frames in the manifest); its INT8 twin models/cattle_overhead_int8 only if the gate
    passes on those frames.
@@ -100,6 +101,22 @@ def build_cattle() -> dict[str, object]:
     return {"fit": fit, "gate": gate}
 
 
+def build_tile() -> dict[str, object]:
+    """Fit tile_anomaly on magnetic_tile/train/good (every photo; threshold by cross-validation) and gate its twin."""
+    tiles = DATASETS / "inspection" / "magnetic_tile"
+    fp32_dir = VAR / "tile_anomaly"
+    shutil.rmtree(fp32_dir, ignore_errors=True)
+    out: dict[str, object] = {}
+    out["tile_fit"] = fit_bundle(tiles / "train" / "good", fp32_dir, "tile_anomaly", FitConfig(), backbone=BACKBONE,
+                                 license_=TILE_LICENSE, source=TILE_SOURCE)
+    gate = _gate("tile_anomaly", tiles / "train" / "good", tiles, "tile_anomaly_int8")
+    if not gate.get("passed", True):
+        shutil.rmtree(MODELS / "tile_anomaly_int8", ignore_errors=True)  # never ship a twin of an older FP32 model
+    out["tile_gate"] = gate
+    _replace_bundle(fp32_dir, MODELS / "tile_anomaly")  # the FP32 bundle always ships; the INT8 twin only if gated
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--only", default="crop,steel,tile,cattle", help="Parts to build, comma-separated.")
@@ -119,13 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         if (MODELS / "crop_disease").is_dir():
             calibrate_ood.main([str(MODELS / "crop_disease"), str(gate_dir), "--percentile", "98"])
     if "tile" in parts:
-        tiles = DATASETS / "inspection" / "magnetic_tile"
-        fp32_dir = VAR / "tile_anomaly"
-        shutil.rmtree(fp32_dir, ignore_errors=True)
-        summary["tile_fit"] = fit_bundle(tiles / "train" / "good", fp32_dir, "tile_anomaly", FitConfig(),
-                                         backbone=BACKBONE, license_=TILE_LICENSE, source=TILE_SOURCE)
-        summary["tile_gate"] = _gate("tile_anomaly", tiles / "train" / "good", tiles, "tile_anomaly_int8")
-        _replace_bundle(fp32_dir, MODELS / "tile_anomaly")  # the FP32 bundle always ships; the INT8 twin if gated
+        summary.update(build_tile())
     if "cattle" in parts:
         summary["cattle"] = build_cattle()
     summary["seconds"] = round(time.perf_counter() - t0, 1)

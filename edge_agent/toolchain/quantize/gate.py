@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundles.bundle import MANIFEST_NAME, Bundle, load_bundle
+from edge_agent.bundles.manifest import Manifest
 from edge_agent.errors import ManifestError, QuantizationGateError, require_extra
 from edge_agent.fsutil import sha256_file
+from edge_agent.toolchain.anomaly_fit import fitted_here, refit_banks
 from edge_agent.toolchain.evaluate import Progress, evaluate, public
 from edge_agent.toolchain.quantize.graph import QuantizeOptions, calibration_images, preprocess_file, quantize_onnx
 from edge_agent.vision.model import Model
@@ -123,8 +125,15 @@ def quantize_and_gate(
         int8_path = Path(tmp) / f"{out_name}.onnx"
         say(f"quantizing with {len(calib)} calibration images")
         quantize_onnx(bundle, calib, int8_path, config.calibration)
+        manifest = bundle.manifest
+        if manifest.task == "anomaly" and fitted_here(manifest.metadata):
+            say("refitting the memory banks and threshold on INT8 features")
+            refit = refit_banks(int8_path, calib_dir, manifest.metadata, config.threads)
+            thresholds = manifest.thresholds.model_copy(update={"anomaly": round(refit["threshold"], 6)})
+            manifest = manifest.model_copy(update={"thresholds": thresholds,
+                                                   "metadata": {**manifest.metadata, "fit": refit["fit"]}})
         fp32_model = Model.load(bundle, options)
-        int8_model = Model(bundle.manifest, OrtRuntime(int8_path, options))
+        int8_model = Model(manifest, OrtRuntime(int8_path, options))
         say("evaluating FP32")
         fp32_report = evaluate(fp32_model, eval_dir, eval_progress)
         say("evaluating INT8")
@@ -153,7 +162,7 @@ def quantize_and_gate(
         )
         if not passed:
             raise QuantizationGateError(f"{bundle.name}: gate refused INT8: {reason}", report.to_dict())
-        _write_bundle(bundle, int8_path, out_dir, out_name, report, calib_dir, eval_dir)
+        _write_bundle(bundle, int8_path, out_dir, out_name, report, calib_dir, eval_dir, manifest)
     return report
 
 
@@ -168,13 +177,14 @@ def report_calibration(bundle: Bundle) -> dict[str, Any]:
 
 
 def _write_bundle(
-    bundle: Bundle, onnx_path: Path, out_dir: Path, name: str, report: GateReport, calib_dir: Path, eval_dir: Path
+    bundle: Bundle, onnx_path: Path, out_dir: Path, name: str, report: GateReport, calib_dir: Path, eval_dir: Path,
+    manifest: Manifest | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = f"{name}.onnx"
     dst = out_dir / model_file
     shutil.copyfile(onnx_path, dst)
-    doc = bundle.manifest.model_dump(mode="json")
+    doc = (manifest or bundle.manifest).model_dump(mode="json")
     doc["name"] = name
     doc["model_file"] = model_file
     doc["sha256"] = sha256_file(dst)

@@ -175,7 +175,8 @@ def nodes_kept_float(model: Any, options: QuantizeOptions) -> list[str]:
     """Names of the nodes of ``model`` (after pre-processing) that stay in float.
 
     A listed name also covers the nodes onnxruntime's optimiser made from it (``name/MatMulAddFusion``): the
-    pre-processing renames fused nodes, which otherwise slip out of the exclusion.
+    pre-processing renames fused nodes, which otherwise slip out of the exclusion. Names may hold "/"
+    (``s128/pc_cross`` -> ``s128/pc_cross/MatMulAddFusion``).
     """
     from onnx import numpy_helper
 
@@ -186,7 +187,7 @@ def nodes_kept_float(model: Any, options: QuantizeOptions) -> list[str]:
     kept: list[str] = []
     for node in model.graph.node:
         name = node.name
-        if name in listed or (name.split("/", 1)[0] in listed and "Fusion" in name):
+        if name in listed or ("Fusion" in name and name.rsplit("/", 1)[0] in listed):
             kept.append(name)
         elif options.exclude_depthwise and node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
