@@ -413,6 +413,7 @@ metrics:
         assert failed  # the tiny model calls these frames "not healthy": every part fails
         events = [orjson.loads(p) for t, p in fake_broker.published if t == "edge/v1/line-1/events"]
         assert events and all(e["event"] == "part_rejected" and e["data"]["signal"] == "reject" for e in events)
+        assert all(e["data"]["defects"] and "heatmap" not in e["data"] for e in events)  # heat map is opt-in
         assert {e["data"]["result_id"] for e in events} <= {r.result_id for r in ob.unacked(limit=1000)}
         health = service.health()["sources"]["line-cam"]
         assert health["state"] == "streaming" and health["url"] == "rtsp://viewer:***@cam.local/stream"

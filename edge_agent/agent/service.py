@@ -502,9 +502,11 @@ class Service:
         ref = {"pipeline": item.pipeline, "source": item.source, "input_id": item.input_id,
                "result_id": getattr(out.stored, "result_id", None)}
         if sector.get("signal"):
-            self.publisher.publish_event(
-                "part_rejected", "warning", {**ref, "signal": sector["signal"], "reasons": sector.get("reasons", [])}
-            )
+            data = {**ref, "signal": sector["signal"], "reasons": sector.get("reasons", []),
+                    "defects": sector.get("defects", [])}
+            if "heatmap" in sector:
+                data["heatmap"] = sector["heatmap"]
+            self.publisher.publish_event("part_rejected", "warning", data)
         for alert in sector.get("alerts", ()):
             kind = str(alert.get("type", "alert"))
             self.publisher.publish_event(f"livestock_{kind}", "info" if kind == "line_crossed" else "warning",
