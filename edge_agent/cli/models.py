@@ -138,7 +138,9 @@ def _print_report(doc: dict[str, Any]) -> None:
 
 def quantize_command(
     model: Annotated[str, typer.Option("--model", "-m", help="FP32 bundle to quantize.")],
-    calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images (searched recursively).")],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images (searched recursively); for "
+                                        "a bundle made by `inspect fit`, its good photos (they rebuild its memory "
+                                        "banks and threshold on INT8 features).")],
     eval_dir: Annotated[Path, typer.Option("--eval", help="Labelled folder for the gate (as for `eval`).")],
     out_name: Annotated[str, typer.Option("--out", help="Name of the INT8 bundle to write.")],
     models_dir: ModelsDir = None,

@@ -699,9 +699,9 @@ def refit_banks(onnx_path: Path, good_dir: Path, metadata: dict[str, Any], threa
     prune_graph(features, {f"patches_{s}" for s in scales})
     del features.graph.output[:]
     features.graph.output.extend(helper.make_tensor_value_info(f"patches_{s}", TensorProto.FLOAT, None) for s in scales)
-    features.graph.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, SIZE, SIZE]))
     paths = good_images(good_dir)
-    patches = extract_patches(_session(features, threads), paths, scales, config.batch, progress)
+    # batch 1: the graph was made for one photo and quantization folds its resize sizes to batch 1
+    patches = extract_patches(_session(features, threads), paths, scales, 1, progress)
     oof, folds = cross_validate(patches, config, progress)
     stats = scale_stats(oof)
     _, oof_scores = run_tail(oof, stats, threads)

@@ -20,6 +20,12 @@ A graph with its post-processing inside (decoder ``detections``, ``edge_agent.to
 without it: the calibrator cannot take the variable-length candidate tensors, and the head stays float anyway; the
 head is put back on the quantized body.
 
+An anomaly bundle made by ``edge-agent inspect fit`` (``metadata.fit.config``) is refitted after quantization
+(:func:`edge_agent.toolchain.anomaly_fit.refit_banks`): its memory banks, scale statistics and threshold are rebuilt
+from the quantized graph's own features of the calibration photos, which must then be the good photos it was fitted
+on. Against banks of FP32 features the quantized backbone's features score higher, and the FP32 threshold rejected
+about 12% of good tiles instead of 5%.
+
 The gate evaluates the FP32 and the INT8 model on the same labelled folder and times both in the same run,
 interleaved. It refuses (:class:`~edge_agent.errors.QuantizationGateError`, nothing written) unless INT8 is
 faster and loses at most the budget: ``max_accuracy_drop`` (fraction, 0.01 = 1 point) for classifiers,
