@@ -225,3 +225,39 @@ def test_anomaly_regions_are_connected_areas_above_the_threshold() -> None:
     assert area_a == pytest.approx(6 / 200) and area_b == pytest.approx(7 / 200)
     assert pp.anomaly_regions(heat, 5.0) == []
     assert len(pp.anomaly_regions(heat, 1.0, max_regions=1)) == 1
+
+
+def _flood_fill_regions(heat: np.ndarray, threshold: float) -> list[tuple[tuple[float, ...], float, float]]:
+    """Reference: plain 8-neighbourhood flood fill."""
+    above = heat > threshold
+    h, w = above.shape
+    seen = np.zeros_like(above)
+    out = []
+    for y0 in range(h):
+        for x0 in range(w):
+            if not above[y0, x0] or seen[y0, x0]:
+                continue
+            stack, cells = [(y0, x0)], []
+            seen[y0, x0] = True
+            while stack:
+                y, x = stack.pop()
+                cells.append((y, x))
+                for yy in range(max(0, y - 1), min(h, y + 2)):
+                    for xx in range(max(0, x - 1), min(w, x + 2)):
+                        if above[yy, xx] and not seen[yy, xx]:
+                            seen[yy, xx] = True
+                            stack.append((yy, xx))
+            ys, xs = zip(*cells, strict=True)
+            box = (min(xs) / w, min(ys) / h, (max(xs) + 1) / w, (max(ys) + 1) / h)
+            out.append((box, float(max(heat[c] for c in cells)), len(cells) / (h * w)))
+    return sorted(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.3, 0.8))
+def test_anomaly_regions_match_a_flood_fill(seed: int, threshold: float) -> None:
+    heat = np.random.default_rng(seed).random((12, 17)).astype(np.float32)
+    got = sorted(pp.anomaly_regions(heat, threshold, max_regions=1000))
+    want = _flood_fill_regions(heat, threshold)
+    assert [(r[0], round(r[2], 9)) for r in got] == [(r[0], round(r[2], 9)) for r in want]
+    assert [r[1] for r in got] == pytest.approx([r[1] for r in want])

@@ -342,36 +342,51 @@ def anomaly_regions(
     """Connected areas (8-neighbourhood) of ``heatmap`` above ``threshold``, largest peak first.
 
     Each is ((x1, y1, x2, y2) as fractions 0..1 of the map's width and height, peak value, share of the map's
-    cells). A map cell covers [i/w, (i+1)/w) of the image, so boxes are given at cell edges.
+    cells). A map cell covers [i/w, (i+1)/w) of the image, so boxes are given at cell edges. Labelled by runs
+    of cells per row joined with a union-find (a few dozen runs on a 60x60 map: well under a millisecond).
     """
-    above = np.asarray(heatmap) > threshold
+    values = np.asarray(heatmap, dtype=np.float32)
+    above = values > threshold
     if not above.any():
         return []
     h, w = above.shape
-    labels = np.zeros((h, w), np.int32)
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = above
+    edges = np.diff(padded, axis=1)
+    runs: list[tuple[int, int, int]] = []  # (row, first column, end column exclusive)
+    for y in np.nonzero(above.any(axis=1))[0].tolist():
+        starts = np.nonzero(edges[y] == 1)[0].tolist()
+        ends = np.nonzero(edges[y] == -1)[0].tolist()
+        runs.extend((y, a, b) for a, b in zip(starts, ends, strict=True))
+    parent = list(range(len(runs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    prev: list[int] = []  # indices of the runs of the row above
+    cur: list[int] = []
+    row = -1
+    for i, (y, a, b) in enumerate(runs):
+        if y != row:
+            prev, cur, row = (cur if y == row + 1 else []), [], y
+        for j in prev:
+            _, pa, pb = runs[j]
+            if pa <= b and a <= pb:  # overlapping or touching diagonally (ends are exclusive)
+                parent[root(j)] = root(i)
+        cur.append(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(runs)):
+        groups.setdefault(root(i), []).append(i)
     regions: list[tuple[tuple[float, float, float, float], float, float]] = []
-    values = np.asarray(heatmap, dtype=np.float32)
-    n = 0
-    for y0, x0 in zip(*np.nonzero(above), strict=True):
-        if labels[y0, x0]:
-            continue
-        n += 1
-        labels[y0, x0] = n
-        stack = [(int(y0), int(x0))]
-        ys: list[int] = []
-        xs: list[int] = []
-        while stack:
-            y, x = stack.pop()
-            ys.append(y)
-            xs.append(x)
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    yy, xx = y + dy, x + dx
-                    if 0 <= yy < h and 0 <= xx < w and above[yy, xx] and not labels[yy, xx]:
-                        labels[yy, xx] = n
-                        stack.append((yy, xx))
-        peak = float(values[ys, xs].max())
-        box = (min(xs) / w, min(ys) / h, (max(xs) + 1) / w, (max(ys) + 1) / h)
-        regions.append((box, peak, len(ys) / (h * w)))
+    for members in groups.values():
+        ys = [runs[i][0] for i in members]
+        x1 = min(runs[i][1] for i in members)
+        x2 = max(runs[i][2] for i in members)
+        peak = max(float(values[runs[i][0], runs[i][1]:runs[i][2]].max()) for i in members)
+        cells = sum(runs[i][2] - runs[i][1] for i in members)
+        regions.append(((x1 / w, min(ys) / h, x2 / w, (max(ys) + 1) / h), peak, cells / (h * w)))
     regions.sort(key=lambda r: -r[1])
     return regions[:max_regions]
