@@ -132,6 +132,18 @@ class Zone(_Strict):
         default=None, ge=0, description="Alert when more tracked animals than this are inside; null: no limit."
     )
     alert_on_enter: bool = Field(default=False, description="Alert whenever a tracked animal enters the zone.")
+    expected: int | Literal["learn"] | None = Field(
+        default=None,
+        description="Watch this zone for a headcount drop against this many animals, or 'learn' (the highest "
+        "smoothed count of the last headcount_drop.baseline_s); null: not watched.",
+    )
+
+    @field_validator("expected")
+    @classmethod
+    def _expected_ok(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("expected must be at least 1 (or 'learn', or null)")
+        return v
 
     @field_validator("box")
     @classmethod
@@ -149,6 +161,57 @@ class CountLine(_Strict):
     position: float = Field(ge=0.0, le=1.0, description="Where the line is, as a fraction of width or height.")
 
 
+class StationaryOptions(_Strict):
+    enabled: bool = Field(default=True, description="Raise animal_stationary (an animal down) alerts.")
+    after_s: float = Field(
+        default=600.0, gt=0.0, le=86_400, description="Seconds a track stays within radius before it fires."
+    )
+    radius: float = Field(
+        default=0.05, gt=0.0, le=1.0,
+        description="How far the centre may wander and still count as not moving (fraction of the frame).",
+    )
+    clear_radius: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="The alert clears once the centre is this far away (>= radius)."
+    )
+    clear_after_s: float = Field(
+        default=5.0, ge=0.0, le=3600, description="... for this long (a moving animal, not a jittery box)."
+    )
+    memory_s: float = Field(
+        default=60.0, ge=0.0, le=86_400,
+        description="An unseen animal's spot is kept this long: a new track on it takes over its timer and alert; "
+        "after that a fired alert clears with reason 'lost'.",
+    )
+
+    @model_validator(mode="after")
+    def _bars(self) -> StationaryOptions:
+        if self.clear_radius < self.radius:
+            raise ValueError("clear_radius must be at least radius (hysteresis)")
+        return self
+
+
+class HeadcountDropOptions(_Strict):
+    drop: int = Field(default=1, ge=1, description="Fires when the count is at or below baseline - drop ...")
+    clear_drop: int = Field(
+        default=0, ge=0, description="... and clears when it is back at or above baseline - clear_drop (< drop)."
+    )
+    after_s: float = Field(default=120.0, ge=0.0, le=86_400, description="Seconds below before it fires.")
+    clear_after_s: float = Field(default=60.0, ge=0.0, le=86_400, description="Seconds restored before it clears.")
+    smooth_s: float = Field(
+        default=30.0, ge=0.0, le=3600, description="The count is the median of the per-frame counts of this window."
+    )
+    baseline_s: float = Field(
+        default=3600.0, gt=0.0, le=7 * 86_400,
+        description="expected: learn: the baseline is the highest smoothed count of this window.",
+    )
+    min_baseline: int = Field(default=1, ge=1, description="No alert while the baseline is below this.")
+
+    @model_validator(mode="after")
+    def _bars(self) -> HeadcountDropOptions:
+        if self.clear_drop >= self.drop:
+            raise ValueError("clear_drop must be less than drop (hysteresis)")
+        return self
+
+
 class LivestockOptions(_Strict):
     labels: tuple[str, ...] = Field(
         default=("cow", "horse", "sheep"), description="Detection labels that are tracked and counted."
@@ -161,6 +224,36 @@ class LivestockOptions(_Strict):
     min_hits: int = Field(default=2, ge=1, description="Matched frames before a track is confirmed and counted.")
     count_line: CountLine | None = Field(default=None, description="Optional line whose crossings are counted.")
     zones: tuple[Zone, ...] = Field(default=(), description="Zones with occupancy limits and enter alerts.")
+    report_interval_s: float = Field(
+        default=60.0, ge=0.0, le=86_400,
+        description="Publish a headcount report (whole frame and each zone) per interval of this many seconds of "
+        "capture time; 0: none.",
+    )
+    expected: int | Literal["learn"] | None = Field(
+        default=None,
+        description="Watch the whole frame for a headcount drop against this many animals, or 'learn'; null: not.",
+    )
+    stationary: StationaryOptions = Field(
+        default_factory=StationaryOptions, description="animal_stationary: an animal that has not moved for long."
+    )
+    headcount_drop: HeadcountDropOptions = Field(
+        default_factory=HeadcountDropOptions,
+        description="headcount_drop: for the whole frame and zones with 'expected'.",
+    )
+
+    @field_validator("expected")
+    @classmethod
+    def _expected_ok(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("expected must be at least 1 (or 'learn', or null)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_zones(self) -> LivestockOptions:
+        names = [z.name for z in self.zones]
+        if len(names) != len(set(names)):
+            raise ValueError("zone names must be unique")
+        return self
 
 
 class PipelineConfig(_Strict):

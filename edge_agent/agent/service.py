@@ -509,8 +509,10 @@ class Service:
             self.publisher.publish_event("part_rejected", "warning", data)
         for alert in sector.get("alerts", ()):
             kind = str(alert.get("type", "alert"))
-            self.publisher.publish_event(f"livestock_{kind}", "info" if kind == "line_crossed" else "warning",
-                                         {**ref, **alert})
+            quiet = kind == "line_crossed" or alert.get("state") == "cleared"
+            self.publisher.publish_event(f"livestock_{kind}", "info" if quiet else "warning", {**ref, **alert})
+        for report in sector.get("reports", ()):  # headcount per interval (also kept in the result: durable)
+            self.publisher.publish_event(f"livestock_{report.get('type', 'report')}", "info", {**ref, **report})
 
     def models_info(self) -> list[dict[str, Any]]:
         return models_info(self._bundles, self._sources)

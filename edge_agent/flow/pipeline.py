@@ -24,6 +24,7 @@ finishes on the old model, every later one runs on the new; the queue is untouch
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -31,12 +32,20 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from edge_agent.config import PipelineConfig
+from edge_agent.config import LivestockOptions, PipelineConfig
 from edge_agent.delivery.interface import ResultJournal, StoredResult
 from edge_agent.errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
 from edge_agent.metrics import Metrics
+from edge_agent.sectors.herd_events import (
+    HeadcountDropRule,
+    HerdEventRules,
+    HerdEvents,
+    StationaryRule,
+    frame_view,
+    split_events,
+)
 from edge_agent.sectors.inspection import InspectionRules, inspection_verdict
 from edge_agent.sectors.livestock import LineRule, LivestockRules, LivestockTracker, ZoneRule
 from edge_agent.types import Image, Result
@@ -111,20 +120,58 @@ def make_sector(cfg: PipelineConfig) -> Sector:
                 zones=tuple(ZoneRule(z.name, z.box, z.max_count, z.alert_on_enter) for z in lopts.zones),
             )
         tracker = LivestockTracker(lrules)
+        herd = HerdEvents(herd_event_rules(lopts)) if lopts is not None else HerdEvents()
         lock = threading.Lock()
         last_frame: dict[str, int] = {}
 
         def track(result: Result, item: InputItem) -> dict[str, Any]:
             frame = item.hints.get("frame")
+            captured = capture_time(item)
             with lock:  # one tracker state per source; workers take turns
                 if frame is not None and frame.isdigit():
                     if int(frame) < last_frame.get(item.source, -1):
                         return {"skipped": "out_of_order_frame"}  # a newer frame already moved the tracks on
                     last_frame[item.source] = int(frame)
-                return tracker.update(result, item.source)
+                report = tracker.update(result, item.source)
+                alerts, reports = split_events(
+                    herd.update(captured, item.source, frame_view(report, result.image_size))
+                )
+            report["alerts"] = [*report.get("alerts", ()), *alerts]
+            report["reports"] = reports
+            report["captured_at"] = round(captured, 3)
+            return report
 
         return track
     return no_sector
+
+
+def capture_time(item: InputItem) -> float:
+    """When the frame was taken: the source's ``captured_at`` hint (a folder file's modification time), else now
+    (a camera frame is processed as soon as it is read: latest frame wins)."""
+    hint = item.hints.get("captured_at")
+    if hint is not None:
+        try:
+            value = float(hint)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    return time.time()
+
+
+def herd_event_rules(opts: LivestockOptions) -> HerdEventRules:
+    s, d = opts.stationary, opts.headcount_drop
+    expected: list[tuple[str | None, int | Literal["learn"]]] = []
+    if opts.expected is not None:
+        expected.append((None, opts.expected))
+    expected += [(z.name, z.expected) for z in opts.zones if z.expected is not None]
+    return HerdEventRules(
+        report_interval_s=opts.report_interval_s,
+        stationary=StationaryRule(s.enabled, s.after_s, s.radius, s.clear_radius, s.clear_after_s, s.memory_s),
+        headcount_drop=HeadcountDropRule(d.drop, d.clear_drop, d.after_s, d.clear_after_s, d.smooth_s, d.baseline_s,
+                                         d.min_baseline),
+        expected=tuple(expected),
+    )
 
 
 _STOP = object()

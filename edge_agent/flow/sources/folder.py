@@ -69,6 +69,8 @@ def durable_move(src: Path, dst: Path) -> None:
             with src.open("rb") as fin, tmp.open("wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
                 fout.flush()
+                st = os.fstat(fin.fileno())
+                os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))  # the capture time moves with it
                 os.fsync(fout.fileno())
         except OSError:  # e.g. ENOSPC: no partial copy is left behind; the source is untouched
             tmp.unlink(missing_ok=True)
@@ -277,7 +279,14 @@ class FolderSource:
     # --- scanning -------------------------------------------------------------------------------------------------
 
     def _item(self, input_id: str, spool_path: Path) -> InputItem:
-        return InputItem(input_id=input_id, pipeline=self.cfg.pipeline, source=self.name, spool_path=str(spool_path))
+        """The file's modification time (kept by the move into the spool) is its capture time (``captured_at``):
+        the livestock events' clock, so frames dropped in late or in a burst still get their own times."""
+        try:
+            hints = {"captured_at": repr(spool_path.stat().st_mtime)}
+        except OSError:
+            hints = {}
+        return InputItem(input_id=input_id, pipeline=self.cfg.pipeline, source=self.name, spool_path=str(spool_path),
+                         hints=hints)
 
     def _room(self) -> int:
         return self.cfg.max_in_flight - self._in_flight - len(self._waiting)
