@@ -3,6 +3,7 @@ the suite needs nothing outside this repository."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,24 @@ MODELS = ROOT / "models"
 TEST_DATA = ROOT / "tests" / "data"
 COCO_DEMO = TEST_DATA / "coco_demo"
 CROPS = TEST_DATA / "crops"
+SHARED = Path(os.environ.get("EDGE_AGENT_SHARED") or ROOT.parent / "shared")
+"""Data sets beside the repository (``../shared``; CI has them). Tests that read them are marked ``datasets``."""
+DATASETS = SHARED / "datasets"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the ``datasets`` tests when ../shared/datasets is missing, and say so once."""
+    if DATASETS.is_dir():
+        return
+    needs = [item for item in items if item.get_closest_marker("datasets") is not None]
+    if not needs:
+        return
+    items[:] = [item for item in items if item.get_closest_marker("datasets") is None]
+    config.hook.pytest_deselected(items=needs)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(needs)} test(s) marked 'datasets' deselected: {DATASETS} not found (set EDGE_AGENT_SHARED)"
+    if reporter is not None:
+        reporter.write_line(message, yellow=True)
 
 
 @pytest.fixture(scope="session")

@@ -136,9 +136,10 @@ def make_sector(cfg: PipelineConfig) -> Sector:
                 alerts, reports = split_events(
                     herd.update(captured, item.source, frame_view(report, result.image_size))
                 )
-            report["alerts"] = [*report.get("alerts", ()), *alerts]
+            stamp = round(captured, 3)
+            report["alerts"] = [{**a, "ts": a.get("ts", stamp)} for a in (*report.get("alerts", ()), *alerts)]
             report["reports"] = reports
-            report["captured_at"] = round(captured, 3)
+            report["captured_at"] = stamp
             return report
 
         return track
