@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -123,6 +124,10 @@ class InspectionOptions(_Strict):
     )
 
 
+ExpectedCount = Annotated[int, Strict(), Field(ge=1)] | Literal["learn"] | None
+"""A headcount to watch for a drop: a number of animals, ``learn`` (the recent maximum), or null (not watched)."""
+
+
 class Zone(_Strict):
     name: Name = Field(description="Zone name reported in alerts.")
     box: tuple[float, float, float, float] = Field(
@@ -132,18 +137,11 @@ class Zone(_Strict):
         default=None, ge=0, description="Alert when more tracked animals than this are inside; null: no limit."
     )
     alert_on_enter: bool = Field(default=False, description="Alert whenever a tracked animal enters the zone.")
-    expected: int | Literal["learn"] | None = Field(
+    expected: ExpectedCount = Field(
         default=None,
         description="Watch this zone for a headcount drop against this many animals, or 'learn' (the highest "
         "smoothed count of the last headcount_drop.baseline_s); null: not watched.",
     )
-
-    @field_validator("expected")
-    @classmethod
-    def _expected_ok(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("expected must be at least 1 (or 'learn', or null)")
-        return v
 
     @field_validator("box")
     @classmethod
@@ -229,7 +227,7 @@ class LivestockOptions(_Strict):
         description="Publish a headcount report (whole frame and each zone) per interval of this many seconds of "
         "capture time; 0: none.",
     )
-    expected: int | Literal["learn"] | None = Field(
+    expected: ExpectedCount = Field(
         default=None,
         description="Watch the whole frame for a headcount drop against this many animals, or 'learn'; null: not.",
     )
@@ -240,13 +238,6 @@ class LivestockOptions(_Strict):
         default_factory=HeadcountDropOptions,
         description="headcount_drop: for the whole frame and zones with 'expected'.",
     )
-
-    @field_validator("expected")
-    @classmethod
-    def _expected_ok(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("expected must be at least 1 (or 'learn', or null)")
-        return v
 
     @model_validator(mode="after")
     def _unique_zones(self) -> LivestockOptions:

@@ -276,6 +276,7 @@ def test_config_maps_to_rules_with_validation() -> None:
         {"headcount_drop": {"drop": 1, "clear_drop": 1}},  # no hysteresis
         {"stationary": {"radius": 0.1, "clear_radius": 0.05}},
         {"expected": 0},
+        {"expected": True},
         {"expected": "lots"},
         {"zones": [{"name": "a", "box": [0, 0, 1, 1]}, {"name": "a", "box": [0, 0, 1, 1]}]},
         {"report_interval_s": -1},

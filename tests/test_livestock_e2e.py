@@ -173,5 +173,5 @@ def test_real_chute_frames_through_edge_agent_run_reach_the_coordinator(tmp_path
     for e in watcher.received:
         if e["event"].startswith("livestock_"):
             jsonschema.validate(e["data"], event_schema, cls=jsonschema.Draft202012Validator)
-    print(f"e2e: {len(bodies)} results, reports {[(r['count'], r['crossed_forward'], r['crossed_backward']) for r in reports]}, "
-          f"alerts {kinds}, {time.monotonic() - started:.1f} s")
+    figures = [(r["count"], r["crossed_forward"], r["crossed_backward"]) for r in reports]
+    print(f"e2e: {len(bodies)} results, reports {figures}, alerts {kinds}, {time.monotonic() - started:.1f} s")
