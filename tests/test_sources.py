@@ -27,7 +27,7 @@ from edge_agent.flow.sources.camera import (
     redact_url,
     with_credentials,
 )
-from edge_agent.flow.sources.folder import FolderSource
+from edge_agent.flow.sources.folder import FolderSource, durable_move
 from edge_agent.flow.sources.opencv import OpenCvCapture
 from edge_agent.metrics import Metrics
 from edge_agent.types import Image
@@ -156,6 +156,37 @@ def test_good_file_goes_through_spool_to_done(tmp_path: Path) -> None:
     assert journal.inputs[input_id]["state"] == "done"
     assert journal.inputs[input_id]["meta"]["original_name"] == "leaf.jpg"
     assert pipe.items[0].spool_path is not None and pipe.items[0].source == "inbox"
+
+
+def test_files_are_taken_in_name_order_with_their_modification_time_as_capture_time(tmp_path: Path) -> None:
+    src, _journal, pipe = make_folder(tmp_path, max_in_flight=2)
+    for n in (3, 1, 2):  # written out of order; named by time
+        f = src.cfg.path / f"frame_{n:03d}.jpg"
+        f.write_bytes(b"image")
+        os.utime(f, (1_700_000_000.0 + n / 10, 1_700_000_000.0 + n / 10))
+    while src.scan_once():
+        pass
+    assert [Path(i.spool_path or "").name.split("--")[1] for i in pipe.items] == [
+        "frame_001.jpg", "frame_002.jpg", "frame_003.jpg"]
+    assert [float(i.hints["captured_at"]) for i in pipe.items] == pytest.approx([1_700_000_000.1, 1_700_000_000.2,
+                                                                                 1_700_000_000.3])
+
+
+def test_a_move_across_file_systems_keeps_the_capture_time(tmp_path: Path) -> None:
+    src = tmp_path / "a.jpg"
+    src.write_bytes(b"image")
+    os.utime(src, ns=(1_800_000_000_123_456_789, 1_800_000_000_123_456_789))
+    real_rename = os.rename
+
+    def rename(a: Any, b: Any) -> None:
+        if Path(a) == src:
+            raise OSError(18, "Invalid cross-device link")  # as if the spool were on another disk
+        real_rename(a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "rename", rename)
+        durable_move(src, tmp_path / "b.jpg")
+    assert not src.exists() and (tmp_path / "b.jpg").stat().st_mtime_ns == 1_800_000_000_123_456_789
 
 
 @pytest.mark.parametrize(

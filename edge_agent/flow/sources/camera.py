@@ -242,7 +242,7 @@ class CameraSource:
             pipeline=self.cfg.pipeline,
             source=self.name,
             image=Image.from_array(frame, "BGR"),
-            hints={"frame": str(self.frames)},
+            hints={"frame": str(self.frames), "captured_at": repr(time.time())},  # read just now: its capture time
         )
         try:
             fut = self._submit(item)
