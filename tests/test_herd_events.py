@@ -8,6 +8,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.config import LivestockOptions, PipelineConfig
 from edge_agent.flow.pipeline import InputItem, capture_time, herd_event_rules, make_sector
@@ -19,6 +21,7 @@ from edge_agent.sectors.herd_events import (
     HerdEvents,
     StationaryRule,
     TrackView,
+    _histogram_median_low,
     frame_view,
 )
 from edge_agent.types import Detection, Result, Timings
@@ -239,6 +242,14 @@ def test_a_learned_baseline_is_the_recent_maximum_and_renews_after_baseline_s() 
     assert [(e["state"], e["reason"]) for e in out] == [("cleared", "rebaselined")]
     assert out[0]["ts"] == pytest.approx(out[0]["since"] + 60 + 600)
     assert run(events, counts(T0 + 1100, [3] * 900)) == []  # and no new alert against the old level
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=200))
+def test_the_smoothed_count_is_the_lower_median(values: list[int]) -> None:
+    from collections import Counter
+    from statistics import median_low
+
+    assert _histogram_median_low(Counter(values), len(values)) == median_low(values)
 
 
 def test_a_learned_baseline_below_min_baseline_is_not_watched() -> None:

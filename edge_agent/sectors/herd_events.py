@@ -165,6 +165,8 @@ class _Still:
 class _Watch:
     expected: Expected
     samples: deque[tuple[float, int]] = field(default_factory=deque)
+    histogram: dict[int, int] = field(default_factory=dict)
+    """How many of the samples hold each count: the median costs O(distinct counts), not a sort."""
     peaks: deque[tuple[float, int]] = field(default_factory=deque)
     """Learned baseline: a monotonic deque of (ts, smoothed count); the front is the window's maximum."""
     below_since: float | None = None
@@ -173,6 +175,16 @@ class _Watch:
     fired_baseline: int = 0
     since: float = 0.0
     ok_since: float | None = None
+
+
+def _histogram_median_low(histogram: Mapping[int, int], n: int) -> int:
+    """``statistics.median_low`` of the ``n`` values that ``histogram`` counts."""
+    rank = (n - 1) // 2
+    for value in sorted(histogram):
+        rank -= histogram[value]
+        if rank < 0:
+            return value
+    raise ValueError("empty histogram")
 
 
 @dataclass
@@ -325,9 +337,13 @@ class HerdEvents:
     def _drop(self, ts: float, target: str | None, w: _Watch, count: int, events: list[dict[str, Any]]) -> None:
         rule = self.rules.headcount_drop
         w.samples.append((ts, count))
-        while w.samples and w.samples[0][0] < ts - rule.smooth_s:
-            w.samples.popleft()
-        smoothed = int(median_low(c for _, c in w.samples))
+        w.histogram[count] = w.histogram.get(count, 0) + 1
+        while w.samples[0][0] < ts - rule.smooth_s:
+            _, old = w.samples.popleft()
+            w.histogram[old] -= 1
+            if not w.histogram[old]:
+                del w.histogram[old]
+        smoothed = _histogram_median_low(w.histogram, len(w.samples))
         learned = w.expected == "learn"
         if learned:
             while w.peaks and w.peaks[-1][1] <= smoothed:
