@@ -37,7 +37,6 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from statistics import median_low
 from typing import Any, Literal
 
 Expected = int | Literal["learn"]
@@ -130,16 +129,23 @@ def _r(v: float, nd: int = 3) -> float:
 @dataclass
 class _Interval:
     index: int
-    counts: list[int] = field(default_factory=list)
-    zones: dict[str, list[int]] = field(default_factory=dict)
+    frames: int = 0
+    counts: dict[int, int] = field(default_factory=dict)
+    """Histogram of the per-frame counts (count -> frames): bounded however long the interval."""
+    zones: dict[str, dict[int, int]] = field(default_factory=dict)
     forward0: int = 0
     backward0: int = 0
     forward: int = 0
     backward: int = 0
 
 
-def _stats(values: list[int]) -> dict[str, int]:
-    return {"count": int(median_low(values)), "min": min(values), "max": max(values)}
+def _stats(histogram: dict[int, int]) -> dict[str, int]:
+    return {"count": _histogram_median_low(histogram, sum(histogram.values())), "min": min(histogram),
+            "max": max(histogram)}
+
+
+def _add(histogram: dict[int, int], value: int) -> None:
+    histogram[value] = histogram.get(value, 0) + 1
 
 
 # --- stationary ------------------------------------------------------------------------------------------------
@@ -236,9 +242,10 @@ class HerdEvents:
         if current is None:
             # crossings before this frame belong to earlier intervals (the counters are cumulative)
             current = state.interval = _Interval(index, forward0=state.last_forward, backward0=state.last_backward)
-        current.counts.append(frame.in_frame)
+        current.frames += 1
+        _add(current.counts, frame.in_frame)
         for name, n in frame.zones.items():
-            current.zones.setdefault(name, []).append(n)
+            _add(current.zones.setdefault(name, {}), n)
         # a counter that went down: the tracker restarted; count from 0 again
         if frame.forward < state.last_forward or frame.backward < state.last_backward:
             current.forward0, current.backward0 = 0, 0
@@ -253,7 +260,7 @@ class HerdEvents:
             "ts": _r(start + period),
             "start": _r(start),
             "end": _r(start + period),
-            "frames": len(iv.counts),
+            "frames": iv.frames,
             **_stats(iv.counts),
             "crossed_forward": max(iv.forward - iv.forward0, 0),
             "crossed_backward": max(iv.backward - iv.backward0, 0),
@@ -337,7 +344,7 @@ class HerdEvents:
     def _drop(self, ts: float, target: str | None, w: _Watch, count: int, events: list[dict[str, Any]]) -> None:
         rule = self.rules.headcount_drop
         w.samples.append((ts, count))
-        w.histogram[count] = w.histogram.get(count, 0) + 1
+        _add(w.histogram, count)
         while w.samples[0][0] < ts - rule.smooth_s:
             _, old = w.samples.popleft()
             w.histogram[old] -= 1
