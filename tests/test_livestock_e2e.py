@@ -18,6 +18,9 @@ standing still for the last ~2.5 s. Per 4 s interval (T0 aligned to a multiple o
 240-357; 372 falls in the fourth, still open): median animals in frame 2 / 2 / 1, crossings forward 1 / 0 / 0,
 backward 0 / 1 / 0.
 
+The same tracker and events fed with the labelled boxes instead of the detector give the same reports, crossings
+and stationary alert (cow A, from frame ~288); the headcount_drop alert then fires at frame ~240 against a learned
+baseline of 3 (the tiny third cow, which the detector misses: baseline 2, fired at frame ~360 when B has left).
 The frames were part of the cattle_overhead bundle's training split: this tests the system, not the detector.
 """
 
@@ -161,9 +164,10 @@ def test_real_chute_frames_through_edge_agent_run_reach_the_coordinator(tmp_path
     kinds = [(a["type"], a["state"]) for a in alerts]
     assert sorted(kinds) == [("animal_stationary", "active"), ("headcount_drop", "active")]
     still = next(a for a in alerts if a["type"] == "animal_stationary")
-    assert still["since"] - t0 >= 290 / FPS and still["position"][1] < 0.5  # the one standing near the top
+    assert still["since"] - t0 >= 280 / FPS and still["position"][1] < 0.5  # the one standing near the top
     drop = next(a for a in alerts if a["type"] == "headcount_drop")
-    assert (drop["zone"], drop["baseline"], drop["baseline_from"], drop["count"]) == (None, 2, "learned", 1)
+    assert (drop["zone"], drop["baseline_from"]) == (None, "learned")
+    assert drop["baseline"] in (2, 3) and drop["count"] < drop["baseline"]  # 3 if the tiny third cow is detected
 
     # the live copies on the events topic
     live = {(e["event"], e["data"]["ts"]) for e in watcher.received if e["event"].startswith("livestock_")}
