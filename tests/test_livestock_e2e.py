@@ -98,7 +98,7 @@ def agent_config(tmp_path: Path, broker_port: int, inbox: Path) -> str:
     cfg["mqtt"] = {"host": "127.0.0.1", "port": broker_port, "heartbeat_s": 1, "reconnect_max_s": 1}
     cfg["metrics"] = {"enabled": False}
     cfg["http"] = {"enabled": True, "bind": "127.0.0.1", "port": 0}
-    return yaml.safe_dump(cfg).replace("port: 0", "port: {port}")
+    return yaml.safe_dump(cfg).replace("port: 0\n", "port: {port}\n")  # agent_process fills in the HTTP port
 
 
 @pytest.fixture
