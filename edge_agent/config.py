@@ -81,6 +81,11 @@ class ModelConfig(_Strict):
         description="onnxruntime execution providers in order of preference; unavailable ones are skipped.",
     )
     warmup: bool = Field(default=True, description="Run one inference before the model is reported ready.")
+    score_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Detectors only: replaces the bundle's score threshold (null: the bundle's). Lower it so a "
+        "livestock pipeline's tracker sees the low-score detections that keep a half-hidden animal's track alive.",
+    )
     max_pixels: int = Field(
         default=40_000_000,
         gt=0,
@@ -214,11 +219,21 @@ class LivestockOptions(_Strict):
     labels: tuple[str, ...] = Field(
         default=("cow", "horse", "sheep"), description="Detection labels that are tracked and counted."
     )
-    min_score: float = Field(default=0.3, ge=0.0, le=1.0, description="Detections below this score are ignored.")
-    iou_threshold: float = Field(
-        default=0.3, gt=0.0, le=1.0, description="Minimum IoU to match a detection to an existing track."
+    min_score: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="Detections below this score are ignored; from here up to high_score they only keep existing "
+        "tracks alive (the model must emit them: its bundle threshold applies first).",
     )
-    max_missed: int = Field(default=5, ge=0, description="Frames a track survives without a matching detection.")
+    high_score: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Detections at or above this score start tracks and are matched first."
+    )
+    iou_threshold: float = Field(
+        default=0.2, gt=0.0, le=1.0,
+        description="Minimum IoU between a track's predicted box (Kalman filter) and a detection to match them.",
+    )
+    max_missed: int = Field(
+        default=5, ge=0, description="Frames a confirmed track coasts on its predicted motion without a detection."
+    )
     min_hits: int = Field(default=2, ge=1, description="Matched frames before a track is confirmed and counted.")
     count_line: CountLine | None = Field(default=None, description="Optional line whose crossings are counted.")
     zones: tuple[Zone, ...] = Field(default=(), description="Zones with occupancy limits and enter alerts.")

@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = [item for item in items if item.get_closest_marker("datasets") is None]
     config.hook.pytest_deselected(items=needs)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    message = f"{len(needs)} test(s) marked 'datasets' deselected: {DATASETS} not found (set EDGE_AGENT_SHARED)"
+    message = f"{len(needs)} dataset tests not run: ../shared/datasets not found ({DATASETS}; set EDGE_AGENT_SHARED)"
     if reporter is not None:
         reporter.write_line(message, yellow=True)
 

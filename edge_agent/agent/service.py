@@ -79,6 +79,11 @@ def _onnx_model(bundle: Bundle, cfg: ModelConfig, *, pixel_budget: PixelBudget |
 
     opts = RuntimeOptions(providers=cfg.providers, intra_op_threads=cfg.threads, allow_spinning=False)
     model = Model.load(bundle, opts, max_pixels=cfg.max_pixels, pixel_budget=pixel_budget)
+    if cfg.score_threshold is not None:
+        try:
+            model.set_thresholds(score=cfg.score_threshold)
+        except ValueError as exc:
+            raise ConfigError(f"models.{cfg.name}.score_threshold: {exc}") from exc
     if cfg.warmup:
         model.warmup(1)
     return model

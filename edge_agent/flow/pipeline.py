@@ -113,6 +113,7 @@ def make_sector(cfg: PipelineConfig) -> Sector:
             lrules = LivestockRules(
                 labels=lopts.labels,
                 min_score=lopts.min_score,
+                high_score=lopts.high_score,
                 iou_threshold=lopts.iou_threshold,
                 max_missed=lopts.max_missed,
                 min_hits=lopts.min_hits,
@@ -132,7 +133,7 @@ def make_sector(cfg: PipelineConfig) -> Sector:
                     if int(frame) < last_frame.get(item.source, -1):
                         return {"skipped": "out_of_order_frame"}  # a newer frame already moved the tracks on
                     last_frame[item.source] = int(frame)
-                report = tracker.update(result, item.source)
+                report = tracker.update(result, item.source, timestamp=captured)
                 alerts, reports = split_events(
                     herd.update(captured, item.source, frame_view(report, result.image_size))
                 )

@@ -1,7 +1,9 @@
-"""Livestock sector: an IoU tracker, unique and line-crossing counts, zone occupancy and alerts.
+"""Livestock sector: a motion-model tracker, unique and line-crossing counts, zone occupancy and alerts.
 
 Pure numpy and Python: no I/O, no threads, no globals. The tracker keeps state between frames
-(that is its job), one state per source, so frames of one source must be fed in order.
+(that is its job), one state per source, so frames of one source must be fed in order. Tracking
+itself (Kalman filter per animal, two-stage ByteTrack-style association) is in
+:mod:`edge_agent.sectors.tracking`; this module turns its tracks into farm counts and alerts.
 
 Boxes are (x1, y1, x2, y2) in original-image pixels; zones and the count line are fractions of
 the image size so one config fits any camera resolution. The per-frame report is JSON-ready::
@@ -10,18 +12,39 @@ the image size so one config fits any camera resolution. The per-frame report is
      "counts": {"unique": int, "by_label": {label: int}, "forward": int, "backward": int},
      "zones": [{"name", "occupancy", "max_count"}],
      "alerts": [{"type": "zone_over_capacity" | "zone_enter" | "line_crossed", ...}]}
+
+Line crossings: a track's side of the line changes only once its centre is more than
+:data:`LINE_MARGIN` (a fraction of the image) past the line, so an animal standing on the line is
+not counted back and forth; a crossing is counted once the track is confirmed (a crossing made while
+it was still unconfirmed counts at confirmation), and only on frames where the animal was seen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.sectors.tracking import Observation, Track, Tracker, TrackerSettings, greedy_match
 from edge_agent.types import Detection, Result
 from edge_agent.vision.postprocess import box_iou
+
+__all__ = [
+    "LINE_MARGIN",
+    "LineRule",
+    "LivestockRules",
+    "LivestockTracker",
+    "Track",
+    "ZoneRule",
+    "greedy_match",
+    "iou_matrix",
+]
+
+LINE_MARGIN = 0.02
+"""Hysteresis of the count line, as a fraction of the image height (axis y) or width (axis x)."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +69,20 @@ class LivestockRules:
 
     labels: tuple[str, ...] = ("cow", "horse", "sheep")
     min_score: float = 0.3
-    iou_threshold: float = 0.3
+    """Detections below are ignored; from here up to ``high_score`` they only keep tracks alive."""
+    high_score: float = 0.5
+    """Detections at or above start tracks and are matched first."""
+    iou_threshold: float = 0.2
     max_missed: int = 5
     min_hits: int = 2
     count_line: LineRule | None = None
     zones: tuple[ZoneRule, ...] = ()
+
+    def tracker_settings(self) -> TrackerSettings:
+        return TrackerSettings(
+            high_score=max(self.high_score, self.min_score), low_score=self.min_score,
+            match_iou=self.iou_threshold, max_missed=self.max_missed, min_hits=self.min_hits,
+        )
 
 
 def iou_matrix(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -58,46 +90,19 @@ def iou_matrix(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> npt.ND
     return box_iou(a, b)
 
 
-def greedy_match(iou: npt.NDArray[np.float64], threshold: float) -> list[tuple[int, int]]:
-    """Pairs (row, col) by descending IoU, each row and column used once, IoU >= threshold."""
-    pairs: list[tuple[int, int]] = []
-    if iou.size == 0:
-        return pairs
-    rows, cols = np.nonzero(iou >= threshold)
-    order = np.argsort(-iou[rows, cols], kind="stable")
-    used_r: set[int] = set()
-    used_c: set[int] = set()
-    for k in order:
-        r, c = int(rows[k]), int(cols[k])
-        if r in used_r or c in used_c:
-            continue
-        used_r.add(r)
-        used_c.add(c)
-        pairs.append((r, c))
-    return pairs
-
-
 @dataclass
-class Track:
-    id: int
-    label: str
-    score: float
-    box: tuple[float, float, float, float]
-    hits: int = 1
-    missed: int = 0
-    confirmed: bool = False
-    side: int | None = None
-    zones: set[str] = field(default_factory=set)
+class _TrackState:
+    """What the counts remember about one track."""
 
-    def center(self) -> tuple[float, float]:
-        x1, y1, x2, y2 = self.box
-        return ((x1 + x2) / 2.0, (y1 + y2) / 2.0)
+    side: int | None = None
+    counted: bool = False
+    zones: set[str] = field(default_factory=set)
 
 
 @dataclass
 class _SourceState:
-    tracks: list[Track] = field(default_factory=list)
-    next_id: int = 1
+    tracker: Tracker
+    extra: dict[int, _TrackState] = field(default_factory=dict)
     unique: int = 0
     by_label: dict[str, int] = field(default_factory=dict)
     forward: int = 0
@@ -106,52 +111,48 @@ class _SourceState:
 
 
 class LivestockTracker:
-    """Feed it one detection ``Result`` per frame (per source, in order); it returns the report."""
+    """Feed it one detection ``Result`` per frame (per source, in order); it returns the report.
+
+    ``timestamp`` (seconds, e.g. the camera's capture time) lets the motion model step over frames the pipeline
+    dropped; without it every frame is one step. :meth:`tracks` gives the live :class:`Track` objects of a source
+    (id, box, score, age/hits/missed, velocity, first_seen/last_seen) for logic built on top.
+    """
 
     def __init__(self, rules: LivestockRules = LivestockRules()) -> None:
         self.rules = rules
         self._labels = {label.casefold() for label in rules.labels}
         self._states: dict[str, _SourceState] = {}
 
-    def update(self, result: Result, source: str = "default") -> dict[str, Any]:
+    def tracks(self, source: str = "default") -> list[Track]:
+        """The source's tracks after its latest frame (seen or coasting), in id order; do not modify them."""
+        state = self._states.get(source)
+        return list(state.tracker.tracks) if state is not None else []
+
+    def update(self, result: Result, source: str = "default", timestamp: float | None = None) -> dict[str, Any]:
         rules = self.rules
-        state = self._states.setdefault(source, _SourceState())
+        state = self._states.get(source)
+        if state is None:
+            state = self._states[source] = _SourceState(Tracker(rules.tracker_settings()))
         width, height = max(result.image_size[0], 1), max(result.image_size[1], 1)
-        dets = [
-            p
+        observations: Sequence[Observation] = [
+            Observation(tuple(float(v) for v in p.box), float(p.score), p.label)  # type: ignore[arg-type]
             for p in result.predictions
             if isinstance(p, Detection) and p.label.casefold() in self._labels and p.score >= rules.min_score
         ]
         alerts: list[dict[str, Any]] = []
+        seen = state.tracker.update(observations, timestamp)
+        alive = {t.id for t in state.tracker.tracks}
+        state.extra = {k: v for k, v in state.extra.items() if k in alive}
 
-        det_boxes = np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4)
-        trk_boxes = np.array([t.box for t in state.tracks], dtype=np.float64).reshape(-1, 4)
-        pairs = greedy_match(iou_matrix(trk_boxes, det_boxes), rules.iou_threshold)
-        matched_t = {r for r, _ in pairs}
-        matched_d = {c for _, c in pairs}
-        for r, c in pairs:
-            track, det = state.tracks[r], dets[c]
-            track.box, track.score, track.label = det.box, det.score, det.label
-            track.hits += 1
-            track.missed = 0
-        for r, track in enumerate(state.tracks):
-            if r not in matched_t:
-                track.missed += 1
-        state.tracks = [t for t in state.tracks if t.missed <= rules.max_missed]
-        for c, det in enumerate(dets):
-            if c not in matched_d:
-                state.tracks.append(Track(id=state.next_id, label=det.label, score=det.score, box=det.box))
-                state.next_id += 1
-
-        for track in state.tracks:
-            if not track.confirmed and track.hits >= rules.min_hits:
-                track.confirmed = True
+        for track in seen:
+            extra = state.extra.setdefault(track.id, _TrackState())
+            if track.confirmed and not extra.counted:
+                extra.counted = True
                 state.unique += 1
                 state.by_label[track.label] = state.by_label.get(track.label, 0) + 1
-            if track.missed == 0:
-                self._line(track, state, width, height, alerts)
+            self._line(track, extra, state, width, height, alerts)
 
-        visible = [t for t in state.tracks if t.confirmed and t.missed == 0]
+        visible = [t for t in seen if t.confirmed]
         zones_report = self._zones(visible, state, width, height, alerts)
         return {
             "tracks": [
@@ -162,8 +163,7 @@ class LivestockTracker:
                     "box": [round(v, 1) for v in t.box],
                     "confirmed": t.confirmed,
                 }
-                for t in state.tracks
-                if t.missed == 0
+                for t in seen
             ],
             "in_frame": len(visible),
             "counts": {
@@ -176,16 +176,25 @@ class LivestockTracker:
             "alerts": alerts,
         }
 
-    def _line(self, track: Track, state: _SourceState, width: int, height: int, alerts: list[dict[str, Any]]) -> None:
+    def _line(
+        self, track: Track, extra: _TrackState, state: _SourceState, width: int, height: int,
+        alerts: list[dict[str, Any]],
+    ) -> None:
         line = self.rules.count_line
         if line is None:
             return
         cx, cy = track.center()
-        value, limit = (cx, line.position * width) if line.axis == "x" else (cy, line.position * height)
-        side = 1 if value >= limit else -1
-        previous, track.side = track.side, side
-        if previous is None or previous == side or not track.confirmed:
+        value, size = (cx, width) if line.axis == "x" else (cy, height)
+        offset = value - line.position * size
+        if abs(offset) <= LINE_MARGIN * size and extra.side is not None:
+            return  # on the line: keep the side it had
+        side = 1 if offset >= 0 else -1
+        if extra.side is None:
+            extra.side = side
             return
+        if side == extra.side or not track.confirmed:
+            return  # until confirmed the side it was born on stays, so an early crossing counts at confirmation
+        previous, extra.side = extra.side, side
         direction = "forward" if side > previous else "backward"
         if direction == "forward":
             state.forward += 1
@@ -203,13 +212,14 @@ class LivestockTracker:
             for track in visible:
                 cx, cy = track.center()
                 inside = zx1 <= cx <= zx2 and zy1 <= cy <= zy2
+                zones = state.extra.setdefault(track.id, _TrackState()).zones
                 if inside:
                     occupancy += 1
-                    if zone.name not in track.zones and zone.alert_on_enter:
+                    if zone.name not in zones and zone.alert_on_enter:
                         alerts.append({"type": "zone_enter", "zone": zone.name, "track_id": track.id})
-                    track.zones.add(zone.name)
+                    zones.add(zone.name)
                 else:
-                    track.zones.discard(zone.name)
+                    zones.discard(zone.name)
             over = zone.max_count is not None and occupancy > zone.max_count
             if over and zone.name not in state.over_capacity:
                 alerts.append(
