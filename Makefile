@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick run soak wheel arm64-check lock
+.PHONY: test lint typecheck unit system-deps venv clean bench bench-quick bench-livestock run soak wheel arm64-check lock
 
 # Rebuild every shipped model bundle from ../shared (training extra: torch CPU; ~20-40 min on 2 cores).
 .PHONY: models
@@ -51,6 +51,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+# Cameras at 5 fps one board sustains with models/cattle_overhead (needs ../shared); see benchmarks/README.md
+bench-livestock: $(STAMP)
+	$(BIN)/python -m benchmarks.livestock_capacity --json benchmarks/results/livestock_capacity.json
 
 # The wheel a user installs (pip install dist/edge_agent-*.whl): the package plus the bundles setup.py names.
 wheel: $(STAMP)

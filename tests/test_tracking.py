@@ -134,3 +134,27 @@ def test_livestock_tracker_exposes_its_tracks() -> None:
     (track,) = tracker.tracks("cam")
     assert (track.id, track.hits, track.first_seen, track.last_seen) == (1, 2, 100.0, 100.2)
     assert tracker.tracks("other") == []
+
+
+def test_pipeline_sector_reads_the_capture_time_and_ignores_a_bad_one() -> None:
+    from edge_agent.config import PipelineConfig
+    from edge_agent.flow.pipeline import InputItem, make_sector
+
+    sector = make_sector(PipelineConfig.model_validate(
+        {"name": "herd", "kind": "livestock", "model": "d", "livestock": {"labels": ["cow"], "min_hits": 1}}
+    ))
+    for i, t in enumerate(["10.0", "10.2", "nan", "soon", "10.8"]):
+        item = InputItem(input_id=str(i), pipeline="herd", source="cam", hints={"frame": str(i), "t": t})
+        report = sector(frame((10.0 + i, 10.0, 50.0 + i, 50.0)), item)
+        assert [tr["id"] for tr in report["tracks"]] == [1]
+
+
+def test_frames_without_a_timestamp_are_one_typical_step() -> None:
+    tracker = Tracker(TrackerSettings(min_hits=1))
+    for i in range(4):
+        tracker.update([obs(10 + 15 * i)], timestamp=100.0 + 0.2 * i)
+    tracker.update([obs(10 + 15 * 4)])  # a source that lost its clock for a frame
+    seen = tracker.update([obs(10 + 15 * 5)], timestamp=101.0)
+    assert [t.id for t in seen] == [1]
+    assert seen[0].last_seen == 101.0
+    assert seen[0].velocity[0] == pytest.approx(75.0, rel=0.25)

@@ -20,7 +20,8 @@ How it works (ByteTrack's recipe, Zhang et al. 2022, on SORT's motion model):
 
 Time: :meth:`Tracker.update` takes the frame's timestamp in seconds. The filter steps in units of the typical frame
 interval (a running median of the intervals seen), so a frame the pipeline dropped is a two-interval step, and the
-tuning does not depend on the camera's frame rate. Without timestamps every update is one step of one "second".
+tuning does not depend on the camera's frame rate. A frame without a timestamp is one typical step after the previous one (without any timestamps: one step of one
+"second" per frame).
 Boxes are (x1, y1, x2, y2) pixels.
 """
 
@@ -199,9 +200,9 @@ class Tracker:
 
     def _steps(self, timestamp: float | None) -> tuple[float, float, float]:
         """(now, steps since the previous frame, seconds per step)."""
-        if timestamp is None:
-            now = float(self.frames)
-            return now, 1.0, 1.0
+        if timestamp is None:  # one typical step after the previous frame
+            typical = float(np.median(self._intervals)) if self._intervals else 1.0
+            return (0.0 if self._last_t is None else self._last_t + typical), 1.0, typical
         now = float(timestamp)
         if self._last_t is None:
             return now, 1.0, 1.0
