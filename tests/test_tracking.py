@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from edge_agent.sectors.livestock import LineRule, LivestockRules, LivestockTracker
-from edge_agent.sectors.tracking import Observation, Tracker, TrackerSettings
+from edge_agent.sectors.tracking import UNCONFIRMED_MAX_MISSED, Observation, Tracker, TrackerSettings
 from edge_agent.types import Detection, Result, Timings
 
 
@@ -79,9 +79,13 @@ def test_one_frame_flicker_never_becomes_an_animal() -> None:
     tracker = Tracker(TrackerSettings(min_hits=2))
     tracker.update([obs(200)])
     assert [t.confirmed for t in tracker.tracks] == [False]
-    tracker.update([])
+    for _ in range(UNCONFIRMED_MAX_MISSED):
+        tracker.update([])
+    assert [t.missed for t in tracker.tracks] == [UNCONFIRMED_MAX_MISSED]
     tracker.update([])
     assert tracker.tracks == []
+    tracker.update([obs(200)])  # the same place again later: a new candidate, still not an animal
+    assert [(t.id, t.confirmed) for t in tracker.tracks] == [(2, False)]
 
 
 def test_two_animals_crossing_paths_keep_their_ids() -> None:
