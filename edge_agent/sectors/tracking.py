@@ -20,8 +20,8 @@ How it works (ByteTrack's recipe, Zhang et al. 2022, on SORT's motion model):
 
 Time: :meth:`Tracker.update` takes the frame's timestamp in seconds. The filter steps in units of the typical frame
 interval (a running median of the intervals seen), so a frame the pipeline dropped is a two-interval step, and the
-tuning does not depend on the camera's frame rate. A frame without a timestamp is one typical step after the previous one (without any timestamps: one step of one
-"second" per frame).
+tuning does not depend on the camera's frame rate. A frame without a timestamp is one typical step after the
+previous one (without any timestamps: one step of one "second" per frame).
 Boxes are (x1, y1, x2, y2) pixels.
 """
 
@@ -53,8 +53,8 @@ _STD_POS = 1.0 / 20.0
 _STD_VEL = 1.0 / 40.0
 """Velocity noise per step, as a fraction of the box side. ByteTrack uses 1/160 at 30 fps; a step at 3-10 fps is
 3-10 times longer and an animal that stops must not coast on for seconds (on the chute runs with labelled boxes and
-random misses, 1/160 to 1/10 all got 154-157 of 160 crossings right (one unconfirmed miss allowed); 1/40 lets a stopped animal's velocity fade
-within a few frames)."""
+random misses, 1/160 to 1/10 all got 154-157 of 160 crossings right, with one unconfirmed miss allowed; 1/40 lets a
+stopped animal's velocity fade within a few frames)."""
 
 
 def greedy_match(iou: F64, threshold: float) -> list[tuple[int, int]]:
