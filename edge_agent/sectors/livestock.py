@@ -114,7 +114,7 @@ class LivestockTracker:
     """Feed it one detection ``Result`` per frame (per source, in order); it returns the report.
 
     ``timestamp`` (seconds, e.g. the camera's capture time) lets the motion model step over frames the pipeline
-    dropped; without it every frame is one step. :meth:`tracks` gives the live :class:`Track` objects of a source
+    dropped; a frame without one is one typical step. :meth:`tracks` gives the live :class:`Track` objects of a source
     (id, box, score, age/hits/missed, velocity, first_seen/last_seen) for logic built on top.
     """
 
@@ -135,7 +135,7 @@ class LivestockTracker:
             state = self._states[source] = _SourceState(Tracker(rules.tracker_settings()))
         width, height = max(result.image_size[0], 1), max(result.image_size[1], 1)
         observations: Sequence[Observation] = [
-            Observation(tuple(float(v) for v in p.box), float(p.score), p.label)  # type: ignore[arg-type]
+            Observation((float(p.box[0]), float(p.box[1]), float(p.box[2]), float(p.box[3])), float(p.score), p.label)
             for p in result.predictions
             if isinstance(p, Detection) and p.label.casefold() in self._labels and p.score >= rules.min_score
         ]
