@@ -31,6 +31,8 @@ What is checked, with the example config's livestock options (``deploy/examples/
 sector, ``make_sector``), at 10 fps (every frame) and 5 fps (every other frame):
 (a) the labelled boxes with detections taken away: every animal is missed in one frame of three (offset per animal)
     and A is missed in the two frames around its crossing as well: exactly the hand count of crossings, A keeps one id.
+    (The greedy IoU tracker this one replaced fails it: on S1 at 5 fps it counts no crossing and restarts A as a
+    fourth animal, with the example's IoU gate 0.1 as with its own 0.3.)
 (b) the shipped detector's boxes (onnxruntime, the example's score_threshold): exactly the hand count of crossings and A
     keeps one id (measured: no ID switch of A or B on either run at either rate).
 """
@@ -168,7 +170,7 @@ def test_shipped_detector_counts_the_hand_count(run: Run, step: int) -> None:
     counts = report["counts"]
     assert (counts["forward"], counts["backward"]) == (run.crossings, 0), counts
     assert len(ids["A"]) == 1 and len(ids.get("B", {0})) == 1, ids
-    assert counts["unique"] <= run.animals[1], counts  # no animal counted twice
+    assert run.animals[0] <= counts["unique"] <= run.animals[1], counts  # each animal counted, none twice
 
 
 def test_capacity_benchmark_runs_the_real_loop(tmp_path: Path) -> None:
