@@ -140,17 +140,30 @@ def test_livestock_tracker_exposes_its_tracks() -> None:
     assert tracker.tracks("other") == []
 
 
-def test_pipeline_sector_reads_the_capture_time_and_ignores_a_bad_one() -> None:
+def test_pipeline_sector_steps_the_motion_model_by_capture_time() -> None:
+    """The sector hands the frames' capture times (``captured_at``) to the tracker: a gap of two frame periods is
+    predicted as two steps, so a fast animal is found where it went."""
     from edge_agent.config import PipelineConfig
     from edge_agent.flow.pipeline import InputItem, make_sector
 
     sector = make_sector(PipelineConfig.model_validate(
         {"name": "herd", "kind": "livestock", "model": "d", "livestock": {"labels": ["cow"], "min_hits": 1}}
     ))
-    for i, t in enumerate(["10.0", "10.2", "nan", "soon", "10.8"]):
-        item = InputItem(input_id=str(i), pipeline="herd", source="cam", hints={"frame": str(i), "t": t})
-        report = sector(frame((10.0 + i, 10.0, 50.0 + i, 50.0)), item)
-        assert [tr["id"] for tr in report["tracks"]] == [1]
+    ids = []
+    for i in (0, 1, 2, 3, 4, 5, 7, 8, 10, 11):  # frames 6 and 9 were dropped upstream
+        item = InputItem(input_id=str(i), pipeline="herd", source="cam",
+                         hints={"frame": str(i), "captured_at": f"{1000.0 + 0.2 * i:.3f}"})
+        report = sector(frame((10.0 + 20 * i, 10.0, 50.0 + 20 * i, 50.0)), item)
+        ids += [tr["id"] for tr in report["tracks"]]
+    assert set(ids) == {1}
+
+
+def test_a_clock_that_does_not_move_is_one_step() -> None:
+    tracker = Tracker(TrackerSettings(min_hits=1))
+    for i in range(6):
+        seen = tracker.update([obs(10 + 15 * i)], timestamp=500.0)  # a copy's file times: all the same
+    assert [t.id for t in seen] == [1]
+    assert seen[0].last_seen > seen[0].first_seen
 
 
 def test_frames_without_a_timestamp_are_one_typical_step() -> None:

@@ -209,9 +209,9 @@ class Tracker:
         if self._last_t is None:
             return now, 1.0, 1.0
         dt = now - self._last_t
-        if dt <= 0.0:
+        if dt <= 0.0:  # frames arrive in order: a clock that did not move (file times of a copy) is one step
             typical = float(np.median(self._intervals)) if self._intervals else 1.0
-            return now, 0.0, typical
+            return self._last_t + typical, 1.0, typical
         self._intervals.append(dt)
         typical = float(np.median(self._intervals))
         return now, dt / typical, typical
