@@ -115,3 +115,20 @@ metrics:
             model.predict_bytes(COWS.read_bytes())
     finally:
         assert service.stop(5)
+
+
+def test_config_score_threshold_replaces_the_bundles_and_is_refused_for_a_classifier() -> None:
+    """``models[].score_threshold``: the model the agent builds filters at it (e.g. to feed the livestock tracker's
+    second stage); for a model without a score threshold the agent refuses to start with the key named."""
+    from edge_agent.agent.service import onnx_model_factory
+    from edge_agent.config import ModelConfig
+    from edge_agent.errors import ConfigError
+
+    bundle = find_bundle("yolox_nano", MODELS)
+    model = onnx_model_factory(bundle, ModelConfig(name="det", bundle="yolox_nano", warmup=False, score_threshold=0.6))
+    assert isinstance(model, Model) and model.manifest.thresholds.score == 0.6
+    scores = [d.score for d in model.predict_bytes(COWS.read_bytes()).detections]
+    assert scores and min(scores) >= 0.6
+    leaf = find_bundle("crop_disease", MODELS)
+    with pytest.raises(ConfigError, match=r"models.leaf.score_threshold: score does not apply"):
+        onnx_model_factory(leaf, ModelConfig(name="leaf", bundle="crop_disease", warmup=False, score_threshold=0.5))
