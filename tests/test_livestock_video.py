@@ -103,17 +103,15 @@ def options() -> tuple[PipelineConfig, ModelConfig]:
 @cache
 def detections(stem: str, threshold: float | None) -> tuple[Detection, ...]:
     """The shipped detector's boxes at its own threshold (None) or at ``threshold``."""
+    bundle = load_bundle(MODELS / "cattle_overhead")
     model = _model()
-    model.set_thresholds(score=threshold if threshold is not None else SHIPPED_THRESHOLD)
+    model.set_thresholds(score=threshold if threshold is not None else bundle.manifest.thresholds.score)
     return model.predict_bytes((CHUTE / "images" / f"{stem}.jpg").read_bytes()).detections
 
 
 @cache
 def _model() -> Model:
     return Model.load(load_bundle(MODELS / "cattle_overhead"), RuntimeOptions(intra_op_threads=1))
-
-
-SHIPPED_THRESHOLD = load_bundle(MODELS / "cattle_overhead").manifest.thresholds.score
 
 
 def iou(a: Box, b: Box) -> float:
