@@ -127,6 +127,19 @@ class InspectionOptions(_Strict):
     heatmap_max_bytes: int = Field(
         default=8192, ge=256, le=65536, description="Upper bound on the PNG size; the thumbnail shrinks to fit."
     )
+    keep_images: int = Field(
+        default=200, ge=0, le=100_000,
+        description="Keep the images of this many recent parts under <state_dir>/inspected/<pipeline>/, so that an "
+        "operator's feedback (false_reject / missed_defect) can store the part's image; 0: keep none.",
+    )
+    keep_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0,
+        description="At most this many bytes of recent images per pipeline (the oldest go first).",
+    )
+
+    def rules(self) -> dict[str, Any]:
+        """The options that decide pass or fail (``sectors.inspection.InspectionRules``)."""
+        return self.model_dump(exclude={"keep_images", "keep_max_bytes"})
 
 
 ExpectedCount = Annotated[int, Strict(), Field(ge=1)] | Literal["learn"] | None

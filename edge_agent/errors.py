@@ -22,6 +22,10 @@ The tree::
     ├── OverloadedError               overloaded (a bounded queue is full; retry later)
     ├── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
     ├── MissingDependencyError        dependency_missing (an optional extra is not installed: the message names it)
+    ├── FeedbackError                 feedback_invalid (operator feedback on an inspected part; docs/agent.md)
+    │   ├── FeedbackUnknownError      feedback_unknown_result (no inspected part has that id)
+    │   ├── FeedbackGoneError         feedback_image_gone (the part is known, its image no longer kept)
+    │   └── FeedbackConflictError     feedback_kind_mismatch (false_reject on a passed part, missed_defect on a failed)
     └── UpdateError                   update_invalid (a signed model update refused; see docs/model-updates.md)
         ├── UpdateUnsignedError       update_unsigned
         ├── UpdateUntrustedKeyError   update_untrusted_key
@@ -144,6 +148,24 @@ class MissingDependencyError(EdgeAgentError):
     """A command needs a package of an optional extra (e.g. ``edge-agent[tools]``) that is not installed."""
 
     code = "dependency_missing"
+
+
+class FeedbackError(EdgeAgentError):
+    """Operator feedback that cannot be stored: a bad kind or field (``feedback_invalid``)."""
+
+    code = "feedback_invalid"
+
+
+class FeedbackUnknownError(FeedbackError):
+    code = "feedback_unknown_result"
+
+
+class FeedbackGoneError(FeedbackError):
+    code = "feedback_image_gone"
+
+
+class FeedbackConflictError(FeedbackError):
+    code = "feedback_kind_mismatch"
 
 
 def require_extra(module: str, extra: str, purpose: str) -> None:

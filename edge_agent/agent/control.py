@@ -7,7 +7,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from edge_agent.errors import UpdateError
+from edge_agent.delivery.feedback import InspectionStore
+from edge_agent.errors import EdgeAgentError, UpdateError
 from edge_agent.flow.pipeline import Pipeline
 from edge_agent.protocol.commands import Command, CommandError
 from edge_agent.updates.fetch import FetchSpec
@@ -16,8 +17,27 @@ from edge_agent.updates.manager import ModelUpdater
 log = logging.getLogger(__name__)
 
 
-def handle_command(command: Command, pipelines: Mapping[str, Pipeline], updater: ModelUpdater | None) -> dict[str, Any]:
-    """Apply ``command``; ``updater`` is None where model updates are disabled. Raises CommandError with a code."""
+def handle_command(command: Command, pipelines: Mapping[str, Pipeline], updater: ModelUpdater | None,
+                   inspections: InspectionStore | None = None) -> dict[str, Any]:
+    """Apply ``command``; ``updater`` is None where model updates are disabled, ``inspections`` where no pipeline
+    keeps images for feedback. Raises CommandError with a code."""
+    if command.name == "feedback":
+        if inspections is None:
+            raise CommandError("no inspection pipeline keeps images for feedback (inspection.keep_images)",
+                               "command_unsupported", command.id)
+        args = command.args
+        try:
+            stored = inspections.add_feedback(str(args["result"]), str(args["kind"]), operator=args.get("operator"),
+                                               note=args.get("note"), via="mqtt")
+        except EdgeAgentError as exc:  # feedback_* codes, storage_full
+            raise CommandError(exc.message, exc.code, command.id) from exc
+        fb = stored["feedback"]
+        answer: dict[str, Any] = {"stored": stored["stored"], "duplicate": stored["duplicate"],
+                                  "result_id": fb["result_id"], "pipeline": fb["pipeline"], "kind": fb["kind"],
+                                  "image": fb["image"]}
+        if "replaced" in stored:
+            answer["replaced"] = stored["replaced"]
+        return answer
     if command.name == "set_thresholds":
         args = dict(command.args)
         name = str(args.pop("pipeline"))

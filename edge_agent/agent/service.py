@@ -41,6 +41,7 @@ from edge_agent.agent.health import agent_health, models_info
 from edge_agent.agent.recovery import InFlight, Recovery
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
+from edge_agent.delivery.feedback import InspectedPart, InspectionStore, KeepLimits
 from edge_agent.delivery.homeassistant import HomeAssistant
 from edge_agent.delivery.outbox import Outbox, OutboxLimits
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
@@ -55,6 +56,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.protocol.commands import Command
 from edge_agent.protocol.signing import AgentAuth
 from edge_agent.transport.base import MqttSettings, Transport, Will
+from edge_agent.types import AnomalyScore
 from edge_agent.updates.keys import load_private_key, load_trusted_keys
 from edge_agent.updates.manager import ModelSlot, ModelUpdater, configured_bundle, in_force
 from edge_agent.updates.store import ModelStore
@@ -121,6 +123,7 @@ class Service:
             _onnx_model, pixel_budget=self.pixel_budget
         )
         self.outbox: Outbox | None = None
+        self.inspections: InspectionStore | None = None
         self.publisher: Publisher | None = None
         self.pipelines: dict[str, Pipeline] = {}
         self.sources: dict[str, Source] = {}
@@ -197,6 +200,7 @@ class Service:
         self.metrics.bind_storage(storage)
         outbox.add_space_listener(self._on_space)
         try:
+            self._build_inspection_store()
             self._build_pipelines()
             self._build_publisher()
             self._build_updater()
@@ -255,6 +259,8 @@ class Service:
             clean &= pipeline.stop(left(0.6))
         if self.publisher is not None:
             self.publisher.stop(left(0.8))
+        if self.inspections is not None:
+            self.inspections.close(min(left(0.5), 2.0))
         if self.outbox is not None:
             self.outbox.close()
         if self._metrics_server is not None:
@@ -318,8 +324,49 @@ class Service:
                 metrics=self.metrics,
             )
             pipeline.add_sink("events", self._events_sink)
+            if self.inspections is not None and self.inspections.keeps(pcfg.name):
+                pipeline.add_sink("keep_image", self._keep_sink)  # last: never delays the reject signal
             self.pipelines[pcfg.name] = pipeline
             self._slots[bundle.manifest.name].users.append((pipeline, mcfg))
+
+    def _build_inspection_store(self) -> None:
+        """Recent images of inspected parts and operator feedback (``delivery.feedback``), when a pipeline keeps any."""
+        outbox = self.outbox
+        assert outbox is not None
+        limits = {p.name: KeepLimits(p.inspection.keep_images, p.inspection.keep_max_bytes)
+                  for p in self.cfg.pipelines if p.kind == "inspection" and p.inspection is not None}
+        limits.update({p.name: KeepLimits() for p in self.cfg.pipelines if p.kind == "inspection"
+                       and p.inspection is None})
+        if not any(lim.images > 0 for lim in limits.values()):
+            return
+
+        def record_event(event: str, severity: str, data: dict[str, Any]) -> None:
+            level: Literal["info", "warning", "alarm"] = "warning" if severity == "warning" else "info"
+            outbox.add_event(event, level, data)
+
+        def known(ident: str) -> bool:
+            return (outbox.get_result(ident) or outbox.get_result_by_input(ident)) is not None
+
+        self.inspections = InspectionStore(self.state_dir, limits, space=lambda: outbox.disk_state,
+                                           record_event=record_event, known=known)
+        outbox.add_space_listener(self.inspections.on_space)
+        self.inspections.start()
+
+    def _keep_sink(self, out: PipelineOutput, item: InputItem) -> None:
+        """Hand the part's image to the inspection store (a hard link or a reference: cheap)."""
+        if self.inspections is None:
+            return
+        anomaly = next((p for p in out.result.predictions if isinstance(p, AnomalyScore)), None)
+        verdict, score = out.sector.get("verdict"), out.sector.get("score")
+        part = InspectedPart(
+            result_id=out.stored.result_id, input_id=item.input_id, pipeline=item.pipeline, source=item.source,
+            model=out.result.model, model_version=out.result.model_version,
+            verdict=str(verdict) if verdict is not None else None,
+            score=float(score) if isinstance(score, int | float) else None,
+            threshold=round(anomaly.threshold, 6) if anomaly is not None else None,
+            part_id=item.hints.get("part_id"),
+        )
+        self.inspections.keep(part, spool_path=item.spool_path, data=item.data, image=item.image)
 
     def _build_updater(self) -> None:
         assert self.store is not None
@@ -431,6 +478,7 @@ class Service:
             is_ready=lambda: self._ready,
             registry=self.registry,
             pipeline=self.upload_pipeline(),
+            feedback=self.inspections.add_feedback if self.inspections is not None else None,
         )
         self.spool_dir("http").mkdir(parents=True, exist_ok=True)
         app = create_app(ctx)
@@ -525,7 +573,7 @@ class Service:
     def handle_command(self, command: Command) -> dict[str, Any]:
         """Commands that change the running agent (the publisher handles its own first): ``agent.control``."""
         updater = self.updater if self.cfg.updates.enabled else None
-        return handle_command(command, self.pipelines, updater)
+        return handle_command(command, self.pipelines, updater, self.inspections)
 
     def health(self) -> dict[str, Any]:
         """Status for heartbeats and ``/healthz``: ``agent.health``."""

@@ -1,7 +1,7 @@
 """The FastAPI application: ``create_app(ctx) -> FastAPI``. The one module that imports FastAPI/Starlette
 (with ``__init__``); everything that must run before a body is parsed is pure ASGI in ``middleware``.
 
-Routes: ``POST /v1/diagnose``, ``GET /v1/results/{id}``, ``GET /v1/models``, ``GET /healthz``,
+Routes: ``POST /v1/diagnose``, ``GET /v1/results/{id}``, ``POST /v1/feedback``, ``GET /v1/models``, ``GET /healthz``,
 ``GET /readyz``, ``GET /metrics``, the farmer page at ``/`` and its files under ``/static/``.
 """
 
@@ -38,6 +38,8 @@ from edge_agent.api.present import present
 from edge_agent.api.schemas import (
     DiagnosisResponse,
     ErrorBody,
+    FeedbackRequest,
+    FeedbackResponse,
     Health,
     ModelInfo,
     ModelsResponse,
@@ -48,7 +50,16 @@ from edge_agent.api.telemetry import HttpMetrics, Telemetry
 from edge_agent.api.upload import MultipartUpload, SpoolFile, clean_hint, multipart_boundary, new_input_id
 from edge_agent.auth.tokens import TokenSet, is_loopback
 from edge_agent.config import HttpConfig
-from edge_agent.errors import ConfigError, EdgeAgentError, InputError, OverloadedError
+from edge_agent.errors import (
+    ConfigError,
+    EdgeAgentError,
+    FeedbackConflictError,
+    FeedbackError,
+    FeedbackGoneError,
+    FeedbackUnknownError,
+    InputError,
+    OverloadedError,
+)
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
 from edge_agent.sectors.advice import AdviceBook, load_advice
 
@@ -413,6 +424,48 @@ def create_app(ctx: ApiContext) -> FastAPI:
         if state == "rejected":
             raise ApiError(422, "input_rejected", "this upload was refused; take a new photo")
         raise ApiError(404, "not_found", "no such result")
+
+    @app.post(
+        "/v1/feedback",
+        summary="Operator feedback on an inspected part",
+        description="Says that a rejected part was good (`false_reject`) or a passed part had a defect "
+        "(`missed_defect`). The part's image (kept for the last `inspection.keep_images` parts) is stored under "
+        "`<state_dir>/feedback/<pipeline>/<kind>/` with what the agent knew, and an `inspection_feedback` event goes "
+        "to the coordinator. The same feedback again is stored once (200, `stored: false`); a different kind "
+        "replaces the earlier one. `edge-agent inspect fit --add` refits the model with the confirmed good parts.",
+        response_model=FeedbackResponse,
+        status_code=201,
+        responses={
+            200: {"model": FeedbackResponse, "description": "This feedback was stored before; nothing changed."},
+            **_errors(
+                (404, "feedback_unknown_result", "no inspected part has this result, input or part id"),
+                (404, "feedback_unavailable", "no pipeline of this agent keeps images for feedback"),
+                (409, "feedback_kind_mismatch", "false_reject on a part that passed, or missed_defect on one that "
+                 "failed"),
+                (410, "feedback_image_gone", "the part is known but its image is no longer kept"),
+                (422, "request_invalid", "bad JSON, unknown kind, id or text out of bounds"),
+                (507, "storage_full", "no room to store it; see Retry-After"),
+                *_COMMON,
+            ),
+        },
+        dependencies=[bearer],
+    )
+    async def feedback(body: FeedbackRequest) -> Response:
+        if ctx.feedback is None:
+            raise ApiError(404, "feedback_unavailable",
+                           "no pipeline of this agent keeps images for feedback (inspection.keep_images)")
+        store = ctx.feedback
+        try:
+            outcome = await run_in_threadpool(
+                lambda: store(body.result_id, body.kind, operator=body.operator, note=body.note, via="http"))
+        except FeedbackError as exc:
+            status = (404 if isinstance(exc, FeedbackUnknownError) else 410 if isinstance(exc, FeedbackGoneError)
+                      else 409 if isinstance(exc, FeedbackConflictError) else 422)
+            raise ApiError(status, exc.code, exc.message) from exc
+        except EdgeAgentError as exc:
+            raise from_agent_error(exc) from exc
+        answer = FeedbackResponse.model_validate(outcome)
+        return JSONResponse(answer.model_dump(mode="json"), 201 if outcome["stored"] else 200)
 
     @app.get(
         "/v1/models",

@@ -27,7 +27,9 @@ class ApiContext:
     ``submit`` queues an input on the upload pipeline (``pipeline``); ``models`` lists the loaded
     models as dicts (name, version, task, labels, license...); ``is_ready`` is true once the models
     are warmed up; ``registry`` is the Prometheus registry served at ``/metrics`` (the API adds its
-    own HTTP collectors to it); ``advice`` defaults to the files shipped with the package.
+    own HTTP collectors to it); ``advice`` defaults to the files shipped with the package; ``feedback(id, kind,
+    operator=, note=, via=)`` stores an operator's feedback on an inspected part (``delivery.feedback``), None where
+    no pipeline keeps images for it.
     """
 
     settings: HttpConfig
@@ -40,3 +42,4 @@ class ApiContext:
     pipeline: str = "crop"
     advice: AdviceBook | None = None
     source: str = "http"
+    feedback: Callable[..., dict[str, Any]] | None = None

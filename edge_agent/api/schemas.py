@@ -87,3 +87,38 @@ class Health(_Out):
 class Ready(_Out):
     status: Literal["ready", "not_ready"]
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeedbackRequest(_Out):
+    """An operator's word on one inspected part (``POST /v1/feedback``)."""
+
+    result_id: str = Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
+                           description="The part's result id (or its input id, or the part id its trigger gave).")
+    kind: Literal["false_reject", "missed_defect"] = Field(
+        description="false_reject: the part was rejected but is good; missed_defect: it passed but has a defect.")
+    operator: str | None = Field(default=None, max_length=64, description="Who says so (name or badge).")
+    note: str | None = Field(default=None, max_length=500, description="Free text, e.g. 'glare on the edge'.")
+
+
+class FeedbackRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    result_id: str
+    input_id: str
+    pipeline: str
+    kind: Literal["false_reject", "missed_defect"]
+    verdict: str | None = Field(description="The verdict the agent gave: pass or fail.")
+    score: float | None
+    threshold: float | None = Field(description="The anomaly threshold in force (anomaly models).")
+    model: str
+    model_version: str
+    operator: str | None
+    note: str | None
+    at: float = Field(description="When the feedback was stored (Unix seconds).")
+    image: str = Field(description="The part's image, relative to <state_dir>/feedback/.")
+
+
+class FeedbackResponse(_Out):
+    stored: bool = Field(description="False when the same feedback on this part was stored before.")
+    duplicate: bool
+    replaced: str | None = Field(default=None, description="The earlier kind this feedback replaced, if any.")
+    feedback: FeedbackRecord

@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from edge_agent.bundles.bundle import default_models_dir, find_bundle
+from edge_agent.bundles.bundle import default_models_dir, find_bundle, load_bundle
 from edge_agent.errors import EdgeAgentError, QuantizationGateError, require_extra
 
 out = Console(soft_wrap=True)
@@ -189,12 +189,29 @@ def quantize_command(
 
 @inspect_app.command("fit")
 def fit_command(
-    good_dir: Annotated[Path, typer.Argument(help="Folder of photos of good parts (searched recursively).",
-                                             show_default=False)],
-    out_name: Annotated[str, typer.Option("--out", help="Name of the anomaly bundle to write.")],
+    good_dir: Annotated[Path | None, typer.Argument(
+        help="Folder of photos of good parts (searched recursively). Leave it out with --add and --base to extend "
+             "a fitted bundle without its original photos.", show_default=False)] = None,
+    out_name: Annotated[str | None, typer.Option(
+        "--out", help="Name of the anomaly bundle to write (with --add and --base: default the base's name).",
+        show_default=False)] = None,
     models_dir: ModelsDir = None,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Folder of the new bundle "
                                                   "(default: <models-dir>/<out>).")] = None,
+    add: Annotated[Path | None, typer.Option(
+        "--add", help="Photos of good parts to add, e.g. the confirmed false rejects of operator feedback "
+        "(<state_dir>/feedback/<pipeline>/false_reject; missed_defect photos are skipped). With GOOD_DIR: a full fit "
+        "on both. Without: the --base bundle's memory banks are extended (threshold kept) and a new version written.",
+        show_default=False)] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="With --add: the fitted bundle to start from (name under --models-dir, or a folder).",
+        show_default=False)] = None,
+    defects: Annotated[Path | None, typer.Option(
+        "--defects", help="With --add and --base: photos of known defects, to report how many are still caught.",
+        show_default=False)] = None,
+    version: Annotated[str | None, typer.Option(
+        "--version", help="With --add and --base: version of the new bundle (default: the base's with the fourth "
+        "part plus one, e.g. 2.0.0 -> 2.0.0.1).", show_default=False)] = None,
     backbone: Annotated[Path | None, typer.Option(help="EfficientNet-Lite0 ONNX, or an anomaly bundle "
                                                   "made by this command (default: the shipped tile_anomaly).")] = None,
     max_false_reject: Annotated[float, typer.Option(
@@ -208,14 +225,26 @@ def fit_command(
     threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
     as_json: Json = False,
 ) -> None:
-    """Build a multi-scale PatchCore anomaly bundle from photos of good parts (CPU, about a minute for 300)."""
+    """Build a multi-scale PatchCore anomaly bundle from photos of good parts (CPU, about a minute for 300).
+
+    With --add, teach it good parts it rejected (operator feedback): `inspect fit --add DIR --base line_a` extends
+    the fitted bundle's memory banks and writes version +0.0.0.1 with the same threshold; `inspect fit GOOD_DIR
+    --add DIR --out line_a` fits again on both sets. The report says how many added parts pass, out of fold.
+    """
     from edge_agent.toolchain.anomaly_fit import FitConfig, fit_bundle
 
-    base = models_dir or default_models_dir()
+    base_models = models_dir or default_models_dir()
+    if good_dir is None and (add is None or base is None):
+        raise _fail("give GOOD_DIR (a fit), or --add DIR with --base BUNDLE (extend a fitted bundle)")
+    if good_dir is not None and out_name is None:
+        raise _fail("--out NAME is required for a fit")
+    if (defects is not None or version is not None) and good_dir is not None:
+        raise _fail("--defects and --version go with --add and --base, without GOOD_DIR")
     config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, folds=folds, max_false_reject=max_false_reject,
                        threads=threads)
     try:
         require_extra("onnx", "tools", "edge-agent inspect fit")
+        base_dir = _bundle_dir(base, base_models) if base is not None else None
         with _bar(as_json, eta=True) as bar:
             task = bar.add_task("", total=None)
             stage = {"name": ""}
@@ -227,16 +256,68 @@ def fit_command(
                 else:
                     bar.update(task, completed=done, total=total)
 
-            report = fit_bundle(good_dir, out_dir or base / out_name, out_name, config, backbone=backbone,
-                                progress=progress)
+            if good_dir is None:
+                from edge_agent.toolchain.anomaly_refit import add_good_parts, next_version
+
+                assert add is not None and base_dir is not None
+                manifest = load_bundle(base_dir, verify=False).manifest
+                name = out_name or manifest.name
+                target = out_dir or base_models / name
+                if out_dir is None and target.resolve() == base_dir.resolve():
+                    target = base_models / f"{name}-{version or next_version(manifest.version)}"
+                report = add_good_parts(base_dir, add, target, name=name, version=version, defects_dir=defects,
+                                        threads=threads, progress=progress)
+            elif add is not None:
+                from edge_agent.toolchain.anomaly_refit import refit_with_added
+
+                assert out_name is not None
+                report = refit_with_added(good_dir, add, out_dir or base_models / out_name, out_name, config,
+                                          base_dir=base_dir, backbone=backbone, progress=progress)
+            else:
+                assert out_name is not None
+                report = fit_bundle(good_dir, out_dir or base_models / out_name, out_name, config, backbone=backbone,
+                                    progress=progress)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if as_json:
         _json(report)
         return
+    if report.get("mode") == "extend_banks":
+        _print_added(report)
+        return
     out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} photos, banks "
               f"{report['bank_size']} patches, threshold {report['threshold']:.4f} (cross-validated false rejects "
               f"{report['cv_false_reject']:.1%}, target {report['max_false_reject']:.1%}), {report['seconds']:.0f} s")
+    if report.get("mode") == "refit":
+        before = report.get("threshold_before")
+        was = f" (was {before:.4f})" if isinstance(before, float) else ""
+        got = report["added_in_bank"]
+        out.print(f"added {report['added']} good parts{was}; in the new bank {got['passing']}/{got['of']} pass "
+                  "(by construction: they are in the bank)")
+
+
+def _bundle_dir(ref: str, models_dir: Path) -> Path:
+    """A bundle folder given as a folder or as a name under ``models_dir``."""
+    path = Path(ref)
+    if (path / "manifest.json").is_file():
+        return path
+    return find_bundle(ref, models_dir, verify=False).directory
+
+
+def _print_added(report: dict[str, Any]) -> None:
+    b, o, a = report["added_before"], report["added_out_of_fold"], report["added_in_bank"]
+    out.print(f"[green]wrote[/green] {escape(report['bundle'])}: {report['name']} {report['version']} (from "
+              f"{report['base']['version']}), {report['added']} good parts added; banks "
+              f"{sum(report['bank_size_before'].values())} -> {sum(report['bank_size'].values())} patches")
+    out.print(f"threshold {report['threshold']:.4f}, unchanged: {report['threshold_note']}")
+    out.print(f"added parts passing: before {b['passing']}/{b['of']}; out of fold ({o['folds']} folds, each part "
+              f"scored by banks that learnt only the others) {o['passing']}/{o['of']}; in the new banks "
+              f"{a['passing']}/{a['of']}")
+    if report.get("defects"):
+        d = report["defects"]
+        out.print(f"known defects caught: {d['caught_before']}/{d['of']} before, {d['caught_after']}/{d['of']} after")
+    if report["skipped"]:
+        out.print(f"skipped {len(report['skipped'])} missed_defect photos")
 
 
 @detect_app.command("fit")

@@ -567,6 +567,19 @@ class Outbox:
             out.append(StoredEvent(int(r[0]), str(r[1]), severity, data if isinstance(data, dict) else {}, float(r[4])))
         return out
 
+    def add_event(self, event: str, severity: Literal["info", "warning", "alarm"], data: dict[str, Any]) -> None:
+        """Store an event that the publisher sends (QoS 1) until the broker has it, across restarts (operator
+        feedback, for one). Raises StorageError (StorageFullError when the disk is full)."""
+        blob = orjson.dumps(data)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO events (event, severity, data, created_at) VALUES (?, ?, ?, ?)",
+                         (event, severity, blob, time.time()))
+            self._events_pending += 1  # only the writer thread changes it
+
+        self._write(op)
+        self._notify()  # wake the publisher
+
     def event_sent_async(self, event_id: int) -> Future[None]:
         """Forget a stored event once the broker has it."""
 

@@ -100,7 +100,7 @@ def make_sector(cfg: PipelineConfig) -> Sector:
         return crop
     if cfg.kind == "inspection":
         opts = cfg.inspection
-        rules = InspectionRules(**opts.model_dump()) if opts is not None else InspectionRules()
+        rules = InspectionRules(**opts.rules()) if opts is not None else InspectionRules()
 
         def inspect(result: Result, item: InputItem) -> dict[str, Any]:
             return inspection_verdict(result, rules)

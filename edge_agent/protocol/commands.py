@@ -5,7 +5,8 @@ signed it (``signing.py``), ``device`` and ``name`` (which must match the topic)
 ``ping``, ``heartbeat``, ``republish``, ``set_heartbeat_interval {seconds}``, ``set_thresholds {pipeline, score?,
 iou?, anomaly?}``, ``model_update {file, url?, sha256?, size?}`` (a file name in the update drop folder; with
 ``url``, ``sha256`` and ``size``, the agent first fetches it over HTTP from the coordinator under that name) and
-``model_rollback {model}`` (see docs/model-updates.md). Anything
+``model_rollback {model}`` (see docs/model-updates.md) and ``feedback {result, kind, operator?, note?}`` (an operator's
+word on an inspected part: ``false_reject`` or ``missed_defect``; docs/agent.md). Anything
 malformed is refused as a whole (no partial change) with a stable code:
 
 =========================  ==========================================================
@@ -46,6 +47,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # an absolute http(s) URL (no credentials, no fragment), or a relative path resolved against updates.fetch_base_url
 URL_RE = re.compile(r"^(https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9_.~%/-]*)?(\?[A-Za-z0-9_.~%=&-]*)?|"
                     r"[A-Za-z0-9_][A-Za-z0-9_.~%/-]{0,255})$")
+RESULT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+FEEDBACK_KINDS = ("false_reject", "missed_defect")
 MAX_URL = 1024
 MAX_FETCH_BYTES = 1 << 40
 
@@ -119,6 +122,30 @@ def _size(key: str, value: Any) -> int:
     return value
 
 
+def _result_ref(key: str, value: Any) -> str:
+    """A result id, input id or part id."""
+    if not isinstance(value, str) or not RESULT_RE.match(value):
+        raise CommandError(f"argument {key!r} must be a result, input or part id matching [A-Za-z0-9_.:-]{{1,128}}",
+                           "command_invalid")
+    return value
+
+
+def _feedback_kind(key: str, value: Any) -> str:
+    if value not in FEEDBACK_KINDS:
+        raise CommandError(f"argument {key!r} must be one of {', '.join(FEEDBACK_KINDS)}", "command_invalid")
+    return str(value)
+
+
+def _text(limit: int) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+            raise CommandError(f"argument {key!r} must be printable text of at most {limit} characters",
+                               "command_invalid")
+        return value
+
+    return check
+
+
 # name -> (required args, optional args); each arg maps to its checker
 _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable[[str, Any], Any]]]] = {
     "ping": ({}, {}),
@@ -131,6 +158,7 @@ _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable
     ),
     "model_update": ({"file": _file_name}, {"url": _url, "sha256": _sha256, "size": _size}),
     "model_rollback": ({"model": _name}, {}),
+    "feedback": ({"result": _result_ref, "kind": _feedback_kind}, {"operator": _text(64), "note": _text(500)}),
 }
 KNOWN_COMMANDS = frozenset(_SPECS)
 _FIELDS = frozenset({"v", "id", "args", "device", "name", "ts", "exp", "sig"})
