@@ -77,7 +77,7 @@ def added_images(folder: Path) -> tuple[list[Path], list[Path]]:
                 kind = json.loads(side.read_text()).get("kind")
             except (OSError, ValueError, AttributeError):
                 kind = None
-        if SKIP_DIRS & set(p.relative_to(folder).parts[:-1]) or kind == "missed_defect":
+        if SKIP_DIRS & {folder.name, *p.relative_to(folder).parts[:-1]} or kind == "missed_defect":
             skip.append(p)
         else:
             take.append(p)
