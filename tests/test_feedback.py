@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import orjson
 import pytest
@@ -195,6 +196,28 @@ def test_sniff_suffix() -> None:
     assert sniff_suffix(b"RIFF\0\0\0\0WEBP") == ".webp" and sniff_suffix(b"GIF89a") == ".img"
 
 
+def _schema(name: str) -> dict[str, Any]:
+    from importlib import resources
+
+    loaded: dict[str, Any] = json.loads(resources.files("edge_agent.protocol").joinpath("schemas", name).read_text())
+    return loaded
+
+
+def test_feedback_event_matches_its_schema(store: Any) -> None:
+    store.keep(part(1, part_id="P-1"), data=png(1))
+    store.add_feedback("P-1", "false_reject", operator="Ana")
+    store.keep(part(2, verdict=None), data=png(2))  # type: ignore[arg-type]
+    store.add_feedback("r0002", "false_reject")
+    store.add_feedback("r0002", "missed_defect")
+    assert len(store.events.got) == 3
+    for _, _, data in store.events.got:
+        jsonschema.validate(json.loads(orjson.dumps(data)), _schema("feedback.json"),
+                            cls=jsonschema.Draft202012Validator)
+    bad = {**store.events.got[0][2], "kind": "meh"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, _schema("feedback.json"), cls=jsonschema.Draft202012Validator)
+
+
 def test_feedback_command_validation() -> None:
     from edge_agent.protocol.commands import CommandError, parse_command
 
@@ -303,6 +326,8 @@ metrics:
         assert answer["data"]["ok"] and answer["data"]["result"]["result_id"] == middle.result_id
         assert wait_for(lambda: len(events(FEEDBACK_EVENT)) == 2)  # durable events, once each
         sent = {e["data"]["result_id"]: e["data"] for e in events(FEEDBACK_EVENT)}
+        for data in sent.values():
+            jsonschema.validate(data, _schema("feedback.json"), cls=jsonschema.Draft202012Validator)
         assert sent[newest.result_id]["via"] == "http" and sent[middle.result_id]["via"] == "mqtt"
         assert sent[middle.result_id]["model"] == "tiny" and sent[middle.result_id]["note"] == "ok part"
         assert wait_for(lambda: ob.events_pending == 0)  # deleted once the broker had them

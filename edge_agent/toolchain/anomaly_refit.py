@@ -204,6 +204,7 @@ def add_good_parts(
     version: str | None = None,
     folds: int = 5,
     defects_dir: Path | None = None,
+    coreset_fraction: float | None = None,
     threads: int = 0,
     progress: FitProgress | None = None,
 ) -> dict[str, Any]:
@@ -221,7 +222,7 @@ def add_good_parts(
     if threshold is None:
         raise ManifestError(f"{base_dir}: no anomaly threshold in the manifest")
     doc = dict(meta["fit"]["config"])
-    fraction = float(doc.get("coreset_fraction", FitConfig().coreset_fraction))
+    fraction = coreset_fraction or float(doc.get("coreset_fraction", FitConfig().coreset_fraction))
     graph = _Graph(base.onnx_path, doc["scales"], threads)
     paths, skipped = added_images(add_dir)
     patches = graph.patches(paths, progress, "features of the added photos")
