@@ -199,7 +199,8 @@ def test_sniff_suffix() -> None:
 def _schema(name: str) -> dict[str, Any]:
     from importlib import resources
 
-    loaded: dict[str, Any] = json.loads(resources.files("edge_agent.protocol").joinpath("schemas", name).read_text())
+    text = resources.files("edge_agent.protocol").joinpath("schemas").joinpath(name).read_text()
+    loaded: dict[str, Any] = json.loads(text)
     return loaded
 
 
