@@ -94,10 +94,12 @@ def test_added_false_rejects_teach_the_bundle_and_defects_are_still_caught(line:
 def test_cli_add_writes_the_next_version_beside_the_base(line: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["inspect", "fit", "--add", str(line / "brushed"), "--base", "line_a",
-                              "--models-dir", str(line / "models")])
+                              "--models-dir", str(line / "models"),
+                              "--defects", str(line / "feedback" / "line1" / "missed_defect")])  # never skipped here
     assert res.exit_code == 0, res.output
     assert "line_a 2.0.0.1 (from 2.0.0), 4 good parts added" in " ".join(res.output.split())
     assert "out of fold (4 folds" in res.output and "unchanged" in res.output
+    assert "known defects caught: 1/1 before, 1/1 after" in res.output
     assert load_bundle(line / "models" / "line_a-2.0.0.1").manifest.version == "2.0.0.1"
     assert runner.invoke(app, ["inspect", "fit", "--add", str(line / "brushed")]).exit_code == 2  # no base
 

@@ -219,8 +219,9 @@ def fit_command(
         help="Target share of good parts rejected: the threshold is set from cross-validated scores of the "
              "good photos.")] = 0.05,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the threshold.")] = 20,
-    coreset: Annotated[float, typer.Option(min=0.001, max=1.0,
-                                           help="Fraction of patch features kept in each memory bank.")] = 0.1,
+    coreset: Annotated[float | None, typer.Option(
+        min=0.001, max=1.0, help="Fraction of patch features kept in each memory bank [default: 0.1; with --add and "
+        "--base: the base's, for the added parts' patches].", show_default=False)] = None,
     max_bank: Annotated[int, typer.Option(min=1, help="Upper bound on each scale's memory bank.")] = 4000,
     threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
     as_json: Json = False,
@@ -240,8 +241,8 @@ def fit_command(
         raise _fail("--out NAME is required for a fit")
     if (defects is not None or version is not None) and good_dir is not None:
         raise _fail("--defects and --version go with --add and --base, without GOOD_DIR")
-    config = FitConfig(coreset_fraction=coreset, max_bank=max_bank, folds=folds, max_false_reject=max_false_reject,
-                       threads=threads)
+    config = FitConfig(coreset_fraction=coreset or FitConfig().coreset_fraction, max_bank=max_bank, folds=folds,
+                       max_false_reject=max_false_reject, threads=threads)
     try:
         require_extra("onnx", "tools", "edge-agent inspect fit")
         base_dir = _bundle_dir(base, base_models) if base is not None else None
@@ -266,7 +267,7 @@ def fit_command(
                 if out_dir is None and target.resolve() == base_dir.resolve():
                     target = base_models / f"{name}-{version or next_version(manifest.version)}"
                 report = add_good_parts(base_dir, add, target, name=name, version=version, defects_dir=defects,
-                                        threads=threads, progress=progress)
+                                        coreset_fraction=coreset, threads=threads, progress=progress)
             elif add is not None:
                 from edge_agent.toolchain.anomaly_refit import refit_with_added
 

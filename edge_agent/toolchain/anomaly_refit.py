@@ -244,7 +244,11 @@ def add_good_parts(
     after = graph.scores(patches, banks)
     defects: dict[str, Any] | None = None
     if defects_dir is not None:
-        dpaths, _ = added_images(defects_dir)
+        if not defects_dir.is_dir():
+            raise InputNotFoundError(f"{defects_dir}: not a folder")
+        dpaths = sorted(p for p in defects_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not dpaths:
+            raise InputNotFoundError(f"{defects_dir}: no photos of defects")
         dp = graph.patches(dpaths, progress, "features of the defect photos")
         d_before, d_after = graph.scores(dp, graph.banks), graph.scores(dp, banks)
         defects = {"of": len(dpaths), "caught_before": int((d_before > threshold).sum()),
