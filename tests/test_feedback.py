@@ -121,6 +121,16 @@ def test_feedback_is_stored_with_its_image_once_and_sent_as_an_event(store: Any)
         store.add_feedback("r0001", "missed_defect")  # a rejected part cannot be a missed defect
 
 
+def test_the_same_feedback_at_once_from_two_sides_is_stored_once(store: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store.keep(part(7), data=png(7))
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda via: store.add_feedback("r0007", "false_reject", via=via),
+                                 ["http", "mqtt", "http", "mqtt"]))
+    assert sum(o["stored"] for o in outcomes) == 1 and len(store.events.got) == 1
+
+
 def test_change_of_kind_replaces_the_first(store: Any) -> None:
     store.keep(part(5, verdict=None), data=png(5))  # type: ignore[arg-type]
     store.add_feedback("r0005", "false_reject")

@@ -178,6 +178,7 @@ class InspectionStore:
         self._known = known
         self._queue: queue.Queue[_Keep | str | None] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
+        self._feedback_lock = threading.Lock()  # one feedback at a time: the same part twice at once is stored once
         self._idle = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
@@ -373,6 +374,10 @@ class InspectionStore:
         """Store feedback on one inspected part (its result, input or part id). Returns ``{"stored", "duplicate",
         "replaced"?, "feedback": {...}}``; raises FeedbackError (codes: ``feedback_invalid``, ``feedback_unknown_
         result``, ``feedback_image_gone``, ``feedback_kind_mismatch``) or StorageFullError."""
+        with self._feedback_lock:
+            return self._add_feedback(ident, kind, operator, note, via)
+
+    def _add_feedback(self, ident: str, kind: str, operator: Any, note: Any, via: str) -> dict[str, Any]:
         if kind not in FEEDBACK_KINDS:
             raise FeedbackError(f"kind must be one of {', '.join(FEEDBACK_KINDS)}")
         who = _clean_text(operator, "operator", MAX_OPERATOR)
