@@ -220,8 +220,8 @@ def fit_command(
              "good photos.")] = 0.05,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the threshold.")] = 20,
     coreset: Annotated[float | None, typer.Option(
-        min=0.001, max=1.0, help="Fraction of patch features kept in each memory bank [default: 0.1; with --add and "
-        "--base: the base's, for the added parts' patches].", show_default=False)] = None,
+        min=0.001, max=1.0, help="Fraction of patch features kept in each memory bank (default 0.1; with --add and "
+        "--base: the base's, for the added parts' patches).", show_default=False)] = None,
     max_bank: Annotated[int, typer.Option(min=1, help="Upper bound on each scale's memory bank.")] = 4000,
     threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
     as_json: Json = False,
