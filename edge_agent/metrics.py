@@ -34,6 +34,11 @@ Names::
                                                                new inputs wait; see docs/agent.md)
     edge_agent_disk_reserve_held                    gauge      1 while the outbox's disk reserve is allocated
     edge_agent_alarms_total{alarm}                  counter    alarms raised (outbox_corrupt), kept in the outbox
+    edge_agent_feedback_total{pipeline,kind}        counter    operator feedback stored: false_reject|missed_defect
+    edge_agent_kept_images                          gauge      recent inspected images kept for feedback
+    edge_agent_kept_images_bytes                    gauge
+    edge_agent_kept_images_skipped_total{reason}    counter    not kept: busy (queue full) | space (disk short) |
+                                                               error
 """
 
 from __future__ import annotations
@@ -96,8 +101,10 @@ class Metrics:
         self._versions: dict[str, str] = {}
         self._publisher: Callable[[], Mapping[str, Any]] | None = None
         self._storage: Callable[[], Mapping[str, Any]] | None = None
+        self._feedback: Callable[[], Mapping[str, Any]] | None = None
         r.register(_PublisherCollector(self))
         r.register(_StorageCollector(self))
+        r.register(_FeedbackCollector(self))
 
     # --- helpers called by the other components ------------------------------------------------------------------
 
@@ -147,6 +154,11 @@ class Metrics:
         """Export the disk state and alarms at scrape time: ``read()`` gives ``disk_free_bytes``,
         ``disk_state``, ``reserve_held`` and ``alarms`` (name -> count)."""
         self._storage = read
+
+    def bind_feedback(self, read: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the inspection store's state at scrape time: ``read()`` gives ``images``, ``bytes``,
+        ``dropped_busy``, ``skipped_space``, ``errors`` and ``totals`` ({pipeline: {kind: count}})."""
+        self._feedback = read
 
     def set_outbox(self, backlog: int, size_bytes: int, oldest_age_s: float) -> None:
         self.outbox_backlog.set(backlog)
@@ -249,3 +261,37 @@ class _StorageCollector:
         for name, count in sorted(counts.items()):
             alarms.add_metric([str(name)], int(count))
         yield alarms
+
+
+class _FeedbackCollector:
+    """Operator feedback and the recent images kept for it (``delivery.feedback``), read when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        read = self._metrics._feedback
+        if read is None:
+            return
+        try:
+            snap = read()
+        except Exception:  # a scrape must never raise
+            log.debug("feedback state unavailable", exc_info=True)
+            return
+        totals = CounterMetricFamily("edge_agent_feedback", "Operator feedback stored, by pipeline and kind.",
+                                     labels=["pipeline", "kind"])
+        for pipeline, kinds in sorted(dict(snap.get("totals") or {}).items()):
+            for kind, count in sorted(dict(kinds).items()):
+                totals.add_metric([str(pipeline), str(kind)], int(count))
+        yield totals
+        yield GaugeMetricFamily("edge_agent_kept_images", "Recent inspected images kept for feedback.",
+                                value=snap.get("images", 0))
+        yield GaugeMetricFamily("edge_agent_kept_images_bytes", "Bytes of the kept images.", value=snap.get("bytes", 0))
+        skipped = CounterMetricFamily("edge_agent_kept_images_skipped", "Images not kept, by reason.",
+                                      labels=["reason"])
+        for reason, key in (("busy", "dropped_busy"), ("space", "skipped_space"), ("error", "errors")):
+            skipped.add_metric([reason], int(snap.get(key, 0)))
+        yield skipped

@@ -342,5 +342,11 @@ metrics:
         assert sent[newest.result_id]["via"] == "http" and sent[middle.result_id]["via"] == "mqtt"
         assert sent[middle.result_id]["model"] == "tiny" and sent[middle.result_id]["note"] == "ok part"
         assert wait_for(lambda: ob.events_pending == 0)  # deleted once the broker had them
+        from prometheus_client import generate_latest
+
+        scraped = generate_latest(service.registry).decode()
+        counted = [line for line in scraped.splitlines() if line.startswith('edge_agent_feedback_total{')]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 2.0 and len(counted) == 2
+        assert "edge_agent_kept_images 2.0" in scraped  # keep_images: 2
     finally:
         assert service.stop(5)

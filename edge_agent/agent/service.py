@@ -350,6 +350,7 @@ class Service:
         self.inspections = InspectionStore(self.state_dir, limits, space=lambda: outbox.disk_state,
                                            record_event=record_event, known=known)
         outbox.add_space_listener(self.inspections.on_space)
+        self.metrics.bind_feedback(self.inspections.stats)
         self.inspections.start()
 
     def _keep_sink(self, out: PipelineOutput, item: InputItem) -> None:

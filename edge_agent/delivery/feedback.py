@@ -483,11 +483,16 @@ class InspectionStore:
             self._db.execute("UPDATE feedback SET event_sent = 1 WHERE result_id = ?", (result_id,))
 
     def stats(self) -> dict[str, Any]:
+        """Kept images and bytes, feedback stored (``totals``: pipeline -> kind -> count) and the counters."""
         with self._lock:
             images, size = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM kept WHERE file IS NOT NULL").fetchone()
-            feedback = int(self._db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
-        return {"images": int(images), "bytes": int(size), "feedback": feedback, **self.counters}
+            rows = self._db.execute("SELECT pipeline, kind, COUNT(*) FROM feedback GROUP BY pipeline, kind").fetchall()
+        totals: dict[str, dict[str, int]] = {p: dict.fromkeys(FEEDBACK_KINDS, 0) for p in self.limits}
+        for pipeline, kind, count in rows:
+            totals.setdefault(str(pipeline), dict.fromkeys(FEEDBACK_KINDS, 0))[str(kind)] = int(count)
+        return {"images": int(images), "bytes": int(size), "feedback": sum(int(r[2]) for r in rows),
+                "totals": totals, **self.counters}
 
 
 def _encode_jpeg(image: Image | None, quality: int = 92) -> bytes:
