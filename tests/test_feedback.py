@@ -201,6 +201,30 @@ def test_reopen_cleans_leftovers_and_sends_an_event_a_crash_took(tmp_path: Path)
         s2.close()
 
 
+def test_a_damaged_index_is_set_aside_and_feedback_rebuilt_from_the_sidecars(tmp_path: Path) -> None:
+    limits = {"line1": KeepLimits(images=5)}
+    s = InspectionStore(tmp_path, limits)
+    s.start()
+    s.keep(part(1), data=png(1))
+    s.add_feedback("r0001", "false_reject", operator="Ana")
+    s.close()
+    index = tmp_path / "feedback" / "index.db"
+    index.write_bytes(b"this is not a database" * 100)
+    events = Events()
+    s2 = InspectionStore(tmp_path, limits, record_event=events)  # starts: the agent does not stop for its index
+    s2.start()
+    try:
+        assert list((tmp_path / "feedback").glob("index.db.corrupt-*"))
+        assert s2.totals("line1") == {"false_reject": 1, "missed_defect": 0}
+        assert not any((s2.recent_dir / "line1").iterdir())  # recent images it no longer knows are gone
+        with pytest.raises(FeedbackUnknownError):  # ... so new feedback on them is unknown, the old one kept
+            s2.add_feedback("r0001", "false_reject")
+        assert (s2.feedback_dir / "line1" / "false_reject" / "r0001.png").read_bytes() == png(1)
+        assert events.got == []
+    finally:
+        s2.close()
+
+
 def test_sniff_suffix() -> None:
     assert sniff_suffix(b"\xff\xd8\xff\xe0") == ".jpg" and sniff_suffix(png(1)[:12]) == ".png"
     assert sniff_suffix(b"RIFF\0\0\0\0WEBP") == ".webp" and sniff_suffix(b"GIF89a") == ".img"

@@ -190,15 +190,56 @@ class InspectionStore:
                          "feedback": 0, "feedback_duplicate": 0}
         self.recent_dir.mkdir(parents=True, exist_ok=True)
         self.feedback_dir.mkdir(parents=True, exist_ok=True)
+        path = self.feedback_dir / "index.db"
         try:
-            self._db = sqlite3.connect(self.feedback_dir / "index.db", isolation_level=None, check_same_thread=False,
-                                       timeout=30.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db = self._open(path)
+        except sqlite3.DatabaseError as exc:
+            if _is_full(exc) or (type(exc) is not sqlite3.DatabaseError and "malformed" not in str(exc)):
+                raise StorageError(f"feedback index {path}: {exc}") from exc
+            # a damaged index is set aside: the images and sidecars on disk hold everything it said
+            aside = path.with_name(f"index.db.corrupt-{int(time.time())}")
+            log.error("inspection store: %s is damaged (%s): set aside as %s, rebuilt from the sidecars", path, exc,
+                      aside.name)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            try:
+                self._db = self._open(path)
+                self._rebuild_feedback()
+            except sqlite3.Error as exc2:
+                raise StorageError(f"feedback index {path}: {exc2}") from exc2
         except sqlite3.Error as exc:
-            raise StorageError(f"feedback index {self.feedback_dir / 'index.db'}: {exc}") from exc
+            raise StorageError(f"feedback index {path}: {exc}") from exc
         self._reconcile()
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _rebuild_feedback(self) -> None:
+        """Feedback rows from the sidecars (events counted as sent: the coordinator may already have them)."""
+        rows = []
+        for side in sorted(self.feedback_dir.glob("*/*/*.json")):
+            try:
+                data = orjson.loads(side.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if isinstance(data, dict) and data.get("kind") in FEEDBACK_KINDS and "result_id" in data:
+                rows.append((str(data["result_id"]), data["kind"], side.parent.parent.name,
+                             str(data.get("image", "")), float(data.get("at", 0.0)), orjson.dumps(data)))
+        self._db.executemany("INSERT OR REPLACE INTO feedback (result_id, kind, pipeline, file, created_at, data,"
+                             " event_sent) VALUES (?, ?, ?, ?, ?, ?, 1)", rows)
+        log.info("inspection store: %d feedback records rebuilt from their sidecars", len(rows))
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
