@@ -217,8 +217,9 @@ def test_a_damaged_index_is_set_aside_and_feedback_rebuilt_from_the_sidecars(tmp
         assert list((tmp_path / "feedback").glob("index.db.corrupt-*"))
         assert s2.totals("line1") == {"false_reject": 1, "missed_defect": 0}
         assert not any((s2.recent_dir / "line1").iterdir())  # recent images it no longer knows are gone
-        with pytest.raises(FeedbackUnknownError):  # ... so new feedback on them is unknown, the old one kept
-            s2.add_feedback("r0001", "false_reject")
+        assert s2.add_feedback("r0001", "false_reject")["duplicate"]  # the feedback itself is still known
+        with pytest.raises(FeedbackConflictError):  # the record still knows the verdict
+            s2.add_feedback("r0001", "missed_defect")
         assert (s2.feedback_dir / "line1" / "false_reject" / "r0001.png").read_bytes() == png(1)
         assert events.got == []
     finally:

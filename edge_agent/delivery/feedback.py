@@ -431,6 +431,11 @@ class InspectionStore:
         who = _clean_text(operator, "operator", MAX_OPERATOR)
         text = _clean_text(note, "note", MAX_NOTE)
         found = self.lookup(ident)
+        if found is None:  # its recent image may be gone while its feedback is still here
+            with self._lock:
+                row = self._db.execute("SELECT data FROM feedback WHERE result_id = ?", (ident,)).fetchone()
+            if row is not None:
+                found = (orjson.loads(row[0]), None)
         if found is None:
             if self._known is not None and self._known(ident):
                 raise FeedbackGoneError(f"{ident}: this result's image was not kept (only inspection pipelines with "
