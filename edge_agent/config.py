@@ -101,6 +101,17 @@ class ModelConfig(_Strict):
         return v
 
 
+class ChainOptions(_Strict):
+    """A defect-type classifier run after the pass/fail decision, on failed parts only (``inspection.classify``)."""
+
+    model: Name = Field(description="Name of an entry in models: a classifier (e.g. steel_defects).")
+    min_score: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Below this score the defect type is reported as 'unknown' (the part still fails).",
+    )
+    top_k: int = Field(default=3, ge=1, le=10, description="Candidates listed with the defect type.")
+
+
 class InspectionOptions(_Strict):
     fail_labels: tuple[str, ...] = Field(
         default=(),
@@ -127,6 +138,10 @@ class InspectionOptions(_Strict):
     heatmap_max_bytes: int = Field(
         default=8192, ge=256, le=65536, description="Upper bound on the PNG size; the thumbnail shrinks to fit."
     )
+    classify: ChainOptions | None = Field(
+        default=None,
+        description="Chain: run this classifier on failed parts and report its top label as the defect type.",
+    )
     keep_images: int = Field(
         default=200, ge=0, le=100_000,
         description="Keep the images of this many recent parts under <state_dir>/inspected/<pipeline>/, so that an "
@@ -139,7 +154,7 @@ class InspectionOptions(_Strict):
 
     def rules(self) -> dict[str, Any]:
         """The options that decide pass or fail (``sectors.inspection.InspectionRules``)."""
-        return self.model_dump(exclude={"keep_images", "keep_max_bytes"})
+        return self.model_dump(exclude={"keep_images", "keep_max_bytes", "classify"})
 
 
 ExpectedCount = Annotated[int, Strict(), Field(ge=1)] | Literal["learn"] | None
@@ -295,6 +310,163 @@ class PipelineConfig(_Strict):
         return self
 
 
+# --- the line: recipes, triggers, reject outputs ------------------------------------------------------------------
+
+Fraction4 = tuple[float, float, float, float]
+
+
+def _fraction_box(v: Fraction4 | None) -> Fraction4 | None:
+    if v is None:
+        return v
+    x1, y1, x2, y2 = v
+    if not (0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0):
+        raise ValueError("roi must be 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 (fractions of width and height)")
+    return v
+
+
+class ModbusOutputConfig(_Strict):
+    type: Literal["modbus"] = Field(description="Modbus TCP: write a coil or a holding register of a PLC.")
+    name: Name = Field(description="Output name, referred to by recipes.")
+    host: str = Field(min_length=1, description="PLC / Modbus TCP server address.")
+    port: Port = Field(default=502, description="Modbus TCP port.")
+    unit: int = Field(default=1, ge=0, le=255, description="Modbus unit (slave) id.")
+    coil: int | None = Field(default=None, ge=0, le=65535, description="Coil address written (reject: 1).")
+    holding_register: int | None = Field(
+        default=None, ge=0, le=65535, description="Holding register address written (instead of a coil)."
+    )
+    reject_value: int = Field(default=1, ge=0, le=65535, description="Value written for a reject (coil: non-zero).")
+    pass_value: int | None = Field(
+        default=0, ge=0, le=65535, description="Value written for a pass; null: nothing is written for a pass."
+    )
+    pulse_ms: float | None = Field(
+        default=None, gt=0.0, le=60_000,
+        description="After a reject, write pass_value back after this many ms (a pulse); null: the value stays.",
+    )
+    timeout_s: float = Field(default=0.5, gt=0.0, le=30.0, description="Connect and response timeout per try.")
+    retries: int = Field(default=1, ge=0, le=5, description="Further tries after a failed write (bounded).")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ModbusOutputConfig:
+        if (self.coil is None) == (self.holding_register is None):
+            raise ValueError("@coil@ set exactly one of coil or holding_register")
+        if self.pulse_ms is not None and self.pass_value is None:
+            raise ValueError("@pulse_ms@ a pulse writes pass_value back: set pass_value")
+        return self
+
+
+class WebhookOutputConfig(_Strict):
+    type: Literal["webhook"] = Field(description="HTTP POST of the decision as JSON.")
+    name: Name = Field(description="Output name, referred to by recipes.")
+    url: str = Field(pattern=r"^https?://[^\s/?#@]+(/[^\s#]*)?$", description="Where the decision is POSTed.")
+    timeout_s: float = Field(default=1.0, gt=0.0, le=30.0, description="Timeout of one request.")
+    retries: int = Field(default=2, ge=0, le=5, description="Further tries after a failure (bounded).")
+    token_env: str | None = Field(default=None, description="Environment variable with a bearer token to send.")
+    on_pass: bool = Field(default=True, description="Also POST pass decisions (false: rejects only).")
+
+
+class GpioOutputConfig(_Strict):
+    type: Literal["gpio"] = Field(description="A GPIO line via libgpiod (python3-gpiod / gpiod>=2), for boards.")
+    name: Name = Field(description="Output name, referred to by recipes.")
+    chip: str = Field(default="/dev/gpiochip0", min_length=1, description="GPIO chip device.")
+    line: int = Field(ge=0, le=1023, description="Line offset on the chip.")
+    active_low: bool = Field(default=False, description="The line is active when low.")
+    pulse_ms: float = Field(default=200.0, gt=0.0, le=60_000, description="How long the line is held active.")
+
+
+class MqttOutputConfig(_Strict):
+    type: Literal["mqtt"] = Field(description="A part_rejected event on edge/v1/<device>/events.")
+    name: Name = Field(description="Output name, referred to by recipes.")
+    on_pass: bool = Field(default=False, description="Also publish part_passed events.")
+
+
+LineOutput = Annotated[
+    ModbusOutputConfig | WebhookOutputConfig | GpioOutputConfig | MqttOutputConfig, Field(discriminator="type")
+]
+
+
+class RecipeConfig(_Strict):
+    """One product: which pipeline (model) inspects it, how, and how fast the line needs the answer."""
+
+    id: Name = Field(description="Recipe id, carried by triggers.")
+    pipeline: Name = Field(description="An inspection pipeline: its model and inspection options are the recipe's.")
+    camera: Name | None = Field(
+        default=None, description="Camera source whose newest frame a trigger without an image inspects."
+    )
+    roi: Fraction4 | None = Field(
+        default=None, description="Region of interest x1, y1, x2, y2 as fractions of the image; the rest is cut off."
+    )
+    anomaly_threshold: float | None = Field(
+        default=None, gt=0.0, description="Anomaly threshold for this product (default: the model's own)."
+    )
+    min_score: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Defect score threshold (default: the pipeline's min_score)."
+    )
+    classify: ChainOptions | None = Field(
+        default=None, description="Defect-type classifier on failed parts (default: the pipeline's classify)."
+    )
+    deadline_ms: float = Field(
+        default=500.0, gt=0.0, le=60_000,
+        description="The line needs the decision this long after the trigger; later, fail_safe is signalled.",
+    )
+    fail_safe: Literal["reject", "pass"] = Field(
+        default="reject", description="Signalled at the deadline when the verdict is late (or inference failed)."
+    )
+    outputs: tuple[Name, ...] | None = Field(
+        default=None, description="Reject outputs that get this recipe's decisions; null: every output."
+    )
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_inside(cls, v: Fraction4 | None) -> Fraction4 | None:
+        return _fraction_box(v)
+
+
+class PresenceConfig(_Strict):
+    """Part-present detection: a camera frame that differs enough from the empty-belt background is a part."""
+
+    camera: Name = Field(description="Camera source watched.")
+    recipe: Name = Field(description="Recipe triggered when a part arrives.")
+    enter: float = Field(
+        default=12.0, gt=0.0, le=255.0,
+        description="Mean absolute difference from the background (grey levels) at which a part is present.",
+    )
+    leave: float = Field(
+        default=6.0, ge=0.0, le=255.0, description="Below this the part has left (hysteresis: leave < enter)."
+    )
+    settle_frames: int = Field(
+        default=2, ge=1, le=100, description="Frames above enter (or below leave) in a row before it counts."
+    )
+    size: int = Field(default=64, ge=8, le=512, description="Frames are compared at this width (grey, downscaled).")
+    background_rate: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="How fast the background follows an empty belt (light changes)."
+    )
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> PresenceConfig:
+        if self.leave >= self.enter:
+            raise ValueError("@leave@ leave must be below enter (hysteresis)")
+        return self
+
+
+class LineConfig(_Strict):
+    """The line (docs/agent.md#the-line): triggers pick a recipe, the verdict (or the fail-safe at the deadline)
+    drives the reject outputs."""
+
+    recipes: tuple[RecipeConfig, ...] = Field(default=(), description="Products and how they are inspected.")
+    outputs: tuple[LineOutput, ...] = Field(default=(), description="Where decisions are signalled.")
+    presence: tuple[PresenceConfig, ...] = Field(default=(), description="Part-present triggers on cameras.")
+    default_recipe: Name | None = Field(default=None, description="Recipe of a trigger that names none.")
+    max_pending: int = Field(
+        default=64, ge=1, le=10_000, description="Decisions awaiting a verdict at most; a trigger over it gets the "
+        "fail-safe at once (cause overloaded).",
+    )
+    priority: bool = Field(
+        default=True,
+        description="Triggered parts go before everything queued in their pipeline (folder, camera, upload inputs "
+        "wait); false: first come, first served.",
+    )
+
+
 # --- sources -------------------------------------------------------------------------------------------------------
 
 
@@ -340,6 +512,11 @@ class CameraSourceConfig(_Strict):
     read_failures: int = Field(default=3, ge=1, description="Consecutive failed reads before reconnecting.")
     max_in_flight: int = Field(
         default=2, ge=1, le=64, description="Frames submitted but unfinished; newer frames replace the waiting one."
+    )
+    submit_frames: bool = Field(
+        default=True,
+        description="Feed frames to the pipeline at max_fps. false: the camera only serves the line (triggers take "
+        "its newest frame; part-present detection watches it).",
     )
     password: SkipJsonSchema[SecretStr | None] = Field(
         default=None, exclude=True, description="Resolved by the loader; never in YAML."
@@ -702,6 +879,7 @@ class AgentConfig(_Strict):
     home_assistant: HomeAssistantConfig = Field(
         default=HomeAssistantConfig(), description="Home Assistant MQTT discovery.",
     )
+    line: LineConfig = Field(default=LineConfig(), description="Line triggers, product recipes, reject outputs.")
     decode_pixel_budget: int = Field(
         default=24_000_000, ge=1_000_000, le=1_000_000_000,
         description="Pixels that may be decoded at once, summed over every image being decoded (uploads and "
@@ -743,10 +921,59 @@ def reference_problems(cfg: AgentConfig) -> list[tuple[str, str]]:
     for i, s in enumerate(cfg.sources):
         if s.pipeline not in pipelines:
             problems.append((f"sources.{i}.pipeline", f"unknown pipeline {s.pipeline!r} (known: {sorted(pipelines)})"))
+    problems.extend(_line_problems(cfg))
     if cfg.http.pipeline is not None and cfg.http.pipeline not in pipelines:
         problems.append(("http.pipeline", f"unknown pipeline {cfg.http.pipeline!r}"))
     if cfg.http.enabled and cfg.metrics.enabled and cfg.http.port == cfg.metrics.port:
         problems.append(("metrics.port", f"{cfg.metrics.port} is also http.port"))
+    return problems
+
+
+def _line_problems(cfg: AgentConfig) -> list[tuple[str, str]]:
+    """Recipes, chains, outputs and presence triggers that name things that do not exist (or do not fit)."""
+    problems: list[tuple[str, str]] = []
+    models = {m.name for m in cfg.models}
+    kinds = {p.name: p.kind for p in cfg.pipelines}
+    cameras = {s.name for s in cfg.sources if isinstance(s, CameraSourceConfig)}
+    line = cfg.line
+    for i, p in enumerate(cfg.pipelines):
+        if p.inspection is not None and p.inspection.classify is not None and p.inspection.classify.model not in models:
+            problems.append((f"pipelines.{i}.inspection.classify.model",
+                             f"unknown model {p.inspection.classify.model!r} (known: {sorted(models)})"))
+    outputs: set[str] = set()
+    for i, o in enumerate(line.outputs):
+        if o.name in outputs:
+            problems.append((f"line.outputs.{i}.name", f"duplicate name {o.name!r}"))
+        outputs.add(o.name)
+        if isinstance(o, MqttOutputConfig) and not cfg.mqtt.enabled:
+            problems.append((f"line.outputs.{i}.type", "an mqtt output needs mqtt.enabled"))
+    recipes: set[str] = set()
+    for i, r in enumerate(line.recipes):
+        key = f"line.recipes.{i}"
+        if r.id in recipes:
+            problems.append((f"{key}.id", f"duplicate recipe {r.id!r}"))
+        recipes.add(r.id)
+        if r.pipeline not in kinds:
+            problems.append((f"{key}.pipeline", f"unknown pipeline {r.pipeline!r} (known: {sorted(kinds)})"))
+        elif kinds[r.pipeline] != "inspection":
+            problems.append((f"{key}.pipeline", f"pipeline {r.pipeline!r} is kind {kinds[r.pipeline]}, not inspection"))
+        if r.camera is not None and r.camera not in cameras:
+            problems.append((f"{key}.camera", f"unknown camera source {r.camera!r} (known: {sorted(cameras)})"))
+        if r.classify is not None and r.classify.model not in models:
+            problems.append((f"{key}.classify.model", f"unknown model {r.classify.model!r} (known: {sorted(models)})"))
+        for j, name in enumerate(r.outputs or ()):
+            if name not in outputs:
+                problems.append((f"{key}.outputs.{j}", f"unknown output {name!r} (known: {sorted(outputs)})"))
+    for i, t in enumerate(line.presence):
+        if t.camera not in cameras:
+            problems.append((f"line.presence.{i}.camera",
+                             f"unknown camera source {t.camera!r} (known: {sorted(cameras)})"))
+        if t.recipe not in recipes:
+            problems.append((f"line.presence.{i}.recipe", f"unknown recipe {t.recipe!r} (known: {sorted(recipes)})"))
+    if line.default_recipe is not None and line.default_recipe not in recipes:
+        problems.append(("line.default_recipe", f"unknown recipe {line.default_recipe!r} (known: {sorted(recipes)})"))
+    if line.recipes and not line.outputs:
+        problems.append(("line.outputs", "recipes need at least one output to signal to"))
     return problems
 
 
@@ -773,6 +1000,8 @@ def _format_validation(source: str, exc: ValidationError) -> str:
     parts = [str(p) for p in err["loc"]]
     if len(parts) > 2 and parts[0] == "sources" and parts[2] in ("folder", "camera"):
         del parts[2]  # the discriminator tag pydantic inserts
+    if len(parts) > 3 and parts[:2] == ["line", "outputs"] and parts[3] in ("modbus", "webhook", "gpio", "mqtt"):
+        del parts[3]
     loc = ".".join(parts)
     match = re.match(r"^@([^@]+)@ (.*)$", msg)
     if match:

@@ -13,6 +13,7 @@ The tree::
     │   │   ├── ImageTooLargeError    image_too_large
     │   │   └── ImageEmptyError       image_empty
     │   ├── InputNotFoundError        input_not_found
+    │   ├── RecipeUnknownError        recipe_unknown (a line trigger named no configured recipe)
     │   └── DatasetError              dataset_invalid (a training folder's bad label, missing label file, ...)
     ├── RuntimeBackendError           runtime_error
     ├── StorageError                  storage_error
@@ -21,6 +22,7 @@ The tree::
     │   └── StoreRejectedError        store_rejected (coordinator store refused what a batch holds)
     ├── OverloadedError               overloaded (a bounded queue is full; retry later)
     ├── QuantizationGateError         quantization_refused (INT8 failed the accuracy-and-speed gate)
+    ├── NoFrameError                  no_frame (a trigger without an image, and its camera has no frame yet)
     ├── MissingDependencyError        dependency_missing (an optional extra is not installed: the message names it)
     ├── FeedbackError                 feedback_invalid (operator feedback on an inspected part; docs/agent.md)
     │   ├── FeedbackUnknownError      feedback_unknown_result (no inspected part has that id)
@@ -248,3 +250,11 @@ class UpdateFetchError(UpdateError):
     """The update file could not be fetched from the coordinator (unreachable, HTTP error, wrong size, no base URL)."""
 
     code = "update_fetch_failed"
+
+
+class RecipeUnknownError(InputError):
+    code = "recipe_unknown"
+
+
+class NoFrameError(EdgeAgentError):
+    code = "no_frame"

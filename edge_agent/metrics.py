@@ -39,6 +39,13 @@ Names::
     edge_agent_kept_images_bytes                    gauge
     edge_agent_kept_images_skipped_total{reason}    counter    not kept: busy (queue full) | space (disk short) |
                                                                error
+    edge_agent_line_triggers_total{recipe,trigger}  counter    line triggers: http|mqtt|presence|api
+    edge_agent_line_decisions_total{recipe,decision,cause}
+                                                    counter    reject|pass by verdict|deadline|error|overloaded
+    edge_agent_line_failsafe_total{recipe,cause}    counter    fail-safe signalled: deadline|error|overloaded
+    edge_agent_line_late_verdicts_total{recipe}     counter    verdicts after the deadline (recorded, not signalled)
+    edge_agent_line_signal_seconds{output}          histogram  trigger to the output's signal done
+    edge_agent_line_signal_errors_total{output}     counter    an output that failed (after its bounded retries)
 """
 
 from __future__ import annotations
@@ -98,6 +105,25 @@ class Metrics:
         self.model_version = Gauge(
             "edge_agent_model_version", "1 for the model version in force.", ["model", "version"], registry=r
         )
+        self.line_triggers = Counter(
+            "edge_agent_line_triggers_total", "Line triggers.", ["recipe", "trigger"], registry=r
+        )
+        self.line_decisions = Counter(
+            "edge_agent_line_decisions_total", "Line decisions signalled.", ["recipe", "decision", "cause"], registry=r
+        )
+        self.line_failsafe = Counter(
+            "edge_agent_line_failsafe_total", "Fail-safe decisions signalled.", ["recipe", "cause"], registry=r
+        )
+        self.line_late = Counter(
+            "edge_agent_line_late_verdicts_total", "Verdicts that came after their deadline.", ["recipe"], registry=r
+        )
+        self.line_signal_seconds = Histogram(
+            "edge_agent_line_signal_seconds", "Trigger to signal done, per output.", ["output"], registry=r,
+            buckets=_BUCKETS,
+        )
+        self.line_signal_errors = Counter(
+            "edge_agent_line_signal_errors_total", "Failed signals per output.", ["output"], registry=r
+        )
         self._versions: dict[str, str] = {}
         self._publisher: Callable[[], Mapping[str, Any]] | None = None
         self._storage: Callable[[], Mapping[str, Any]] | None = None
@@ -134,6 +160,23 @@ class Metrics:
 
     def sink_error(self, pipeline: str, sink: str) -> None:
         self.sink_errors.labels(pipeline=pipeline, sink=sink).inc()
+
+    def line_trigger(self, recipe: str, trigger: str) -> None:
+        self.line_triggers.labels(recipe=recipe, trigger=trigger).inc()
+
+    def line_decision(self, recipe: str, decision: str, cause: str) -> None:
+        self.line_decisions.labels(recipe=recipe, decision=decision, cause=cause).inc()
+        if cause != "verdict":
+            self.line_failsafe.labels(recipe=recipe, cause=cause).inc()
+
+    def line_late_verdict(self, recipe: str) -> None:
+        self.line_late.labels(recipe=recipe).inc()
+
+    def line_signal(self, output: str, seconds: float, ok: bool) -> None:
+        if ok:
+            self.line_signal_seconds.labels(output=output).observe(max(seconds, 0.0))
+        else:
+            self.line_signal_errors.labels(output=output).inc()
 
     def model_update(self, model: str, outcome: str) -> None:
         self.model_updates.labels(model=model, outcome=outcome).inc()

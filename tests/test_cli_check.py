@@ -110,6 +110,22 @@ def bad_ca_file(root: Path) -> str:
     return GOOD.replace("mqtt:\n  enabled: false\n", "mqtt:\n  tls: {enabled: true, ca_file: ca.pem}\n")
 
 
+LINE = """pipelines:
+  - {name: crop, kind: crop, model: crop}
+  - {name: parts, kind: inspection, model: crop}
+line:
+  recipes: [{id: part-a, pipeline: parts, outputs: [OUTPUT]}]
+  outputs: [{type: webhook, name: hook, url: "http://127.0.0.1:9/parts", token_env: EDGE_AGENT_TEST_UNSET_TOKEN}]
+"""
+
+
+def line_recipe(output: str) -> Callable[[Path], str]:
+    def change(_: Path) -> str:
+        return GOOD.replace("pipelines:\n  - {name: crop, kind: crop, model: crop}\n", LINE.replace("OUTPUT", output))
+
+    return change
+
+
 def outside_by_absolute_path(root: Path) -> str:
     outside = root / "elsewhere"
     tiny_crop_models(outside, list(CROP_LABELS))
@@ -137,6 +153,8 @@ BAD: list[tuple[str, Callable[[Path], str], str, str]] = [
     ("trusted update key unreadable", bad_update_key, "config_invalid", "updates.trusted_keys.0"),
     ("broker CA file unreadable", bad_ca_file, "config_invalid", "mqtt.tls.ca_file"),
     ("coordinator ack key unreadable", bad_ack_key, "config_invalid", "mqtt.ack_keys.0"),
+    ("recipe names an unknown output", line_recipe("plc"), "config_invalid", "line.recipes.0.outputs.0"),
+    ("webhook token variable unset", line_recipe("hook"), "config_invalid", "line.outputs.0.token_env"),
     ("untrusted proxy entry", edit("  tokens_file: tokens\n", "  tokens_file: tokens\n  trusted_proxies: [proxy]\n"),
      "config_invalid", "http.trusted_proxies"),
 ]

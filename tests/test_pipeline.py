@@ -321,3 +321,19 @@ def test_worker_infers_the_next_input_while_a_result_waits_for_the_disk() -> Non
     disk.set()
     assert [outcome(f).stored.input_id for f in futs] == ["in-0", "in-1", "in-2"]
     assert pipe.stop(T) and pipe.in_flight == 0
+
+
+def test_urgent_inputs_go_before_everything_queued() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate)
+    done: list[str] = []
+    pipe = Pipeline("p", [model], FakeOutbox(), queue_size=10, sinks=[("order", lambda o, i: done.append(i.input_id))])
+    pipe.start()
+    first = pipe.submit(item(0))
+    assert model.started.wait(T)  # the worker holds input 0
+    futures = [pipe.submit(item(i)) for i in (1, 2)] + [pipe.submit(item("u", urgent=True))]
+    gate.set()
+    for fut in [first, *futures]:
+        outcome(fut)
+    assert done == ["in-0", "in-u", "in-1", "in-2"]
+    pipe.stop()

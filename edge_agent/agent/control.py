@@ -10,6 +10,7 @@ from typing import Any
 from edge_agent.delivery.feedback import InspectionStore
 from edge_agent.errors import EdgeAgentError, UpdateError
 from edge_agent.flow.pipeline import Pipeline
+from edge_agent.line.controller import LineController
 from edge_agent.protocol.commands import Command, CommandError
 from edge_agent.updates.fetch import FetchSpec
 from edge_agent.updates.manager import ModelUpdater
@@ -18,9 +19,21 @@ log = logging.getLogger(__name__)
 
 
 def handle_command(command: Command, pipelines: Mapping[str, Pipeline], updater: ModelUpdater | None,
-                   inspections: InspectionStore | None = None) -> dict[str, Any]:
+                   inspections: InspectionStore | None = None, line: LineController | None = None) -> dict[str, Any]:
     """Apply ``command``; ``updater`` is None where model updates are disabled, ``inspections`` where no pipeline
-    keeps images for feedback. Raises CommandError with a code."""
+    keeps images for feedback, ``line`` where no recipe is configured. Raises CommandError with a code."""
+    if command.name == "trigger":
+        if line is None:
+            raise CommandError("no line recipes are configured on this agent (line.recipes)", "command_unsupported",
+                               command.id)
+        recipe = command.args.get("recipe")
+        part_id = str(command.args.get("part_id") or command.id)
+        try:
+            line.trigger(str(recipe) if recipe is not None else None, part_id, source="mqtt")
+        except EdgeAgentError as exc:
+            raise CommandError(exc.message, exc.code, command.id) from exc
+        return {"accepted": True, "recipe": recipe or line.cfg.default_recipe, "part_id": part_id,
+                "outcome": "signalled on the recipe's outputs by its deadline"}
     if command.name == "feedback":
         if inspections is None:
             raise CommandError("no inspection pipeline keeps images for feedback (inspection.keep_images)",

@@ -42,6 +42,7 @@ def agent_health(
     models: list[dict[str, Any]],
     updates: dict[str, Any] | None,
     pipelines: Mapping[str, Pipeline],
+    line: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``publisher``: the publisher's state, or ``disabled``; ``state``: the service's own (starting, stopping...)."""
     source_health = {name: s.health() for name, s in sources.items()}
@@ -56,6 +57,9 @@ def agent_health(
         if st.disk_state != "ok":
             problems.append(f"disk {st.disk_state}: {st.disk_free_bytes} bytes free under {state_dir} "
                             f"(min_free_bytes {min_free_bytes}); new inputs wait")
+    for name, out in (line or {}).get("outputs", {}).items():
+        if out.get("last_error"):
+            problems.append(f"line output {name}: failing ({out['last_error']})")
     overall = "ok" if ready and not problems else ("degraded" if ready else state)
     return {
         "state": overall,
@@ -73,4 +77,5 @@ def agent_health(
         "sources": source_health,
         "mqtt": publisher,
         "alarms": alarms,
+        **({"line": line} if line is not None else {}),
     }

@@ -5,7 +5,8 @@ YAML keys, bundle paths with ``..``, ``http.bind`` off loopback without a tokens
 certificates, unwritable folders, unreadable secrets). :func:`preflight` adds what needs the files the
 config points at: each model bundle (inside ``models_dir``, manifest valid, sha256 right, and with
 ``load_model`` the ONNX session built and warmed up as ``run`` does), one folder per model name, the
-HTTP tokens file, the MQTT TLS certificates and key, and every key file (updates, acks, commands, results).
+HTTP tokens file, the MQTT TLS certificates and key, every key file (updates, acks, commands, results), and what
+the line's outputs need (pymodbus, gpiod and its chip, a webhook's token variable).
 
 Every refusal is an :class:`EdgeAgentError` of the code ``run`` would give, its message
 ``<key.path>: <what is wrong>`` (the CLI puts the file name in front). Nothing is written, no port is
@@ -21,7 +22,7 @@ from typing import Any
 
 from edge_agent.bundles.bundle import Bundle
 from edge_agent.config import AgentConfig, ModelConfig
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError, MissingDependencyError
 
 ModelLoader = Callable[[Bundle, ModelConfig], Any]
 
@@ -43,6 +44,9 @@ def preflight(cfg: AgentConfig, *, load_model: ModelLoader | None = None) -> Non
     from edge_agent.updates.manager import configured_bundle
 
     folders: dict[str, Path] = {}
+    used = {p.model for p in cfg.pipelines}
+    used |= {p.inspection.classify.model for p in cfg.pipelines if p.inspection and p.inspection.classify}
+    used |= {r.classify.model for r in cfg.line.recipes if r.classify is not None}
     for i, mcfg in enumerate(cfg.models):
         key = f"models.{i}.bundle"
         try:
@@ -54,7 +58,7 @@ def preflight(cfg: AgentConfig, *, load_model: ModelLoader | None = None) -> Non
         if first != bundle.directory.resolve():
             raise ConfigError(f"{key}: model {name!r} is already loaded from {first}; one bundle folder per "
                               "model name (updates are installed by name)")
-        if load_model is not None and any(p.model == mcfg.name for p in cfg.pipelines):
+        if load_model is not None and mcfg.name in used:
             try:
                 load_model(bundle, mcfg)
             except EdgeAgentError as exc:
@@ -62,6 +66,25 @@ def preflight(cfg: AgentConfig, *, load_model: ModelLoader | None = None) -> Non
     _check_http(cfg)
     _check_tls(cfg)
     _check_keys(cfg)
+    _check_line(cfg)
+
+
+def _check_line(cfg: AgentConfig) -> None:
+    """What a line output needs beyond its config: its library (pymodbus, gpiod), its GPIO chip, its token."""
+    import importlib.util
+    import os
+
+    for i, out in enumerate(cfg.line.outputs):
+        key = f"line.outputs.{i}"
+        if out.type == "modbus" and importlib.util.find_spec("pymodbus") is None:
+            raise MissingDependencyError(f"{key}: a modbus output needs pymodbus: pip install 'edge-agent[modbus]'")
+        if out.type == "gpio":
+            if importlib.util.find_spec("gpiod") is None:
+                raise MissingDependencyError(f"{key}: a gpio output needs libgpiod 2's bindings: pip install gpiod")
+            if not Path(out.chip).exists():
+                raise ConfigError(f"{key}.chip: no GPIO chip at {out.chip}")
+        if out.type == "webhook" and out.token_env is not None and out.token_env not in os.environ:
+            raise ConfigError(f"{key}.token_env: environment variable {out.token_env!r} is not set")
 
 
 def _check_http(cfg: AgentConfig) -> None:

@@ -40,18 +40,20 @@ from edge_agent.agent.control import handle_command
 from edge_agent.agent.health import agent_health, models_info
 from edge_agent.agent.recovery import InFlight, Recovery
 from edge_agent.bundles.bundle import Bundle
-from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig
+from edge_agent.config import AgentConfig, CameraSourceConfig, FolderSourceConfig, ModelConfig, PipelineConfig
 from edge_agent.delivery.feedback import InspectedPart, InspectionStore, KeepLimits
 from edge_agent.delivery.homeassistant import HomeAssistant
 from edge_agent.delivery.outbox import Outbox, OutboxLimits
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
 from edge_agent.delivery.space import SpaceState
 from edge_agent.errors import ConfigError, OverloadedError, StorageError, StorageFullError
-from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, make_sector
+from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, Sector, make_sector
 from edge_agent.flow.sources import Source
 from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
 from edge_agent.flow.sources.folder import FolderSource
 from edge_agent.fsutil import lock_dir
+from edge_agent.line.controller import LineController
+from edge_agent.line.outputs import RejectSignal, build_output
 from edge_agent.metrics import Metrics
 from edge_agent.protocol.commands import Command
 from edge_agent.protocol.signing import AgentAuth
@@ -126,6 +128,8 @@ class Service:
         self.inspections: InspectionStore | None = None
         self.publisher: Publisher | None = None
         self.pipelines: dict[str, Pipeline] = {}
+        self.line: LineController | None = None
+        self.chain_models: dict[str, Predictor] = {}
         self.sources: dict[str, Source] = {}
         self._bundles: dict[str, Bundle] = {}
         self._sources: dict[str, str] = {}  # config model name -> "config" | "update"
@@ -206,6 +210,8 @@ class Service:
             self._build_updater()
             for p in self.pipelines.values():
                 p.start()
+            if self.line is not None:
+                self.line.start()
             if self.publisher is not None:
                 self.publisher.start()
             if self.updater is not None and cfg.updates.enabled:
@@ -257,6 +263,8 @@ class Service:
             clean &= self.updater.stop(min(left(0.3), 5.0))
         for pipeline in self.pipelines.values():
             clean &= pipeline.stop(left(0.6))
+        if self.line is not None:
+            clean &= self.line.stop(min(left(0.3), 2.0))
         if self.publisher is not None:
             self.publisher.stop(left(0.8))
         if self.inspections is not None:
@@ -307,9 +315,29 @@ class Service:
         self._bundles[mcfg.name], self._sources[mcfg.name] = slot.bundle, slot.source
         return slot.bundle
 
+    def _build_line(self) -> None:
+        """Chained models (one shared session each: onnxruntime runs are thread-safe) and the line controller."""
+        models = {m.name: m for m in self.cfg.models}
+        chained = {p.inspection.classify.model for p in self.cfg.pipelines
+                   if p.inspection is not None and p.inspection.classify is not None}
+        chained |= {r.classify.model for r in self.cfg.line.recipes if r.classify is not None}
+        for name in sorted(chained):
+            self.chain_models[name] = self._model_factory(self._bundle(models[name]), models[name])
+        line = self.cfg.line
+        if not line.recipes:
+            return
+        outputs: dict[str, RejectSignal] = {o.name: build_output(o, publish=self._publish_event) for o in line.outputs}
+        self.line = LineController(
+            line, pipelines=self.cfg.pipelines, submit=self.submit, outputs=outputs, models=self.chain_models,
+            metrics=self.metrics, pixel_budget=self.pixel_budget,
+            max_pixels=max((m.max_pixels for m in self.cfg.models), default=40_000_000),
+        )
+
     def _build_pipelines(self) -> None:
         assert self.outbox is not None
+        self._build_line()
         models = {m.name: m for m in self.cfg.models}
+        line_pipelines = {r.pipeline for r in self.cfg.line.recipes}
         for pcfg in self.cfg.pipelines:
             mcfg = models[pcfg.model]
             bundle = self._bundle(mcfg)
@@ -319,7 +347,7 @@ class Service:
                 workers,
                 self.outbox,
                 kind=pcfg.kind,
-                sector=make_sector(pcfg),
+                sector=self._sector(pcfg, line_pipelines),
                 queue_size=pcfg.queue_size,
                 metrics=self.metrics,
             )
@@ -328,6 +356,12 @@ class Service:
                 pipeline.add_sink("keep_image", self._keep_sink)  # last: never delays the reject signal
             self.pipelines[pcfg.name] = pipeline
             self._slots[bundle.manifest.name].users.append((pipeline, mcfg))
+
+    def _sector(self, pcfg: PipelineConfig, line_pipelines: set[str]) -> Sector:
+        sector = make_sector(pcfg, self.chain_models)
+        if self.line is not None and pcfg.name in line_pipelines:
+            sector = self.line.sector_for(sector)
+        return sector
 
     def _build_inspection_store(self) -> None:
         """Recent images of inspected parts and operator feedback (``delivery.feedback``), when a pipeline keeps any."""
@@ -458,8 +492,13 @@ class Service:
                 )
             elif isinstance(scfg, CameraSourceConfig):
                 self.sources[scfg.name] = CameraSource(
-                    scfg, submit=self.submit, capture_factory=self._capture_factory, metrics=self.metrics
+                    scfg, submit=self.submit, capture_factory=self._capture_factory, metrics=self.metrics,
+                    on_frame=self.line.on_frame if self.line is not None and self._line_camera(scfg.name) else None,
                 )
+
+    def _line_camera(self, name: str) -> bool:
+        line = self.cfg.line
+        return any(r.camera == name for r in line.recipes) or any(t.camera == name for t in line.presence)
 
     def _start_http(self) -> None:
         h = self.cfg.http
@@ -480,6 +519,7 @@ class Service:
             registry=self.registry,
             pipeline=self.upload_pipeline(),
             feedback=self.inspections.add_feedback if self.inspections is not None else None,
+            line_trigger=self.line.trigger if self.line is not None else None,
         )
         self.spool_dir("http").mkdir(parents=True, exist_ok=True)
         app = create_app(ctx)
@@ -555,7 +595,7 @@ class Service:
         sector = out.sector
         ref = {"pipeline": item.pipeline, "source": item.source, "input_id": item.input_id,
                "result_id": getattr(out.stored, "result_id", None)}
-        if sector.get("signal"):
+        if sector.get("signal") and "line" not in sector:  # a line part's event is its mqtt output's
             data = {**ref, "signal": sector["signal"], "reasons": sector.get("reasons", []),
                     "defects": sector.get("defects", [])}
             if "heatmap" in sector:
@@ -574,7 +614,7 @@ class Service:
     def handle_command(self, command: Command) -> dict[str, Any]:
         """Commands that change the running agent (the publisher handles its own first): ``agent.control``."""
         updater = self.updater if self.cfg.updates.enabled else None
-        return handle_command(command, self.pipelines, updater, self.inspections)
+        return handle_command(command, self.pipelines, updater, self.inspections, self.line)
 
     def health(self) -> dict[str, Any]:
         """Status for heartbeats and ``/healthz``: ``agent.health``."""
@@ -583,6 +623,7 @@ class Service:
             publisher=self.publisher.state if self.publisher is not None else "disabled", outbox=self.outbox,
             state_dir=self.state_dir, min_free_bytes=self.cfg.outbox.min_free_bytes, models=self.models_info(),
             updates=self.updater.status() if self.updater is not None else None, pipelines=self.pipelines,
+            line=self.line.health() if self.line is not None else None,
         )
 
 

@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(ctx) -> FastAPI``. The one module that imports FastAPI/Starlette
 (with ``__init__``); everything that must run before a body is parsed is pure ASGI in ``middleware``.
 
-Routes: ``POST /v1/diagnose``, ``GET /v1/results/{id}``, ``POST /v1/feedback``, ``GET /v1/models``, ``GET /healthz``,
-``GET /readyz``, ``GET /metrics``, the farmer page at ``/`` and its files under ``/static/``.
+Routes: ``POST /v1/diagnose``, ``POST /v1/line/trigger``, ``GET /v1/results/{id}``, ``POST /v1/feedback``,
+``GET /v1/models``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, the farmer page at ``/`` and its files
+under ``/static/``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from edge_agent.errors import (
     FeedbackGoneError,
     FeedbackUnknownError,
     InputError,
+    NoFrameError,
     OverloadedError,
 )
 from edge_agent.flow.pipeline import InputItem, PipelineOutput
@@ -79,8 +81,14 @@ def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith("/static/")
 
 
+LINE_TRIGGER = "/v1/line/trigger"
+LINE_ANSWER_S = 75.0
+
+
 def is_limited(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/metrics"
+    """Paths under the per-client rate limit: a line's trigger is not (a PLC triggers several parts a second; it
+    still needs a token, and a flood meets the bounded queue: each refused part gets its fail-safe)."""
+    return (path.startswith("/v1/") and path != LINE_TRIGGER) or path == "/metrics"
 
 
 def _err(status: int, code: str, message: str) -> dict[int | str, dict[str, Any]]:
@@ -389,6 +397,48 @@ def create_app(ctx: ApiContext) -> FastAPI:
             output.stored, book, hints.get("lang") or request.headers.get("accept-language") or default_lang
         )
         return JSONResponse(answer.model_dump(mode="json"))
+
+    # --- the line ---------------------------------------------------------------------------------------------------
+
+    @app.post(
+        LINE_TRIGGER,
+        summary="Trigger the inspection of one part on the line",
+        description="Inspects a part with a recipe (docs/agent.md#the-line): the image is the request body (raw "
+        "JPEG, PNG or WebP), or, with an empty body, the newest frame of the recipe's camera. Answers once the "
+        "decision is signalled on the recipe's outputs, which is by the recipe's deadline: the verdict, or the "
+        "fail-safe (fail_safe: true, with its cause).",
+        responses=_errors(
+            (400, "recipe_unknown", "no such recipe (and no default_recipe)"),
+            (404, "line_disabled", "no line recipes are configured"),
+            (409, "no_frame", "no image in the body and the recipe's camera has no frame yet"),
+            (413, "image_too_large", "too many pixels"),
+            (415, "image_unsupported_format", "not JPEG, PNG or WebP"),
+            (422, "image_invalid", "corrupt or truncated image"),
+            *_COMMON,
+        ),
+        dependencies=[bearer],
+    )
+    async def line_trigger(
+        request: Request,
+        recipe: str | None = Query(None, pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$", description="Recipe id."),
+        part_id: str | None = Query(None, pattern=_ID_PATTERN, max_length=64, description="The line's part id."),
+    ) -> Response:
+        trigger = ctx.line_trigger
+        if trigger is None:
+            raise ApiError(404, "line_disabled", "no line recipes are configured on this agent")
+        data = await request.body()  # bounded by http.max_body_bytes (BodyLimit)
+        try:
+            decision = await run_in_threadpool(
+                lambda: trigger(recipe, part_id, data=data or None, source="http")
+            )
+            settled = await asyncio.wait_for(asyncio.wrap_future(decision), LINE_ANSWER_S)
+        except TimeoutError as exc:  # a decision comes by the deadline (at most 60 s); only a stopping agent is late
+            raise ApiError(503, "overloaded", "no decision in time", {"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except NoFrameError as exc:
+            raise ApiError(409, exc.code, exc.message) from exc
+        except EdgeAgentError as exc:
+            raise from_agent_error(exc) from exc
+        return JSONResponse(settled.to_dict())
 
     # --- reading --------------------------------------------------------------------------------------------------
 

@@ -43,3 +43,6 @@ class ApiContext:
     advice: AdviceBook | None = None
     source: str = "http"
     feedback: Callable[..., dict[str, Any]] | None = None
+    line_trigger: Callable[..., Future[Any]] | None = None
+    """``LineController.trigger`` (recipe, part_id, data=bytes, source=...) -> Future of a decision with
+    ``to_dict()``; None where no line recipe is configured (the trigger route answers 404)."""

@@ -12,8 +12,9 @@ too large, missing spool file) is also journalled with ``outbox.reject_input``; 
 Workers infer; the durable write runs on a bounded pool of commit threads (concurrent writes
 share the outbox's group commit), so a worker is not idle while a result waits for its fsync.
 
-A full queue raises :class:`OverloadedError` at submit time. ``stop`` drains what is queued within
-its timeout; whatever is left is failed with ``OverloadedError`` (still pending in the outbox).
+Inputs are taken in arrival order, except ``urgent`` ones (a line's triggered parts, which have a deadline):
+they go before everything queued. A full queue raises :class:`OverloadedError` at submit time. ``stop`` drains
+what is queued within its timeout; whatever is left is failed with ``OverloadedError`` (still pending in the outbox).
 Each worker signals end-of-stream in ``finally``. After the result is stored the pipeline calls its
 sinks; one failing sink is counted and logged and never stops the others.
 
@@ -23,6 +24,7 @@ finishes on the old model, every later one runs on the new; the queue is untouch
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import queue
@@ -46,7 +48,7 @@ from edge_agent.sectors.herd_events import (
     frame_view,
     split_events,
 )
-from edge_agent.sectors.inspection import InspectionRules, inspection_verdict
+from edge_agent.sectors.inspection import InspectionRules, inspection_verdict, with_defect_type
 from edge_agent.sectors.livestock import LineRule, LivestockRules, LivestockTracker, ZoneRule
 from edge_agent.types import Image, Result
 
@@ -64,6 +66,8 @@ class InputItem:
     image: Image | None = field(default=None, repr=False)
     spool_path: str | None = None
     hints: Mapping[str, str] = field(default_factory=dict)
+    urgent: bool = False
+    """A part a line waits for (a trigger with a deadline): taken from the queue before every other input."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,48 @@ def no_sector(result: Result, item: InputItem) -> dict[str, Any]:
     return {}
 
 
-def make_sector(cfg: PipelineConfig) -> Sector:
-    """The sector step of a pipeline kind (crop advice, pass/fail, tracking) as one callable."""
+def load_input(item: InputItem) -> bytes:
+    """The bytes of an input (its data or its spool file); InputNotFoundError when the spool file is gone."""
+    if item.data is not None:
+        return item.data
+    if item.spool_path is None:
+        raise InputNotFoundError("input has neither data, image nor spool file")
+    try:
+        return Path(item.spool_path).read_bytes()
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"spool file is gone: {Path(item.spool_path).name}") from exc
+    except OSError as exc:
+        raise InputNotFoundError(f"spool file unreadable: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The second model of a chained inspection: a defect-type classifier run on failed parts only."""
+
+    classifier: Predictor
+    min_score: float = 0.0
+    top_k: int = 3
+
+
+def inspect_part(result: Result, item: InputItem, rules: InspectionRules, chain: Chain | None = None) -> dict[str, Any]:
+    """Pass/fail for one part; a failed part also gets the chain's defect type (``sectors.inspection``)."""
+    verdict = inspection_verdict(result, rules)
+    if chain is None or verdict["passed"]:
+        return verdict
+    typed = chain.classifier.predict(item.image) if item.image is not None else chain.classifier.predict_bytes(
+        load_input(item)
+    )
+    return with_defect_type(verdict, typed, min_score=chain.min_score, top_k=chain.top_k)
+
+
+def inspection_rules(cfg: PipelineConfig) -> InspectionRules:
+    opts = cfg.inspection
+    return InspectionRules(**opts.rules()) if opts is not None else InspectionRules()
+
+
+def make_sector(cfg: PipelineConfig, models: Mapping[str, Predictor] | None = None) -> Sector:
+    """The sector step of a pipeline kind (crop advice, pass/fail, tracking) as one callable. ``models``: the
+    models a chained inspection (``inspection.classify``) may name, by config name."""
     if cfg.kind == "crop":
         from edge_agent.sectors.crop import crop_verdict
 
@@ -99,11 +143,16 @@ def make_sector(cfg: PipelineConfig) -> Sector:
 
         return crop
     if cfg.kind == "inspection":
-        opts = cfg.inspection
-        rules = InspectionRules(**opts.rules()) if opts is not None else InspectionRules()
+        rules = inspection_rules(cfg)
+        classify = cfg.inspection.classify if cfg.inspection is not None else None
+        chain = None
+        if classify is not None:
+            if models is None or classify.model not in models:
+                raise ValueError(f"pipeline {cfg.name}: the chained model {classify.model!r} is not loaded")
+            chain = Chain(models[classify.model], classify.min_score, classify.top_k)
 
         def inspect(result: Result, item: InputItem) -> dict[str, Any]:
-            return inspection_verdict(result, rules)
+            return inspect_part(result, item, rules, chain)
 
         return inspect
     if cfg.kind == "livestock":
@@ -177,6 +226,7 @@ def herd_event_rules(opts: LivestockOptions) -> HerdEventRules:
 
 
 _STOP = object()
+_URGENT, _NORMAL, _LAST = 0, 1, 2  # queue order: line parts, then everything else in arrival order, then stop
 
 
 @dataclass
@@ -212,7 +262,8 @@ class Pipeline:
         self._queue_size = queue_size
         self._metrics = metrics
         self._sinks = list(sinks)
-        self._queue: queue.Queue[_Job | object] = queue.Queue()
+        self._queue: queue.PriorityQueue[tuple[int, int, _Job | object]] = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._lock = threading.Lock()
         self._queued = 0
         self._busy = 0
@@ -304,7 +355,8 @@ class Pipeline:
                 raise OverloadedError(f"pipeline {self.name!r} queue is full ({self._queue_size})")
             self._queued += 1
             fut: Future[PipelineOutput] = Future()
-            self._queue.put(_Job(item, fut, time.perf_counter()))
+            order = _URGENT if item.urgent else _NORMAL
+            self._queue.put((order, next(self._seq), _Job(item, fut, time.perf_counter())))
         return fut
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -312,7 +364,7 @@ class Pipeline:
         with self._lock:
             self._closed = True
             for _ in self._threads:
-                self._queue.put(_STOP)
+                self._queue.put((_LAST, next(self._seq), _STOP))
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -333,7 +385,7 @@ class Pipeline:
     def _worker(self, index: int) -> None:
         try:
             while True:
-                job = self._queue.get()
+                job = self._queue.get()[2]
                 if job is _STOP:
                     break
                 assert isinstance(job, _Job)
@@ -363,7 +415,7 @@ class Pipeline:
             return
         while True:
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get_nowait()[2]
             except queue.Empty:
                 return
             if isinstance(job, _Job):
@@ -376,16 +428,7 @@ class Pipeline:
             job.future.set_exception(OverloadedError(f"pipeline {self.name!r} stopped before this input ran"))
 
     def _load(self, item: InputItem) -> bytes:
-        if item.data is not None:
-            return item.data
-        if item.spool_path is None:
-            raise InputNotFoundError("input has neither data, image nor spool file")
-        try:
-            return Path(item.spool_path).read_bytes()
-        except FileNotFoundError as exc:
-            raise InputNotFoundError(f"spool file is gone: {Path(item.spool_path).name}") from exc
-        except OSError as exc:
-            raise InputNotFoundError(f"spool file unreadable: {exc.strerror}") from exc
+        return load_input(item)
 
     def _process(self, model: Predictor, job: _Job) -> None:
         """Inference and sector logic on the worker; the durable write goes to a commit thread so the worker

@@ -5,8 +5,9 @@ signed it (``signing.py``), ``device`` and ``name`` (which must match the topic)
 ``ping``, ``heartbeat``, ``republish``, ``set_heartbeat_interval {seconds}``, ``set_thresholds {pipeline, score?,
 iou?, anomaly?}``, ``model_update {file, url?, sha256?, size?}`` (a file name in the update drop folder; with
 ``url``, ``sha256`` and ``size``, the agent first fetches it over HTTP from the coordinator under that name) and
-``model_rollback {model}`` (see docs/model-updates.md) and ``feedback {result, kind, operator?, note?}`` (an operator's
-word on an inspected part: ``false_reject`` or ``missed_defect``; docs/agent.md). Anything
+``model_rollback {model}`` (see docs/model-updates.md), ``feedback {result, kind, operator?, note?}`` (an
+operator's word on an inspected part: ``false_reject`` or ``missed_defect``; docs/agent.md) and ``trigger {recipe?,
+part_id?}`` (inspect the part now in front of the recipe's camera for the line; docs/agent.md#the-line). Anything
 malformed is refused as a whole (no partial change) with a stable code:
 
 =========================  ==========================================================
@@ -159,6 +160,7 @@ _SPECS: dict[str, tuple[dict[str, Callable[[str, Any], Any]], dict[str, Callable
     "model_update": ({"file": _file_name}, {"url": _url, "sha256": _sha256, "size": _size}),
     "model_rollback": ({"model": _name}, {}),
     "feedback": ({"result": _result_ref, "kind": _feedback_kind}, {"operator": _text(64), "note": _text(500)}),
+    "trigger": ({}, {"recipe": _name, "part_id": _name}),
 }
 KNOWN_COMMANDS = frozenset(_SPECS)
 _FIELDS = frozenset({"v", "id", "args", "device", "name", "ts", "exp", "sig"})

@@ -49,6 +49,8 @@ class InspectionRules:
     heatmap: Literal["never", "failed", "always"] = "never"
     heatmap_max_side: int = 64
     heatmap_max_bytes: int = 8192
+    anomaly_threshold: float | None = None
+    """A product's own anomaly threshold (a line recipe); None: the model's."""
 
     def is_defect_label(self, label: str) -> bool:
         key = label.casefold()
@@ -86,8 +88,9 @@ def inspection_verdict(result: Result, rules: InspectionRules = InspectionRules(
     anomalies = [p for p in result.predictions if isinstance(p, AnomalyScore)]
     for anomaly in anomalies:
         score = max(score, anomaly.score)  # reported on good parts too: operators watch the margin
-        if anomaly.is_anomalous:
-            if anomaly.regions:
+        threshold = anomaly.threshold if rules.anomaly_threshold is None else rules.anomaly_threshold
+        if anomaly.score > threshold:
+            if anomaly.regions and rules.anomaly_threshold is None:
                 defects.extend({"label": "anomaly", **r.to_dict()} for r in anomaly.regions)
             else:
                 defects.append({"label": "anomaly", "score": round(anomaly.score, 6)})
@@ -105,9 +108,34 @@ def inspection_verdict(result: Result, rules: InspectionRules = InspectionRules(
     want = rules.heatmap == "always" or (rules.heatmap == "failed" and not passed)
     mapped = next((a for a in anomalies if a.heatmap is not None), None)
     if want and mapped is not None and mapped.heatmap is not None:
-        verdict["heatmap"] = heatmap_thumbnail(mapped.heatmap, mapped.threshold, result.image_size,
+        threshold = mapped.threshold if rules.anomaly_threshold is None else rules.anomaly_threshold
+        verdict["heatmap"] = heatmap_thumbnail(mapped.heatmap, threshold, result.image_size,
                                                rules.heatmap_max_side, rules.heatmap_max_bytes)
     return verdict
+
+
+def with_defect_type(
+    verdict: dict[str, Any], result: Result, *, min_score: float = 0.0, top_k: int = 3
+) -> dict[str, Any]:
+    """The verdict of a failed part plus what a defect-type classifier (the chain's second model) said about it::
+
+        "defect_type": {"label": str, "score": float, "model": str, "candidates": [{"label", "score"}, ...]}
+
+    ``label`` is ``unknown`` when the top score is below ``min_score``. The pass/fail decision is the gate's:
+    the classifier names the defect, it never passes a part."""
+    ranked = sorted((p for p in result.predictions if isinstance(p, Classification)), key=lambda c: c.score,
+                    reverse=True)
+    top = ranked[0] if ranked else None
+    label = top.label if top is not None and top.score >= min_score else "unknown"
+    return {
+        **verdict,
+        "defect_type": {
+            "label": label,
+            "score": round(top.score, 5) if top is not None else 0.0,
+            "model": result.model,
+            "candidates": [{"label": c.label, "score": round(c.score, 5)} for c in ranked[:top_k]],
+        },
+    }
 
 
 def heatmap_thumbnail(

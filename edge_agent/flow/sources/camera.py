@@ -96,8 +96,10 @@ class CameraSource:
         capture_factory: CaptureFactory,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_frame: Callable[[str, U8Image], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._on_frame = on_frame
         self.name = cfg.name
         password = cfg.password.get_secret_value() if cfg.password is not None else None
         self._url = with_credentials(cfg.url, cfg.username, password)
@@ -224,7 +226,13 @@ class CameraSource:
             self.last_frame_at = self._clock()
             if self._metrics is not None:
                 self._metrics.frame_read(self.name)
-            self._offer(frame)
+            if self._on_frame is not None:  # the line: newest frame for triggers, part-present detection
+                try:
+                    self._on_frame(self.name, frame)
+                except Exception:
+                    log.exception("camera %s: frame listener failed", self.name)
+            if self.cfg.submit_frames:
+                self._offer(frame)
 
     def _offer(self, frame: U8Image) -> None:
         """Submit the newest frame when allowed, otherwise drop it (counted)."""
