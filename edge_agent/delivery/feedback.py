@@ -11,10 +11,10 @@ pipeline (and at most ``inspection.keep_max_bytes`` of them)::
     <state_dir>/feedback/<pipeline>/<kind>/<result_id>.json          what the agent knew (score, threshold, model...)
     <state_dir>/feedback/index.db                                    SQLite: recent parts and feedback rows
 
-Keeping an image costs the pipeline little: the sink (after the reject signal) only takes a hard link of the spool file (or a reference to
-the bytes or frame) and hands it to one background thread, which encodes frames (JPEG; 20-40 ms for a 1080p frame on
-a busy x86 core, so it runs at a lower priority), files the image, updates the index and deletes the oldest (a full
-queue drops the image, counted). Feedback copies the image by a second
+Keeping an image costs the pipeline little: the sink (after the reject signal) only takes a hard link of the spool
+file (or a reference to the bytes or frame) and hands it to one background thread, which encodes frames (JPEG;
+20-40 ms for a 1080p frame on a busy x86 core, so it runs at a lower priority), files the image, updates the index
+and deletes the oldest (a full queue drops the image, counted). Feedback copies the image by a second
 hard link (a copy across file systems) and writes the JSON sidecar, both fsynced, then the index row. The same
 feedback twice is stored once; a different kind for the same part replaces the first (the operator corrected
 themselves). A disk short of space (``delivery/space.py``) stops the keeping of new images, and a full one deletes
