@@ -101,6 +101,29 @@ class ModelConfig(_Strict):
         return v
 
 
+class PhotoQualityOptions(_Strict):
+    """Photo checks before a crop diagnosis (``edge_agent.vision.quality``): a photo that fails one gets a retake
+    hint instead of a diagnosis. Thresholds left null take the defaults measured on PlantVillage and iBean
+    (``docs/photo-quality.md``)."""
+
+    enabled: bool = Field(default=True, description="Check blur, exposure and leaf size before diagnosing.")
+    min_brightness: float | None = Field(default=None, ge=0, le=255, description="Mean luma below this: too dark.")
+    max_brightness: float | None = Field(default=None, ge=0, le=255, description="Mean luma above this: too bright.")
+    max_clipped: float | None = Field(
+        default=None, ge=0, le=1, description="Fraction of burnt-out pixels (luma >= 250) above this: too bright."
+    )
+    min_sharpness: float | None = Field(
+        default=None, ge=0, description="Laplacian variance / grey variance below this: blurry."
+    )
+    min_leaf_fraction: float | None = Field(
+        default=None, ge=0, le=1, description="Fraction of leaf-coloured pixels below this: leaf too small."
+    )
+
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds set here (the rest keep their measured defaults)."""
+        return {k: v for k, v in self.model_dump(exclude={"enabled"}).items() if v is not None}
+
+
 class ChainOptions(_Strict):
     """A defect-type classifier run after the pass/fail decision, on failed parts only (``inspection.classify``)."""
 
@@ -300,6 +323,9 @@ class PipelineConfig(_Strict):
     queue_size: int = Field(default=16, ge=1, le=10_000, description="Bounded input queue; full means 'overloaded'.")
     inspection: InspectionOptions | None = Field(default=None, description="Options for kind=inspection.")
     livestock: LivestockOptions | None = Field(default=None, description="Options for kind=livestock.")
+    quality: PhotoQualityOptions | None = Field(
+        default=None, description="kind=crop: photo checks before the diagnosis (null: on, measured thresholds)."
+    )
 
     @model_validator(mode="after")
     def _options_fit_kind(self) -> PipelineConfig:
@@ -307,6 +333,8 @@ class PipelineConfig(_Strict):
             raise ValueError("inspection options need kind: inspection")
         if self.livestock is not None and self.kind != "livestock":
             raise ValueError("livestock options need kind: livestock")
+        if self.quality is not None and self.kind != "crop":
+            raise ValueError("quality options need kind: crop")
         return self
 
 

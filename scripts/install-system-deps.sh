@@ -9,6 +9,8 @@ command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initd
 # the farmer-page browser test drives Debian's Chromium (Playwright with executable_path; never `playwright install`)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# the farmer page uses the phone's own fonts (no web font): its Hindi test renders with a system Devanagari font
+fc-list :lang=hi 2>/dev/null | grep -q . || need+=(fonts-lohit-deva)
 # the RTSP camera test serves a stream with GStreamer's RTSP server from the system Python (tests/support/rtsp_camera.py)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' >/dev/null 2>&1 \
   || need+=(python3-gi gir1.2-gst-rtsp-server-1.0)

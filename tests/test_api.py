@@ -276,8 +276,13 @@ def test_page_and_static_files_are_served_with_a_strict_policy(client: TestClien
     assert 'capture="environment"' in r.text and 'accept="image/*"' in r.text
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert r.headers["x-content-type-options"] == "nosniff"
-    for name in ("app.js", "i18n.js", "app.css", "icon.svg"):
+    for name in ("app.js", "i18n.js", "app.css", "icon.svg", "icon-192.png", "icon-512.png"):
         assert client.get(f"/static/{name}").status_code == 200
+    manifest = client.get("/static/manifest.webmanifest")
+    assert manifest.headers["content-type"].startswith("application/manifest+json") and manifest.json()["icons"]
+    sw = client.get("/sw.js")  # the service worker: at the root (scope /), never cached, versioned by the page
+    assert sw.status_code == 200 and sw.headers["content-type"].startswith("text/javascript")
+    assert sw.headers["cache-control"] == "no-cache" and re.search(r'VERSION = "[0-9a-f]{16}"', sw.text)
     assert client.get("/static/../api/app.py").status_code == 404
     assert client.get("/docs").status_code == 404  # the Swagger page would pull a CDN: not served
 

@@ -47,7 +47,15 @@ from edge_agent.delivery.outbox import Outbox, OutboxLimits
 from edge_agent.delivery.publisher import Publisher, PublisherSettings, availability_will
 from edge_agent.delivery.space import SpaceState
 from edge_agent.errors import ConfigError, OverloadedError, StorageError, StorageFullError
-from edge_agent.flow.pipeline import InputItem, Pipeline, PipelineOutput, Predictor, Sector, make_sector
+from edge_agent.flow.pipeline import (
+    InputItem,
+    Pipeline,
+    PipelineOutput,
+    Predictor,
+    Sector,
+    make_sector,
+    sector_image_side,
+)
 from edge_agent.flow.sources import Source
 from edge_agent.flow.sources.camera import CameraSource, CaptureFactory
 from edge_agent.flow.sources.folder import FolderSource
@@ -350,6 +358,7 @@ class Service:
                 sector=self._sector(pcfg, line_pipelines),
                 queue_size=pcfg.queue_size,
                 metrics=self.metrics,
+                sector_image_side=sector_image_side(pcfg),
             )
             pipeline.add_sink("events", self._events_sink)
             if self.inspections is not None and self.inspections.keeps(pcfg.name):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import socket
 import time
@@ -68,13 +69,23 @@ from edge_agent.sectors.advice import AdviceBook, load_advice
 log = logging.getLogger(__name__)
 
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/", "/sw.js", "/healthz", "/readyz", "/openapi.json", "/favicon.ico"})
+SHELL_FILES = ("index.html", "app.css", "i18n.js", "app.js", "icon.svg", "manifest.webmanifest", "icon-192.png")
+"""The page shell the service worker keeps (``web/static/sw.js`` lists the same files by URL)."""
 _ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 
 
 def static_dir() -> Path:
     """The farmer page's files, shipped inside the package."""
     return Path(str(resources.files("edge_agent").joinpath("web").joinpath("static")))
+
+
+def service_worker(page_dir: Path) -> bytes:
+    """``sw.js`` with its cache version: a hash of the shell files, so any change to the page renews the cache."""
+    digest = hashlib.sha256()
+    for name in SHELL_FILES:
+        digest.update(name.encode() + b"\0" + (page_dir / name).read_bytes())
+    return (page_dir / "sw.js").read_bytes().replace(b"__VERSION__", digest.hexdigest()[:16].encode())
 
 
 def is_public(path: str) -> bool:
@@ -564,9 +575,17 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     page_dir = static_dir()
 
+    worker_js = service_worker(page_dir)
+
     @app.get("/", summary="The farmer page", response_class=FileResponse, include_in_schema=True)
     async def index() -> FileResponse:
         return FileResponse(page_dir / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/sw.js", summary="The farmer page's service worker (scope /)", include_in_schema=False)
+    async def sw() -> Response:
+        # no-cache: the browser checks for a new worker on every visit; at the site root its scope is the whole page
+        headers = {"Cache-Control": "no-cache", "Service-Worker-Allowed": "/"}
+        return Response(worker_js, 200, headers, "text/javascript; charset=utf-8")
 
     app.mount("/static", StaticFiles(directory=page_dir), name="static")
 

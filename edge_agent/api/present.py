@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from edge_agent.api.schemas import AdviceOut, Alternative, Diagnosis, DiagnosisResponse
+from edge_agent.api.schemas import AdviceOut, Alternative, Band, Diagnosis, DiagnosisResponse, KnownCrop, RetakeOut
 from edge_agent.sectors.advice import AdviceBook
 from edge_agent.sectors.crop import NOT_RECOGNISED, split_label
 
@@ -67,6 +67,37 @@ def _alternative(book: AdviceBook, entry: dict[str, Any], lang: str) -> Alternat
     )
 
 
+BANDS: tuple[Band, ...] = ("diagnosis", "unsure", "unknown_plant", "retake")
+
+
+def _band(verdict: dict[str, Any], recognised: bool) -> Band:
+    """The verdict's answer band; a verdict from before bands: diagnosis, or unknown_plant when not recognised."""
+    band = verdict.get("band")
+    for known in BANDS:
+        if band == known:
+            return known
+    return "diagnosis" if recognised else "unknown_plant"
+
+
+def _known_crops(verdict: dict[str, Any], book: AdviceBook, code: str) -> list[KnownCrop]:
+    listed = verdict.get("known_crops")
+    crops = [str(c) for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
+    if not crops:  # the advice book's crops: the labels the crop model is shipped with
+        crops = list(dict.fromkeys(c for c, _ in (split_label(label) for label in book.labels) if c is not None))
+    return [KnownCrop(crop=c, crop_name=book.crop_name(c, code) or c) for c in crops]
+
+
+def _retake(verdict: dict[str, Any], book: AdviceBook, code: str) -> tuple[RetakeOut | None, str | None]:
+    """(the retake hint, the heading) of a retake verdict."""
+    info = verdict.get("retake")
+    check = info.get("code") if isinstance(info, dict) else None
+    if check not in ("too_dark", "too_bright", "blurry", "leaf_too_small"):
+        check = "blurry"  # a retake without a known code: the most common cause
+    texts = book.retake(code)
+    hint = str(getattr(texts, check)) if texts is not None else check.replace("_", " ")
+    return RetakeOut(code=check, hint=hint), (texts.title if texts is not None else None)
+
+
 def present(stored: StoredLike, book: AdviceBook, lang: str | None) -> DiagnosisResponse:
     """The answer to show for ``stored`` in the best language for ``lang``."""
     code = book.pick_language(lang)
@@ -77,6 +108,10 @@ def present(stored: StoredLike, book: AdviceBook, lang: str | None) -> Diagnosis
     advice = book.advice(label, code)
     top3 = [e for e in verdict.get("top3", []) if isinstance(e, dict)][:3]
     timings = stored.body.get("timings_ms", {})
+    band = _band(verdict, recognised)
+    retake, title = _retake(verdict, book, code) if band == "retake" else (None, None)
+    if band == "retake":
+        advice = None  # nothing is diagnosed: the answer is how to take a better photo
     return DiagnosisResponse(
         id=stored.result_id,
         input_id=stored.input_id,
@@ -90,7 +125,7 @@ def present(stored: StoredLike, book: AdviceBook, lang: str | None) -> Diagnosis
             crop=crop,
             crop_name=book.crop_name(crop, code),
             condition=condition,
-            name=_name(book, label, code),
+            name=title or _name(book, label, code),
             healthy=bool(verdict.get("healthy")) if recognised else False,
             recognised=recognised,
             confidence=min(1.0, max(0.0, float(verdict.get("confidence", 0.0)))),
@@ -105,4 +140,7 @@ def present(stored: StoredLike, book: AdviceBook, lang: str | None) -> Diagnosis
         crop_hint=verdict.get("crop_hint") if isinstance(verdict.get("crop_hint"), str) else None,
         crop_hint_applied=bool(verdict.get("crop_hint_applied")),
         timings_ms={str(k): float(v) for k, v in timings.items()} if isinstance(timings, dict) else {},
+        band=band,
+        known_crops=_known_crops(verdict, book, code) if band == "unknown_plant" else [],
+        retake=retake,
     )

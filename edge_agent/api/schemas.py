@@ -40,6 +40,19 @@ class AdviceOut(_Out):
     prevention: list[str] = Field(description="How to prevent it next time.")
 
 
+class RetakeOut(_Out):
+    code: Literal["too_dark", "too_bright", "blurry", "leaf_too_small"] = Field(description="The failed photo check.")
+    hint: str = Field(description="How to take a better photo, in the answer's language.")
+
+
+class KnownCrop(_Out):
+    crop: str = Field(description="Crop id, e.g. Pepper_bell.")
+    crop_name: str = Field(description="Crop name in the answer's language.")
+
+
+Band = Literal["diagnosis", "unsure", "unknown_plant", "retake"]
+
+
 class DiagnosisResponse(_Out):
     status: Literal["done"] = "done"
     id: str = Field(description="Result id (deterministic from device, input and model version).")
@@ -56,6 +69,13 @@ class DiagnosisResponse(_Out):
     crop_hint: str | None = Field(default=None, description="The crop the farmer said it is, if given.")
     crop_hint_applied: bool = Field(default=False, description="True when the hint re-ranked the alternatives.")
     timings_ms: dict[str, float] = Field(description="Model stage timings in ms.")
+    band: Band = Field(
+        default="diagnosis",
+        description="diagnosis; unsure (the top two in alternatives, advise a retake); unknown_plant (not a crop "
+        "the model knows: known_crops lists those it does); retake (the photo failed a quality check: see retake).",
+    )
+    known_crops: list[KnownCrop] = Field(default_factory=list, description="band unknown_plant: the crops known.")
+    retake: RetakeOut | None = Field(default=None, description="band retake: which check failed and what to do.")
 
 
 class PendingResponse(_Out):

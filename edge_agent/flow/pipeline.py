@@ -32,11 +32,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from edge_agent.config import LivestockOptions, PipelineConfig
+from edge_agent.config import LivestockOptions, PhotoQualityOptions, PipelineConfig
 from edge_agent.delivery.interface import ResultJournal, StoredResult
 from edge_agent.errors import EdgeAgentError, InputError, InputNotFoundError, OverloadedError
 from edge_agent.metrics import Metrics
@@ -132,14 +132,34 @@ def inspection_rules(cfg: PipelineConfig) -> InspectionRules:
     return InspectionRules(**opts.rules()) if opts is not None else InspectionRules()
 
 
+def sector_image_side(cfg: PipelineConfig) -> int:
+    """Shorter side (px) of the decoded photo the sector step looks at (crop photo-quality checks); 0: none.
+
+    When not 0 the pipeline decodes the bytes itself, at least this large (when the photo is), and hands the image
+    to the model and, in ``item.image``, to the sector."""
+    if cfg.kind == "crop" and (cfg.quality or PhotoQualityOptions()).enabled:
+        from edge_agent.vision.quality import WORK_SIDE
+
+        return WORK_SIDE
+    return 0
+
+
 def make_sector(cfg: PipelineConfig, models: Mapping[str, Predictor] | None = None) -> Sector:
     """The sector step of a pipeline kind (crop advice, pass/fail, tracking) as one callable. ``models``: the
     models a chained inspection (``inspection.classify``) may name, by config name."""
     if cfg.kind == "crop":
         from edge_agent.sectors.crop import crop_verdict
+        from edge_agent.sectors.retake import with_quality
+        from edge_agent.vision.quality import QualityThresholds, check_photo
+
+        qopts = cfg.quality or PhotoQualityOptions()
+        thresholds = QualityThresholds(**qopts.thresholds()) if qopts.enabled else None
 
         def crop(result: Result, item: InputItem) -> dict[str, Any]:
-            return crop_verdict(result, item.hints)
+            verdict = crop_verdict(result, item.hints)
+            if thresholds is None or item.image is None:
+                return verdict
+            return with_quality(verdict, check_photo(item.image, thresholds).to_dict())  # a failed check: retake
 
         return crop
     if cfg.kind == "inspection":
@@ -251,6 +271,7 @@ class Pipeline:
         metrics: Metrics | None = None,
         sinks: Sequence[tuple[str, Sink]] = (),
         commit_concurrency: int = 16,
+        sector_image_side: int = 0,
     ) -> None:
         if not models:
             raise ValueError("a pipeline needs at least one model (one per worker)")
@@ -259,6 +280,7 @@ class Pipeline:
         self._models = list(models)
         self._outbox = outbox
         self._sector = sector
+        self._sector_image_side = sector_image_side
         self._queue_size = queue_size
         self._metrics = metrics
         self._sinks = list(sinks)
@@ -430,6 +452,22 @@ class Pipeline:
     def _load(self, item: InputItem) -> bytes:
         return load_input(item)
 
+    def _infer(self, model: Predictor, item: InputItem) -> tuple[Result, InputItem]:
+        """Run ``model`` on ``item``; with ``sector_image_side`` the decoded photo goes on in ``item.image``."""
+        if item.image is not None:
+            return model.predict(item.image), item
+        data = self._load(item)
+        decode = getattr(model, "decode", None) if self._sector_image_side > 0 else None
+        if decode is None:
+            return model.predict_bytes(data), item
+        t0 = time.perf_counter()
+        image: Image = decode(data, min_side=self._sector_image_side)
+        decode_ms = (time.perf_counter() - t0) * 1000.0
+        result = model.predict(image)
+        if result.timings.decode_ms == 0.0:
+            result = replace(result, timings=replace(result.timings, decode_ms=decode_ms))
+        return result, replace(item, image=image)
+
     def _process(self, model: Predictor, job: _Job) -> None:
         """Inference and sector logic on the worker; the durable write goes to a commit thread so the worker
         infers the next input while this one waits for its fsync (the outbox group-commits concurrent writes)."""
@@ -437,7 +475,7 @@ class Pipeline:
         if not fut.set_running_or_notify_cancel():
             return
         try:
-            result = model.predict(item.image) if item.image is not None else model.predict_bytes(self._load(item))
+            result, item = self._infer(model, item)
             t1 = time.perf_counter()
             sector = self._sector(result, item)
             t2 = time.perf_counter()

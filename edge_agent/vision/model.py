@@ -6,6 +6,7 @@ buffers, and onnxruntime sessions are thread-safe.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -38,7 +39,7 @@ from edge_agent.types import (
     Timings,
 )
 from edge_agent.vision import postprocess as pp
-from edge_agent.vision.decode import DEFAULT_MAX_PIXELS, PixelBudget, decode_image
+from edge_agent.vision.decode import DEFAULT_MAX_PIXELS, PixelBudget, SizeHint, decode_image
 from edge_agent.vision.preprocess import Preprocessor, map_box_to_original
 from edge_agent.vision.runtime import Array, OrtRuntime, Runtime, RuntimeOptions
 
@@ -101,11 +102,12 @@ class Model:
             pre = self._local.pre = Preprocessor(self.manifest.input)
         return pre
 
-    def decode(self, data: bytes) -> Image:
-        """Decode untrusted bytes at the smallest size that loses nothing for this model."""
-        return decode_image(
-            data, size_hint=self.preprocessor.required_size, max_pixels=self.max_pixels, budget=self.pixel_budget
-        )
+    def decode(self, data: bytes, min_side: int = 0) -> Image:
+        """Decode untrusted bytes at the smallest size that loses nothing for this model (and, with ``min_side``,
+        whose shorter side is at least that many pixels when the photo has them: for checks on the photo itself)."""
+        need = self.preprocessor.required_size
+        hint = need if min_side <= 0 else _at_least(need, min_side)
+        return decode_image(data, size_hint=hint, max_pixels=self.max_pixels, budget=self.pixel_budget)
 
     def predict_bytes(self, data: bytes) -> Result:
         t0 = time.perf_counter()
@@ -248,6 +250,15 @@ class Model:
             )
             for i in keep
         )
+
+
+def _at_least(need: SizeHint, side: int) -> SizeHint:
+    def hint(width: int, height: int) -> tuple[int, int]:
+        w, h = need(width, height)
+        k = min(1.0, side / max(1, min(width, height)))
+        return (max(w, math.ceil(width * k)), max(h, math.ceil(height * k)))
+
+    return hint
 
 
 def _decoder_outputs(manifest: Manifest) -> list[str]:

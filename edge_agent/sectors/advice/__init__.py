@@ -57,6 +57,16 @@ class Advice(_Strict):
     prevention: tuple[str, ...] = Field(min_length=1, max_length=6, description="How to prevent it next time.")
 
 
+class RetakeTexts(_Strict):
+    """What a farmer reads when the photo failed a quality check (``edge_agent.sectors.retake``)."""
+
+    title: str = Field(min_length=1, max_length=120, description="Heading, e.g. Please take the photo again.")
+    too_dark: str = Field(min_length=1, max_length=300)
+    too_bright: str = Field(min_length=1, max_length=300)
+    blurry: str = Field(min_length=1, max_length=300)
+    leaf_too_small: str = Field(min_length=1, max_length=300)
+
+
 class LanguagePack(_Strict):
     """One advice file."""
 
@@ -65,6 +75,7 @@ class LanguagePack(_Strict):
     disclaimer: str = Field(min_length=1, description="Guidance, not a substitute for an extension officer.")
     crops: dict[str, str] = Field(description="Crop id (the part of the label before ___) -> display name.")
     labels: dict[str, Advice] = Field(description="Model label -> advice.")
+    retake: RetakeTexts | None = Field(default=None, description="Retake hints (missing: English is used).")
 
 
 def parse_language_pack(text: str, source: str) -> LanguagePack:
@@ -121,6 +132,13 @@ class AdviceBook:
         if crop is None:
             return None
         return self.pack(lang).crops.get(crop) or crop.replace("_", " ")
+
+    def retake(self, lang: str | None) -> RetakeTexts | None:
+        """Retake hints in ``lang``, else English, else None."""
+        found = self.pack(lang).retake
+        if found is None and DEFAULT_LANGUAGE in self.packs:
+            found = self.packs[DEFAULT_LANGUAGE].retake
+        return found
 
     def missing(self, labels: Iterable[str]) -> list[str]:
         """``"<lang>: <label>"`` for every label (and its crop) that some language lacks."""

@@ -1,6 +1,7 @@
 /* Farmer page: take a photo, shrink it on the phone, send it, show the diagnosis and advice.
    No framework, no build step. Photos waiting to be sent live in IndexedDB so a dropped link
-   never loses them; the last diagnoses live in localStorage. */
+   never loses them; the last diagnoses live in localStorage. A service worker (/sw.js) keeps the
+   page itself, so it opens with no board in reach; photos taken then wait in the queue. */
 "use strict";
 (function () {
   var T = window.I18N || {};
@@ -9,7 +10,7 @@
   var HISTORY_MAX = 10;
   var RETRY_MIN = 5000, RETRY_MAX = 120000;
   var $ = function (id) { return document.getElementById(id); };
-  var state = { lang: "en", current: null, busy: false, retryDelay: RETRY_MIN, retryTimer: 0, preview: "" };
+  var state = { lang: "en", current: null, busy: false, retryDelay: RETRY_MIN, retryTimer: 0, preview: "", sending: "" };
 
   // ---- small helpers ---------------------------------------------------------------------------------
   var store = {
@@ -99,9 +100,18 @@
   function queueAll() { return tx("readonly", function (s) { return s ? s.getAll() : memoryQueue.slice(); }); }
   function updateQueue() {
     return queueAll().then(function (all) {
-      all = all || [];
+      all = (all || []).sort(function (a, b) { return a.created - b.created; });
       show("queue", all.length > 0);
       $("queue-text").textContent = t("waiting").replace("{n}", all.length);
+      var list = $("queue-list");
+      list.textContent = "";
+      all.forEach(function (rec) { // one line per photo: when it was taken and what is happening to it
+        var li = document.createElement("li"), sending = rec.id === state.sending;
+        li.textContent = new Date(rec.created).toLocaleTimeString(state.lang, { hour: "2-digit", minute: "2-digit" }) +
+          " · " + t(sending ? "queueSending" : "queueWaiting");
+        li.setAttribute("data-state", sending ? "sending" : "waiting");
+        list.appendChild(li);
+      });
       return all;
     });
   }
@@ -188,8 +198,10 @@
       if (state.preview) { URL.revokeObjectURL(state.preview); }
       rec.preview = state.preview = URL.createObjectURL(rec.blob);
     }
-    return send(rec).then(function (r) { return outcome(rec, r); }, function () {
-      status("saved"); scheduleRetry(0); return false;
+    state.sending = rec.id;
+    updateQueue();
+    return send(rec).then(function (r) { state.sending = ""; return outcome(rec, r); }, function () {
+      state.sending = ""; status("saved"); scheduleRetry(0); return false;
     });
   }
   function flush() {
@@ -221,41 +233,64 @@
   }
 
   // ---- showing the answer ----------------------------------------------------------------------------
+  // the four answer bands: a diagnosis; "not sure" (the top two, retake advice); "not a crop I know" (the
+  // crops it knows); "retake" (the photo failed a quality check: the hint says how to take a better one)
+  function bandOf(res) { return res.band || (res.diagnosis.recognised ? "diagnosis" : "unknown_plant"); }
   function render(res, preview) {
     state.current = res;
     store.set("last", res);
-    var d = res.diagnosis;
+    var d = res.diagnosis, band = bandOf(res), note = "";
+    var alts = band === "unsure" ? res.alternatives.slice(0, 2) : res.alternatives;
     $("diag-name").textContent = d.name;
     $("diag-crop").textContent = d.crop_name || "";
+    if (band === "unsure") { $("diag-name").textContent = t("unsureTitle"); $("diag-crop").textContent = ""; note = t("unsure"); }
+    if (band === "unknown_plant") {
+      $("diag-name").textContent = t("unknownTitle");
+      var known = (res.known_crops || []).map(function (c) { return c.crop_name; });
+      note = (known.length ? t("knownCrops").replace("{crops}", known.join(", ")) + " " : "") + t("unknownAdvice");
+    }
+    if (band === "retake") { note = res.retake ? res.retake.hint : t("unsure"); }
     $("diag-conf").textContent = pct(d.confidence);
-    show("conf-line", d.recognised); // a score for "not a leaf" would only confuse
-    show("unsure", d.recognised && d.confidence < 0.5);
+    show("conf-line", band === "diagnosis" && d.recognised); // a score for "not a leaf" would only confuse
+    show("unsure", band === "diagnosis" && d.recognised && d.confidence < 0.5);
+    $("band-note").textContent = note;
+    show("band-note", !!note);
+    show("advice-box", band === "diagnosis" && !!res.advice);
+    show("alt-box", (band === "diagnosis" || band === "unsure") && alts.length > 0);
+    $("alt-title").textContent = t(band === "unsure" ? "couldBe" : "alternatives");
     $("advice-desc").textContent = res.advice ? res.advice.description : "";
     fill($("advice-now"), res.advice ? res.advice.now : []);
     fill($("advice-prevention"), res.advice ? res.advice.prevention : []);
-    fill($("alternatives"), res.alternatives.map(function (a) {
+    fill($("alternatives"), alts.map(function (a) {
       return a.name + (a.crop_name && a.name.indexOf(a.crop_name) < 0 ? " (" + a.crop_name + ")" : "") + " – " + pct(a.confidence);
     }));
     if (preview) { $("preview").src = preview; }
     show("preview", !!$("preview").getAttribute("src"));
     $("disclaimer").textContent = res.disclaimer || t("disclaimer");
-    $("result").className = d.recognised ? (d.healthy ? "healthy" : "sick") : "";
+    $("result").className = band === "diagnosis" && d.recognised ? (d.healthy ? "healthy" : "sick") : band;
     $("result").setAttribute("data-label", d.label);
+    $("result").setAttribute("data-band", band);
     $("result").setAttribute("data-lang", res.language);
     show("result", true);
     $("take").firstElementChild.textContent = t("another");
   }
   function remember(res) {
     var list = store.get("history", []).filter(function (h) { return h.id !== res.id; });
-    list.unshift({ id: res.id, when: Date.now(), label: res.diagnosis.label, name: res.diagnosis.name,
-                   crop: res.diagnosis.crop_name || "", confidence: res.diagnosis.confidence });
+    var sure = bandOf(res) === "diagnosis";
+    list.unshift({ id: res.id, when: Date.now(), label: res.diagnosis.label, name: historyName(res),
+                   crop: sure ? res.diagnosis.crop_name || "" : "", confidence: sure ? res.diagnosis.confidence : null });
     store.set("history", list.slice(0, HISTORY_MAX));
     renderHistory();
+  }
+  function historyName(res) {
+    var band = bandOf(res);
+    if (band === "unsure") { return t("unsureTitle"); }
+    return band === "unknown_plant" ? t("unknownTitle") : res.diagnosis.name;
   }
   function renameInHistory(res) {
     var list = store.get("history", []);
     list.forEach(function (h) {
-      if (h.id === res.id) { h.name = res.diagnosis.name; h.crop = res.diagnosis.crop_name || ""; }
+      if (h.id === res.id) { h.name = historyName(res); h.crop = bandOf(res) === "diagnosis" ? res.diagnosis.crop_name || "" : ""; }
     });
     store.set("history", list);
     renderHistory();
@@ -266,7 +301,8 @@
     if (!items.length) { var empty = document.createElement("li"); empty.textContent = t("noHistory"); list.appendChild(empty); return; }
     items.forEach(function (h) {
       var li = document.createElement("li"), btn = document.createElement("button");
-      li.textContent = new Date(h.when).toLocaleDateString(state.lang) + " · " + h.name + (h.crop ? " · " + h.crop : "") + " · " + pct(h.confidence);
+      li.textContent = new Date(h.when).toLocaleDateString(state.lang) + " · " + h.name + (h.crop ? " · " + h.crop : "") +
+        (typeof h.confidence === "number" ? " · " + pct(h.confidence) : "");
       btn.type = "button"; btn.textContent = t("show");
       btn.onclick = function () { refetch(h.id); };
       li.appendChild(btn);
@@ -311,6 +347,10 @@
     $("retry").onclick = function () { state.retryDelay = RETRY_MIN; flush(); };
     $("save-token").onclick = function () { store.set("token", $("token").value.trim()); show("auth", false); flush(); };
     window.addEventListener("online", function () { state.retryDelay = RETRY_MIN; flush(); });
+    // keep the page on the phone (secure contexts only: http://localhost, 127.0.0.1 or https; see docs/api.md)
+    if ("serviceWorker" in navigator && window.isSecureContext) {
+      navigator.serviceWorker.register("/sw.js", { scope: "/" }).catch(function () { /* the page still works online */ });
+    }
     applyLang();
     var last = store.get("last", null);
     if (last && last.diagnosis) { render(last); }

@@ -31,6 +31,13 @@ window.I18N = {
     noHistory: "No diagnoses yet.",
     show: "Show",
     disclaimer: "This is guidance from an automatic system, not a substitute for your local extension officer.",
+    queueWaiting: "waiting for the board",
+    queueSending: "sending…",
+    unsureTitle: "Not sure",
+    couldBe: "It could be one of these",
+    unknownTitle: "Not a crop I know",
+    knownCrops: "I know these crops: {crops}.",
+    unknownAdvice: "Take a photo of a leaf of one of them, or ask your extension officer.",
     crops: { Apple: "Apple", Bean: "Bean", Corn: "Maize (corn)", Pepper_bell: "Bell pepper", Strawberry: "Strawberry" }
   },
   sw: {
@@ -62,6 +69,13 @@ window.I18N = {
     noHistory: "Bado hakuna majibu.",
     show: "Onyesha",
     disclaimer: "Huu ni mwongozo kutoka kwa mfumo wa kompyuta; hauchukui nafasi ya afisa ugani wa eneo lako.",
+    queueWaiting: "inasubiri kifaa",
+    queueSending: "inatuma…",
+    unsureTitle: "Sina uhakika",
+    couldBe: "Inaweza kuwa mojawapo ya haya",
+    unknownTitle: "Si zao ninalolijua",
+    knownCrops: "Ninajua mazao haya: {crops}.",
+    unknownAdvice: "Piga picha ya jani la mojawapo ya mazao hayo, au muulize afisa ugani.",
     crops: { Apple: "Tufaha", Bean: "Maharagwe", Corn: "Mahindi", Pepper_bell: "Pilipili hoho", Strawberry: "Stroberi" }
   },
   fr: {
@@ -93,6 +107,13 @@ window.I18N = {
     noHistory: "Pas encore de diagnostic.",
     show: "Voir",
     disclaimer: "Ceci est une orientation d'un système automatique ; elle ne remplace pas votre conseiller agricole local.",
+    queueWaiting: "en attente du boîtier",
+    queueSending: "envoi…",
+    unsureTitle: "Pas sûr",
+    couldBe: "Cela pourrait être l'un de ceux-ci",
+    unknownTitle: "Culture que je ne connais pas",
+    knownCrops: "Je connais ces cultures : {crops}.",
+    unknownAdvice: "Prenez en photo une feuille de l'une d'elles, ou demandez à votre conseiller agricole.",
     crops: { Apple: "Pommier", Bean: "Haricot", Corn: "Maïs", Pepper_bell: "Poivron", Strawberry: "Fraisier" }
   },
   es: {
@@ -124,6 +145,13 @@ window.I18N = {
     noHistory: "Todavía no hay diagnósticos.",
     show: "Ver",
     disclaimer: "Esto es una orientación de un sistema automático; no sustituye a su extensionista agrícola local.",
+    queueWaiting: "esperando al equipo",
+    queueSending: "enviando…",
+    unsureTitle: "No estoy seguro",
+    couldBe: "Podría ser uno de estos",
+    unknownTitle: "No es un cultivo que conozca",
+    knownCrops: "Conozco estos cultivos: {crops}.",
+    unknownAdvice: "Tome una foto de una hoja de uno de ellos, o consulte a su extensionista.",
     crops: { Apple: "Manzano", Bean: "Frijol", Corn: "Maíz", Pepper_bell: "Pimiento", Strawberry: "Fresa" }
   },
   hi: {
@@ -155,6 +183,13 @@ window.I18N = {
     noHistory: "अभी कोई जाँच नहीं।",
     show: "देखें",
     disclaimer: "यह एक स्वचालित प्रणाली का मार्गदर्शन है; यह आपके स्थानीय कृषि विस्तार अधिकारी की जगह नहीं ले सकता।",
+    queueWaiting: "बोर्ड का इंतज़ार",
+    queueSending: "भेजी जा रही है…",
+    unsureTitle: "पक्का नहीं",
+    couldBe: "यह इनमें से एक हो सकता है",
+    unknownTitle: "यह फसल मैं नहीं जानता",
+    knownCrops: "मैं ये फसलें जानता हूँ: {crops}।",
+    unknownAdvice: "इनमें से किसी एक की पत्ती की फ़ोटो लें, या अपने कृषि विस्तार अधिकारी से पूछें।",
     crops: { Apple: "सेब", Bean: "सेम (राजमा)", Corn: "मक्का", Pepper_bell: "शिमला मिर्च", Strawberry: "स्ट्रॉबेरी" }
   }
 };
