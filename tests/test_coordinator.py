@@ -302,12 +302,13 @@ class PickyStore:
         self.calls = 0
 
     def commit_batch(
-        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = (),
+        events: Sequence[Any] = (),
     ) -> BatchOutcome:
         self.calls += 1
         if any(r.input_id == "bad" for r in results):
             raise StoreRejectedError("refused: input bad")
-        return self.inner.commit_batch(results, devices, dead)
+        return self.inner.commit_batch(results, devices, dead, events)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

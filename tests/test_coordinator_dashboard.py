@@ -16,9 +16,11 @@ from playwright.sync_api import Page, Request, sync_playwright
 
 from edge_agent.auth.tokens import TokenSet
 from edge_agent.coordinator.alerts import AlertsConfig, DeviceMeta, OfflineRule, OutbreakRule
+from edge_agent.coordinator.events import event_row
 from edge_agent.coordinator.http import HttpContext, HttpServer, create_app
 from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.store import DeviceUpdate, ResultRow, SqliteStore
+from edge_agent.protocol import codec
 from tests.fleet_fixtures import crop, inspection, livestock, result_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +51,27 @@ class Fleet:
         self.store.commit_batch(rows, devices or [])
         self.monitor.process((rows, devices or []))
 
+    def add_events(self) -> None:
+        """An operator's false reject on cam-1's line and a stationary cow on pen-1, as the devices send them."""
+        import time
+
+        now = time.time()
+        feedback = {"pipeline": "line", "result_id": "a" * 32, "input_id": "i1", "part_id": "P-17", "kind":
+                    "false_reject", "verdict": "fail", "score": 5.0, "threshold": 4.0, "model": "m",
+                    "model_version": "1", "operator": "ann", "note": None, "via": "http", "at": now,
+                    "inspected_at": now, "totals": {"false_reject": 1, "missed_defect": 0}}
+        cow = {"pipeline": "pen", "source": "cam", "input_id": "f1", "result_id": "b" * 32, "type":
+               "animal_stationary", "ts": now - 1, "state": "active", "track_id": 3, "label": "cow", "since": now - 700,
+               "duration_s": 699.0, "position": [0.5, 0.5], "box": [1.0, 2.0, 3.0, 4.0]}
+        rows = []
+        for device, name, data in (("cam-1", "inspection_feedback", feedback),
+                                   ("pen-1", "livestock_animal_stationary", cow)):
+            payload = codec.event_payload(device=device, ts=now, event=name, severity="warning", data=data)
+            message = codec.parse_device_message(codec.events_topic(device), codec.dumps(payload))
+            assert message is not None and isinstance(message[0], codec.EventMessage)
+            rows.append(event_row(message[0], now))
+        self.store.commit_batch([], [], [], rows)
+
     def row(self, device: str, body: dict[str, object], pipeline: str = "p") -> ResultRow:
         import time
 
@@ -72,6 +95,7 @@ def test_dashboard_is_live_in_chromium(fleet: Fleet) -> None:
     fleet.add([fleet.row("leaf-1", crop("Bean___rust")), fleet.row("cam-1", inspection(True), "line"),
                fleet.row("cam-1", inspection(False), "line"), fleet.row("pen-1", livestock(12), "pen")],
               now_devices)
+    fleet.add_events()
     requests: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -99,6 +123,11 @@ def test_dashboard_is_live_in_chromium(fleet: Fleet) -> None:
             defects = page.locator("#defects").inner_html()
             assert "line-1" in defects and "50.0 %" in defects
             assert "pen-A" in page.locator("#headcount").inner_html()
+            falsereject = page.locator("#falsereject").inner_html()  # 1 false reject of 2 parts inspected
+            assert "line-1/line: 1 of 2" in falsereject and "50.0 %" in falsereject
+            events = page.locator("#events tr")
+            assert "false_reject on P-17 by ann" in events.filter(has_text="inspection_feedback").inner_text()
+            assert "active cow 699 s" in events.filter(has_text="livestock_animal_stationary").inner_text()
             assert page.locator("#alerts tr").count() == 0
 
             # an outbreak on the open page: the alert arrives by the stream, without a reload

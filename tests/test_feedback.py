@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -373,5 +374,26 @@ metrics:
         counted = [line for line in scraped.splitlines() if line.startswith('edge_agent_feedback_total{')]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 2.0 and len(counted) == 2
         assert "edge_agent_kept_images 2.0" in scraped  # keep_images: 2
+
+        # what a coordinator makes of what the agent published (tests/test_coordinator_events.py has the rest)
+        from edge_agent.coordinator.service import Coordinator
+        from edge_agent.coordinator.store import SqliteStore
+        from edge_agent.transport import InboundMessage
+
+        coordinator = Coordinator(SqliteStore(tmp_path / "coordinator.db"), FakeTransport(FakeBroker()))
+        published = [(t, p) for t, p in broker.published if t == "edge/v1/line-1/events" or "/results/" in t]
+        for i, (topic, payload) in enumerate(published):
+            coordinator.on_message(InboundMessage(topic, payload, 1, False, i + 1))
+        coordinator.start()
+        try:
+            assert wait_for(lambda: coordinator.counters["settled"] >= len(published))
+            assert coordinator.counters["dead_letters"] == 0
+            (line,) = coordinator.store.feedback_summary(0, time.time() + 1)
+            kinds = [kind_for(newest), kind_for(middle)]
+            assert (line["device"], line["pipeline"], line["inspected"]) == ("line-1", "parts", 3)
+            assert (line["false_reject"], line["missed_defect"]) == (kinds.count("false_reject"),
+                                                                   kinds.count("missed_defect"))
+        finally:
+            coordinator.stop(2)
     finally:
         assert service.stop(5)

@@ -26,6 +26,7 @@ The frames were part of the cattle_overhead bundle's training split: this tests 
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -133,6 +134,15 @@ def test_real_chute_frames_through_edge_agent_run_reach_the_coordinator(tmp_path
                 + agent.log.read_text()[-3000:])
             assert wait_for(lambda: sum(e["event"] == "livestock_headcount" for e in watcher.received) >= 3, 10)
         rows = coordinator.query("SELECT payload FROM results WHERE device = ?", DEVICE)
+        entries = sum(len(json.loads(p)["body"]["sector"].get(k, ())) for (p,) in rows for k in ("alerts", "reports"))
+
+        def copies_seen() -> int:  # each entry reaches the coordinator twice: live event and inside its result
+            c = (coordinator.stats() or {}).get("counters", {})
+            return int(c.get("events_inserted", 0)) + int(c.get("events_duplicates", 0))
+
+        assert wait_for(lambda: copies_seen() >= 2 * entries, 10), (copies_seen(), entries)
+        stored = coordinator.query("SELECT event, ts, via, data FROM events WHERE device = ?", DEVICE)
+        counters = (coordinator.stats() or {})["counters"]
     finally:
         watcher.transport.stop()
         coordinator.close()
@@ -177,5 +187,12 @@ def test_real_chute_frames_through_edge_agent_run_reach_the_coordinator(tmp_path
     for e in watcher.received:
         if e["event"].startswith("livestock_"):
             jsonschema.validate(e["data"], event_schema, cls=jsonschema.Draft202012Validator)
+    # the coordinator stored every entry once, from whichever copy came first (live event or result)
+    assert (counters["events_inserted"], counters["events_duplicates"]) == (entries, entries)
+    assert sorted((e, ts) for e, ts, _, _ in stored) == sorted(
+        (f"livestock_{x['type']}", x["ts"]) for b in bodies for x in (*b["sector"]["alerts"], *b["sector"]["reports"]))
+    for _, _, _, data in stored:
+        jsonschema.validate(json.loads(data), event_schema, cls=jsonschema.Draft202012Validator)
     figures = [(r["count"], r["crossed_forward"], r["crossed_backward"]) for r in reports]
-    print(f"e2e: {len(bodies)} results, reports {figures}, alerts {kinds}, {time.monotonic() - started:.1f} s")
+    print(f"e2e: {len(bodies)} results, reports {figures}, alerts {kinds}, events stored "
+          f"{sorted(collections.Counter(v for _, _, v, _ in stored).items())}, {time.monotonic() - started:.1f} s")

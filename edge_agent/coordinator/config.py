@@ -42,10 +42,12 @@ class CoordinatorMqtt(_Strict):
 class RetentionConfig(_Strict):
     """Keeps the store bounded: acknowledged results older than ``max_age_days``, then the oldest beyond
     ``max_results``, are deleted every ``interval_s`` (in batches of ``batch`` rows, short transactions).
-    Unacknowledged results (above their device's watermark) are never deleted. Null: no bound of that kind."""
+    Unacknowledged results (above their device's watermark) are never deleted. Device events go the same way
+    (``max_age_days``, then ``max_events``; at most 1,000,000 are kept in any case). Null: no bound of that kind."""
 
     max_age_days: float | None = Field(None, gt=0, description="Delete results received longer ago than this.")
     max_results: int | None = Field(None, ge=1, description="Keep at most this many results (the newest).")
+    max_events: int | None = Field(None, ge=1, description="Keep at most this many device events (the newest).")
     interval_s: float = Field(300.0, ge=1, le=86_400, description="Seconds between retention passes.")
     batch: int = Field(5000, ge=1, le=1_000_000, description="Rows deleted per transaction at most.")
 

@@ -13,6 +13,8 @@ Endpoints (docs/coordinator.md)::
     GET /api/v1/devices          token    devices with availability, backlog, site
     GET /api/v1/results          token    filters device, pipeline, label, since, until; cursor; format=csv
     GET /api/v1/alerts           token    stored alerts, newest first (state=firing|resolved)
+    GET /api/v1/events           token    device events: filters device, event, pipeline, since, until; cursor
+    GET /api/v1/feedback/summary token    operator feedback per device and pipeline: counts and rates in a window
     GET /api/v1/stream           token    server-sent events: the dashboard's snapshot whenever it changes
     GET /                        public   the dashboard page (no data in it; it reads the stream)
 
@@ -33,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 import uvicorn
@@ -47,8 +49,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge_agent.auth.tokens import TokenSet, is_loopback
 from edge_agent.coordinator.alerts import DeviceMeta
+from edge_agent.coordinator.events import EventRow, event_json
 from edge_agent.coordinator.monitor import FleetMonitor
-from edge_agent.coordinator.store import ResultQuery, Store, StoredResult
+from edge_agent.coordinator.store import EventQuery, ResultQuery, Store, StoredResult
 from edge_agent.coordinator.summary import summarize
 from edge_agent.errors import ConfigError, StorageError
 
@@ -58,6 +61,12 @@ PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/favicon.ico"})
 MAX_PAGE = 1000
 SCAN_MAX = 20_000
 """A page with a label filter reads at most this many rows; its cursor then lets the client go on."""
+FEEDBACK_WINDOW_S = 86_400.0
+"""Default window of ``/api/v1/feedback/summary`` and the dashboard's false-reject chart."""
+DASHBOARD_EVENTS = ("inspection_feedback", "livestock_animal_stationary", "livestock_headcount_drop",
+                    "livestock_zone_over_capacity", "storage_full", "outbox_corrupt", "publish_rejected")
+"""The device events the dashboard lists (newest 20)."""
+MAX_EVENT_NAMES = 20
 CSV_COLUMNS = ("result_id", "device", "pipeline", "model", "model_version", "epoch", "seq", "created_at",
                "received_at", "verdict", "confidence", "labels")
 
@@ -73,6 +82,10 @@ class HttpContext:
     devices_meta: dict[str, DeviceMeta] = field(default_factory=dict)
     stream_interval_s: float = 1.0
     keepalive_s: float = 15.0
+    clock: Callable[[], float] = time.time
+    feedback_cache_s: float = 10.0
+    """The dashboard recomputes the false-reject summary at most this often (it counts results in a day)."""
+    _feedback: tuple[float, list[dict[str, Any]]] | None = None
 
 
 class ApiError(Exception):
@@ -122,8 +135,9 @@ def parse_time(value: str | None, name: str) -> float | None:
     return parsed.timestamp()
 
 
-def encode_cursor(row: StoredResult) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([row.created_at, row.result_id])).decode().rstrip("=")
+def encode_cursor(row: StoredResult | EventRow) -> str:
+    key = [row.created_at, row.result_id] if isinstance(row, StoredResult) else [row.ts, row.event_id]
+    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str | None) -> tuple[float, str] | None:
@@ -219,6 +233,11 @@ _COUNTERS = (
     ("received", "edge_coordinator_messages_total", "Messages received from the broker."),
     ("inserted", "edge_coordinator_results_inserted_total", "Results stored (first time)."),
     ("duplicates", "edge_coordinator_duplicates_total", "Results already stored (at-least-once delivery)."),
+    ("events_inserted", "edge_coordinator_events_inserted_total", "Device events stored (first time)."),
+    ("events_duplicates", "edge_coordinator_events_duplicates_total",
+     "Device events already stored (re-sent, or a livestock event and its copy in a result)."),
+    ("events_skipped", "edge_coordinator_events_skipped_total",
+     "Livestock entries of stored results not stored as events (malformed, too large, too many)."),
     ("dropped", "edge_coordinator_dropped_total", "Messages that could not even be quarantined."),
     ("acks_sent", "edge_coordinator_acks_sent_total", "End-to-end acks published."),
     ("store_errors", "edge_coordinator_store_errors_total", "Failed store attempts (retried with backoff)."),
@@ -345,6 +364,41 @@ def api_router(ctx: HttpContext) -> APIRouter:
     ) -> dict[str, Any]:
         return {"alerts": ctx.store.alerts(state=state, limit=limit)}
 
+    @router.get("/events")
+    def events(
+        device: str | None = None,
+        event: Annotated[list[str] | None, Query(description="event name(s), e.g. inspection_feedback (any)")] = None,
+        pipeline: str | None = None,
+        since: str | None = Query(None, description="ts >= since (epoch seconds or ISO 8601)"),
+        until: str | None = Query(None, description="ts < until"),
+        cursor: str | None = None,
+        limit: int = Query(100, ge=1, le=MAX_PAGE),
+        order: Literal["asc", "desc"] = "asc",
+    ) -> dict[str, Any]:
+        names = tuple(event or ())
+        if len(names) > MAX_EVENT_NAMES:
+            raise ApiError(400, "invalid_parameter", f"event: at most {MAX_EVENT_NAMES} names")
+        query = EventQuery(device, names, pipeline, parse_time(since, "since"), parse_time(until, "until"),
+                           decode_cursor(cursor), order == "desc", limit + 1)
+        rows = ctx.store.query_events(query)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"events": [event_json(r) for r in rows], "next_cursor": encode_cursor(rows[-1]) if more else None}
+
+    @router.get("/feedback/summary")
+    def feedback_summary(
+        device: str | None = None,
+        since: str | None = Query(None, description="parts inspected at or after (default: until - 24 h)"),
+        until: str | None = Query(None, description="parts inspected before (default: now)"),
+    ) -> dict[str, Any]:
+        end = parse_time(until, "until")
+        end = ctx.clock() if end is None else end
+        start = parse_time(since, "since")
+        start = end - FEEDBACK_WINDOW_S if start is None else start
+        if start >= end:
+            raise ApiError(400, "invalid_parameter", "since: must be before until")
+        return {"since": start, "until": end, "lines": feedback_lines(ctx, start, end, device)}
+
     @router.get("/stream")
     async def stream(request: Request) -> StreamingResponse:
         return StreamingResponse(_events(ctx, request), media_type="text/event-stream",
@@ -353,11 +407,32 @@ def api_router(ctx: HttpContext) -> APIRouter:
     return router
 
 
+def feedback_lines(ctx: HttpContext, since: float, until: float, device: str | None) -> list[dict[str, Any]]:
+    """The store's feedback summary with each line's site and line name (``devices`` in the config)."""
+    lines = ctx.store.feedback_summary(since, until, device)
+    for line in lines:
+        meta = ctx.devices_meta.get(line["device"])
+        line["site"], line["line"] = (meta.site, meta.line) if meta else (None, None)
+    return lines
+
+
+def dashboard_feedback(ctx: HttpContext) -> list[dict[str, Any]]:
+    """The last 24 h of feedback per line, recomputed at most every ``feedback_cache_s``."""
+    now = time.monotonic()
+    if ctx._feedback is None or now - ctx._feedback[0] >= ctx.feedback_cache_s:
+        until = ctx.clock()
+        ctx._feedback = (now, feedback_lines(ctx, until - FEEDBACK_WINDOW_S, until, None))
+    return ctx._feedback[1]
+
+
 def dashboard_data(ctx: HttpContext) -> dict[str, Any]:
-    """The dashboard's snapshot: devices, counters, alerts, latest results, charts."""
+    """The dashboard's snapshot: devices, counters, alerts, device events, latest results, charts."""
     monitor = ctx.monitor.snapshot() if ctx.monitor is not None else {"charts": {}, "latest": [], "firing": []}
     snap = ctx.status()
+    events = ctx.store.query_events(EventQuery(events=DASHBOARD_EVENTS, descending=True, limit=20))
     return {
+        "events": [event_json(e) for e in events],
+        "feedback": dashboard_feedback(ctx),
         "devices": [device_json(d, ctx.devices_meta.get(d["device"])) for d in ctx.store.devices()],
         "counters": {k: snap.get(k) for k in ("inserted", "duplicates", "dead_letters", "store_ok", "connected")},
         "alerts": ctx.store.alerts(limit=20),

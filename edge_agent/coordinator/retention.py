@@ -1,5 +1,7 @@
 """The store's retention policy (``store.retention``): a background thread that keeps results bounded by age and
-count. Each pass deletes in short batches until the store is within bounds, so inserts are never held up for
+count, and device events by age and count.
+
+Each pass deletes in short batches until the store is within bounds, so inserts are never held up for
 long; a store error is logged and the next pass tries again (retention never stops the coordinator)."""
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ log = logging.getLogger(__name__)
 class Prunable(Protocol):
     def prune(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int: ...
 
+    def prune_events(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int: ...
+
 
 class Retention:
     """Runs ``store.prune`` every ``cfg.interval_s`` (first pass at start); ``deleted`` counts what went."""
@@ -26,16 +30,18 @@ class Retention:
         self.store = store
         self.cfg = cfg
         self.deleted = 0
+        self.events_deleted = 0
         self.errors = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def active(self) -> bool:
-        return self.cfg.max_age_days is not None or self.cfg.max_results is not None
+        return any(x is not None for x in (self.cfg.max_age_days, self.cfg.max_results, self.cfg.max_events))
 
     def run_once(self, now: float | None = None) -> int:
-        """One pass: prune batch after batch until a batch comes back short. Returns rows deleted."""
+        """One pass: prune batch after batch until a batch comes back short, results then events. Returns the
+        results deleted (``events_deleted`` counts the events)."""
         if not self.active:
             return 0
         now = time.time() if now is None else now
@@ -47,8 +53,15 @@ class Retention:
             if n < self.cfg.batch:
                 break
         self.deleted += total
-        if total:
-            log.info("retention: deleted %d results", total)
+        events = 0
+        while not self._stop.is_set():
+            n = self.store.prune_events(older_than=older_than, keep=self.cfg.max_events, limit=self.cfg.batch)
+            events += n
+            if n < self.cfg.batch:
+                break
+        self.events_deleted += events
+        if total or events:
+            log.info("retention: deleted %d results, %d events", total, events)
         return total
 
     def start(self) -> None:

@@ -22,6 +22,10 @@ No message can jam it (issue 13):
 * a store that is unavailable (locked, unreachable, I/O) is reconnected with exponential backoff and
   the same batch retried: nothing is acknowledged to the broker before it is committed.
 
+Device events (``edge/v1/<device>/events``) are checked the same way (operator feedback and livestock
+events against their schema) and stored in the same transaction, de-duplicated (``coordinator.events``);
+the livestock alerts and reports inside a result's ``body.sector`` are stored as the same events.
+
 Its own availability is retained on ``edge/v1/coordinator/status`` (``online`` with a session id, and
 ``offline`` as the last will). The session id changes on every start and whenever the broker lost our
 session; agents then re-send their unacknowledged results at once instead of waiting for their
@@ -41,6 +45,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.batching import take_batch
+from edge_agent.coordinator import events as device_events
+from edge_agent.coordinator.events import EventRow
 from edge_agent.coordinator.store import BatchOutcome, DeadLetter, DeviceUpdate, ResultRow, Store
 from edge_agent.errors import StoreRejectedError, StoreUnavailableError
 from edge_agent.protocol import codec, signing
@@ -63,12 +69,14 @@ def coordinator_will(client_id: str, ack_key: Ed25519PrivateKey | None = None) -
 
 @dataclass(frozen=True)
 class _Item:
-    """One inbound message and what it became: a result row, a device update, a dead letter or nothing."""
+    """One inbound message and what it became: a result row (with the livestock events it carries), a device
+    update, device events, a dead letter or nothing."""
 
     message: InboundMessage
     result: ResultRow | None = None
     device: DeviceUpdate | None = None
     dead: DeadLetter | None = None
+    events: tuple[EventRow, ...] = ()
 
 
 ACK_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -135,6 +143,9 @@ class Coordinator:
                 "received",
                 "inserted",
                 "duplicates",
+                "events_inserted",
+                "events_duplicates",
+                "events_skipped",
                 "invalid",
                 "forged",
                 "dead_letters",
@@ -256,6 +267,8 @@ class Coordinator:
         for outcome in outcomes:
             self.counters["inserted"] += outcome.inserted
             self.counters["duplicates"] += outcome.duplicates
+            self.counters["events_inserted"] += outcome.events_inserted
+            self.counters["events_duplicates"] += outcome.events_duplicates
             for key, seq in outcome.watermarks.items():
                 marks[key] = max(marks.get(key, seq), seq)
         for (device, epoch), seq in marks.items():
@@ -297,6 +310,8 @@ class Coordinator:
             parsed, value = checked
             if isinstance(parsed, codec.ResultMessage):
                 self.auth.check_result(parsed.device, value)
+            if isinstance(parsed, codec.EventMessage):
+                return _Item(message, events=(device_events.event_row(parsed, now),))
         except codec.CodecError as exc:
             return self._refused(message, exc.reason, exc.message, now)
         except AuthError as exc:
@@ -305,7 +320,9 @@ class Coordinator:
             log.exception("coordinator: unexpected error checking a message on %.200s", message.topic)
             return self._refused(message, "payload_invalid", f"{type(exc).__name__}: {exc}", now)
         if isinstance(parsed, codec.ResultMessage):
-            return _Item(message, result=ResultRow(
+            found, skipped = device_events.result_events(parsed, now)
+            self.counters["events_skipped"] += skipped
+            return _Item(message, events=tuple(found), result=ResultRow(
                 result_id=parsed.result_id,
                 device=parsed.device,
                 epoch=parsed.epoch,
@@ -323,9 +340,6 @@ class Coordinator:
             return _Item(message, device=DeviceUpdate(parsed.device, parsed.ts, state=parsed.state))
         if isinstance(parsed, codec.HeartbeatMessage):
             return _Item(message, device=DeviceUpdate(parsed.device, now, heartbeat=value))
-        if isinstance(parsed, codec.EventMessage):
-            log.info("coordinator: event from %s: %s (%s) %.500s", parsed.device, parsed.event, parsed.severity,
-                     codec.dumps(parsed.data).decode())
         return _Item(message)
 
     def _refused(
@@ -347,6 +361,11 @@ class Coordinator:
                 half = len(items) // 2
                 return self._commit(items[:half]) + self._commit(items[half:])
             (item,) = items
+            if item.result is not None and item.events:  # the events it carries never cost a result
+                self.counters["events_skipped"] += len(item.events)
+                log.error("coordinator: the store refused the events of a result on %.200s (%s); stored without",
+                          item.message.topic, exc.message)
+                return self._commit([_Item(item.message, result=item.result)])
             if item.dead is not None:  # not even a dead letter can be stored: say so, acknowledge, go on
                 self.counters["dropped"] += 1
                 log.error("coordinator: could not quarantine a message on %.200s (%s); dropped it",
@@ -362,8 +381,9 @@ class Coordinator:
         results = [i.result for i in items if i.result is not None]
         devices = [i.device for i in items if i.device is not None]
         dead = [i.dead for i in items if i.dead is not None]
-        if not (results or devices or dead):
-            return BatchOutcome(0, 0, {})  # events, our own status: nothing to write
+        events = [e for i in items for e in i.events]
+        if not (results or devices or dead or events):
+            return BatchOutcome(0, 0, {})  # our own status, a cleared retained status: nothing to write
         delay = self.retry_min_s
         reconnect = False
         while True:
@@ -371,7 +391,7 @@ class Coordinator:
                 if reconnect:
                     self.counters["store_reconnects"] += 1
                     self.store.reconnect()
-                outcome = self.store.commit_batch(results, devices, dead)
+                outcome = self.store.commit_batch(results, devices, dead, events)
             except StoreUnavailableError as exc:
                 self.counters["store_errors"] += 1
                 if self.store_ok:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
+from edge_agent.coordinator.events import EventRow
 from edge_agent.errors import StorageError, StoreRejectedError, StoreUnavailableError
 
 DEAD_LETTER_PAYLOAD_BYTES = 4096
@@ -95,6 +96,8 @@ class BatchOutcome:
     duplicates: int
     watermarks: dict[tuple[str, str], int]
     """(device, epoch) -> cumulative ack for every pair touched by the batch."""
+    events_inserted: int = 0
+    events_duplicates: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,13 +168,118 @@ def stored_results(rows: Sequence[tuple[Any, ...]]) -> list[StoredResult]:
 
 ALERTS_KEEP = 10_000
 """The alerts table keeps the newest this many alerts."""
+EVENTS_KEEP = 1_000_000
+"""The events table keeps the newest this many events whatever the retention says (a device flooding events
+cannot fill the disk); ``store.retention`` bounds it further by age and ``max_events``."""
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Which stored events to read (every filter optional), in (ts, event_id) order from ``after``."""
+
+    device: str | None = None
+    events: tuple[str, ...] = ()
+    """event names (any of them); empty: all"""
+    pipeline: str | None = None
+    since: float | None = None
+    """ts >= since"""
+    until: float | None = None
+    """ts < until"""
+    after: tuple[float, str] | None = None
+    descending: bool = False
+    limit: int = 100
+
+
+EVENT_COLUMNS = ("event_id, device, event, severity, ts, received_at, pipeline, result_id, subtype, subject_ts, via,"
+                 " data")
+
+
+def event_sql(query: EventQuery, mark: str) -> tuple[str, list[Any]]:
+    """The SELECT for ``query`` with ``mark`` as the placeholder."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("device", query.device), ("pipeline", query.pipeline)):
+        if value is not None:
+            where.append(f"{column} = {mark}")
+            params.append(value)
+    if query.events:
+        where.append(f"event IN ({', '.join([mark] * len(query.events))})")
+        params += list(query.events)
+    if query.since is not None:
+        where.append(f"ts >= {mark}")
+        params.append(query.since)
+    if query.until is not None:
+        where.append(f"ts < {mark}")
+        params.append(query.until)
+    if query.after is not None:
+        op = "<" if query.descending else ">"
+        where.append(f"(ts {op} {mark} OR (ts = {mark} AND event_id {op} {mark}))")
+        params += [query.after[0], query.after[0], query.after[1]]
+    order = "DESC" if query.descending else "ASC"
+    sql = (
+        f"SELECT {EVENT_COLUMNS} FROM events{' WHERE ' + ' AND '.join(where) if where else ''}"  # noqa: S608 (fixed names and placeholders only)
+        f" ORDER BY ts {order}, event_id {order} LIMIT {mark}"
+    )
+    params.append(int(query.limit))
+    return sql, params
+
+
+def event_rows(rows: Sequence[tuple[Any, ...]]) -> list[EventRow]:
+    return [
+        EventRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), float(r[5]), r[6], r[7], r[8],
+                 None if r[9] is None else float(r[9]), "result" if r[10] == "result" else "event", bytes(r[11]))
+        for r in rows
+    ]
+
+
+def event_params(e: EventRow) -> tuple[Any, ...]:
+    return (e.event_id, e.device, e.event, e.severity, e.ts, e.received_at, e.pipeline, e.result_id, e.subtype,
+            e.subject_ts, e.via, e.data)
+
+
+FEEDBACK_SQL = (
+    "SELECT device, pipeline, subtype, COUNT(*) FROM (SELECT device, pipeline, subtype, ROW_NUMBER() OVER"
+    " (PARTITION BY device, pipeline, result_id ORDER BY ts DESC, event_id DESC) AS k FROM events"
+    " WHERE event = 'inspection_feedback' AND COALESCE(subject_ts, ts) >= %s AND COALESCE(subject_ts, ts) < %s{device})"
+    " latest WHERE k = 1 GROUP BY device, pipeline, subtype ORDER BY device, pipeline"
+)
+"""Operator feedback per (device, pipeline) and kind, the latest word on each part (a ``replaces`` counts once),
+on parts inspected in [since, until). Placeholders are PostgreSQL's (SQLite: ``?``)."""
+INSPECTED_SQL = ("SELECT COUNT(*) FROM results WHERE device = %s AND pipeline = %s AND created_at >= %s"
+                 " AND created_at < %s")
+
+
+def feedback_lines(counts: Sequence[tuple[Any, ...]], inspected: Callable[[str, str], int]) -> list[dict[str, Any]]:
+    """(device, pipeline, kind, n) rows and a count of the parts inspected -> one summary per line."""
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
+    for device, pipeline, kind, n in counts:
+        line = lines.setdefault((str(device), str(pipeline)), {
+            "device": str(device), "pipeline": str(pipeline), "false_reject": 0, "missed_defect": 0})
+        if kind in ("false_reject", "missed_defect"):
+            line[str(kind)] += int(n)
+    out = []
+    for (device, pipeline), line in lines.items():
+        parts = inspected(device, pipeline)
+        line["inspected"] = parts
+        line["false_reject_rate"] = line["false_reject"] / parts if parts else None
+        line["missed_defect_rate"] = line["missed_defect"] / parts if parts else None
+        out.append(line)
+    return out
+
+
+PRUNE_EVENTS_BY_AGE = ("DELETE FROM events WHERE n IN (SELECT n FROM events WHERE received_at < %s ORDER BY n"
+                       " LIMIT %s)")
+PRUNE_EVENTS_OLDEST = "DELETE FROM events WHERE n IN (SELECT n FROM events ORDER BY n LIMIT %s)"
+CAP_EVENTS = "DELETE FROM events WHERE n <= (SELECT MAX(n) FROM events) - %s"
 
 
 class Store(Protocol):
     def commit_batch(
-        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = (),
+        events: Sequence[EventRow] = (),
     ) -> BatchOutcome:
-        """Insert results (duplicates ignored), device updates and dead letters, advance watermarks, commit.
+        """Insert results and events (duplicates ignored), device updates and dead letters, advance watermarks,
+        commit.
 
         Any failure rolls the whole transaction back and raises StoreUnavailableError (retry after
         ``reconnect``) or StoreRejectedError (the batch's content).
@@ -195,6 +303,16 @@ class Store(Protocol):
 
     def query_results(self, query: ResultQuery) -> list[StoredResult]:
         """One page of stored results matching ``query`` (filters, keyset cursor, order, limit)."""
+
+    def query_events(self, query: EventQuery) -> list[EventRow]:
+        """One page of stored device events matching ``query``."""
+
+    def feedback_summary(self, since: float, until: float, device: str | None = None) -> list[dict[str, Any]]:
+        """Per (device, pipeline) with feedback on parts inspected in [since, until): false_reject, missed_defect,
+        the parts inspected (stored results created in the window) and the rates (``feedback_lines``)."""
+
+    def prune_events(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int:
+        """Retention of events: at most ``limit`` received before ``older_than``, then the oldest beyond ``keep``."""
 
     def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
         """Insert or update alerts (JSON objects of schema ``alert.json``), keyed by their ``id``."""
@@ -226,6 +344,13 @@ CREATE TABLE IF NOT EXISTS alerts (
     alert_id TEXT PRIMARY KEY, rule TEXT NOT NULL, state TEXT NOT NULL, started_at REAL NOT NULL,
     updated_at REAL NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS alerts_started ON alerts(started_at);
+CREATE TABLE IF NOT EXISTS events (
+    n INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, device TEXT NOT NULL, event TEXT NOT NULL,
+    severity TEXT NOT NULL, ts REAL NOT NULL, received_at REAL NOT NULL, pipeline TEXT, result_id TEXT, subtype TEXT,
+    subject_ts REAL, via TEXT NOT NULL, data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts, event_id);
+CREATE INDEX IF NOT EXISTS events_kind ON events(event, ts);
+CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
 """
 
 
@@ -340,7 +465,8 @@ class SqliteStore:
             self._conn = self._open()
 
     def commit_batch(
-        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = (),
+        events: Sequence[EventRow] = (),
     ) -> BatchOutcome:
         with self._lock:
             conn = self._conn
@@ -371,6 +497,14 @@ class SqliteStore:
                 for d in devices:
                     self._device(conn, d)
                 self._dead(conn, dead)
+                events_inserted = 0
+                for e in events:
+                    events_inserted += conn.execute(
+                        f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                        event_params(e),
+                    ).rowcount
+                if events_inserted:
+                    conn.execute(CAP_EVENTS.replace("%s", "?"), (EVENTS_KEEP,))
                 conn.execute("COMMIT")
             except BaseException as exc:  # anything at all: never leave the transaction open
                 try:
@@ -381,7 +515,7 @@ class SqliteStore:
                 if not isinstance(exc, Exception):
                     raise
                 raise _sqlite_failure(exc) from exc
-        return BatchOutcome(inserted, len(results) - inserted, marks)
+        return BatchOutcome(inserted, len(results) - inserted, marks, events_inserted, len(events) - events_inserted)
 
     @staticmethod
     def _dead(conn: sqlite3.Connection, dead: Sequence[DeadLetter]) -> None:
@@ -515,6 +649,45 @@ class SqliteStore:
         sql, params = result_sql(query, "?")
         with _reading(), self._lock:
             return stored_results(self._conn.execute(sql, params).fetchall())
+
+    def query_events(self, query: EventQuery) -> list[EventRow]:
+        sql, params = event_sql(query, "?")
+        with _reading(), self._lock:
+            return event_rows(self._conn.execute(sql, params).fetchall())
+
+    def feedback_summary(self, since: float, until: float, device: str | None = None) -> list[dict[str, Any]]:
+        sql = FEEDBACK_SQL.format(device=" AND device = %s" if device is not None else "").replace("%s", "?")
+        params: list[Any] = [since, until] + ([device] if device is not None else [])
+
+        def inspected(dev: str, pipeline: str) -> int:
+            return int(self._conn.execute(INSPECTED_SQL.replace("%s", "?"), (dev, pipeline, since, until))
+                       .fetchone()[0])
+
+        with _reading(), self._lock:
+            return feedback_lines(self._conn.execute(sql, params).fetchall(), inspected)
+
+    def prune_events(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                deleted = 0
+                if older_than is not None:
+                    deleted += conn.execute(PRUNE_EVENTS_BY_AGE.replace("%s", "?"), (older_than, limit)).rowcount
+                if keep is not None and deleted < limit:
+                    excess = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]) - keep
+                    if excess > 0:
+                        deleted += conn.execute(PRUNE_EVENTS_OLDEST.replace("%s", "?"),
+                                                (min(excess, limit - deleted),)).rowcount
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                if not isinstance(exc, Exception):
+                    raise
+                raise _sqlite_failure(exc) from exc
+        return deleted
 
     def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
         if not alerts:

@@ -20,20 +20,33 @@ from typing import Any
 import orjson
 import psycopg
 
+from edge_agent.coordinator.events import EventRow
 from edge_agent.coordinator.store import (
     ALERTS_KEEP,
+    CAP_EVENTS,
     DEAD_LETTER_KEEP,
+    EVENT_COLUMNS,
+    EVENTS_KEEP,
+    FEEDBACK_SQL,
+    INSPECTED_SQL,
     PRUNE_BY_AGE,
+    PRUNE_EVENTS_BY_AGE,
+    PRUNE_EVENTS_OLDEST,
     PRUNE_OLDEST,
     BatchOutcome,
     DeadLetter,
     DeviceUpdate,
+    EventQuery,
     ResultQuery,
     ResultRow,
     StoredResult,
     alert_row,
     backlog,
     dead_letter_rows,
+    event_params,
+    event_rows,
+    event_sql,
+    feedback_lines,
     heartbeat_dict,
     next_watermark,
     result_sql,
@@ -61,6 +74,13 @@ CREATE TABLE IF NOT EXISTS alerts (
     alert_id TEXT PRIMARY KEY, rule TEXT NOT NULL, state TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL, payload BYTEA NOT NULL);
 CREATE INDEX IF NOT EXISTS alerts_started ON alerts(started_at);
+CREATE TABLE IF NOT EXISTS events (
+    n BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, device TEXT NOT NULL, event TEXT NOT NULL,
+    severity TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL, pipeline TEXT,
+    result_id TEXT, subtype TEXT, subject_ts DOUBLE PRECISION, via TEXT NOT NULL, data BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts, event_id);
+CREATE INDEX IF NOT EXISTS events_kind ON events(event, ts);
+CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
 """
 
 
@@ -109,16 +129,18 @@ class PostgresStore:
             self._conn = self._open()
 
     def commit_batch(
-        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = ()
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter] = (),
+        events: Sequence[EventRow] = (),
     ) -> BatchOutcome:
         with self._lock:
             try:  # conn.transaction() rolls back on any exception raised inside it
-                return self._commit(results, devices, dead)
+                return self._commit(results, devices, dead, events)
             except Exception as exc:
                 raise _pg_failure(exc, self._conn) from exc
 
     def _commit(
-        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter]
+        self, results: Sequence[ResultRow], devices: Sequence[DeviceUpdate], dead: Sequence[DeadLetter],
+        events: Sequence[EventRow],
     ) -> BatchOutcome:
         conn = self._conn
         with conn.transaction():
@@ -170,7 +192,16 @@ class PostgresStore:
                     "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - %s",
                     (DEAD_LETTER_KEEP,),
                 )
-        return BatchOutcome(inserted, len(results) - inserted, marks)
+            events_inserted = 0
+            for e in events:
+                events_inserted += conn.execute(
+                    f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"  # noqa: S608
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    event_params(e),
+                ).rowcount
+            if events_inserted:
+                conn.execute(CAP_EVENTS, (EVENTS_KEEP,))
+        return BatchOutcome(inserted, len(results) - inserted, marks, events_inserted, len(events) - events_inserted)
 
     @staticmethod
     def _advance(conn: psycopg.Connection[Any], device: str, epoch: str, base: int) -> int:
@@ -271,6 +302,38 @@ class PostgresStore:
         sql, params = result_sql(query, "%s")
         with self._lock, _reading(self._conn), self._conn.transaction():
             return stored_results(self._conn.execute(sql, params).fetchall())
+
+    def query_events(self, query: EventQuery) -> list[EventRow]:
+        sql, params = event_sql(query, "%s")
+        with self._lock, _reading(self._conn), self._conn.transaction():
+            return event_rows(self._conn.execute(sql, params).fetchall())
+
+    def feedback_summary(self, since: float, until: float, device: str | None = None) -> list[dict[str, Any]]:
+        sql = FEEDBACK_SQL.format(device=" AND device = %s" if device is not None else "")
+        params: list[Any] = [since, until] + ([device] if device is not None else [])
+
+        def inspected(dev: str, pipeline: str) -> int:
+            row = self._conn.execute(INSPECTED_SQL, (dev, pipeline, since, until)).fetchone()
+            return int(row[0]) if row else 0
+
+        with self._lock, _reading(self._conn), self._conn.transaction():
+            return feedback_lines(self._conn.execute(sql, params).fetchall(), inspected)
+
+    def prune_events(self, *, older_than: float | None = None, keep: int | None = None, limit: int = 5000) -> int:
+        with self._lock:
+            try:
+                with self._conn.transaction():
+                    deleted = 0
+                    if older_than is not None:
+                        deleted += self._conn.execute(PRUNE_EVENTS_BY_AGE, (older_than, limit)).rowcount
+                    if keep is not None and deleted < limit:
+                        row = self._conn.execute("SELECT COUNT(*) FROM events").fetchone()
+                        excess = (int(row[0]) if row else 0) - keep
+                        if excess > 0:
+                            deleted += self._conn.execute(PRUNE_EVENTS_OLDEST, (min(excess, limit - deleted),)).rowcount
+            except Exception as exc:
+                raise _pg_failure(exc, self._conn) from exc
+        return deleted
 
     def save_alerts(self, alerts: Sequence[dict[str, Any]]) -> None:
         if not alerts:

@@ -44,6 +44,8 @@ INT64_MAX = 2**63 - 1
 MAX_DEPTH = 64
 """Deepest JSON nesting accepted from a device (orjson encodes up to 254 levels; real payloads use < 8)."""
 MAX_STATUS_BYTES = 4096
+MAX_EVENT_BYTES = 256 * 1024
+"""Largest event accepted from a device (a ``part_rejected`` with its largest heat map is about 90 KB)."""
 REASONS = (
     "payload_invalid",  # generic
     "topic_invalid",  # not an edge/v1 device topic, or the reserved name
@@ -372,6 +374,85 @@ class EventMessage(_Message):
     data: dict[str, Any]
 
 
+class _Data(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class FeedbackTotals(_Data):
+    false_reject: Count
+    missed_defect: Count
+
+
+FeedbackKind = Literal["false_reject", "missed_defect"]
+
+
+class FeedbackData(_Data):
+    """The data of an ``inspection_feedback`` event (schema ``feedback.json``); what the coordinator reads of it."""
+
+    pipeline: DeviceName
+    result_id: Text256
+    input_id: Text256
+    part_id: Text256 | None = None
+    kind: FeedbackKind
+    verdict: Literal["pass", "fail"] | None
+    score: Annotated[float, Field(allow_inf_nan=False)] | None
+    threshold: Annotated[float, Field(allow_inf_nan=False)] | None
+    model: Text256
+    model_version: Text256
+    operator: Annotated[str, Field(pattern=_NO_CONTROL % 64)] | None = None
+    note: Annotated[str, Field(max_length=500)] | None = None
+    via: Literal["http", "mqtt"]
+    at: Timestamp
+    inspected_at: Timestamp | None = None
+    replaces: FeedbackKind | None = None
+    totals: FeedbackTotals
+
+
+class LivestockEntry(_Data):
+    """One entry of a livestock result's ``alerts`` / ``reports`` (``livestock.json``): what the coordinator reads."""
+
+    type: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,54}$")]
+    ts: Timestamp
+    state: Literal["active", "cleared"] | None = None
+
+
+class LivestockEventData(LivestockEntry):
+    """The data of a ``livestock_<type>`` event (``livestock.json#/$defs/event_data``)."""
+
+    pipeline: DeviceName
+    source: Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]{0,256}$")]
+    input_id: Text256
+    result_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None
+
+
+FEEDBACK_EVENT = "inspection_feedback"
+LIVESTOCK_PREFIX = "livestock_"
+
+
+def check_event_data(message: EventMessage) -> FeedbackData | LivestockEventData | None:
+    """The typed data of the events the coordinator interprets (operator feedback, livestock alerts and reports);
+    None for others (stored as they are, within the message's size and depth limits). Raises CodecError."""
+    if message.event == FEEDBACK_EVENT:
+        data: FeedbackData | LivestockEventData = _validate_data(FeedbackData, message.data)
+        return data
+    if message.event.startswith(LIVESTOCK_PREFIX):
+        livestock: LivestockEventData = _validate_data(LivestockEventData, message.data)
+        if message.event != LIVESTOCK_PREFIX + livestock.type:
+            raise CodecError(f"event {message.event!r} does not match its data type {livestock.type!r}",
+                             "field_invalid")
+        return livestock
+    return None
+
+
+def _validate_data(model: type[_Data], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise CodecError(f"field 'data.{field}': {first['msg']}", "field_invalid") from exc
+
+
 DeviceMessage = ResultMessage | StatusMessage | HeartbeatMessage | EventMessage
 _MODELS: dict[str, type[ResultMessage] | type[StatusMessage] | type[HeartbeatMessage] | type[EventMessage]] = {
     "results": ResultMessage,
@@ -417,6 +498,8 @@ def parse_device_message(
         if not data:
             return None
         max_bytes = min(max_bytes, MAX_STATUS_BYTES)
+    elif parsed.kind == "events":
+        max_bytes = min(max_bytes, MAX_EVENT_BYTES)
     value = loads(data, max_bytes=max_bytes, max_depth=MAX_DEPTH)
     if value.get("v") != PROTOCOL_VERSION or value.get("kind") != _KINDS[parsed.kind]:
         raise CodecError(f"not a v1 {_KINDS[parsed.kind]} payload", "kind_invalid")
@@ -428,6 +511,8 @@ def parse_device_message(
             raise CodecError("result pipeline does not match its topic", "field_invalid")
         if message.base > message.seq + 1:
             raise CodecError(f"result base {message.base} > seq {message.seq} + 1", "seq_invalid")
+    if isinstance(message, EventMessage):
+        check_event_data(message)
     return message, value
 
 
