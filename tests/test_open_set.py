@@ -146,7 +146,8 @@ def test_shipped_bundle_carries_the_open_set_thresholds(crop_model: Model) -> No
 def test_eval_reports_the_three_bands_on_sample_leaves(crop_model: Model, tmp_path: Path) -> None:
     root = tmp_path / "leaves"
     for d in (CROPS / "plantvillage").iterdir():
-        shutil.copytree(d, root / d.name)
+        if d.is_dir():
+            shutil.copytree(d, root / d.name)
     shutil.copytree(CROPS / "ibean" / "bean_rust", root / "bean_rust")
     rep = evaluate_classification(crop_model, root)
     assert sum(rep["bands"].values()) == rep["n_in_domain"] == rep["n"] > 0
@@ -159,8 +160,9 @@ def test_eval_reports_the_three_bands_on_sample_leaves(crop_model: Model, tmp_pa
 
 
 def test_every_band_matches_the_crop_schema() -> None:
-    import jsonschema
     from importlib import resources
+
+    import jsonschema
 
     from edge_agent.protocol import codec
 

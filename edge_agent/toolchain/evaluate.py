@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,10 +361,15 @@ def evaluate_classification(model: Model, root: Path, progress: Progress | None 
 
 
 def list_images(root: Path) -> list[Path]:
-    """Every image under ``root`` (sub-folders included), sorted."""
+    """Every image under ``root`` (sub-folders included, linked folders followed), sorted."""
     if not root.is_dir():
         raise InputNotFoundError(f"{root}: not a folder")
-    items = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    items = sorted(
+        Path(folder) / name
+        for folder, _, names in os.walk(root, followlinks=True)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES and (Path(folder) / name).is_file()
+    )
     if not items:
         raise InputNotFoundError(f"{root}: no images")
     return items

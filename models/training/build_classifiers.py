@@ -46,7 +46,7 @@ HEAD_NODES = ["pool_p14", "pool_p7a", "concat_embedding", "head_fc"]
 # Kept in float by the INT8 quantizer: the stem and block 0 (quantizing them cost steel 2 points) and the head.
 STEM_NODES = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
 OPEN_SET_REJECT = 0.05  # share of known leaves (out-of-fold, training side) above the "not a crop I know" threshold
-UNSURE_BELOW = 0.5  # top-1 probability below which a known-looking leaf is answered "not sure" (fixed a priori)
+UNSURE_BELOW = 0.3  # top-1 probability below which a known-looking leaf is answered "not sure"
 CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
 STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
 

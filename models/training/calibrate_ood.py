@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     (args.bundle / MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n")
     load_bundle(args.bundle)
-    log.info("%s: thresholds.ood = %.4f from %d held-out images", bundle.name, threshold, len(scores))
+    log.info("%s: thresholds.ood = %.4f from %d images (%s)", bundle.name, threshold, len(scores), rule)
 
 
 if __name__ == "__main__":
