@@ -167,17 +167,68 @@ def leave_one_crop_out(
     return out
 
 
+def quantized_features(onnx_path: str, paths: Sequence[str]) -> np.ndarray:
+    """[pool(block10), pool(block14)] as the quantized crop graph computes them (its ``p14``/``p7a`` tensors)."""
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from training.common import load_rgb, to_input
+
+    model = onnx.load(onnx_path)
+    for name in ("p14", "p7a"):
+        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = []
+    for p in paths:
+        p14, p7a = sess.run(["p14", "p7a"], {"pixels": to_input(load_rgb(Path(p)))[None]})
+        out.append(np.concatenate([p14[0], p7a[0]]))
+    return np.stack(out)
+
+
+def leave_one_crop_out_quantized(
+    x: np.ndarray, xq: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray,
+    calib: np.ndarray, reject: float,
+) -> dict[str, dict[str, float]]:
+    """The same check as the INT8 model runs it: fit and calibrate on FP32 features (``x``), move the threshold
+    by the median paired shift on the ``calib`` training rows (as ``calibrate_ood --match``), score INT8 ``xq``."""
+    out: dict[str, dict[str, float]] = {}
+    for h in sorted(set(crop.tolist())):
+        known = crop != h
+        fit = known & train
+        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject)
+        c = calib & known
+        t = thr + float(np.median(head.score(xq[c]) - head.score(x[c])))
+        s = head.score(xq)
+        out[h] = {"unknown_rejected": round(float((s[crop == h] > t).mean()), 4),
+                  "known_rejected": round(float((s[known & ~train] > t).mean()), 4)}
+        log.info("LOCO INT8 %s: %s", h, out[h])
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the leave-one-crop-out check on the cached crop features (var/training/crops_v3.npz)."""
+    """Run the leave-one-crop-out check on the cached crop features (var/training/crops_v3.npz); with ``--int8
+    ONNX`` also on the features of that quantized crop graph."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--reject", type=float, nargs="+", default=[0.05])
+    parser.add_argument("--int8", default=None, help="e.g. models/crop_disease/crop_disease.onnx")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from training.build_classifiers import crop_data
 
     d = crop_data()
-    report = {f"{r:.0%}": leave_one_crop_out(d["pre"], d["y"], d["crop"], d["train"], d["groups"], r)
-              for r in args.reject}
+    report: dict[str, object] = {
+        f"{r:.0%}": leave_one_crop_out(d["pre"], d["y"], d["crop"], d["train"], d["groups"], r) for r in args.reject
+    }
+    if args.int8:
+        xq = quantized_features(args.int8, [str(s.path) for s in d["everything"]])
+        rows = {str(s.path): i for i, s in enumerate(d["everything"])}
+        calib = np.zeros(len(xq), bool)
+        calib[[rows[str(s.path)] for s in d["pv_tr"][::8] + d["ib_tr"][::8]]] = True  # = var/splits/crop_calib
+        report.update({f"int8 {r:.0%}": leave_one_crop_out_quantized(
+            d["pre"], xq, d["y"], d["crop"], d["train"], d["groups"], calib, r) for r in args.reject})
     print(json.dumps(report, indent=1))
 
 
