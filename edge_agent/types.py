@@ -149,6 +149,8 @@ class AnomalyScore:
 
 
 Prediction = Classification | Detection | AnomalyScore
+Band = Literal["known", "unsure", "unknown"]
+"""Answer band of a classifier with an open-set section: confident, not sure, or not something it knows."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,10 @@ class Result:
     timings: Timings
     rejected: bool = False
     """True when a classifier decided the input is out of its domain (e.g. not a leaf)."""
+    ood_score: float | None = None
+    """The classifier's out-of-domain score (higher = less like its training data), when it has one."""
+    band: Band | None = None
+    """known / unsure / unknown, for a classifier whose manifest has an ``open_set`` section."""
 
     @property
     def detections(self) -> tuple[Detection, ...]:
@@ -179,6 +185,8 @@ class Result:
             "task": self.task,
             "image_size": list(self.image_size),
             "rejected": self.rejected,
+            **({"ood_score": round(self.ood_score, 6)} if self.ood_score is not None else {}),
+            **({"band": self.band} if self.band is not None else {}),
             "predictions": [p.to_dict() for p in self.predictions],
             "timings_ms": self.timings.to_dict(),
         }

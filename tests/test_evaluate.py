@@ -107,7 +107,10 @@ def test_evaluate_classification_aliases_and_off_domain(tmp_path: Path) -> None:
     assert report["per_class"]["red"]["n"] == 8  # 'rouge' folder counted as red through label_aliases
     assert report["rejected"] == 0.0
     assert report["off_domain_rejected"] == 1.0
-    assert report["per_class"]["grey"] == {"n": 2, "off_domain": True, "rejected": 1.0}
+    assert report["per_class"]["grey"] == {"n": 2, "off_domain": True, "rejected": 1.0, "unsure": 0.0}
+    # no open_set section: rejected = unknown, everything else known
+    assert report["bands"] == {"known": 16, "unsure": 0, "unknown": 0} and report["top1_with_rejections"] == 1.0
+    assert report["off_domain_bands"] == {"known": 0, "unsure": 0, "unknown": 2}
     json.dumps(public(report))  # JSON-ready
 
 

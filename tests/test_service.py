@@ -497,7 +497,9 @@ def test_embedded_default_runs_the_bundled_crop_model(tmp_path: Path) -> None:
     assert kind == "crop"
     cfg = default_config(cwd=tmp_path, environ={}, bundle=bundle, kind=kind)
     cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"enabled": False})})
-    leaf = sorted((CROPS / "plantvillage" / "Apple___Apple_scab").glob("*.jpg"))[0]
+    # [1]: crop_disease 2.0.0 answers the first sample "not a crop I know" (Apple scab is its most rejected class,
+    # see its model card); this test checks the wiring with a leaf it diagnoses.
+    leaf = sorted((CROPS / "plantvillage" / "Apple___Apple_scab").glob("*.jpg"))[1]
     service = Service(cfg)
     service.start()
     try:
@@ -509,5 +511,6 @@ def test_embedded_default_runs_the_bundled_crop_model(tmp_path: Path) -> None:
         (stored,) = ob.unacked()
         assert stored.model == bundle and stored.body["kind"] == "crop"
         assert stored.body["sector"]["recognised"] is True and stored.body["sector"]["crop"] == "Apple"
+        assert stored.body["sector"]["band"] == "diagnosis" and stored.body["band"] == "known"
     finally:
         service.stop(5)

@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
@@ -355,7 +355,7 @@ class Service:
                 workers,
                 self.outbox,
                 kind=pcfg.kind,
-                sector=self._sector(pcfg, line_pipelines),
+                sector=self._sector(pcfg, line_pipelines, bundle.manifest.labels),
                 queue_size=pcfg.queue_size,
                 metrics=self.metrics,
                 sector_image_side=sector_image_side(pcfg),
@@ -366,8 +366,8 @@ class Service:
             self.pipelines[pcfg.name] = pipeline
             self._slots[bundle.manifest.name].users.append((pipeline, mcfg))
 
-    def _sector(self, pcfg: PipelineConfig, line_pipelines: set[str]) -> Sector:
-        sector = make_sector(pcfg, self.chain_models)
+    def _sector(self, pcfg: PipelineConfig, line_pipelines: set[str], labels: Sequence[str] = ()) -> Sector:
+        sector = make_sector(pcfg, self.chain_models, labels)
         if self.line is not None and pcfg.name in line_pipelines:
             sector = self.line.sector_for(sector)
         return sector

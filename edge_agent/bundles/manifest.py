@@ -144,6 +144,20 @@ class Thresholds(_Strict):
     ood: float | None = Field(default=None, description="OOD score above which an input is rejected.")
 
 
+class OpenSet(_Strict):
+    """Three answer bands of a classifier with an OOD score (``decoder.ood_output``): ``known`` (a confident answer),
+    ``unsure`` (one of the known classes is likely, but not sure: show the top two, ask for another photo) and
+    ``unknown`` (OOD score above ``thresholds.ood``: not something this model knows)."""
+
+    unsure_below: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Top-1 probability below which a known-looking input is 'unsure'."
+    )
+    unsure_ood: float | None = Field(
+        default=None,
+        description="Optional: OOD score above which (and up to thresholds.ood) the answer is 'unsure'.",
+    )
+
+
 class Manifest(_Strict):
     schema_version: int = Field(description="Integer schema version of this document.")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$")
@@ -161,6 +175,9 @@ class Manifest(_Strict):
         default_factory=dict, description="Dataset folder name -> model label, for evaluation."
     )
     thresholds: Thresholds = Thresholds()
+    open_set: OpenSet | None = Field(
+        default=None, description="Answer bands (known / unsure / unknown) of a classifier with an OOD score."
+    )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form: metrics, training recipe.")
 
     @model_validator(mode="after")
@@ -177,6 +194,12 @@ class Manifest(_Strict):
             raise ValueError(f"decoder {self.decoder.type!r} does not fit task {self.task!r}")
         if self.task == "anomaly" and self.thresholds.anomaly is None:
             raise ValueError("anomaly bundles need thresholds.anomaly")
+        if self.open_set is not None:
+            dec = self.decoder
+            if not isinstance(dec, SoftmaxDecoder) or dec.ood_output is None or self.thresholds.ood is None:
+                raise ValueError("open_set needs a softmax decoder with ood_output and thresholds.ood")
+            if self.open_set.unsure_ood is not None and self.open_set.unsure_ood > self.thresholds.ood:
+                raise ValueError("open_set.unsure_ood must not be above thresholds.ood")
         return self
 
 

@@ -71,11 +71,16 @@ def eval_command(
         typer.Option("--class-map", help="Detection: dataset class id = model label, e.g. 0=cow (repeatable); "
                      "without it AP50 is class-agnostic."),
     ] = None,
+    unknown: Annotated[
+        Path | None,
+        typer.Option("--unknown", help="Classification: a folder of images that should all be answered unknown "
+                     "(e.g. leaves of plants the model does not know); reports the share rejected."),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
     as_json: Json = False,
 ) -> None:
     """Evaluate a model bundle on a labelled folder and print its metrics."""
-    from edge_agent.toolchain.evaluate import evaluate, evaluate_detection, public
+    from edge_agent.toolchain.evaluate import evaluate, evaluate_detection, evaluate_unknown, public
     from edge_agent.toolchain.evaluate import plot as draw
     from edge_agent.vision.model import Model
     from edge_agent.vision.runtime import RuntimeOptions
@@ -91,6 +96,8 @@ def eval_command(
                 report = evaluate_detection(m, directory, _parse_class_map(class_map), progress)
             else:
                 report = evaluate(m, directory, progress)
+            if unknown is not None:
+                report["unknown_set"] = evaluate_unknown(m, unknown, progress)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if plot is not None:
@@ -125,6 +132,14 @@ def _print_report(doc: dict[str, Any]) -> None:
             table.add_row(name, str(row.get("n", "")), str(row.get("recall", "-")), str(row.get("precision", "-")),
                           str(row.get("rejected", "-")))
         out.print(table)
+    bands = doc.get("bands")
+    if isinstance(bands, dict):
+        out.print("[bold]answer bands[/bold] " + "  ".join(f"{k}: {v}" for k, v in bands.items())
+                  + f"  [bold]top-1 with unsure/unknown counted wrong[/bold] {doc.get('top1_with_rejections')}")
+    unknown = doc.get("unknown_set")
+    if isinstance(unknown, dict):
+        out.print(f"[bold]--unknown folder[/bold] n {unknown.get('n')}  answered unknown {unknown.get('rejected')}  "
+                  f"not diagnosed (unknown or unsure) {unknown.get('not_diagnosed')}  bands {unknown.get('bands')}")
     at = doc.get("recall_at_false_reject")
     if isinstance(at, dict) and at:
         out.print("[bold]recall at false reject[/bold] " + "  ".join(f"{k}: {v}" for k, v in at.items()))

@@ -144,19 +144,23 @@ def sector_image_side(cfg: PipelineConfig) -> int:
     return 0
 
 
-def make_sector(cfg: PipelineConfig, models: Mapping[str, Predictor] | None = None) -> Sector:
+def make_sector(
+    cfg: PipelineConfig, models: Mapping[str, Predictor] | None = None, labels: Sequence[str] = ()
+) -> Sector:
     """The sector step of a pipeline kind (crop advice, pass/fail, tracking) as one callable. ``models``: the
-    models a chained inspection (``inspection.classify``) may name, by config name."""
+    models a chained inspection (``inspection.classify``) may name, by config name; ``labels``: the pipeline
+    model's label set (the crop verdict lists its crops when a photo shows a plant it does not know)."""
     if cfg.kind == "crop":
-        from edge_agent.sectors.crop import crop_verdict
+        from edge_agent.sectors.crop import CropOptions, crop_verdict, known_crops
         from edge_agent.sectors.retake import with_quality
         from edge_agent.vision.quality import QualityThresholds, check_photo
 
         qopts = cfg.quality or PhotoQualityOptions()
         thresholds = QualityThresholds(**qopts.thresholds()) if qopts.enabled else None
+        crop_options = CropOptions(known_crops=known_crops(labels))
 
         def crop(result: Result, item: InputItem) -> dict[str, Any]:
-            verdict = crop_verdict(result, item.hints)
+            verdict = crop_verdict(result, item.hints, crop_options)
             if thresholds is None or item.image is None:
                 return verdict
             return with_quality(verdict, check_photo(item.image, thresholds).to_dict())  # a failed check: retake

@@ -1,23 +1,34 @@
 """Crop sector: turn a leaf classifier's result into a diagnosis a farmer can act on.
 
 Labels are PlantVillage style, ``"<Crop>___<condition>"`` (``Apple___Apple_scab``,
-``Bean___healthy``). A result with ``rejected=True``, or whose best label is the model's
-out-of-distribution label, means "not a recognised leaf".
+``Bean___healthy``). Every verdict has an answer ``band``:
+
+* ``diagnosis``: a known crop, confidently named (``recognised: true``);
+* ``unsure``: a known crop is likely but the model is not sure (the result's band is ``unsure``, or the top-1
+  probability is under ``CropOptions.min_confidence``): ``top2`` holds the two best answers and the farmer is
+  asked for another photo;
+* ``unknown_plant``: "not a crop I know" (the model's open-set score is above its threshold: a leaf of
+  another plant, or not a leaf at all): ``known_crops`` lists the crops the model knows.
+
+(The photo-quality step may later set a fourth band, ``retake``, see ``sectors/retake.py``.)
+Only ``diagnosis`` has ``recognised: true`` and a disease ``label``; the other bands keep ``label:
+"not_recognised"`` so readers from before the bands never show a guess as a diagnosis.
 
 Pure: no I/O, no globals. The verdict is a JSON-ready dict (it is stored in the outbox and
 published over MQTT next to the raw result)::
 
-    {"crop": "Apple", "condition": "Apple_scab", "label": "Apple___Apple_scab",
+    {"band": "diagnosis", "crop": "Apple", "condition": "Apple_scab", "label": "Apple___Apple_scab",
      "healthy": False, "recognised": True, "confidence": 0.93,
      "top3": [{"label", "crop", "condition", "healthy", "confidence"}, ...],
      "crop_hint": "Apple" | None, "crop_hint_applied": bool}
+    # unsure: + "top2": [two entries like top3's]; unknown_plant: + "known_crops": ["Apple", "Bean", ...]
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from edge_agent.types import Classification, Result
 
@@ -25,21 +36,33 @@ SEPARATOR = "___"
 NOT_RECOGNISED = "not_recognised"
 HEALTHY = "healthy"
 MAX_HINT_CHARS = 64
+CropBand = Literal["diagnosis", "unsure", "unknown_plant"]
+BAND_OF_RESULT: dict[str, CropBand] = {"known": "diagnosis", "unsure": "unsure", "unknown": "unknown_plant"}
 
 
 @dataclass(frozen=True)
 class CropOptions:
     """Tunable rules of the crop verdict.
 
-    ``min_confidence``: below this top-1 score the leaf is reported as not recognised.
+    ``min_confidence``: below this top-1 score a known-looking leaf is answered ``unsure`` (the model's own
+    ``open_set.unsure_below`` applies as well, through the result's band).
     ``hint_min_mass``: a farmer's crop hint restricts the diagnosis and alternatives to that crop
     only when the model gives that crop at least this much probability in total (otherwise the
     hint is ignored: the photo most likely shows another plant, and saying so is more useful).
     Confidences are always the model's own probabilities, never renormalised.
+    ``known_crops``: the crops of the model's label set, listed in ``unknown_plant`` answers
+    (:func:`known_crops` of the manifest's labels).
     """
 
     min_confidence: float = 0.0
     hint_min_mass: float = 0.05
+    known_crops: tuple[str, ...] = ()
+
+
+def known_crops(labels: Iterable[str]) -> tuple[str, ...]:
+    """The crops of a label set, in label order, once each: ``["Apple___healthy", "Bean___bean_rust"]`` ->
+    ``("Apple", "Bean")``."""
+    return tuple(dict.fromkeys(c for c in (split_label(label)[0] for label in labels) if c is not None))
 
 
 def split_label(label: str) -> tuple[str | None, str]:
@@ -100,16 +123,12 @@ def crop_verdict(
 
     top3 = [_entry(label, s) for label, s in scores[:3]]
     best_any = ranked[0] if ranked else None
-    recognised = (
-        not result.rejected
-        and best_any is not None
-        and bool(scores)
-        and best_any.label != NOT_RECOGNISED
-        and scores[0][1] >= options.min_confidence
-    )
-    if recognised:
+    common = {"crop_hint": hint_crop or (hint_raw or None), "crop_hint_applied": hint_applied}
+    band = _band(result, ranked, scores, options)
+    if band == "diagnosis":
         best = top3[0]
         return {
+            "band": band,
             "crop": best["crop"],
             "condition": best["condition"],
             "label": best["label"],
@@ -117,11 +136,11 @@ def crop_verdict(
             "recognised": True,
             "confidence": best["confidence"],
             "top3": top3,
-            "crop_hint": hint_crop or (hint_raw or None),
-            "crop_hint_applied": hint_applied,
+            **common,
         }
     confidence = best_any.score if best_any is not None else 0.0
-    return {
+    out: dict[str, Any] = {
+        "band": band,
         "crop": None,
         "condition": None,
         "label": NOT_RECOGNISED,
@@ -129,6 +148,24 @@ def crop_verdict(
         "recognised": False,
         "confidence": round(float(confidence), 4),
         "top3": top3,
-        "crop_hint": hint_crop or (hint_raw or None),
-        "crop_hint_applied": hint_applied,
+        **common,
     }
+    if band == "unsure":
+        out["top2"] = top3[:2]
+    else:
+        out["known_crops"] = list(options.known_crops)
+    return out
+
+
+def _band(
+    result: Result, ranked: list[Classification], scores: list[tuple[str, float]], options: CropOptions
+) -> CropBand:
+    """unknown_plant when the model rejected the photo (or has nothing to name), unsure when it is not sure,
+    else diagnosis. A result without a band (a model without an open-set section) is sure when not rejected."""
+    if result.rejected or result.band == "unknown" or not ranked or not scores:
+        return "unknown_plant"
+    if ranked[0].label == NOT_RECOGNISED:
+        return "unknown_plant"
+    if result.band == "unsure" or scores[0][1] < options.min_confidence:
+        return "unsure"
+    return "diagnosis"

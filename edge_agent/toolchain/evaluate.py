@@ -6,7 +6,11 @@ Layouts:
 
 * classification: ``DIR/<class>/*.jpg``; folder names pass through the manifest's ``label_aliases``. Folders
   whose class the model does not know count as *off-domain*: they are left out of ``accuracy`` and reported
-  with the fraction the model rejected ("not recognised").
+  with the fraction the model rejected ("not recognised"). ``bands`` counts the answer bands (``known``,
+  ``unsure``, ``unknown``: the crop verdict's diagnosis / not sure / not a crop I know; a model without an
+  ``open_set`` section has only known and unknown = rejected) and ``top1_with_rejections`` is the top-1 accuracy
+  with every unsure or unknown answer counted as wrong. ``--unknown DIR`` (:func:`evaluate_unknown`): a folder of
+  images that should all be answered unknown (e.g. leaves of plants the model does not know).
 * anomaly: ``DIR/test/<good|defect type>/*`` (or ``DIR/<good|defect>/*``); every folder but ``good`` is anomalous.
 * detection: ``DIR/images/*`` + ``DIR/labels/<stem>.txt`` (YOLO: class cx cy w h, normalised); AP at IoU 0.5,
   class-agnostic unless ``class_map`` maps dataset class ids to model labels, from detections down to score
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +278,32 @@ class Scored:
     predicted: str
     score: float
     rejected: bool
+    band: str | None = None
+    """known / unsure / unknown (None: not a classifier)."""
+
+
+BANDS = ("known", "unsure", "unknown")
+
+
+def band_of(rejected: bool, band: str | None) -> str:
+    """A classification's band; a model without an ``open_set`` section: unknown when rejected, else known."""
+    if band in BANDS:
+        return band
+    return "unknown" if rejected else "known"
+
+
+def band_report(truth: Sequence[str], predicted: Sequence[str], bands: Sequence[str]) -> dict[str, Any]:
+    """Counts per band and the top-1 accuracy with every unsure or unknown answer counted as wrong (pure)."""
+    if not len(truth) == len(predicted) == len(bands):
+        raise ValueError("truth, predicted and bands differ in length")
+    n = len(truth)
+    counts = {b: sum(1 for x in bands if x == b) for b in BANDS}
+    right = sum(1 for t, p, b in zip(truth, predicted, bands, strict=True) if b == "known" and t == p)
+    return {
+        "bands": counts,
+        "band_shares": {b: round(c / n, 4) if n else 0.0 for b, c in counts.items()},
+        "top1_with_rejections": round(right / n, 4) if n else 0.0,
+    }
 
 
 def _run(model: Model, paths: Iterable[Path], progress: Progress | None, total: int) -> Iterable[tuple[Path, Any]]:
@@ -298,7 +329,8 @@ def evaluate_classification(model: Model, root: Path, progress: Progress | None 
     for path, result in _run(model, (p for p, _ in items), progress, len(items)):
         top = result.predictions[0]
         assert isinstance(top, Classification)
-        scored.append(Scored(path, truth_of[path], top.label, top.score, result.rejected))
+        scored.append(Scored(path, truth_of[path], top.label, top.score, result.rejected,
+                             band_of(result.rejected, result.band)))
     in_domain = [s for s in scored if s.truth in known]
     off = [s for s in scored if s.truth not in known]
     report = classification_metrics([s.truth for s in in_domain], [s.predicted for s in in_domain], m.labels)
@@ -306,21 +338,66 @@ def evaluate_classification(model: Model, root: Path, progress: Progress | None 
     report["n"] = len(scored)
     report["n_in_domain"] = len(in_domain)
     report["rejected"] = round(sum(s.rejected for s in in_domain) / len(in_domain), 4) if in_domain else 0.0
+    report.update(band_report([s.truth for s in in_domain], [s.predicted for s in in_domain],
+                              [s.band or "known" for s in in_domain]))
     if off:
         report["n_off_domain"] = len(off)
         report["off_domain_rejected"] = round(sum(s.rejected for s in off) / len(off), 4)
+        report["off_domain_bands"] = {b: sum(1 for s in off if s.band == b) for b in BANDS}
     for label, row in report["per_class"].items():
         members = [s for s in in_domain if s.truth == label]
         row["rejected"] = round(sum(s.rejected for s in members) / len(members), 4) if members else 0.0
+        row["unsure"] = round(sum(s.band == "unsure" for s in members) / len(members), 4) if members else 0.0
     for folder in sorted({s.truth for s in off}):
         members = [s for s in off if s.truth == folder]
         report["per_class"][folder] = {
             "n": len(members),
             "off_domain": True,
             "rejected": round(sum(s.rejected for s in members) / len(members), 4),
+            "unsure": round(sum(s.band == "unsure" for s in members) / len(members), 4),
         }
     report["_scored"] = scored
     return report
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image under ``root`` (sub-folders included, linked folders followed), sorted."""
+    if not root.is_dir():
+        raise InputNotFoundError(f"{root}: not a folder")
+    items = sorted(
+        Path(folder) / name
+        for folder, _, names in os.walk(root, followlinks=True)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES and (Path(folder) / name).is_file()
+    )
+    if not items:
+        raise InputNotFoundError(f"{root}: no images")
+    return items
+
+
+def evaluate_unknown(model: Model, root: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """A folder of images the classifier should NOT know (e.g. leaves of other plants): the share answered
+    unknown (``rejected``), unsure, or wrongly named as a known class (``known``), and the labels it gave those."""
+    if model.manifest.task != "classification":
+        raise InputNotFoundError("--unknown applies to classification models only")
+    items = list_images(root)
+    bands: list[str] = []
+    named: dict[str, int] = {}
+    for _, result in _run(model, items, progress, len(items)):
+        band = band_of(result.rejected, result.band)
+        bands.append(band)
+        if band == "known":
+            top = result.predictions[0]
+            assert isinstance(top, Classification)
+            named[top.label] = named.get(top.label, 0) + 1
+    n = len(bands)
+    return {
+        "n": n,
+        "bands": {b: bands.count(b) for b in BANDS},
+        "rejected": round(bands.count("unknown") / n, 4) if n else 0.0,
+        "not_diagnosed": round((bands.count("unknown") + bands.count("unsure")) / n, 4) if n else 0.0,
+        "named_as": dict(sorted(named.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def ground_truth_mask(root: Path, path: Path) -> npt.NDArray[np.bool_] | None:

@@ -30,6 +30,7 @@ from edge_agent.errors import ManifestError
 from edge_agent.types import (
     AnomalyRegion,
     AnomalyScore,
+    Band,
     Classification,
     Detection,
     Image,
@@ -132,6 +133,7 @@ class Model:
         outputs = self.runtime.run(self.feeds(tensor, m))
         t2 = time.perf_counter()
         predictions, rejected = self._postprocess(outputs, meta, m)
+        ood_score, band = self._open_set(outputs, predictions, m)
         t3 = time.perf_counter()
         return Result(
             model=self.manifest.name,
@@ -141,7 +143,23 @@ class Model:
             image_size=image.original_size,
             timings=Timings(decode_ms, (t1 - t0) * _ms, (t2 - t1) * _ms, (t3 - t2) * _ms),
             rejected=rejected,
+            ood_score=ood_score,
+            band=band,
         )
+
+    @staticmethod
+    def _open_set(
+        outputs: dict[str, Array], predictions: tuple[Prediction, ...], m: Manifest
+    ) -> tuple[float | None, Band | None]:
+        """A classifier's OOD score and, when the manifest has an ``open_set`` section, its answer band."""
+        dec = m.decoder
+        if not isinstance(dec, SoftmaxDecoder) or dec.ood_output is None:
+            return None, None
+        score = pp.anomaly_score(outputs[dec.ood_output])
+        if m.open_set is None or m.thresholds.ood is None:
+            return score, None
+        top1 = predictions[0].score if predictions else 0.0
+        return score, pp.open_set_band(top1, score, m.thresholds.ood, m.open_set.unsure_below, m.open_set.unsure_ood)
 
     def set_thresholds(self, **changes: float) -> dict[str, Any]:
         """Change score/iou (detection) or anomaly (anomaly) thresholds at run time, all or nothing.

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.types import Band
+
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
@@ -321,6 +323,18 @@ def decode_yolov8(output: F32, score_threshold: float) -> Boxes:
     wh = out[rows, 2:4]
     xyxy = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1).astype(np.float32)
     return Boxes(xyxy, scores, cls)
+
+
+def open_set_band(top1: float, ood: float, ood_threshold: float, unsure_below: float,
+                  unsure_ood: float | None = None) -> Band:
+    """The answer band of one classification: ``unknown`` when the OOD score is above ``ood_threshold``,
+    ``unsure`` when the top-1 probability is below ``unsure_below`` or the OOD score above ``unsure_ood``,
+    else ``known``. A NaN score counts as unknown (never a confident answer from a broken output)."""
+    if not ood <= ood_threshold:  # also NaN
+        return "unknown"
+    if not top1 >= unsure_below or (unsure_ood is not None and ood > unsure_ood):
+        return "unsure"
+    return "known"
 
 
 def anomaly_score(score_output: F32) -> float:

@@ -1,7 +1,8 @@
 """``make models``: rebuild every shipped bundle from ../shared, deterministically.
 
 1. crop + steel: FP32 classifiers into var/models (build_classifiers), then ``quantize`` with the gate into
-   models/crop_disease and models/steel_defects; the crop OOD threshold is re-derived on the INT8 model.
+   models/crop_disease and models/steel_defects; the crop open-set threshold is moved onto the INT8 model by
+   the median paired score shift on training images (calibrate_ood --match).
 2. tile: ``inspect fit`` on magnetic_tile/train/good ships as models/tile_anomaly (FP32); its INT8 twin goes
    through the gate into models/tile_anomaly_int8 (pre-processing, stems, distance search and scoring tail kept
    in float, per the manifest's ``metadata.quantize``, memory banks and threshold refitted on INT8 features); a twin
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         gate_dir = _crop_gate_folder()
         summary["crop_gate"] = _gate("crop_disease_fp32", SPLITS / "crop_calib", gate_dir, "crop_disease")
         if (MODELS / "crop_disease").is_dir():
-            calibrate_ood.main([str(MODELS / "crop_disease"), str(gate_dir), "--percentile", "98"])
+            calibrate_ood.main([str(MODELS / "crop_disease"), str(SPLITS / "crop_calib"),
+                                "--match", str(VAR / "crop_disease_fp32")])
     if "tile" in parts:
         summary.update(build_tile())
     if "cattle" in parts:

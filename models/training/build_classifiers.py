@@ -14,22 +14,25 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
-from training import heads
+from training import heads, open_set
 from training.common import (
     CACHE,
     DATASETS,
     REPO,
     Sample,
+    _stable_hash,
     list_class_folder,
     plantvillage_groups,
     require_shared,
     split_groups,
 )
-from training.export import OOD_NODES, classifier_graph, classifier_manifest, write_bundle
+from training.export import classifier_graph, classifier_manifest, write_bundle
 from training.features import extract
 
 log = logging.getLogger("build_classifiers")
@@ -39,11 +42,11 @@ IBEAN_ALIASES = {
     "bean_rust": "Bean___bean_rust",
     "healthy": "Bean___healthy",
 }
-OOD_K = 64
 HEAD_NODES = ["pool_p14", "pool_p7a", "concat_embedding", "head_fc"]
 # Kept in float by the INT8 quantizer: the stem and block 0 (quantizing them cost steel 2 points) and the head.
 STEM_NODES = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
-OOD_PERCENTILE = 97.0
+OPEN_SET_REJECT = 0.05  # share of known leaves (out-of-fold, training side) above the "not a crop I know" threshold
+UNSURE_BELOW = 0.3  # top-1 probability below which a known-looking leaf is answered "not sure"
 CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
 STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
 
@@ -64,37 +67,39 @@ def _rows(d: dict[str, np.ndarray], samples: Sequence[Sample], all_samples: Sequ
     return np.array([index[str(s.path)] for s in samples], dtype=np.int64)
 
 
-def ood_fit(emb: np.ndarray, y: np.ndarray, n_classes: int, k: int = OOD_K) -> tuple[np.ndarray, np.ndarray]:
-    """Whitened top-k subspace of the within-class covariance; returns (L (D,k), class means @ L (C,k))."""
-    means = np.stack([emb[y == c].mean(0) for c in range(n_classes)])
-    centred = emb - means[y]
-    cov = centred.T @ centred / max(1, len(emb) - n_classes)
-    evals, evecs = np.linalg.eigh(cov.astype(np.float64))
-    order = np.argsort(evals)[::-1][:k]
-    proj = evecs[:, order] / np.sqrt(evals[order] + 1e-6)
-    return proj.astype(np.float32), (means @ proj).astype(np.float32)
-
-
-def ood_score(emb: np.ndarray, proj: np.ndarray, means_p: np.ndarray) -> np.ndarray:
-    z = emb @ proj
-    d = (z**2).sum(1, keepdims=True) - 2 * z @ means_p.T + (means_p**2).sum(1)[None, :]
-    return np.asarray(d.min(1) / proj.shape[1])
-
-
-def build_crop(out: Path, epochs: int) -> dict[str, object]:
+def crop_data() -> dict[str, Any]:
+    """The crop samples, their leaf-grouped split, labels and cached backbone activations (3 views)."""
     pv_root = DATASETS / "crops" / "plantvillage" / "train"
     pv = list_class_folder(pv_root, plantvillage_groups(pv_root))
     ib = list_class_folder(DATASETS / "crops" / "ibean" / "train")
     pv_tr, pv_he = split_groups(pv)
     ib_tr, ib_he = split_groups(ib)
-    link_split("crop_pv_holdout", pv_he)
-    link_split("crop_ibean_holdout", ib_he)
-    link_split("crop_calib", (pv_tr[::8] + ib_tr[::8]))
     everything = pv + ib
     data = extract(everything, "crops", 3)
     labels = sorted({s.label for s in pv} | set(IBEAN_ALIASES.values()))
     lab = {name: i for i, name in enumerate(labels)}
-    y_all = np.array([lab[IBEAN_ALIASES.get(s.label, s.label)] for s in everything])
+    y = np.array([lab[IBEAN_ALIASES.get(s.label, s.label)] for s in everything])
+    train = np.zeros(len(everything), bool)
+    train[_rows(data, pv_tr + ib_tr, everything)] = True
+    a7 = data["a7"]
+    pre = np.concatenate([data["p14"][:, 0], a7[:, 0].astype(np.float32).mean(axis=(2, 3))], axis=1)
+    return {
+        "pv": pv, "ib": ib, "pv_tr": pv_tr, "pv_he": pv_he, "ib_tr": ib_tr, "ib_he": ib_he,
+        "everything": everything, "data": data, "labels": labels, "y": y, "train": train,
+        "is_pv": np.array([i < len(pv) for i in range(len(everything))]),
+        "crop": np.array([labels[i].split("___")[0] for i in y]),
+        "groups": np.array([_stable_hash(s.group) for s in everything], dtype=np.uint64),
+        "pre": pre,
+    }
+
+
+def build_crop(out: Path, epochs: int) -> dict[str, object]:
+    d = crop_data()
+    pv_tr, pv_he, ib_tr, ib_he = d["pv_tr"], d["pv_he"], d["ib_tr"], d["ib_he"]
+    link_split("crop_pv_holdout", pv_he)
+    link_split("crop_ibean_holdout", ib_he)
+    link_split("crop_calib", (pv_tr[::8] + ib_tr[::8]))
+    everything, data, labels, y_all = d["everything"], d["data"], d["labels"], d["y"]
     tr = _rows(data, pv_tr + ib_tr, everything)
     he = _rows(data, pv_he + ib_he, everything)
     a7 = data["a7"]
@@ -106,43 +111,70 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     else:
         tail, head, _, _ = heads.train(extra[tr], y_all[tr], len(labels), a7=a7[tr], epochs=epochs)
         torch.save({"tail": tail, "head": head}, tail_path)
-    emb_tr = heads.embed(tail, extra[tr, 0], a7[tr, 0])
     emb_he = heads.embed(tail, extra[he, 0], a7[he, 0])
-    proj, means_p = ood_fit(emb_tr, y_all[tr], len(labels))
-    held_scores = ood_score(emb_he, proj, means_p)
-    threshold = float(np.percentile(held_scores, OOD_PERCENTILE))
-    pred = (emb_he @ head.weight.T + head.bias).argmax(1)
-    is_pv = np.array([s in pv_he for s in pv_he + ib_he])
+    # open-set head on the frozen pre-tail features; threshold from the training leaves' out-of-fold scores
+    pre = d["pre"]
+    groups = d["groups"]
+    os_head, threshold, oof = open_set.fit_calibrated(pre[tr], y_all[tr], groups[tr], OPEN_SET_REJECT)
+    held_scores = os_head.score(pre[he])
+    logits = emb_he @ head.weight.T + head.bias
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    pred = logits.argmax(1)
+    is_pv = d["is_pv"][he]
     ok = pred == y_all[he]
+    unknown = held_scores > threshold
+    unsure = ~unknown & (prob.max(1) < UNSURE_BELOW)
+    diagnosed_ok = ok & ~unknown & ~unsure
     stats: dict[str, object] = {
         "split": "leaf-grouped 80/20 of train/ (seed fixed); figures on the held-out 20%",
         "fp32_pv_accuracy": round(float(ok[is_pv].mean()), 4),
         "fp32_ibean_accuracy": round(float(ok[~is_pv].mean()), 4),
+        "fp32_pv_top1_rejections_wrong": round(float(diagnosed_ok[is_pv].mean()), 4),
+        "fp32_ibean_top1_rejections_wrong": round(float(diagnosed_ok[~is_pv].mean()), 4),
         "n_pv": int(is_pv.sum()),
         "n_ibean": int((~is_pv).sum()),
         "ood_threshold": threshold,
-        "ood_leaf_rejected": round(float((held_scores > threshold).mean()), 4),
+        "ood_rule": f"{1 - OPEN_SET_REJECT:.0%} quantile of the training leaves' out-of-fold open-set score",
+        "oof_known_rejected": round(float((oof > threshold).mean()), 4),
+        "ood_leaf_rejected": round(float(unknown.mean()), 4),
+        "unsure": round(float(unsure.mean()), 4),
     }
+    loco = open_set.leave_one_crop_out(pre, y_all, d["crop"], d["train"], groups, OPEN_SET_REJECT)
     # off-domain photos, measured only (never trained on)
-    off = offdomain_embeddings(tail)
-    stats["ood_offdomain_rejected"] = round(float((ood_score(off, proj, means_p) > threshold).mean()), 4)
+    off = offdomain_pre()
+    stats["ood_offdomain_rejected"] = round(float((os_head.score(off) > threshold).mean()), 4)
     stats["n_offdomain"] = len(off)
     log.info("crop: %s", stats)
-    model = classifier_graph(["p14", "p7a", "features"], head.weight, head.bias, tail.onnx_arrays() if tail else None,
-                             ood=(proj, means_p))
+    model = classifier_graph(["p14", "p7a", "features"], head.weight, head.bias, tail.onnx_arrays() if tail else None)
+    open_set.add_to_graph(model, ["p14", "p7a"], os_head)
+    onnx.checker.check_model(model)
     manifest = classifier_manifest(
         "crop_disease_fp32",
         labels,
         CROP_LICENSE,
         "edge-agent models/training/build_classifiers.py from ../shared/datasets/crops (PlantVillage subset, iBean)",
-        "Leaf disease classifier: 12 PlantVillage classes + 3 iBean bean classes; rejects non-leaf photos.",
+        "Leaf disease classifier: 12 PlantVillage classes + 3 iBean bean classes; answers 'not a crop I know' for "
+        "leaves of other plants and for photos that are not leaves.",
         ood_threshold=threshold,
         label_aliases=IBEAN_ALIASES,
-        metadata={"quantize": {"nodes_to_exclude": STEM_NODES + HEAD_NODES + OOD_NODES},
+        metadata={"quantize": {"nodes_to_exclude": STEM_NODES + HEAD_NODES + open_set.NODES},
                   "training": {"epochs": epochs, "recipe": "fine-tune block 15 + head conv on cached block-14 "
                                "activations, 3 views (as is, h-flip, crop+v-flip); linear head on "
-                               "[pool(block10), pool(block14), features]"}, "holdout": stats},
+                               "[pool(block10), pool(block14), features]",
+                               "open_set": "z(Mahalanobis, 64 whitened dims) + 3 z(-max logit of a logistic "
+                               "regression), both on frozen [pool(block10), pool(block14)]; z and threshold from "
+                               "5-fold out-of-fold scores of the training leaves"},
+                  "holdout": stats,
+                  "open_set": {
+                      "method": "z(Mahalanobis) + 3 z(-max logit), frozen pool(block10) + pool(block14)",
+                      "reject_rule": f"threshold = {1 - OPEN_SET_REJECT:.0%} quantile of the training leaves' "
+                                     "out-of-fold score",
+                      "leave_one_crop_out": loco,
+                  }},
     )
+    manifest["version"] = "2.0.0"
+    manifest["open_set"] = {"unsure_below": UNSURE_BELOW}
     write_bundle(out / "crop_disease_fp32", model, manifest, "crop_disease_fp32.onnx")
     return stats
 
@@ -154,14 +186,13 @@ def offdomain_samples() -> list[Sample]:
     return tiles + coco
 
 
-def offdomain_embeddings(tail: heads.Tail | None) -> np.ndarray:
+def offdomain_pre() -> np.ndarray:
+    """Frozen [pool(block10), pool(block14)] of the off-domain photos (steel, tiles, COCO animals)."""
     steel = extract(list_class_folder(DATASETS / "inspection" / "neu_steel" / "train"), "steel", 3)
     extra = extract(offdomain_samples(), "offdomain_extra", 1)
-    embs = []
-    for d in (steel, extra):
-        ex = np.concatenate([d["p14"][:, 0], d["a7"][:, 0].astype(np.float32).mean(axis=(2, 3))], axis=1)
-        embs.append(heads.embed(tail, ex, d["a7"][:, 0]))
-    return np.concatenate(embs)
+    return np.concatenate([
+        np.concatenate([d["p14"][:, 0], d["a7"][:, 0].astype(np.float32).mean(axis=(2, 3))], axis=1)
+        for d in (steel, extra)])
 
 
 def build_steel(out: Path) -> dict[str, object]:

@@ -8,6 +8,7 @@ Per image and view we keep: pooled stage features (112 @14x14, 320 @7x7), the fu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +33,9 @@ def _views(rgb: np.ndarray, n_views: int) -> list[np.ndarray]:
     return out
 
 
-def session(outputs: Sequence[str], threads: int = 2) -> ort.InferenceSession:
+def session(outputs: Sequence[str], threads: int | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or int(os.environ.get("TRAIN_THREADS", "2"))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(
         uint8_backbone(outputs).SerializeToString(), opts, providers=["CPUExecutionProvider"]

@@ -7,6 +7,7 @@ so trained weights are written straight back into the ONNX initializers (see ``e
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +112,7 @@ def train(
     """
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))  # 1 on a shared machine
     n, v = extra.shape[:2]
     ex = torch.from_numpy(extra.reshape(n * v, -1).astype(np.float32))
     y = torch.from_numpy(np.repeat(labels, v).astype(np.int64))

@@ -1,0 +1,236 @@
+"""Open-set head of the crop model: "is this a leaf of a crop we know?", chosen by leave-one-crop-out measurement.
+
+Score (higher = less like a known crop) = z(Mahalanobis) + 3 z(-max logit), on the FROZEN pre-tail features
+[pool(block 10), pool(block 14)] (304-d, ImageNet weights, independent of the fine-tuned classifier):
+
+* Mahalanobis: squared distance to the nearest class mean in the 64 leading whitened directions of the
+  within-class covariance, divided by 64;
+* max logit of a separate L2-regularised logistic regression on the standardised features;
+* z: (score - median) / IQR of out-of-fold scores of the training leaves (5 leaf-grouped folds).
+
+Because both parts only see frozen features, a leave-one-crop-out check is exact: fit on four crops, calibrate on
+their out-of-fold scores, test on the fifth (``python -m models.training.open_set``, see MODEL_CARD.md).
+The reject threshold is a quantile of the training leaves' out-of-fold combined score, so the held-out leaves
+stay unseen for reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+log = logging.getLogger(__name__)
+K = 64
+C = 0.1
+W = 3.0  # weight of the max-logit part (leave-one-crop-out: 1 -> worst fold 84.8%, 2 -> 90.5%, 3 -> 93.2%)
+FOLDS = 5
+NODES = ["os_concat", "os_project", "os_cross", "os_norm", "os_add1", "os_add2", "os_min", "os_lr", "os_max",
+         "os_scale_m", "os_scale_l", "os_sum", "os_out"]
+
+
+@dataclass
+class OpenSetHead:
+    proj: np.ndarray  # (D, K) whitening projection
+    means_p: np.ndarray  # (C, K) class means in that space
+    lr_w: np.ndarray  # (C, D) logistic regression, standardisation folded in
+    lr_b: np.ndarray  # (C,)
+    norm: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # median/IQR of Mahalanobis, of -max logit
+    weight: float = W
+
+    def parts(self, x: np.ndarray) -> np.ndarray:
+        """(N, 2): Mahalanobis score and -max logit."""
+        z = x @ self.proj
+        d = (z**2).sum(1, keepdims=True) - 2 * z @ self.means_p.T + (self.means_p**2).sum(1)[None, :]
+        maha = d.min(1) / self.proj.shape[1]
+        logits = x @ self.lr_w.T + self.lr_b
+        return np.stack([maha, -logits.max(1)], 1)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        p = self.parts(x)
+        return self.combine(p)
+
+    def combine(self, p: np.ndarray) -> np.ndarray:
+        m1, i1, m2, i2 = self.norm
+        return np.asarray((p[:, 0] - m1) / i1 + self.weight * (p[:, 1] - m2) / i2)
+
+
+def _maha_fit(x: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    centred = x - means[np.searchsorted(classes, y)]
+    cov = centred.T @ centred / max(1, len(x) - len(classes))
+    evals, evecs = np.linalg.eigh(cov.astype(np.float64))
+    order = np.argsort(evals)[::-1][:k]
+    proj = evecs[:, order] / np.sqrt(evals[order] + 1e-6)
+    return proj.astype(np.float32), (means @ proj).astype(np.float32)
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, k: int = K, c: float = C) -> OpenSetHead:
+    """Fit both parts on (N, D) frozen features with integer labels (any subset of classes)."""
+    from sklearn.linear_model import LogisticRegression
+
+    proj, means_p = _maha_fit(x, y, k)
+    mu, sd = x.mean(0), x.std(0) + 1e-3
+    clf = LogisticRegression(C=c, max_iter=500).fit((x - mu) / sd, y)
+    w = clf.coef_ / sd[None, :]
+    b = clf.intercept_ - w @ mu
+    if w.shape[0] == 1:  # binary problem: sklearn returns one row; make it two logits
+        w, b = np.concatenate([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+    return OpenSetHead(proj, means_p, w.astype(np.float32), b.astype(np.float32))
+
+
+def fit_calibrated(
+    x: np.ndarray, y: np.ndarray, groups: Sequence[int], reject: float, folds: int = FOLDS
+) -> tuple[OpenSetHead, float, np.ndarray]:
+    """Fit on everything; median/IQR and the threshold (reject ``reject`` of known leaves) from out-of-fold scores.
+
+    ``groups``: a fold id source per row (e.g. a hash of the leaf) so one leaf never sits on both sides.
+    Returns (head, threshold, out-of-fold combined scores)."""
+    fold = np.asarray(groups) % folds
+    oof = np.zeros((len(x), 2))
+    for f in range(folds):
+        head = fit_head(x[fold != f], y[fold != f])
+        oof[fold == f] = head.parts(x[fold == f])
+    q75, q25 = np.percentile(oof, [75, 25], axis=0)
+    med = np.median(oof, axis=0)
+    iqr = q75 - q25
+    norm = (float(med[0]), float(iqr[0]), float(med[1]), float(iqr[1]))
+    head = fit_head(x, y)
+    head.norm = norm
+    combined = head.combine(oof)
+    threshold = float(np.quantile(combined, 1.0 - reject))
+    return head, threshold, combined
+
+
+def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHead, output: str = "ood") -> None:
+    """Append the score as graph output ``output`` (N, 1), computed from the concatenation of ``inputs``."""
+    g = model.graph
+    k = head.proj.shape[1]
+    m1, i1, m2, i2 = head.norm
+    g.initializer.extend([
+        numpy_helper.from_array(head.proj.astype(np.float32), "os_proj"),
+        numpy_helper.from_array((-2.0 * head.means_p.T).astype(np.float32), "os_means_t2"),
+        numpy_helper.from_array((head.means_p**2).sum(1).astype(np.float32), "os_means_sq"),
+        numpy_helper.from_array(head.lr_w.astype(np.float32), "os_lr_w"),
+        numpy_helper.from_array(head.lr_b.astype(np.float32), "os_lr_b"),
+        numpy_helper.from_array(np.array(1.0 / (k * i1), np.float32), "os_a_m"),
+        numpy_helper.from_array(np.array(-head.weight / i2, np.float32), "os_a_l"),
+        numpy_helper.from_array(np.array(-m1 / i1 - head.weight * m2 / i2, np.float32), "os_c"),
+    ])
+    g.node.extend([
+        helper.make_node("Concat", list(inputs), ["os_x"], axis=1, name="os_concat"),
+        helper.make_node("MatMul", ["os_x", "os_proj"], ["os_z"], name="os_project"),
+        helper.make_node("MatMul", ["os_z", "os_means_t2"], ["os_cross"], name="os_cross"),
+        helper.make_node("ReduceSumSquare", ["os_z"], ["os_zz"], axes=[1], keepdims=1, name="os_norm"),
+        helper.make_node("Add", ["os_cross", "os_zz"], ["os_d0"], name="os_add1"),
+        helper.make_node("Add", ["os_d0", "os_means_sq"], ["os_d"], name="os_add2"),
+        helper.make_node("ReduceMin", ["os_d"], ["os_dmin"], axes=[1], keepdims=1, name="os_min"),
+        helper.make_node("Gemm", ["os_x", "os_lr_w", "os_lr_b"], ["os_logits"], transB=1, name="os_lr"),
+        helper.make_node("ReduceMax", ["os_logits"], ["os_lmax"], axes=[1], keepdims=1, name="os_max"),
+        helper.make_node("Mul", ["os_dmin", "os_a_m"], ["os_sm"], name="os_scale_m"),
+        helper.make_node("Mul", ["os_lmax", "os_a_l"], ["os_sl"], name="os_scale_l"),
+        helper.make_node("Add", ["os_sm", "os_sl"], ["os_s"], name="os_sum"),
+        helper.make_node("Add", ["os_s", "os_c"], [output], name="os_out"),
+    ])
+    g.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, ["N", 1]))
+
+
+# ------------------------------------------------------------------------------------ leave-one-crop-out check
+
+
+def leave_one_crop_out(
+    x: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray, reject: float
+) -> dict[str, dict[str, float | int]]:
+    """Per held-out crop H: fit + calibrate on the training leaves of the other crops (threshold from their
+    out-of-fold scores, rejecting ``reject``); report the share of ALL of H's leaves rejected and of the other
+    crops' held-out leaves rejected."""
+    out: dict[str, dict[str, float | int]] = {}
+    for h in sorted(set(crop.tolist())):
+        known = crop != h
+        fit = known & train
+        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject)
+        s = head.score(x)
+        out[h] = {
+            "unknown_rejected": round(float((s[crop == h] > thr).mean()), 4),
+            "n_unknown": int((crop == h).sum()),
+            "known_rejected": round(float((s[known & ~train] > thr).mean()), 4),
+            "n_known": int((known & ~train).sum()),
+        }
+        log.info("LOCO %s: %s", h, out[h])
+    return out
+
+
+def quantized_features(onnx_path: str, paths: Sequence[str]) -> np.ndarray:
+    """[pool(block10), pool(block14)] as the quantized crop graph computes them (its ``p14``/``p7a`` tensors)."""
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from training.common import load_rgb, to_input
+
+    model = onnx.load(onnx_path)
+    for name in ("p14", "p7a"):
+        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = []
+    for p in paths:
+        p14, p7a = sess.run(["p14", "p7a"], {"pixels": to_input(load_rgb(Path(p)))[None]})
+        out.append(np.concatenate([p14[0], p7a[0]]))
+    return np.stack(out)
+
+
+def leave_one_crop_out_quantized(
+    x: np.ndarray, xq: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray,
+    calib: np.ndarray, reject: float,
+) -> dict[str, dict[str, float]]:
+    """The same check as the INT8 model runs it: fit and calibrate on FP32 features (``x``), move the threshold
+    by the median paired shift on the ``calib`` training rows (as ``calibrate_ood --match``), score INT8 ``xq``."""
+    out: dict[str, dict[str, float]] = {}
+    for h in sorted(set(crop.tolist())):
+        known = crop != h
+        fit = known & train
+        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject)
+        c = calib & known
+        t = thr + float(np.median(head.score(xq[c]) - head.score(x[c])))
+        s = head.score(xq)
+        out[h] = {"unknown_rejected": round(float((s[crop == h] > t).mean()), 4),
+                  "known_rejected": round(float((s[known & ~train] > t).mean()), 4)}
+        log.info("LOCO INT8 %s: %s", h, out[h])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the leave-one-crop-out check on the cached crop features (var/training/crops_v3.npz); with ``--int8
+    ONNX`` also on the features of that quantized crop graph."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--reject", type=float, nargs="+", default=[0.05])
+    parser.add_argument("--int8", default=None, help="e.g. models/crop_disease/crop_disease.onnx")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from training.build_classifiers import crop_data
+
+    d = crop_data()
+    report: dict[str, object] = {
+        f"{r:.0%}": leave_one_crop_out(d["pre"], d["y"], d["crop"], d["train"], d["groups"], r) for r in args.reject
+    }
+    if args.int8:
+        xq = quantized_features(args.int8, [str(s.path) for s in d["everything"]])
+        rows = {str(s.path): i for i, s in enumerate(d["everything"])}
+        calib = np.zeros(len(xq), bool)
+        calib[[rows[str(s.path)] for s in d["pv_tr"][::8] + d["ib_tr"][::8]]] = True  # = var/splits/crop_calib
+        report.update({f"int8 {r:.0%}": leave_one_crop_out_quantized(
+            d["pre"], xq, d["y"], d["crop"], d["train"], d["groups"], calib, r) for r in args.reject})
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
