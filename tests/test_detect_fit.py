@@ -242,19 +242,29 @@ def test_eval_reports_ap50_and_recall_at_the_shipped_threshold(fitted: tuple[Pat
 
 
 def test_the_shipped_cattle_bundle_states_its_held_out_figures() -> None:
-    """models/cattle_overhead (`make models`): one label, figures measured on held-out frames, the card agrees.
+    """models/cattle_overhead (`make models`): one label, fitted on every frame, so its figures are the temporal
+    cross-validation of the same recipe (held-out blocks never trained on, a gap on both sides), and the card
+    states them.
 
-    (The frames themselves have no licence and stay in ../shared: `make models` re-measures them.)"""
+    (The frames themselves have no licence and stay in ../shared: models/training/cattle_cv.py re-measures them.)"""
     bundle = find_bundle("cattle_overhead", MODELS)
     m = bundle.manifest
     assert m.labels == ("cow",) and m.decoder.type == "detections" and m.input.dtype == "uint8"
     fit = m.metadata["fit"]
-    assert fit["n_held_out"] == 44 and fit["held_out_first"] == "frame_002373.jpg"
-    assert fit["n_train"] + fit["n_gap"] + fit["n_held_out"] == fit["n_frames"] == 222
-    held = fit["held_out"]
-    assert m.thresholds.score == fit["score_threshold"] == held["threshold"]
+    assert fit["n_train"] == fit["n_frames"] == 222 and fit["n_held_out"] == 0
+    cv = m.metadata["cross_validation"]
+    assert cv == json.loads((bundle.directory / "cross_validation.json").read_text())
+    recipe = m.metadata["recipe"]
+    assert all(recipe[k] == v for k, v in cv["recipe"].items()), "the folds ran another recipe"
+    folds = cv["folds"]
+    assert [f["fold"] for f in folds] == [0, 1, 2, 3, 4] and cv["gap"] >= 1
+    held = [set(range(*b)) for b in zip((0, 44, 88, 132, 178), (44, 88, 132, 178, 222), strict=True)]
+    assert set().union(*held) == set(range(222)) and sum(len(h) for h in held) == 222
+    assert m.thresholds.score == fit["score_threshold"] == cv["score_threshold"]
     card = (bundle.directory / "MODEL_CARD.md").read_text()
-    for figure in (f"**{held['ap50']:.3f}**", f"**{held['recall']:.3f}**", f"{m.thresholds.score}", "no licence"):
+    mean = cv["mean"]
+    for figure in (f"**{mean['ap50_all']:.3f}**", f"**{mean['ap50_chute']:.3f}**", f"{mean['recall_all']:.3f}",
+                   f"{m.thresholds.score}", "no licence", *(f"{f['all']['ap50']:.3f}" for f in folds)):
         assert figure in card, figure
     model = Model.load(bundle)
     result = model.predict_bytes(next((COCO_DEMO / "images").glob("*.jpg")).read_bytes())

@@ -7,8 +7,10 @@ FRAMES_DIR, then its parent). Every label line is checked first; a bad one stops
 
 Recipe (chosen by measurement, see ``models/cattle_overhead/MODEL_CARD.md``): the frames are sorted by name (the
 camera's time order), the last ``holdout`` fraction is kept aside as one block with ``gap`` frames dropped before
-it (no neighbouring frames on both sides), and every convolution of YOLOX-Nano (COCO, Apache-2.0) is fine-tuned on
-the rest with YOLOX's own loss and augmentation (:mod:`edge_agent.toolchain.detect_train`, ``train`` extra).
+it (no neighbouring frames on both sides), and YOLOX-Nano (COCO, Apache-2.0) is fine-tuned on the rest, its backbone
+frozen and its neck and head trained, with YOLOX's own loss and augmentation
+(:mod:`edge_agent.toolchain.detect_train`, ``train`` extra). ``holdout=0`` fits every frame and measures nothing
+(``models/training/cattle_cv.py`` cross-validates a recipe in temporal folds instead).
 The trained weights are written back into the bundled graph (its class convolutions cut to the new classes), which
 keeps the post-processing and uint8 input in the graph (decoder ``detections``), so the bundle runs with
 onnxruntime alone. The held-out block is then scored by the real bundle (AP50, recall and precision at the
@@ -293,6 +295,14 @@ class DetectFitConfig:
     top_down: bool = True
     """The camera looks down: vertical flips and quarter turns are fair augmentations."""
     mosaic: float = 0.5
+    zoom_out: float = 0.0
+    """Share of training canvases that are a grid of 2x2 to 4x4 shrunk frames (small, many animals)."""
+    aspect: float = 0.0
+    """Aspect-ratio jitter of the training frames (0.3: widths stretched by 1/1.3 to 1.3)."""
+    saturation: float = 0.0
+    """Colour saturation jitter of the training frames."""
+    backbone_lr: float = 0.0
+    """Learning rate of the convolutions ``train_scope`` leaves out, as a fraction of ``lr`` (0: frozen)."""
     seed: int = 0
     threads: int = 1
     """Torch threads. 1 by default: on a busy 2-core board two threads ran 4-7x slower than one (barrier waits)."""
@@ -379,8 +389,9 @@ def _train(
     from edge_agent.toolchain import detect_train
     tc = detect_train.TrainConfig(
         size=config.size, epochs=config.epochs, batch=config.batch, lr=config.lr,
-        augment=detect_train.Augment(mosaic=config.mosaic, top_down=config.top_down), seed=config.seed,
-        threads=config.threads, **config.extra,
+        augment=detect_train.Augment(mosaic=config.mosaic, top_down=config.top_down, zoom_out=config.zoom_out,
+                                     aspect=config.aspect, saturation=config.saturation),
+        seed=config.seed, threads=config.threads, frozen_lr=config.backbone_lr, **config.extra,
     )
     override = class_init(model, head, base.manifest.labels, labels)
     return detect_train.train(model, head.outputs(), head.strides, override, data, tc,

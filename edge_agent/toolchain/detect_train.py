@@ -144,14 +144,23 @@ class Augment:
     """Vertical flips and quarter turns: right for cameras looking down (chutes, pens), wrong for side views."""
     color: float = 0.3
     blur: float = 0.1
+    aspect: float = 0.0
+    """Aspect-ratio jitter: the width is stretched by a factor drawn log-uniformly from [1/(1+a), 1+a]."""
+    zoom_out: float = 0.0
+    """Share of canvases that are a grid of 2x2 to 4x4 frames, each shrunk into its cell: many small animals
+    (far cameras, drones) from frames of near ones."""
+    saturation: float = 0.0
+    """Colour saturation jitter (0.4: from 60% greyer to 40% more saturated): breeds and light differ by camera."""
 
 
-def _boxes_in(boxes: F32, x0: float, y0: float, r: float, w: int, h: int, min_visible: float = 0.4) -> F32:
-    """Boxes (N, 5: x1 y1 x2 y2 class) scaled by ``r``, shifted by (x0, y0), clipped to (w, h); those mostly
-    outside are dropped."""
+def _boxes_in(boxes: F32, x0: float, y0: float, r: float | tuple[float, float], w: int, h: int,
+              min_visible: float = 0.4) -> F32:
+    """Boxes (N, 5: x1 y1 x2 y2 class) scaled by ``r`` (or (rx, ry)), shifted by (x0, y0), clipped to (w, h);
+    those mostly outside are dropped."""
     if len(boxes) == 0:
         return boxes.reshape(0, 5)
-    b = boxes[:, :4] * r + np.array([x0, y0, x0, y0], np.float32)
+    rx, ry = r if isinstance(r, tuple) else (r, r)
+    b = boxes[:, :4] * np.array([rx, ry, rx, ry], np.float32) + np.array([x0, y0, x0, y0], np.float32)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     c = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
     visible = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
@@ -160,28 +169,58 @@ def _boxes_in(boxes: F32, x0: float, y0: float, r: float, w: int, h: int, min_vi
     return out
 
 
-def _paste(canvas: U8Image, img: U8Image, r: float, x0: int, y0: int) -> None:
-    """Resize ``img`` by ``r`` and paste it with its top-left corner at (x0, y0), cropped to the canvas."""
+def _paste(canvas: U8Image, img: U8Image, r: float | tuple[float, float], x0: int, y0: int) -> None:
+    """Resize ``img`` by ``r`` (or (rx, ry)) and paste it with its top-left corner at (x0, y0), cropped to the
+    canvas."""
     h, w = img.shape[:2]
-    nw, nh = max(1, round(w * r)), max(1, round(h * r))
+    rx, ry = r if isinstance(r, tuple) else (r, r)
+    nw, nh = max(1, round(w * rx)), max(1, round(h * ry))
     big_h, big_w = canvas.shape[:2]
     cx0, cy0 = max(0, x0), max(0, y0)
     cx1, cy1 = min(big_w, x0 + nw), min(big_h, y0 + nh)
     if cx1 <= cx0 or cy1 <= cy0:
         return
-    scaled = imaging.resize(img, (nw, nh), "area" if r < 1 else "linear")
+    scaled = imaging.resize(img, (nw, nh), "area" if max(rx, ry) < 1 else "linear")
     canvas[cy0:cy1, cx0:cx1] = scaled[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+
+
+def _stretch(aug: Augment, rng: np.random.Generator) -> float:
+    """Width factor of the aspect jitter (1 without it)."""
+    return float(math.exp(rng.uniform(-1, 1) * math.log1p(aug.aspect))) if aug.aspect > 0 else 1.0
 
 
 def _single(img: U8Image, boxes: F32, size: int, aug: Augment, rng: np.random.Generator) -> tuple[U8Image, F32]:
     canvas = np.full((size, size, 3), PAD, np.uint8)
     h, w = img.shape[:2]
-    r = min(size / w, size / h) * rng.uniform(*aug.scale)
-    nw, nh = w * r, h * r
+    a = _stretch(aug, rng)
+    r = min(size / (w * a), size / h) * rng.uniform(*aug.scale)
+    rx, ry = r * a, r
+    nw, nh = w * rx, h * ry
     x0 = int(rng.uniform(min(0.0, size - nw), max(0.0, size - nw) + 1e-6))
     y0 = int(rng.uniform(min(0.0, size - nh), max(0.0, size - nh) + 1e-6))
-    _paste(canvas, img, r, x0, y0)
-    return canvas, _boxes_in(boxes, x0, y0, r, size, size)
+    _paste(canvas, img, (rx, ry), x0, y0)
+    return canvas, _boxes_in(boxes, x0, y0, (rx, ry), size, size)
+
+
+def _grid(frames: Sequence[tuple[U8Image, F32]], i: int, size: int, aug: Augment,
+          rng: np.random.Generator) -> tuple[U8Image, F32]:
+    """A zoom-out canvas: an n x n grid (n = 2-4) of frames, each shrunk into its cell at a random place."""
+    n = int(rng.integers(2, 5))
+    cell = size / n
+    canvas = np.full((size, size, 3), PAD, np.uint8)
+    out: list[F32] = []
+    for k in range(n * n):
+        img, boxes = frames[i] if k == 0 else frames[int(rng.integers(0, len(frames)))]
+        h, w = img.shape[:2]
+        a = _stretch(aug, rng)
+        r = min(cell / (w * a), cell / h) * rng.uniform(0.7, 1.0)
+        rx, ry = r * a, r
+        cx0, cy0 = int((k % n) * cell), int((k // n) * cell)
+        x0 = cx0 + int(rng.uniform(0, max(0.0, cell - w * rx)))
+        y0 = cy0 + int(rng.uniform(0, max(0.0, cell - h * ry)))
+        _paste(canvas, img, (rx, ry), x0, y0)
+        out.append(_boxes_in(boxes, x0, y0, (rx, ry), size, size))
+    return canvas, np.concatenate(out)
 
 
 def _mosaic(frames: Sequence[tuple[U8Image, F32]], size: int, aug: Augment,
@@ -230,6 +269,9 @@ def _photometric(img: U8Image, aug: Augment, rng: np.random.Generator) -> U8Imag
         mean = x.mean()
         contrast = rng.uniform(1 - aug.color, 1 + aug.color)
         x = ((x - mean) * contrast + mean) * gain * cast
+        if aug.saturation > 0:
+            grey = x.mean(axis=2, keepdims=True)
+            x = grey + (x - grey) * rng.uniform(1 - aug.saturation, 1 + aug.saturation)
         if rng.random() < 0.1:
             x[...] = x.mean(axis=2, keepdims=True)
     if aug.blur > 0 and rng.random() < aug.blur:
@@ -244,7 +286,9 @@ def sample(frames: Sequence[tuple[U8Image, F32]], i: int, size: int, aug: Augmen
            rng: np.random.Generator) -> tuple[U8Image, F32]:
     """One augmented training canvas (size, size, 3) BGR and its boxes (N, 5): x1, y1, x2, y2 in canvas pixels,
     class id."""
-    if mosaic and rng.random() < aug.mosaic:
+    if mosaic and aug.zoom_out > 0 and rng.random() < aug.zoom_out:
+        img, boxes = _grid(frames, i, size, aug, rng)
+    elif mosaic and rng.random() < aug.mosaic:
         picks = [frames[i]] + [frames[int(j)] for j in rng.integers(0, len(frames), 3)]
         img, boxes = _mosaic(picks, size, aug, rng)
     else:
@@ -371,6 +415,8 @@ class TrainConfig:
     augment: Augment = Augment()
     seed: int = 0
     threads: int = 2
+    frozen_lr: float = 0.0
+    """Learning rate of the convolutions ``trainable`` leaves out, as a fraction of ``lr`` (0: frozen)."""
 
 
 def train(
@@ -393,13 +439,20 @@ def train(
     torch.set_num_threads(max(1, config.threads))
     rng = np.random.default_rng(config.seed)
     net = GraphNet(model, head_outputs, conv_override)
+    slow: list[nn.Parameter] = []
     for name, p in zip(net.param_names, net.params, strict=True):
-        p.requires_grad_(trainable(name) if trainable is not None else True)
+        fast = trainable(name) if trainable is not None else True
+        p.requires_grad_(fast or config.frozen_lr > 0)
+        if not fast:
+            slow.append(p)
     params = [p for p in net.params if p.requires_grad]
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    groups = []
+    for members, scale in (([p for p in params if all(p is not q for q in slow)], 1.0), (slow, config.frozen_lr)):
+        if scale > 0 and members:
+            groups.append({"params": [p for p in members if p.dim() > 1], "weight_decay": config.weight_decay,
+                           "scale": scale})
+            groups.append({"params": [p for p in members if p.dim() <= 1], "weight_decay": 0.0, "scale": scale})
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     ema = [p.detach().clone() for p in net.params]
     steps_per_epoch = max(1, math.ceil(len(frames) / config.batch))
     total = steps_per_epoch * config.epochs
@@ -422,7 +475,7 @@ def train(
             lr = config.lr * (step + 1) / warm if step < warm else \
                 config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["scale"]
             loss = yolox_loss(net(x), strides, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
