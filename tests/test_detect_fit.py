@@ -269,3 +269,23 @@ def test_the_shipped_cattle_bundle_states_its_held_out_figures() -> None:
     model = Model.load(bundle)
     result = model.predict_bytes(next((COCO_DEMO / "images").glob("*.jpg")).read_bytes())
     assert all(isinstance(p, Detection) and p.label == "cow" for p in result.predictions)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zoom_out_grids_and_aspect_jitter_keep_every_box_on_its_animal(seed: int) -> None:
+    """The augmentations tried for other cameras (many small animals, other aspect ratios): every box still covers
+    its animal after shrinking into a grid cell, stretching, flips and quarter turns."""
+    from edge_agent.toolchain.detect_train import PAD, Augment, sample
+
+    img = np.full((100, 60, 3), 90, np.uint8)
+    img[30:70, 20:40] = (0, 0, 255)  # one red "animal" (BGR), box x 20-40, y 30-70
+    frames = [(img, np.array([[20, 30, 40, 70, 0]], np.float32))] * 3
+    aug = Augment(zoom_out=1.0, aspect=0.3, color=0.0, blur=0.0)
+    canvas, boxes = sample(frames, 0, 96, aug, True, np.random.default_rng(seed))
+    assert canvas.shape == (96, 96, 3) and 4 <= len(boxes) <= 16  # a 2x2 to 4x4 grid, one animal per frame
+    assert (boxes[:, :4] >= 0).all() and (boxes[:, :4] <= 96).all()
+    for x1, y1, x2, y2, _ in boxes:
+        inner = canvas[int(y1) + 1 : int(y2) - 1, int(x1) + 1 : int(x2) - 1].reshape(-1, 3).astype(int)
+        assert len(inner) and (inner[:, 2] > 200).mean() > 0.9, "a box off its animal"
+    red = (canvas[:, :, 2] > 200) & (canvas[:, :, 0] < 50)
+    assert red.sum() > 0 and not (canvas == PAD).all()
