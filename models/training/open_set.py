@@ -3,8 +3,8 @@
 Score (higher = less like a known crop) = z(Mahalanobis) + 3 z(-max logit), on the FROZEN pre-tail features
 [pool(block 10), pool(block 14)] (304-d, ImageNet weights, independent of the fine-tuned classifier):
 
-* Mahalanobis: squared distance to the nearest class mean in the 64 leading whitened directions of the
-  within-class covariance, divided by 64;
+* Mahalanobis: squared distance to the nearest class under that class's OWN covariance (Ledoit-Wolf shrinkage,
+  on standardised features), divided by the dimension (304);
 * max logit of a separate L2-regularised logistic regression on the standardised features;
 * z: (score - median) / IQR of out-of-fold scores of the training leaves (5 leaf-grouped folds).
 
@@ -27,28 +27,30 @@ import onnx
 from onnx import helper, numpy_helper
 
 log = logging.getLogger(__name__)
-K = 64
 C = 0.1
 W = 3.0  # weight of the max-logit part (leave-one-crop-out: 1 -> worst fold 84.8%, 2 -> 90.5%, 3 -> 93.2%)
 FOLDS = 5
-NODES = ["os_concat", "os_project", "os_cross", "os_norm", "os_add1", "os_add2", "os_min", "os_lr", "os_max",
+NODES = ["os_concat", "os_project", "os_centre", "os_reshape", "os_norm", "os_min", "os_lr", "os_max",
          "os_scale_m", "os_scale_l", "os_sum", "os_out"]
 
 
 @dataclass
 class OpenSetHead:
-    proj: np.ndarray  # (D, K) whitening projection
-    means_p: np.ndarray  # (C, K) class means in that space
+    maha_w: np.ndarray  # (D, C*D): per class c, columns c*D..(c+1)*D = whitening factor of class c's covariance
+    maha_b: np.ndarray  # (C*D,): (x @ maha_w - maha_b) restricted to class c = whitened (x - mean_c)
     lr_w: np.ndarray  # (C, D) logistic regression, standardisation folded in
     lr_b: np.ndarray  # (C,)
     norm: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # median/IQR of Mahalanobis, of -max logit
     weight: float = W
 
+    @property
+    def dim(self) -> int:
+        return int(self.maha_w.shape[0])
+
     def parts(self, x: np.ndarray) -> np.ndarray:
         """(N, 2): Mahalanobis score and -max logit."""
-        z = x @ self.proj
-        d = (z**2).sum(1, keepdims=True) - 2 * z @ self.means_p.T + (self.means_p**2).sum(1)[None, :]
-        maha = d.min(1) / self.proj.shape[1]
+        z = (x @ self.maha_w - self.maha_b).reshape(len(x), -1, self.dim)
+        maha = (z**2).sum(2).min(1) / self.dim
         logits = x @ self.lr_w.T + self.lr_b
         return np.stack([maha, -logits.max(1)], 1)
 
@@ -61,29 +63,34 @@ class OpenSetHead:
         return np.asarray((p[:, 0] - m1) / i1 + self.weight * (p[:, 1] - m2) / i2)
 
 
-def _maha_fit(x: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    classes = np.unique(y)
-    means = np.stack([x[y == c].mean(0) for c in classes])
-    centred = x - means[np.searchsorted(classes, y)]
-    cov = centred.T @ centred / max(1, len(x) - len(classes))
-    evals, evecs = np.linalg.eigh(cov.astype(np.float64))
-    order = np.argsort(evals)[::-1][:k]
-    proj = evecs[:, order] / np.sqrt(evals[order] + 1e-6)
-    return proj.astype(np.float32), (means @ proj).astype(np.float32)
+def _maha_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class Ledoit-Wolf covariance on standardised features, as one (D, C*D) matrix and (C*D,) offset."""
+    from sklearn.covariance import LedoitWolf
+
+    mu, sd = x.mean(0), x.std(0) + 1e-3
+    xn = ((x - mu) / sd).astype(np.float64)
+    ws, bs = [], []
+    for c in np.unique(y):
+        lw = LedoitWolf().fit(xn[y == c])
+        evals, evecs = np.linalg.eigh(lw.covariance_)
+        factor = evecs / np.sqrt(np.maximum(evals, 1e-9))  # factor @ factor.T = inverse covariance
+        ws.append(factor / sd[:, None])
+        bs.append((mu / sd + lw.location_) @ factor)
+    return np.concatenate(ws, 1).astype(np.float32), np.concatenate(bs).astype(np.float32)
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, k: int = K, c: float = C) -> OpenSetHead:
+def fit_head(x: np.ndarray, y: np.ndarray, c: float = C) -> OpenSetHead:
     """Fit both parts on (N, D) frozen features with integer labels (any subset of classes)."""
     from sklearn.linear_model import LogisticRegression
 
-    proj, means_p = _maha_fit(x, y, k)
+    maha_w, maha_b = _maha_fit(x, y)
     mu, sd = x.mean(0), x.std(0) + 1e-3
     clf = LogisticRegression(C=c, max_iter=500).fit((x - mu) / sd, y)
     w = clf.coef_ / sd[None, :]
     b = clf.intercept_ - w @ mu
     if w.shape[0] == 1:  # binary problem: sklearn returns one row; make it two logits
         w, b = np.concatenate([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
-    return OpenSetHead(proj, means_p, w.astype(np.float32), b.astype(np.float32))
+    return OpenSetHead(maha_w, maha_b, w.astype(np.float32), b.astype(np.float32))
 
 
 def fit_calibrated(
@@ -112,25 +119,24 @@ def fit_calibrated(
 def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHead, output: str = "ood") -> None:
     """Append the score as graph output ``output`` (N, 1), computed from the concatenation of ``inputs``."""
     g = model.graph
-    k = head.proj.shape[1]
+    d = head.dim
     m1, i1, m2, i2 = head.norm
     g.initializer.extend([
-        numpy_helper.from_array(head.proj.astype(np.float32), "os_proj"),
-        numpy_helper.from_array((-2.0 * head.means_p.T).astype(np.float32), "os_means_t2"),
-        numpy_helper.from_array((head.means_p**2).sum(1).astype(np.float32), "os_means_sq"),
+        numpy_helper.from_array(head.maha_w.astype(np.float32), "os_maha_w"),
+        numpy_helper.from_array(head.maha_b.astype(np.float32), "os_maha_b"),
+        numpy_helper.from_array(np.array([-1, head.maha_w.shape[1] // d, d], np.int64), "os_shape"),
         numpy_helper.from_array(head.lr_w.astype(np.float32), "os_lr_w"),
         numpy_helper.from_array(head.lr_b.astype(np.float32), "os_lr_b"),
-        numpy_helper.from_array(np.array(1.0 / (k * i1), np.float32), "os_a_m"),
+        numpy_helper.from_array(np.array(1.0 / (d * i1), np.float32), "os_a_m"),
         numpy_helper.from_array(np.array(-head.weight / i2, np.float32), "os_a_l"),
         numpy_helper.from_array(np.array(-m1 / i1 - head.weight * m2 / i2, np.float32), "os_c"),
     ])
     g.node.extend([
         helper.make_node("Concat", list(inputs), ["os_x"], axis=1, name="os_concat"),
-        helper.make_node("MatMul", ["os_x", "os_proj"], ["os_z"], name="os_project"),
-        helper.make_node("MatMul", ["os_z", "os_means_t2"], ["os_cross"], name="os_cross"),
-        helper.make_node("ReduceSumSquare", ["os_z"], ["os_zz"], axes=[1], keepdims=1, name="os_norm"),
-        helper.make_node("Add", ["os_cross", "os_zz"], ["os_d0"], name="os_add1"),
-        helper.make_node("Add", ["os_d0", "os_means_sq"], ["os_d"], name="os_add2"),
+        helper.make_node("MatMul", ["os_x", "os_maha_w"], ["os_z0"], name="os_project"),
+        helper.make_node("Sub", ["os_z0", "os_maha_b"], ["os_z"], name="os_centre"),
+        helper.make_node("Reshape", ["os_z", "os_shape"], ["os_zc"], name="os_reshape"),
+        helper.make_node("ReduceSumSquare", ["os_zc"], ["os_d"], axes=[2], keepdims=0, name="os_norm"),
         helper.make_node("ReduceMin", ["os_d"], ["os_dmin"], axes=[1], keepdims=1, name="os_min"),
         helper.make_node("Gemm", ["os_x", "os_lr_w", "os_lr_b"], ["os_logits"], transB=1, name="os_lr"),
         helper.make_node("ReduceMax", ["os_logits"], ["os_lmax"], axes=[1], keepdims=1, name="os_max"),
