@@ -130,28 +130,50 @@ class StoredResult:
     payload: bytes
 
 
-def result_sql(query: ResultQuery, mark: str) -> tuple[str, list[Any]]:
-    """The SELECT for ``query`` with ``mark`` as the placeholder (``?`` SQLite, ``%s`` psycopg)."""
+def _keyset_where(
+    mark: str,
+    equal: Sequence[tuple[str, str | None]],
+    since: float | None,
+    until: float | None,
+    after: tuple[float, str] | None,
+    descending: bool,
+    time_column: str,
+    id_column: str,
+    any_of: tuple[str, Sequence[str]] | None = None,
+) -> tuple[str, list[Any]]:
+    """`` WHERE ...`` (or ``""``) and its parameters for a keyset-paged read: equality filters, one IN filter,
+    ``time_column`` in [since, until), and rows after ``after`` in (time, id) order. Column names are the caller's
+    fixed names; every value is a placeholder ``mark``."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("device", query.device), ("pipeline", query.pipeline)):
+    for column, value in equal:
         if value is not None:
             where.append(f"{column} = {mark}")
             params.append(value)
-    if query.since is not None:
-        where.append(f"created_at >= {mark}")
-        params.append(query.since)
-    if query.until is not None:
-        where.append(f"created_at < {mark}")
-        params.append(query.until)
-    if query.after is not None:
-        op = "<" if query.descending else ">"
-        where.append(f"(created_at {op} {mark} OR (created_at = {mark} AND result_id {op} {mark}))")
-        params += [query.after[0], query.after[0], query.after[1]]
+    if any_of is not None and any_of[1]:
+        where.append(f"{any_of[0]} IN ({', '.join([mark] * len(any_of[1]))})")
+        params += list(any_of[1])
+    if since is not None:
+        where.append(f"{time_column} >= {mark}")
+        params.append(since)
+    if until is not None:
+        where.append(f"{time_column} < {mark}")
+        params.append(until)
+    if after is not None:
+        op = "<" if descending else ">"
+        where.append(f"({time_column} {op} {mark} OR ({time_column} = {mark} AND {id_column} {op} {mark}))")
+        params += [after[0], after[0], after[1]]
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+def result_sql(query: ResultQuery, mark: str) -> tuple[str, list[Any]]:
+    """The SELECT for ``query`` with ``mark`` as the placeholder (``?`` SQLite, ``%s`` psycopg)."""
+    where, params = _keyset_where(mark, (("device", query.device), ("pipeline", query.pipeline)), query.since,
+                                  query.until, query.after, query.descending, "created_at", "result_id")
     order = "DESC" if query.descending else "ASC"
     sql = (
         "SELECT result_id, device, epoch, seq, pipeline, model, model_version, created_at, received_at, payload"  # noqa: S608 (fixed names and placeholders only)
-        f" FROM results{' WHERE ' + ' AND '.join(where) if where else ''}"
+        f" FROM results{where}"
         f" ORDER BY created_at {order}, result_id {order} LIMIT {mark}"
     )
     params.append(int(query.limit))
@@ -196,28 +218,12 @@ EVENT_COLUMNS = ("event_id, device, event, severity, ts, received_at, pipeline, 
 
 def event_sql(query: EventQuery, mark: str) -> tuple[str, list[Any]]:
     """The SELECT for ``query`` with ``mark`` as the placeholder."""
-    where: list[str] = []
-    params: list[Any] = []
-    for column, value in (("device", query.device), ("pipeline", query.pipeline)):
-        if value is not None:
-            where.append(f"{column} = {mark}")
-            params.append(value)
-    if query.events:
-        where.append(f"event IN ({', '.join([mark] * len(query.events))})")
-        params += list(query.events)
-    if query.since is not None:
-        where.append(f"ts >= {mark}")
-        params.append(query.since)
-    if query.until is not None:
-        where.append(f"ts < {mark}")
-        params.append(query.until)
-    if query.after is not None:
-        op = "<" if query.descending else ">"
-        where.append(f"(ts {op} {mark} OR (ts = {mark} AND event_id {op} {mark}))")
-        params += [query.after[0], query.after[0], query.after[1]]
+    where, params = _keyset_where(mark, (("device", query.device), ("pipeline", query.pipeline)), query.since,
+                                  query.until, query.after, query.descending, "ts", "event_id",
+                                  any_of=("event", query.events))
     order = "DESC" if query.descending else "ASC"
     sql = (
-        f"SELECT {EVENT_COLUMNS} FROM events{' WHERE ' + ' AND '.join(where) if where else ''}"  # noqa: S608 (fixed names and placeholders only)
+        f"SELECT {EVENT_COLUMNS} FROM events{where}"  # noqa: S608 (fixed names and placeholders only)
         f" ORDER BY ts {order}, event_id {order} LIMIT {mark}"
     )
     params.append(int(query.limit))
