@@ -4,7 +4,7 @@ Given an agent with a tokens file, a watched folder and the HTTP API; when clien
 of half-open POSTs (no token), dribble headers, forge X-Forwarded-For, send a DNS-rebinding Host, send four
 40 MP PNGs at once, or retry an upload after the connection dropped; then the agent's open descriptors stay
 under the connection cap, uploads, health and the folder source keep working, the rate limit holds, the
-rebinding request gets 421, memory stays under 250 MB and the retried upload is stored once.
+rebinding request gets 421, decoding costs under 80 MB over idle and the retried upload is stored once.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def flat_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 
 
 @pytest.mark.slow
-def test_four_concurrent_40_megapixel_pngs_stay_under_250_mb(tmp_path: Path) -> None:
+def test_four_concurrent_40_megapixel_pngs_cost_under_80_mb_over_idle(tmp_path: Path) -> None:
     photo = flat_png(7280, 5456, (60, 140, 50))  # 39.7 MP
     assert len(photo) < 200_000
     body = f"""\
@@ -306,7 +306,11 @@ http: {{enabled: true, port: {{port}}, result_timeout_s: 120, queue_wait_s: 60}}
     print(f"\nRSS idle {idle_mb:.0f} MB, peak sampled {peak[0]:.0f} MB, high-water mark {hwm_mb:.0f} MB")
     assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
     assert all(a.json()["diagnosis"]["label"] for a in answers)
-    assert hwm_mb < 250, f"agent peaked at {hwm_mb:.0f} MB (idle {idle_mb:.0f} MB)"
+    # What the hostile photos may cost is the rise over idle: one 39.7 MP RGB frame decoded whole is 119 MB, so any
+    # full-frame decode fails this. The idle figure is the models' (4 sessions of crop_disease: ~15 MB each since
+    # its per-class open-set covariances, 2.0.0), bounded separately.
+    assert hwm_mb - idle_mb < 80, f"decoding cost {hwm_mb - idle_mb:.0f} MB ({idle_mb:.0f} -> {hwm_mb:.0f} MB)"
+    assert hwm_mb < 300, f"agent peaked at {hwm_mb:.0f} MB (idle {idle_mb:.0f} MB)"
 
 
 # ------------------------------------------------------------------------------------------------ idempotency
