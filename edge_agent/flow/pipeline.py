@@ -453,14 +453,11 @@ class Pipeline:
         if job.future.set_running_or_notify_cancel():
             job.future.set_exception(OverloadedError(f"pipeline {self.name!r} stopped before this input ran"))
 
-    def _load(self, item: InputItem) -> bytes:
-        return load_input(item)
-
     def _infer(self, model: Predictor, item: InputItem) -> tuple[Result, InputItem]:
         """Run ``model`` on ``item``; with ``sector_image_side`` the decoded photo goes on in ``item.image``."""
         if item.image is not None:
             return model.predict(item.image), item
-        data = self._load(item)
+        data = load_input(item)
         decode = getattr(model, "decode", None) if self._sector_image_side > 0 else None
         if decode is None:
             return model.predict_bytes(data), item
