@@ -142,6 +142,9 @@ class Thresholds(_Strict):
     max_detections: int = Field(default=100, ge=1)
     anomaly: float | None = Field(default=None, description="Image score above which a part is anomalous.")
     ood: float | None = Field(default=None, description="OOD score above which an input is rejected.")
+    region: float | None = Field(
+        default=None, description="Anomaly bundles whose score fuses other evidence: the anomaly-map level above "
+        "which cells form the reported regions (default: thresholds.anomaly).")
 
 
 class OpenSet(_Strict):

@@ -165,6 +165,9 @@ def quantize_command(
     max_auroc_drop: Annotated[float, typer.Option(help="AUROC budget for anomaly models.")] = 0.01,
     runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 30,
     threads: Annotated[int, typer.Option(help="Intra-op threads (0 = all cores).")] = 0,
+    defects: Annotated[Path | None, typer.Option(
+        "--defects", help="For an `inspect fit` bundle with a defect head: the photos of known defects it was fitted "
+        "with (its head is refitted on INT8 features).", show_default=False)] = None,
     as_json: Json = False,
 ) -> None:
     """Static INT8 quantization (QDQ, U8 activations, S8 per-channel weights) behind an accuracy-and-speed gate.
@@ -185,6 +188,7 @@ def quantize_command(
                 bundle, calib, eval_dir, out_dir or base / out_name, out_name, config,
                 progress=lambda msg: bar.update(task, description=msg, completed=0, total=None),
                 eval_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                defects_dir=defects,
             )
     except QuantizationGateError as exc:
         if as_json:
@@ -222,8 +226,10 @@ def fit_command(
         "--base", help="With --add: the fitted bundle to start from (name under --models-dir, or a folder).",
         show_default=False)] = None,
     defects: Annotated[Path | None, typer.Option(
-        "--defects", help="With --add and --base: photos of known defects, to report how many are still caught.",
-        show_default=False)] = None,
+        "--defects", help="Photos of known defective parts (searched recursively; folders named good or "
+        "ground_truth skipped), e.g. confirmed rejects. With GOOD_DIR: a defect head is fitted too and the score "
+        "fuses both (threshold still from the good photos). With --add and --base: only reported (how many are "
+        "still caught).", show_default=False)] = None,
     version: Annotated[str | None, typer.Option(
         "--version", help="With --add and --base: version of the new bundle (default: the base's with the fourth "
         "part plus one, e.g. 2.0.0 -> 2.0.0.1).", show_default=False)] = None,
@@ -254,8 +260,8 @@ def fit_command(
         raise _fail("give GOOD_DIR (a fit), or --add DIR with --base BUNDLE (extend a fitted bundle)")
     if good_dir is not None and out_name is None:
         raise _fail("--out NAME is required for a fit")
-    if (defects is not None or version is not None) and good_dir is not None:
-        raise _fail("--defects and --version go with --add and --base, without GOOD_DIR")
+    if version is not None and good_dir is not None:
+        raise _fail("--version goes with --add and --base, without GOOD_DIR")
     config = FitConfig(coreset_fraction=coreset or FitConfig().coreset_fraction, max_bank=max_bank, folds=folds,
                        max_false_reject=max_false_reject, threads=threads)
     try:
@@ -288,11 +294,12 @@ def fit_command(
 
                 assert out_name is not None
                 report = refit_with_added(good_dir, add, out_dir or base_models / out_name, out_name, config,
-                                          base_dir=base_dir, backbone=backbone, progress=progress)
+                                          base_dir=base_dir, backbone=backbone, progress=progress,
+                                          defect_dir=defects)
             else:
                 assert out_name is not None
                 report = fit_bundle(good_dir, out_dir or base_models / out_name, out_name, config, backbone=backbone,
-                                    progress=progress)
+                                    progress=progress, defect_dir=defects)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -304,6 +311,9 @@ def fit_command(
     out.print(f"[green]wrote[/green] {escape(str(report['bundle']))}: {report['n_fit']} photos, banks "
               f"{report['bank_size']} patches, threshold {report['threshold']:.4f} (cross-validated false rejects "
               f"{report['cv_false_reject']:.1%}, target {report['max_false_reject']:.1%}), {report['seconds']:.0f} s")
+    if "cv_defect_recall" in report:
+        out.print(f"defect head from {report['n_defects']} defect photos: cross-validated, "
+                  f"{report['cv_defect_recall']:.1%} of them caught at this threshold")
     if report.get("mode") == "refit":
         before = report.get("threshold_before")
         was = f" (was {before:.4f})" if isinstance(before, float) else ""

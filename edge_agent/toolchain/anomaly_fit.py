@@ -82,14 +82,22 @@ class FitConfig:
     batch: int = 8
     threads: int = 0
     scales: tuple[int, ...] = field(default=SCALES)
+    defect_c: float = 0.01
+    """With defect photos: inverse L2 strength of the defect head's logistic regression (standardised features)."""
+    defect_weight: float = 1.0
+    """With defect photos: weight of the defect head's standardised logit next to the standardised anomaly score."""
+    defect_folds: int = 5
+    """With defect photos: cross-validation folds of the defect head (for its out-of-fold scores)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.coreset_fraction <= 1.0:
             raise ValueError("coreset_fraction must be in (0, 1]")
         if not 0.0 <= self.max_false_reject < 1.0:
             raise ValueError("max_false_reject must be in [0, 1)")
-        if self.folds < 2:
+        if self.folds < 2 or self.defect_folds < 2:
             raise ValueError("folds must be at least 2")
+        if self.defect_c <= 0 or self.defect_weight <= 0:
+            raise ValueError("defect_c and defect_weight must be positive")
         if not self.scales or any(s % STRIDE or s > SIZE or MAP % (s // STRIDE) for s in self.scales):
             raise ValueError(f"scales must be multiples of {STRIDE}, at most {SIZE}, with grids dividing {MAP}")
 
@@ -351,8 +359,10 @@ def tail_graph(scales: Sequence[int], stats: Sequence[tuple[float, float]]) -> A
     return model
 
 
-def anomaly_graph(features: Any, banks: dict[int, F32], stats: Sequence[tuple[float, float]]) -> Any:
-    """Append nearest-neighbour scoring against each scale's bank (M_s, 512) and the tail (batch 1)."""
+def anomaly_graph(features: Any, banks: dict[int, F32], stats: Sequence[tuple[float, float]],
+                  head: DefectHead | None = None) -> Any:
+    """Append nearest-neighbour scoring against each scale's bank (M_s, 512) and the tail (batch 1); with a defect
+    head, ``score`` is the fused score and ``anomaly_score`` / ``defect_evidence`` are extra outputs."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -385,6 +395,12 @@ def anomaly_graph(features: Any, banks: dict[int, F32], stats: Sequence[tuple[fl
             helper.make_node("Reshape", [f"{p}pc_dist", f"{p}pc_map_shape"], [f"dist_{s}"], name=f"{p}pc_map"),
         ])
     nodes, inits = tail_nodes(scales, stats)
+    if head is not None:
+        for n in nodes:
+            if n.name == "pc_score":
+                n.output[0] = "anomaly_score"
+        more, more_inits = head_nodes(scales, head, "anomaly_score")
+        nodes, inits = nodes + more, inits + more_inits
     g.node.extend(nodes)
     g.initializer.extend(inits)
     g.input[0].CopyFrom(helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 3, SIZE, SIZE]))
@@ -392,17 +408,21 @@ def anomaly_graph(features: Any, banks: dict[int, F32], stats: Sequence[tuple[fl
         helper.make_tensor_value_info("score", TensorProto.FLOAT, [1]),
         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, MAP, MAP]),
     ])
+    if head is not None:
+        g.output.extend([helper.make_tensor_value_info("anomaly_score", TensorProto.FLOAT, [1]),
+                         helper.make_tensor_value_info("defect_evidence", TensorProto.FLOAT, [1])])
     onnx.checker.check_model(model)
     return model
 
 
 def float_nodes(model: Any) -> list[str]:
-    """Node names INT8 quantization must leave in float: pre-processing, stems, distance search and the tail."""
+    """Node names INT8 quantization must leave in float: pre-processing, stems, distance search, the tail and the
+    defect head."""
     out = []
     for n in model.graph.node:
         name = n.name
         local = name.split("/", 1)[1] if name.startswith("s") and "/" in name else name
-        if (local.startswith(("pre_", "pc_", "resize", "size")) or name.startswith(("pre_", "pc_"))
+        if (local.startswith(("pre_", "pc_", "resize", "size")) or name.startswith(("pre_", "pc_", "dh_"))
                 or any(name.endswith(stem) for stem in FLOAT_STEM)):
             out.append(name)
     return out
@@ -557,7 +577,195 @@ def run_tail(dists: dict[int, F32], stats: Sequence[tuple[float, float]], thread
     return maps[:, 0], scores
 
 
+# ----------------------------------------------------------------------------------------------- defect head
+
+
+@dataclass(frozen=True)
+class DefectHead:
+    """Optional second evidence, fitted when photos of known defects are given (``inspect fit --defects``).
+
+    A logistic regression (good vs defective) on each photo's pooled patch features (per scale, the mean and the
+    maximum of its 3x3-averaged patch vectors), with the standardisation folded into ``weight``/``bias``. The
+    image score becomes ``(anomaly - anomaly_center) / anomaly_scale + defect_weight * (logit - logit_center) /
+    logit_scale``; centres and scales are the median and inter-quartile range of the good photos' out-of-fold
+    values, so both terms are in "spreads of good parts" and the anomaly map keeps its own units.
+    """
+
+    weight: F32
+    bias: float
+    anomaly_center: float
+    anomaly_scale: float
+    logit_center: float
+    logit_scale: float
+    defect_weight: float
+
+    def fuse(self, anomaly: npt.NDArray[Any], logit: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        a = (np.asarray(anomaly, np.float64) - self.anomaly_center) / self.anomaly_scale
+        d = (np.asarray(logit, np.float64) - self.logit_center) / self.logit_scale
+        return a + self.defect_weight * d
+
+    def logits(self, pooled: F32) -> npt.NDArray[np.float64]:
+        return np.asarray(pooled, np.float64) @ self.weight.astype(np.float64) + self.bias
+
+    def doc(self) -> dict[str, float]:
+        return {"anomaly_center": round(self.anomaly_center, 6), "anomaly_scale": round(self.anomaly_scale, 6),
+                "logit_center": round(self.logit_center, 6), "logit_scale": round(self.logit_scale, 6),
+                "defect_weight": self.defect_weight, "features": int(self.weight.shape[0])}
+
+
+def pooled_features(patches: dict[int, F32]) -> F32:
+    """(n, 2 * DIM * scales): per scale (sorted), the mean then the maximum of each photo's patch vectors."""
+    parts = [np.concatenate([patches[s].mean(1), patches[s].max(1)], 1) for s in sorted(patches)]
+    return np.ascontiguousarray(np.concatenate(parts, 1), dtype=np.float32)
+
+
+def fit_logistic(good: F32, defect: F32, c: float) -> tuple[F32, float]:
+    """Class-balanced L2 logistic regression on standardised features; the standardisation folded in."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.concatenate([good, defect]).astype(np.float64)
+    y = np.r_[np.zeros(len(good)), np.ones(len(defect))]
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(scaler.transform(x), y)
+    w = clf.coef_[0] / scaler.scale_
+    b = float(clf.intercept_[0] - (w * scaler.mean_).sum())
+    return w.astype(np.float32), b
+
+
+def _spread(x: npt.NDArray[Any]) -> tuple[float, float]:
+    q1, med, q3 = np.quantile(np.asarray(x, np.float64), [0.25, 0.5, 0.75])
+    return float(med), float(max(q3 - q1, 1e-6))
+
+
+def fit_defect_head(
+    good: F32, defect: F32, good_anomaly_oof: npt.NDArray[Any], config: FitConfig,
+    progress: FitProgress | None = None,
+) -> tuple[DefectHead, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The head on all photos, plus the out-of-fold logits of the good and the defective photos (K-fold)."""
+    k = config.defect_folds
+    fg, fd = fold_ids(len(good), k), fold_ids(len(defect), k)
+    oof_g, oof_d = np.zeros(len(good)), np.zeros(len(defect))
+    for f in range(int(max(fg.max(), fd.max())) + 1):
+        w, b = fit_logistic(good[fg != f], defect[fd != f], config.defect_c)
+        oof_g[fg == f] = good[fg == f].astype(np.float64) @ w + b
+        oof_d[fd == f] = defect[fd == f].astype(np.float64) @ w + b
+        if progress is not None:
+            progress("defect head (cross-validation)", f + 1, k)
+    w, b = fit_logistic(good, defect, config.defect_c)
+    a_c, a_s = _spread(good_anomaly_oof)
+    l_c, l_s = _spread(oof_g)
+    return DefectHead(w, b, a_c, a_s, l_c, l_s, config.defect_weight), oof_g, oof_d
+
+
+def head_nodes(scales: Sequence[int], head: DefectHead, anomaly: str) -> tuple[list[Any], list[Any]]:
+    """Nodes: ``patches_<s>`` and the anomaly score ``anomaly`` -> the fused ``score`` (see :class:`DefectHead`)."""
+    from onnx import helper, numpy_helper
+
+    gain = head.defect_weight / head.logit_scale
+    inits = [
+        numpy_helper.from_array((head.weight.astype(np.float64) * gain).astype(np.float32)[:, None], "dh_w"),
+        numpy_helper.from_array(np.array([(head.bias - head.logit_center) * gain], np.float32), "dh_b"),
+        numpy_helper.from_array(np.array(head.anomaly_center, np.float32), "dh_a_center"),
+        numpy_helper.from_array(np.array(1.0 / head.anomaly_scale, np.float32), "dh_a_inv_scale"),
+        numpy_helper.from_array(np.array([-1], np.int64), "dh_flat"),
+    ]
+    nodes = []
+    pooled = []
+    for s in sorted(scales):
+        nodes += [
+            helper.make_node("ReduceMean", [f"patches_{s}"], [f"dh_mean_{s}"], axes=[2, 3], keepdims=0,
+                             name=f"dh_mean_{s}"),
+            helper.make_node("ReduceMax", [f"patches_{s}"], [f"dh_max_{s}"], axes=[2, 3], keepdims=0,
+                             name=f"dh_max_{s}"),
+        ]
+        pooled += [f"dh_mean_{s}", f"dh_max_{s}"]
+    nodes += [
+        helper.make_node("Concat", pooled, ["dh_pooled"], axis=1, name="dh_concat"),
+        helper.make_node("MatMul", ["dh_pooled", "dh_w"], ["dh_mm"], name="dh_matmul"),
+        helper.make_node("Add", ["dh_mm", "dh_b"], ["dh_z2"], name="dh_bias"),
+        helper.make_node("Reshape", ["dh_z2", "dh_flat"], ["defect_evidence"], name="dh_flatten"),
+        helper.make_node("Sub", [anomaly, "dh_a_center"], ["dh_ac"], name="dh_a_sub"),
+        helper.make_node("Mul", ["dh_ac", "dh_a_inv_scale"], ["anomaly_evidence"], name="dh_a_mul"),
+        helper.make_node("Add", ["anomaly_evidence", "defect_evidence"], ["score"], name="dh_fuse"),
+    ]
+    return nodes, inits
+
+
 # ----------------------------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitCore:
+    """What a fit computes from patch features (shared by :func:`fit_bundle` and :func:`refit_banks`)."""
+
+    banks: dict[int, F32]
+    stats: list[tuple[float, float]]
+    folds: int
+    oof_scores: npt.NDArray[Any]
+    """Out-of-bank image scores of the good photos (fused with the defect head's out-of-fold logit if any)."""
+    threshold: float
+    head: DefectHead | None = None
+    region_threshold: float | None = None
+    """With a head: the anomaly-map level for regions (the anomaly score's own operating point)."""
+    defect_oof_scores: npt.NDArray[Any] | None = None
+
+    def fit_doc(self, config: FitConfig, scales: Sequence[int]) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "bank_size": {str(s): len(b) for s, b in self.banks.items()},
+            "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)}
+                            for s, (m, sd) in zip(scales, self.stats, strict=True)},
+            "folds": self.folds,
+            "cv_false_reject": round(float(np.mean(self.oof_scores > self.threshold)), 4),
+            "oof_scores": {"min": round(float(self.oof_scores.min()), 4),
+                           "median": round(float(np.median(self.oof_scores)), 4),
+                           "max": round(float(self.oof_scores.max()), 4)},
+        }
+        if self.head is not None and self.defect_oof_scores is not None:
+            doc["defect_head"] = {
+                **self.head.doc(), "n_defects": len(self.defect_oof_scores), "folds": config.defect_folds,
+                "c": config.defect_c, "region_threshold": round(float(self.region_threshold or 0.0), 6),
+                "cv_defect_recall": round(float(np.mean(self.defect_oof_scores > self.threshold)), 4),
+            }
+        return doc
+
+
+def fit_core(patches: dict[int, F32], config: FitConfig, defects: dict[int, F32] | None = None,
+             progress: FitProgress | None = None) -> FitCore:
+    """Cross-validate, set the threshold, build the banks (and, with defect patches, the defect head)."""
+    scales = sorted(patches)
+    oof, folds = cross_validate(patches, config, progress)
+    stats = scale_stats(oof)
+    _, oof_scores = run_tail(oof, stats, config.threads)
+    banks = {}
+    for i, s in enumerate(scales):
+        if progress is not None:
+            progress(f"memory bank {s} px", i, len(scales))
+        banks[s] = select_bank(patches[s], config, config.seed + 1000 + s)
+    if progress is not None:
+        progress("memory bank", len(scales), len(scales))
+    threshold = threshold_at(oof_scores, config.max_false_reject)
+    core = FitCore(banks, stats, int(folds.max()) + 1, oof_scores, threshold)
+    if defects is None:
+        return core
+    d_dist = {s: nearest_distances(defects[s], banks[s]).reshape(-1, s // STRIDE, s // STRIDE) for s in scales}
+    _, d_anomaly = run_tail(d_dist, stats, config.threads)
+    head, oof_g, oof_d = fit_defect_head(pooled_features(patches), pooled_features(defects), oof_scores, config,
+                                         progress)
+    fused_g = head.fuse(oof_scores, oof_g)
+    return FitCore(banks, stats, core.folds, fused_g, threshold_at(fused_g, config.max_false_reject), head,
+                   threshold, head.fuse(d_anomaly, oof_d))
+
+
+def defect_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputNotFoundError(f"{folder}: not a folder (--defects: photos of known defective parts)")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and "ground_truth" not in p.parts and "good" not in p.parts)
+    if len(paths) < 10:
+        raise InputNotFoundError(f"{folder}: need at least 10 photos of defective parts for a defect head, found "
+                                 f"{len(paths)} (folders named good or ground_truth are skipped)")
+    return paths
 
 
 def fit_bundle(
@@ -569,8 +777,13 @@ def fit_bundle(
     progress: FitProgress | None = None,
     license_: str = "Apache-2.0 (EfficientNet-Lite0 weights); memory bank from the user's own photos",
     source: str | None = None,
+    defect_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit and write ``out_dir`` (manifest.json + ``<name>.onnx``). Returns a summary dict."""
+    """Fit and write ``out_dir`` (manifest.json + ``<name>.onnx``). Returns a summary dict.
+
+    With ``defect_dir`` (photos of known defective parts, e.g. confirmed rejects), a defect head is fitted too and
+    the image score fuses both (:class:`DefectHead`); the threshold is still set on the good photos' out-of-fold
+    scores for ``max_false_reject``."""
     require_extra("onnx", "tools", "edge-agent inspect fit")
     import onnx
 
@@ -582,28 +795,29 @@ def fit_bundle(
             f"{DEFAULT_SOURCE_BUNDLE} bundle's ONNX from the source repository's models/; the wheel does not carry it)"
         )
     paths = good_images(good_dir)
+    dpaths = defect_images(defect_dir) if defect_dir is not None else None
+    if dpaths is not None:
+        require_extra("sklearn", "tools", "edge-agent inspect fit --defects")
     scales = tuple(sorted(config.scales))
     features = feature_graph(backbone_path, scales)
     session = _session(features, config.threads)
     patches = extract_patches(session, paths, scales, config.batch, progress)
+    dpatches = (extract_patches(session, dpaths, scales, config.batch, progress, label="defect features")
+                if dpaths is not None else None)
     t_features = time.perf_counter() - t0
-    oof, folds = cross_validate(patches, config, progress)
-    stats = scale_stats(oof)
-    _, oof_scores = run_tail(oof, stats, config.threads)
-    threshold = threshold_at(oof_scores, config.max_false_reject)
+    core = fit_core(patches, config, dpatches, progress)
+    threshold, banks, stats = core.threshold, core.banks, core.stats
     t_cv = time.perf_counter() - t0 - t_features
-    banks = {}
-    for i, s in enumerate(scales):
-        if progress is not None:
-            progress(f"memory bank {s} px", i, len(scales))
-        banks[s] = select_bank(patches[s], config, config.seed + 1000 + s)
-    if progress is not None:
-        progress("memory bank", len(scales), len(scales))
-    model = anomaly_graph(features, banks, stats)
+    model = anomaly_graph(features, banks, stats, core.head)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = f"{name}.onnx"
     onnx.save(model, str(out_dir / model_file))
-    false_rejects = float(np.mean(oof_scores > threshold))
+    false_rejects = float(np.mean(core.oof_scores > threshold))
+    thresholds: dict[str, float] = {"anomaly": round(threshold, 6)}
+    if core.region_threshold is not None:
+        thresholds["region"] = round(core.region_threshold, 6)
+    described = ("Multi-scale PatchCore anomaly detector fitted on photos of good parts" +
+                 (f", fused with a defect head fitted on {len(dpaths)} photos of known defects." if dpaths else "."))
     manifest = {
         "schema_version": 1,
         "name": name,
@@ -613,7 +827,7 @@ def fit_bundle(
         "sha256": sha256_file(out_dir / model_file),
         "license": license_,
         "source": source or f"edge-agent inspect fit {good_dir.name}",
-        "description": "Multi-scale PatchCore anomaly detector fitted on photos of good parts.",
+        "description": described,
         "input": {
             "name": "pixels", "width": SIZE, "height": SIZE, "layout": "NCHW", "dtype": "uint8", "color": "RGB",
             "resize": {"mode": "stretch", "interpolation": "linear"},
@@ -621,25 +835,17 @@ def fit_bundle(
         },
         "decoder": {"type": "anomaly", "score_output": "score", "map_output": "anomaly_map"},
         "labels": ["good", "anomalous"],
-        "thresholds": {"anomaly": round(threshold, 6)},
+        "thresholds": thresholds,
         "metadata": {
             "quantize": {"nodes_to_exclude": float_nodes(model)},
             "fit": {
-                "recipe": RECIPE,
+                "recipe": RECIPE + (" + defect head (logistic regression on pooled patch features)" if dpaths else ""),
                 "scales": list(scales),
                 "n_fit": len(paths),
-                "folds": int(folds.max()) + 1,
-                "bank_size": {str(s): len(b) for s, b in banks.items()},
-                "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)} for s, (m, sd) in zip(scales, stats,
-                                                                                                   strict=True)},
+                **core.fit_doc(config, scales),
                 "max_false_reject": config.max_false_reject,
                 "config": fit_config_doc(config),
-                "threshold_rule": f"{1 - config.max_false_reject:.3f} quantile of out-of-bank scores of the good "
-                                  f"photos ({int(folds.max()) + 1}-fold cross-validation)",
-                "cv_false_reject": round(false_rejects, 4),
-                "oof_scores": {"min": round(float(oof_scores.min()), 4),
-                               "median": round(float(np.median(oof_scores)), 4),
-                               "max": round(float(oof_scores.max()), 4)},
+                "threshold_rule": threshold_rule(config, core),
             },
         },
     }
@@ -652,22 +858,34 @@ def fit_bundle(
         "bundle": str(out_dir),
         "name": name,
         "n_fit": len(paths),
-        "folds": int(folds.max()) + 1,
+        "folds": core.folds,
         "bank_size": sum(len(b) for b in banks.values()),
         "threshold": threshold,
         "max_false_reject": config.max_false_reject,
         "cv_false_reject": round(false_rejects, 4),
+        **({"n_defects": len(dpaths), "cv_defect_recall": round(float(np.mean(core.defect_oof_scores > threshold)), 4)}
+           if dpaths is not None and core.defect_oof_scores is not None else {}),
         "seconds": round(seconds, 2),
         "seconds_features": round(t_features, 2),
         "seconds_cross_validation": round(t_cv, 2),
     }
 
 
+def threshold_rule(config: FitConfig, core: FitCore) -> str:
+    rule = (f"{1 - config.max_false_reject:.3f} quantile of out-of-bank scores of the good photos ({core.folds}-fold "
+            "cross-validation)")
+    if core.head is not None:
+        rule += (f", each fused with the defect head's out-of-fold logit ({config.defect_folds}-fold); regions: the "
+                 "anomaly map above the anomaly score's own quantile")
+    return rule
+
+
 def fit_config_doc(config: FitConfig) -> dict[str, Any]:
     """The settings a refit needs to reproduce a fit (stored in the manifest's ``metadata.fit.config``)."""
     return {"coreset_fraction": config.coreset_fraction, "min_bank": config.min_bank, "max_bank": config.max_bank,
             "folds": config.folds, "max_false_reject": config.max_false_reject,
-            "projection_dim": config.projection_dim, "seed": config.seed, "scales": list(config.scales)}
+            "projection_dim": config.projection_dim, "seed": config.seed, "scales": list(config.scales),
+            "defect_c": config.defect_c, "defect_weight": config.defect_weight, "defect_folds": config.defect_folds}
 
 
 def fitted_here(metadata: dict[str, Any]) -> bool:
@@ -676,20 +894,30 @@ def fitted_here(metadata: dict[str, Any]) -> bool:
     return isinstance(fit, dict) and isinstance(fit.get("config"), dict) and "scales" in fit["config"]
 
 
+def has_defect_head(metadata: dict[str, Any]) -> bool:
+    fit = metadata.get("fit")
+    return isinstance(fit, dict) and isinstance(fit.get("defect_head"), dict)
+
+
 def refit_banks(onnx_path: Path, good_dir: Path, metadata: dict[str, Any], threads: int = 0,
-                progress: FitProgress | None = None) -> dict[str, Any]:
+                progress: FitProgress | None = None, defect_dir: Path | None = None) -> dict[str, Any]:
     """Rebuild, in place, the memory banks, scale statistics and threshold of a graph made by :func:`fit_bundle`
-    from the features that graph itself computes on the good photos (same settings as the fit).
+    from the features that graph itself computes on the good photos (same settings as the fit); a defect head is
+    refitted too, on the graph's own features of ``defect_dir`` (required for a bundle that has one).
 
     Used after INT8 quantization: with banks of FP32 features, the quantized backbone's features sit farther from
     every bank vector, and the FP32 threshold would reject about twice the target share of good parts. Returns
-    the new ``threshold`` and the updated ``fit`` metadata.
+    the new ``threshold`` (and ``region`` with a head) and the updated ``fit`` metadata.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if not fitted_here(metadata):
         raise ManifestError(f"{onnx_path}: not a bundle made by inspect fit (no metadata.fit.config)")
+    with_head = has_defect_head(metadata)
+    if with_head and defect_dir is None:
+        raise ManifestError(f"{onnx_path}: this bundle has a defect head; refitting it needs the photos of known "
+                            "defects again (--defects DIR)")
     doc = dict(metadata["fit"]["config"])
     config = FitConfig(**{**doc, "scales": tuple(doc["scales"]), "threads": threads})
     scales = tuple(sorted(config.scales))
@@ -701,18 +929,22 @@ def refit_banks(onnx_path: Path, good_dir: Path, metadata: dict[str, Any], threa
     features.graph.output.extend(helper.make_tensor_value_info(f"patches_{s}", TensorProto.FLOAT, None) for s in scales)
     paths = good_images(good_dir)
     # batch 1: the graph was made for one photo and quantization folds its resize sizes to batch 1
-    patches = extract_patches(_session(features, threads), paths, scales, 1, progress)
-    oof, folds = cross_validate(patches, config, progress)
-    stats = scale_stats(oof)
-    _, oof_scores = run_tail(oof, stats, threads)
-    threshold = threshold_at(oof_scores, config.max_false_reject)
+    session = _session(features, threads)
+    patches = extract_patches(session, paths, scales, 1, progress)
+    dpatches = None
+    if with_head and defect_dir is not None:
+        dpatches = extract_patches(session, defect_images(defect_dir), scales, 1, progress, label="defect features")
+    core = fit_core(patches, config, dpatches, progress)
     values: dict[str, F32] = {}
-    for s, (mu, sd) in zip(scales, stats, strict=True):
-        bank = select_bank(patches[s], config, config.seed + 1000 + s)
+    for s, (mu, sd) in zip(scales, core.stats, strict=True):
+        bank = core.banks[s]
         values[f"s{s}/pc_bank_t2"] = np.ascontiguousarray((-2.0 * bank.T).astype(np.float32))
         values[f"s{s}/pc_bank_sq"] = (bank.astype(np.float64) ** 2).sum(1).astype(np.float32)
         values[f"s{s}/pc_mu"] = np.array(mu, np.float32)
         values[f"s{s}/pc_inv_sd"] = np.array(1.0 / max(sd, 1e-6), np.float32)
+    if core.head is not None:
+        _, head_inits = head_nodes(scales, core.head, "anomaly_score")
+        values.update({i.name: numpy_helper.to_array(i) for i in head_inits if i.name != "dh_flat"})
     found = set()
     for init in model.graph.initializer:
         if init.name in values:
@@ -725,15 +957,23 @@ def refit_banks(onnx_path: Path, good_dir: Path, metadata: dict[str, Any], threa
     fit = dict(metadata["fit"])
     fit.update({
         "n_fit": len(paths),
-        "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)} for s, (m, sd) in zip(scales, stats,
-                                                                                           strict=True)},
-        "cv_false_reject": round(float(np.mean(oof_scores > threshold)), 4),
-        "oof_scores": {"min": round(float(oof_scores.min()), 4), "median": round(float(np.median(oof_scores)), 4),
-                       "max": round(float(oof_scores.max()), 4)},
-        "refit": "memory banks, scale statistics and threshold rebuilt from this graph's own features",
-        "folds": int(folds.max()) + 1,
+        **core.fit_doc(config, scales),
+        "refit": "memory banks, scale statistics, threshold" + (" and defect head" if core.head else "") +
+                 " rebuilt from this graph's own features",
     })
-    return {"threshold": threshold, "fit": fit}
+    out: dict[str, Any] = {"threshold": core.threshold, "fit": fit}
+    if core.region_threshold is not None:
+        out["region"] = core.region_threshold
+    return out
+
+
+def bundle_scores(onnx_path: Path, paths: Sequence[Path], threads: int = 0) -> F32:
+    """Image scores (the graph's ``score`` output) of photos, one at a time, through a fitted bundle's graph."""
+    import onnx
+
+    session = _session(onnx.load(str(onnx_path)), threads)
+    return np.array([float(session.run(["score"], {"pixels": to_pixels(p)[None]})[0].reshape(-1)[0])
+                     for p in paths], np.float32)
 
 
 def export_backbone(full_backbone: Path, out_path: Path) -> None:

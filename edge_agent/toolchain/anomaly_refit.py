@@ -46,9 +46,11 @@ from edge_agent.toolchain.anomaly_fit import (
     FitConfig,
     FitProgress,
     _session,
+    bundle_scores,
     extract_patches,
     fit_bundle,
     fitted_here,
+    has_defect_head,
     nearest_distances,
     prune_graph,
     run_tail,
@@ -216,6 +218,9 @@ def add_good_parts(
     meta = base.manifest.metadata
     if base.manifest.task != "anomaly" or not fitted_here(meta):
         raise ManifestError(f"{base_dir}: not an anomaly bundle made by inspect fit (no metadata.fit.config)")
+    if has_defect_head(meta):
+        raise ManifestError(f"{base_dir}: this bundle has a defect head; extending its banks alone would leave the "
+                            "head and the threshold unchecked: fit again with GOOD_DIR --add DIR --defects DEFECTS")
     if out_dir.resolve() == base.directory.resolve():
         raise InputNotFoundError(f"{out_dir}: is the base bundle itself; write the new version elsewhere (--out-dir)")
     threshold = base.manifest.thresholds.anomaly
@@ -319,9 +324,11 @@ def refit_with_added(
     base_dir: Path | None = None,
     backbone: Path | None = None,
     progress: FitProgress | None = None,
+    defect_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """A full fit (``fit_bundle``) on the photos of ``good_dir`` and the good parts of ``add_dir`` together; the
-    report adds the base bundle's threshold (when ``base_dir`` is given) and how the added photos score."""
+    """A full fit (``fit_bundle``) on the photos of ``good_dir`` and the good parts of ``add_dir`` together (with a
+    defect head when ``defect_dir`` is given); the report adds the base bundle's threshold (when ``base_dir`` is
+    given) and how the added photos score."""
     paths, skipped = added_images(add_dir)
     with tempfile.TemporaryDirectory(prefix="edge-agent-fit-") as tmp:
         both = Path(tmp) / good_dir.name
@@ -333,19 +340,16 @@ def refit_with_added(
         for i, p in enumerate(paths):
             os.symlink(p.resolve(), both / "added" / f"{i:06d}{p.suffix}")
         report = fit_bundle(both, out_dir, name, config, backbone=backbone, progress=progress,
-                            source=f"edge-agent inspect fit {good_dir.name} --add {add_dir.name}")
+                            source=f"edge-agent inspect fit {good_dir.name} --add {add_dir.name}",
+                            defect_dir=defect_dir)
     bundle = load_bundle(out_dir)
-    doc = bundle.manifest.metadata["fit"]["config"]
-    graph = _Graph(bundle.onnx_path, doc["scales"], config.threads)
     threshold = float(report["threshold"])
-    scores = graph.scores(graph.patches(paths, progress, "scores of the added photos"), graph.banks)
+    scores = bundle_scores(bundle.onnx_path, paths, config.threads)
     out = {**report, "mode": "refit", "added": len(paths), "skipped": [str(p) for p in skipped],
            "added_in_bank": _summary(scores, threshold)}
     if base_dir is not None:
         base = load_bundle(base_dir)
         out["threshold_before"] = base.manifest.thresholds.anomaly
-        old = _Graph(base.onnx_path, base.manifest.metadata.get("fit", {}).get("config", doc)["scales"],
-                     config.threads)
-        before = old.scores(old.patches(paths, progress, "base scores of the added photos"), old.banks)
+        before = bundle_scores(base.onnx_path, paths, config.threads)
         out["added_before"] = _summary(before, float(base.manifest.thresholds.anomaly or 0.0))
     return out

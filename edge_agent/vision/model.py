@@ -215,10 +215,11 @@ class Model:
             regions: tuple[AnomalyRegion, ...] = ()
             if heat is not None and dec.map_regions and score > th.anomaly:
                 w_in, h_in = m.input.width, m.input.height
+                level = pp.region_level(heat, th.anomaly, th.region)
                 regions = tuple(
                     AnomalyRegion(box=map_box_to_original((x1 * w_in, y1 * h_in, x2 * w_in, y2 * h_in), meta),
                                   score=peak, area=area)
-                    for (x1, y1, x2, y2), peak, area in pp.anomaly_regions(heat, th.anomaly)
+                    for (x1, y1, x2, y2), peak, area in pp.anomaly_regions(heat, level)
                 )
             return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat, regions=regions),), False
         if isinstance(dec, DetectionsDecoder):  # filtered, decoded and NMS-ed in the graph, best first

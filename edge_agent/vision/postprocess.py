@@ -350,6 +350,19 @@ def anomaly_map(map_output: F32) -> F32:
     return arr
 
 
+def region_level(heatmap: F32, anomaly: float, region: float | None) -> float:
+    """Map level above which cells form regions. Plain anomaly bundles: their threshold. Bundles whose score fuses
+    other evidence (``thresholds.region``): that level, or, when the map stays under it on a failed part, halfway
+    from the map's median to its peak, so the most anomalous area is still shown."""
+    if region is None:
+        return anomaly
+    values = np.asarray(heatmap, dtype=np.float32)
+    peak = float(values.max())
+    if peak > region:
+        return region
+    return (float(np.median(values)) + peak) / 2
+
+
 def anomaly_regions(
     heatmap: F32, threshold: float, max_regions: int = 8
 ) -> list[tuple[tuple[float, float, float, float], float, float]]:

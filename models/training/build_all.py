@@ -3,9 +3,11 @@
 1. crop + steel: FP32 classifiers into var/models (build_classifiers), then ``quantize`` with the gate into
    models/crop_disease and models/steel_defects; the crop open-set threshold is moved onto the INT8 model by
    the median paired score shift on training images (calibrate_ood --match).
-2. tile: ``inspect fit`` on magnetic_tile/train/good ships as models/tile_anomaly (FP32); its INT8 twin goes
+2. tile: ``inspect fit`` on magnetic_tile/train/good with a defect head from the defect photos of
+   magnetic_tile/test (``--defects``; test/good stays out) ships as models/tile_anomaly (FP32); its INT8 twin goes
    through the gate into models/tile_anomaly_int8 (pre-processing, stems, distance search and scoring tail kept
-   in float, per the manifest's ``metadata.quantize``, memory banks and threshold refitted on INT8 features); a twin
+   in float, per the manifest's ``metadata.quantize``, memory banks, defect head and threshold refitted on INT8
+   features); a twin
    the gate refuses is removed, not left stale.
 3. cattle: ``detect fit`` on every frame of livestock/cattle_chute/train ships as models/cattle_overhead (FP32); its
    figures and score threshold are the temporal cross-validation of the same recipe (models/training/cattle_cv.py,
@@ -38,21 +40,23 @@ MODELS = REPO / "models"
 # What the tile bundles derive from (their INT8 twin copies it): the magnetic-tile data, not "the user's own photos".
 TILE_LICENSE = (
     "Magnetic-tile defect dataset (Huang, Qiu & Yuan, The Visual Computer 2020): no licence file, research use, "
-    "cite the paper; the memory bank holds feature vectors of its train/good photos, no pixels. "
+    "cite the paper; the memory bank holds feature vectors of its train/good photos, no pixels; the defect head is "
+    "a linear model fitted on features of its test/ defect photos. "
     "EfficientNet-Lite0 weights: Apache-2.0"
 )
 TILE_SOURCE = (
-    "edge-agent inspect fit on ../shared/datasets/inspection/magnetic_tile/train/good "
+    "edge-agent inspect fit on ../shared/datasets/inspection/magnetic_tile/train/good --defects magnetic_tile/test "
     "(make models: models/training/build_all.py); see MODEL_CARD.md"
 )
 
 
-def _gate(src: str, calib: Path, eval_dir: Path, name: str) -> dict[str, object]:
+def _gate(src: str, calib: Path, eval_dir: Path, name: str, defects: Path | None = None) -> dict[str, object]:
     out = MODELS / name
     staging = VAR / f"{name}_int8_staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        report = quantize_and_gate(load_bundle(VAR / src), calib, eval_dir, staging, name, GateConfig())
+        report = quantize_and_gate(load_bundle(VAR / src), calib, eval_dir, staging, name, GateConfig(),
+                                   defects_dir=defects)
     except QuantizationGateError as exc:
         log.warning("%s", exc.message)
         return {"passed": False, **{k: v for k, v in exc.report.items() if not k.endswith("_report")}}
@@ -128,9 +132,11 @@ def build_tile() -> dict[str, object]:
     fp32_dir = VAR / "tile_anomaly"
     shutil.rmtree(fp32_dir, ignore_errors=True)
     out: dict[str, object] = {}
+    # defect head: every defect photo of test/ (folders good and ground_truth are skipped); test/good stays out of
+    # the fit, so its false rejects are an honest check of the threshold
     out["tile_fit"] = fit_bundle(tiles / "train" / "good", fp32_dir, "tile_anomaly", FitConfig(), backbone=BACKBONE,
-                                 license_=TILE_LICENSE, source=TILE_SOURCE)
-    gate = _gate("tile_anomaly", tiles / "train" / "good", tiles, "tile_anomaly_int8")
+                                 license_=TILE_LICENSE, source=TILE_SOURCE, defect_dir=tiles / "test")
+    gate = _gate("tile_anomaly", tiles / "train" / "good", tiles, "tile_anomaly_int8", defects=tiles / "test")
     if not gate.get("passed", True):
         shutil.rmtree(MODELS / "tile_anomaly_int8", ignore_errors=True)  # never ship a twin of an older FP32 model
     out["tile_gate"] = gate

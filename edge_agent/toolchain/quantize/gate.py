@@ -112,8 +112,12 @@ def quantize_and_gate(
     config: GateConfig = GateConfig(),
     progress: Callable[[str], None] | None = None,
     eval_progress: Progress | None = None,
+    defects_dir: Path | None = None,
 ) -> GateReport:
     """Quantize, evaluate both, time both; write ``out_dir`` (a bundle named ``out_name``) only if the gate passes.
+
+    An anomaly bundle made by ``inspect fit`` is refitted on its INT8 features (banks, threshold; its defect head
+    too, from ``defects_dir``, which a bundle with a defect head requires).
 
     Raises QuantizationGateError (with the report in ``.report``) when it refuses.
     """
@@ -128,8 +132,11 @@ def quantize_and_gate(
         manifest = bundle.manifest
         if manifest.task == "anomaly" and fitted_here(manifest.metadata):
             say("refitting the memory banks and threshold on INT8 features")
-            refit = refit_banks(int8_path, calib_dir, manifest.metadata, config.threads)
-            thresholds = manifest.thresholds.model_copy(update={"anomaly": round(refit["threshold"], 6)})
+            refit = refit_banks(int8_path, calib_dir, manifest.metadata, config.threads, defect_dir=defects_dir)
+            update = {"anomaly": round(refit["threshold"], 6)}
+            if "region" in refit:
+                update["region"] = round(refit["region"], 6)
+            thresholds = manifest.thresholds.model_copy(update=update)
             manifest = manifest.model_copy(update={"thresholds": thresholds,
                                                    "metadata": {**manifest.metadata, "fit": refit["fit"]}})
         fp32_model = Model.load(bundle, options)
