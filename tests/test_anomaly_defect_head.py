@@ -108,7 +108,7 @@ def test_graph_fuses_the_two_evidences_as_the_numpy_head(fitted: tuple[Path, dic
 def test_fused_model_rejects_scratches_passes_good_parts_and_maps_them(
     fitted: tuple[Path, dict[str, Any], Path],
 ) -> None:
-    bundle_dir, _, root = fitted
+    bundle_dir, _, _ = fitted
     model = Model.load(load_bundle(bundle_dir))
     bad = model.predict_bytes(_png(_part(900, defect=True)))
     score = bad.predictions[0]
@@ -144,9 +144,29 @@ def test_refits_need_the_defect_photos(tmp_path: Path, fitted: tuple[Path, dict[
     same = refit_banks(copy, root / "good", bundle.manifest.metadata, defect_dir=root / "defects")
     assert same["threshold"] == pytest.approx(report["threshold"], rel=1e-4, abs=1e-4)  # same graph, same photos
     assert same["region"] == pytest.approx(bundle.manifest.thresholds.region, rel=1e-4, abs=1e-4)
-    result = CliRunner().invoke(app, ["inspect", "fit", "--add", str(root / "good"), "--base", str(bundle_dir),
-                                      "--out-dir", str(tmp_path / "ext")])
-    assert result.exit_code == 2 and "defect head" in result.output
+
+
+def test_extending_the_banks_keeps_the_head_and_scores_as_the_graph(
+    tmp_path: Path, fitted: tuple[Path, dict[str, Any], Path]
+) -> None:
+    """`inspect fit --add DIR --base B` on a bundle with a defect head: the report's scores are the fused ones."""
+    from edge_agent.toolchain.anomaly_fit import bundle_scores
+    from edge_agent.toolchain.anomaly_refit import add_good_parts
+
+    bundle_dir, _, root = fitted
+    added = tmp_path / "added"
+    added.mkdir()
+    for i in range(3):
+        Image.fromarray(_part(700 + i)).save(added / f"{i}.png")
+    out = add_good_parts(bundle_dir, added, tmp_path / "ext", threads=1, defects_dir=root / "defects" / "scratch")
+    paths = sorted(added.iterdir())
+    before = bundle_scores(load_bundle(bundle_dir).onnx_path, paths, 1)
+    after = bundle_scores(load_bundle(tmp_path / "ext").onnx_path, paths, 1)
+    assert out["added_before"]["median_score"] == pytest.approx(float(np.median(before)), abs=2e-3)
+    assert out["added_in_bank"]["median_score"] == pytest.approx(float(np.median(after)), abs=2e-3)
+    assert (after <= before + 1e-4).all()  # a bank that only grows can only lower the scores
+    region = load_bundle(bundle_dir).manifest.thresholds.region
+    assert region is not None and load_bundle(tmp_path / "ext").manifest.thresholds.region == region
 
 
 def test_cli_fit_with_defects(tmp_path: Path, fitted: tuple[Path, dict[str, Any], Path]) -> None:

@@ -50,8 +50,8 @@ from edge_agent.toolchain.anomaly_fit import (
     extract_patches,
     fit_bundle,
     fitted_here,
-    has_defect_head,
     nearest_distances,
+    pooled_features,
     prune_graph,
     run_tail,
 )
@@ -121,6 +121,14 @@ class _Graph:
             mu = float(numpy_helper.to_array(inits[names[1]]))
             inv = float(numpy_helper.to_array(inits[names[2]]))
             self.stats.append((mu, 1.0 / inv))
+        # a defect head (inspect fit --defects): the score fuses the anomaly score with a logit that does not depend
+        # on the banks, so extending the banks still only lowers scores
+        self.head: tuple[F32, float, float, float] | None = None
+        if "dh_w" in inits:
+            self.head = (numpy_helper.to_array(inits["dh_w"]).astype(np.float32)[:, 0],
+                         float(numpy_helper.to_array(inits["dh_b"]).reshape(-1)[0]),
+                         float(numpy_helper.to_array(inits["dh_a_center"])),
+                         float(numpy_helper.to_array(inits["dh_a_inv_scale"])))
         features = onnx.ModelProto()
         features.CopyFrom(self.model)
         prune_graph(features, {f"patches_{s}" for s in self.scales})
@@ -135,12 +143,18 @@ class _Graph:
         return extract_patches(self.features, paths, self.scales, 1, progress, label)
 
     def scores(self, patches: dict[int, F32], banks: dict[int, F32]) -> F32:
-        """Image scores through the graph's own tail (standardise, upsample, sum, smooth, max)."""
+        """Image scores through the graph's own tail (standardise, upsample, sum, smooth, max), fused with the
+        defect head's evidence when the graph has one."""
         dists = {}
         for s in self.scales:
             g = s // STRIDE
             dists[s] = nearest_distances(patches[s], banks[s]).reshape(-1, g, g)
-        return run_tail(dists, self.stats, self.threads)[1]
+        anomaly = run_tail(dists, self.stats, self.threads)[1]
+        if self.head is None:
+            return anomaly
+        w, b, center, inv_scale = self.head
+        evidence = pooled_features(patches).astype(np.float64) @ w.astype(np.float64) + b
+        return ((anomaly.astype(np.float64) - center) * inv_scale + evidence).astype(np.float32)
 
     def write(self, banks: dict[int, F32], onnx_path: Path) -> None:
         import onnx
@@ -218,9 +232,6 @@ def add_good_parts(
     meta = base.manifest.metadata
     if base.manifest.task != "anomaly" or not fitted_here(meta):
         raise ManifestError(f"{base_dir}: not an anomaly bundle made by inspect fit (no metadata.fit.config)")
-    if has_defect_head(meta):
-        raise ManifestError(f"{base_dir}: this bundle has a defect head; extending its banks alone would leave the "
-                            "head and the threshold unchecked: fit again with GOOD_DIR --add DIR --defects DEFECTS")
     if out_dir.resolve() == base.directory.resolve():
         raise InputNotFoundError(f"{out_dir}: is the base bundle itself; write the new version elsewhere (--out-dir)")
     threshold = base.manifest.thresholds.anomaly
