@@ -6,9 +6,10 @@ good photos (train/good + test/good) and the defect photos (test/<type>) of the 
 good and defective photos are scored by the fitted bundle's own graph at its own threshold. Nothing of a held-out
 run (no photo, no threshold) reaches its fit. ``--defects N`` keeps N defect photos per fit (a line that has
 collected fewer confirmed defects; every Nth of the sorted list); ``--no-defects`` fits without a head (the
-anomaly score alone).
+anomaly score alone); ``--int8`` scores with each fold's INT8 twin made as ``make models`` makes the shipped one
+(static QDQ calibrated on 100 of the fold's good photos, then banks, head and threshold refitted on its own features).
 
-    PYTHONPATH=. python scripts/measure_tile_defect_head.py [--defects N | --no-defects] [--out FILE.json]
+    PYTHONPATH=. python scripts/measure_tile_defect_head.py [--defects N | --no-defects] [--int8] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from edge_agent.toolchain.anomaly_fit import FitConfig, bundle_scores, fit_bundle
+from edge_agent.bundles.bundle import load_bundle
+from edge_agent.toolchain.anomaly_fit import FitConfig, bundle_scores, fit_bundle, refit_banks
+from edge_agent.toolchain.quantize.graph import calibration_images, quantize_onnx
 
 ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "inspection" / "magnetic_tile"
 TYPES = ("blowhole", "break", "crack", "fray", "uneven")
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, default=ROOT)
     ap.add_argument("--defects", type=int, default=0, help="Defect photos per fit (0 = all of the other runs').")
     ap.add_argument("--no-defects", action="store_true", help="No defect head (anomaly score alone).")
+    ap.add_argument("--int8", action="store_true", help="Score with each fold's INT8 twin.")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     goods = sorted((args.root / "train" / "good").iterdir()) + sorted((args.root / "test" / "good").iterdir())
@@ -63,7 +67,14 @@ def main(argv: list[str] | None = None) -> None:
                              defect_dir=None if args.no_defects else fold / "defect")
             held_g = [p for p in goods if run_of(p) == run]
             held_d = [p for p in defects if run_of(p) == run]
-            s = bundle_scores(fold / "bundle" / "tile_fold.onnx", held_g + held_d, 1) - fit["threshold"]
+            onnx_path, threshold = fold / "bundle" / "tile_fold.onnx", fit["threshold"]
+            if args.int8:
+                bundle = load_bundle(fold / "bundle")
+                onnx_path = fold / "int8.onnx"
+                quantize_onnx(bundle, calibration_images(fold / "good", 100), onnx_path)
+                threshold = refit_banks(onnx_path, fold / "good", bundle.manifest.metadata, 1,
+                                        defect_dir=None if args.no_defects else fold / "defect")["threshold"]
+            s = bundle_scores(onnx_path, held_g + held_d, 1) - threshold
             y = np.r_[np.zeros(len(held_g)), np.ones(len(held_d))]
             row = {"run": run, "good": len(held_g), "defective": len(held_d), "defects_fitted": len(train_defects),
                    "fit_s": fit["seconds"], "image_auroc": round(float(roc_auc_score(y, s)), 4),

@@ -36,7 +36,9 @@ class Resize(_Strict):
     crop_fraction: float = Field(
         default=0.875, gt=0.0, le=1.0, description="center_crop: fraction of the resized short side kept."
     )
-    interpolation: Literal["linear", "area", "nearest"] = Field(default="linear")
+    interpolation: Literal["linear", "linear_exact", "area", "nearest"] = Field(
+        default="linear", description="OpenCV resize: linear (fast; ARM and x86 differ by one level in some pixels), "
+        "linear_exact (bit-exact on every CPU), area, nearest.")
 
 
 class Normalize(_Strict):

@@ -14,15 +14,19 @@ import numpy as np
 
 from edge_agent.types import U8Image
 
-Interpolation = Literal["linear", "area", "nearest"]
+Interpolation = Literal["linear", "linear_exact", "area", "nearest"]
 
 # "linear" is OpenCV's INTER_LINEAR, vectorised differently on x86 (AVX2/AVX-512) and ARM (NEON): 13-22% of a
 # resized photo's values come out one level apart between the two, which moves detector boxes by up to ~11 px and
 # anomaly scores by ~1.3% (`make arm64-check` states its tolerances accordingly). The bit-exact INTER_LINEAR_EXACT
 # would make FP32 inputs identical, but costs 0.1-0.45 ms more per picture on x86 (1920x1080 -> 416x234:
 # 0.15 -> 0.59 ms), which the frame loop's budget (benchmarks/) cannot afford; the models were trained with it too.
+# "linear_exact" (INTER_LINEAR_EXACT) is for small inputs whose score is that sensitive: the anomaly bundles of
+# `inspect fit` (a photo <= ~256 px resized to 192: one level apart on x86 vs ARM moved their score by up to 0.11
+# on x86 itself, the drift `make arm64-check` measured; `linear_exact` makes the input the same on both).
 _INTERP = {
     "linear": cv2.INTER_LINEAR,
+    "linear_exact": cv2.INTER_LINEAR_EXACT,
     "area": cv2.INTER_AREA,
     "nearest": cv2.INTER_NEAREST,
 }
