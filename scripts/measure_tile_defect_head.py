@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--defects", type=int, default=0, help="Defect photos per fit (0 = all of the other runs').")
     ap.add_argument("--no-defects", action="store_true", help="No defect head (anomaly score alone).")
     ap.add_argument("--int8", action="store_true", help="Score with each fold's INT8 twin.")
+    ap.add_argument("--max-false-reject", type=float, default=FitConfig().max_false_reject)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     goods = sorted((args.root / "train" / "good").iterdir()) + sorted((args.root / "test" / "good").iterdir())
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                 train_defects = train_defects[::step][: args.defects]
             for p in train_defects:
                 os.symlink(p, fold / "defect" / f"{p.parent.name}_{p.name}")
-            fit = fit_bundle(fold / "good", fold / "bundle", "tile_fold", FitConfig(threads=1),
+            config = FitConfig(threads=1, max_false_reject=args.max_false_reject)
+            fit = fit_bundle(fold / "good", fold / "bundle", "tile_fold", config,
                              defect_dir=None if args.no_defects else fold / "defect")
             held_g = [p for p in goods if run_of(p) == run]
             held_d = [p for p in defects if run_of(p) == run]

@@ -824,7 +824,7 @@ def fit_bundle(
     manifest = {
         "schema_version": 1,
         "name": name,
-        "version": "2.0.0",
+        "version": "3.0.0" if core.head is not None else "2.0.0",
         "task": "anomaly",
         "model_file": model_file,
         "sha256": sha256_file(out_dir / model_file),
