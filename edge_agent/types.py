@@ -129,6 +129,9 @@ class AnomalyScore:
     threshold: float
     heatmap: F32Array | None = field(default=None, compare=False, repr=False)
     regions: tuple[AnomalyRegion, ...] = ()
+    map_threshold: float | None = field(default=None, compare=False)
+    """The heat map's own pass/fail level when its units are not the score's (a score that fuses other evidence,
+    ``thresholds.region``); None: ``threshold``."""
 
     @property
     def is_anomalous(self) -> bool:

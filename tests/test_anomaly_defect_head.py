@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from edge_agent.bundles.bundle import load_bundle
 from edge_agent.cli import app
 from edge_agent.errors import InputNotFoundError, ManifestError
+from edge_agent.sectors.inspection import InspectionRules, inspection_verdict
 from edge_agent.toolchain.anomaly_fit import (
     FitConfig,
     default_backbone,
@@ -116,6 +117,11 @@ def test_fused_model_rejects_scratches_passes_good_parts_and_maps_them(
     assert score.regions  # boxes from the anomaly map, at the region level
     good = model.predict_bytes(_png(_part(901))).predictions[0]
     assert isinstance(good, AnomalyScore) and not good.is_anomalous and good.regions == ()
+    # the event's heat map is drawn against the map's own level, not the fused score's threshold
+    region = load_bundle(bundle_dir).manifest.thresholds.region
+    verdict = inspection_verdict(bad, InspectionRules(heatmap="failed"))
+    assert verdict["verdict"] == "fail" and verdict["heatmap"]["threshold"] == pytest.approx(region, abs=1e-5)
+    assert verdict["score"] == pytest.approx(score.score, abs=1e-5) and region != pytest.approx(score.threshold)
 
 
 def _png(pixels: np.ndarray) -> bytes:

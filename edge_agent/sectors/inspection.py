@@ -109,6 +109,8 @@ def inspection_verdict(result: Result, rules: InspectionRules = InspectionRules(
     mapped = next((a for a in anomalies if a.heatmap is not None), None)
     if want and mapped is not None and mapped.heatmap is not None:
         threshold = mapped.threshold if rules.anomaly_threshold is None else rules.anomaly_threshold
+        if mapped.map_threshold is not None:  # the map is in other units than the score (a fused score)
+            threshold = mapped.map_threshold
         verdict["heatmap"] = heatmap_thumbnail(mapped.heatmap, threshold, result.image_size,
                                                rules.heatmap_max_side, rules.heatmap_max_bytes)
     return verdict

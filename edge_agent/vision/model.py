@@ -221,7 +221,8 @@ class Model:
                                   score=peak, area=area)
                     for (x1, y1, x2, y2), peak, area in pp.anomaly_regions(heat, level)
                 )
-            return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat, regions=regions),), False
+            return (AnomalyScore(score=score, threshold=th.anomaly, heatmap=heat, regions=regions,
+                                 map_threshold=th.region),), False
         if isinstance(dec, DetectionsDecoder):  # filtered, decoded and NMS-ed in the graph, best first
             xyxy = outputs[dec.boxes_output].tolist()
             scores = outputs[dec.scores_output].tolist()
