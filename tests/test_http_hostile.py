@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.api.server import listen_backlog
+from edge_agent.httpguard.gate import listen_backlog
 from edge_agent.sectors.advice import CROP_LABELS
 from tests.support.agent_process import ROOT, AgentProcess, agent_process, raise_nofile, tiny_crop_models
 from tests.support.api_harness import leaf_jpeg, wait_for

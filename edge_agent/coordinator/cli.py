@@ -100,7 +100,9 @@ def build_http(cfg: CoordinatorConfig, coordinator: Coordinator, monitor: FleetM
     http = cfg.http_settings()
     tokens = TokenSet.load(http.tokens_file) if http.tokens_file is not None else TokenSet()
     ctx = HttpContext(coordinator.store, coordinator.snapshot, tokens, monitor, dict(cfg.devices))
-    return HttpServer(create_app(ctx), http.bind, http.port, tokens)
+    return HttpServer(create_app(ctx), http.bind, http.port, tokens, max_connections=http.max_connections,
+                      max_connections_per_client=http.max_connections_per_client,
+                      header_timeout_s=http.header_timeout_s, keepalive_timeout_s=http.keepalive_timeout_s)
 
 
 @app.callback()

@@ -71,6 +71,15 @@ class CoordinatorHttp(_Strict):
     port: int = Field(8090, ge=0, le=65535, description="Port (0 = any free port).")
     tokens_file: Path | None = Field(None, description="Bearer tokens, one per line ('<token> [expiry]'); without "
                                      "it the API is open, which is allowed on a loopback bind only.")
+    max_connections: int = Field(256, ge=1, le=65_535, description="Open HTTP connections at most (all clients); "
+                                 "one over the cap is answered 503 too_many_connections and closed at once.")
+    max_connections_per_client: int = Field(64, ge=1, le=65_535, description="Open HTTP connections at most from "
+                                            "one client address (each dashboard tab holds one for its stream).")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="A connection whose request line and headers "
+                                    "are not complete this long after it opened (or after its previous answer) is "
+                                    "closed (slow or half-open clients).")
+    keepalive_timeout_s: float = Field(5.0, gt=0, le=600, description="An idle keep-alive connection is closed "
+                                       "after this long.")
 
 
 class DashboardConfig(_Strict):

@@ -54,6 +54,13 @@ from edge_agent.coordinator.monitor import FleetMonitor
 from edge_agent.coordinator.store import EventQuery, ResultQuery, Store, StoredResult
 from edge_agent.coordinator.summary import summarize
 from edge_agent.errors import ConfigError, StorageError
+from edge_agent.httpguard.gate import (
+    MAX_HEADER_BYTES,
+    ConnectionGate,
+    ConnectionStats,
+    guarded_protocol,
+    listen_backlog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/favicon.ico"})
 MAX_PAGE = 1000
 SCAN_MAX = 20_000
 """A page with a label filter reads at most this many rows; its cursor then lets the client go on."""
+RETRY_AFTER_S = 5
+"""Retry-After (seconds) on 503 answers (store unavailable, a connection refused over the cap)."""
 FEEDBACK_WINDOW_S = 86_400.0
 """Default window of ``/api/v1/feedback/summary`` and the dashboard's false-reject chart."""
 DASHBOARD_EVENTS = ("inspection_feedback", "livestock_animal_stationary", "livestock_headcount_drop",
@@ -85,6 +94,8 @@ class HttpContext:
     clock: Callable[[], float] = time.time
     feedback_cache_s: float = 10.0
     """The dashboard recomputes the false-reject summary at most this often (it counts results in a day)."""
+    connections: ConnectionStats = field(default_factory=ConnectionStats)
+    """The HTTP server's connection gate: refusals by reason and open connections (``HttpServer`` fills it)."""
     _feedback: tuple[float, list[dict[str, Any]]] | None = None
 
 
@@ -281,6 +292,14 @@ class CoordinatorCollector:
                                     value=online)
         except StorageError:
             pass  # store_up says it
+        refused = CounterMetricFamily("edge_coordinator_http_refused_total",
+                                      "HTTP connections refused over the cap or cut at the header deadline.",
+                                      labels=["reason"])
+        for reason, count in sorted(self.ctx.connections.refused().items()):
+            refused.add_metric([reason], float(count))
+        yield refused
+        yield GaugeMetricFamily("edge_coordinator_http_connections", "Open HTTP connections.",
+                                value=float(self.ctx.connections.open))
         monitor = self.ctx.monitor
         if monitor is not None:
             firing = GaugeMetricFamily("edge_coordinator_alerts_firing", "Alerts firing, by rule.", labels=["rule"])
@@ -492,7 +511,7 @@ def create_app(ctx: HttpContext, extra_routers: Sequence[APIRouter] = ()) -> Fas
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, exc: StorageError) -> JSONResponse:
         log.warning("http: store unavailable: %s", exc.message)
-        return _error(503, "store_unavailable", exc.message, {"Retry-After": "5"})
+        return _error(503, "store_unavailable", exc.message, {"Retry-After": str(RETRY_AFTER_S)})
 
     app.add_middleware(BearerAuth, tokens=ctx.tokens)
     app.state.ctx = ctx
@@ -500,13 +519,29 @@ def create_app(ctx: HttpContext, extra_routers: Sequence[APIRouter] = ()) -> Fas
 
 
 class HttpServer:
-    """uvicorn in a thread: ``start()`` returns once it listens (``port`` is the bound one)."""
+    """uvicorn in a thread: ``start()`` returns once it listens (``port`` is the bound one).
 
-    def __init__(self, app: FastAPI, bind: str, port: int, tokens: TokenSet) -> None:
+    Behind the agent's connection gate (``edge_agent.httpguard.gate``): at most ``max_connections`` open in all
+    and ``max_connections_per_client`` per client address (one more is answered 503 ``too_many_connections``
+    and closed before a byte is read), request headers complete within ``header_timeout_s``, idle keep-alive
+    connections closed after ``keepalive_timeout_s``. When ``app`` is :func:`create_app`'s, its context's
+    ``connections`` gets the refusals and the open count (``/metrics``)."""
+
+    def __init__(self, app: FastAPI, bind: str, port: int, tokens: TokenSet, *, max_connections: int = 256,
+                 max_connections_per_client: int = 64, header_timeout_s: float = 10.0,
+                 keepalive_timeout_s: float = 5.0) -> None:
         if not tokens.enabled and not is_loopback(bind):
             raise ConfigError(f"http.tokens_file: required when http.bind ({bind}) is not a loopback address")
+        ctx = getattr(app.state, "ctx", None)
+        stats = ctx.connections if isinstance(ctx, HttpContext) else ConnectionStats()
+        self.gate = ConnectionGate(max_connections, max_connections_per_client, on_refuse=stats.refuse,
+                                   on_change=stats.set_open)
         config = uvicorn.Config(app, host=bind, port=port, log_level="warning", lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2, http="h11", ws="none")
+                                timeout_graceful_shutdown=2, ws="none",
+                                http=guarded_protocol(self.gate, header_timeout_s, RETRY_AFTER_S),
+                                timeout_keep_alive=max(1, round(keepalive_timeout_s)),
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                                backlog=listen_backlog(max_connections))
         self.server = uvicorn.Server(config)
         self.port = port
         self._thread = threading.Thread(target=self.server.run, name="coordinator-http", daemon=True)

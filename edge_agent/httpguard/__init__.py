@@ -1,0 +1,1 @@
+"""HTTP connection hardening shared by the agent's API server and the coordinator's: see ``httpguard.gate``."""
