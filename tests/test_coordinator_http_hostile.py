@@ -159,7 +159,7 @@ def test_headers_dribbled_a_byte_at_a_time_or_never_sent_are_cut_at_the_header_d
             pace.wait(0.05)
         elapsed = time.monotonic() - t0
         assert sent < len(HALF_OPEN), "the server let the dribble finish"
-        assert HEADER_TIMEOUT_S - 0.3 <= elapsed <= HEADER_TIMEOUT_S + 1.5, elapsed
+        assert HEADER_TIMEOUT_S - 0.3 <= elapsed <= HEADER_TIMEOUT_S + 3, elapsed
         assert wait_for(lambda: server_closed(silent), 2), "the silent connection cut too"
         assert metric(server, "edge_coordinator_http_refused_total", '{reason="header_timeout"}') == 2
         assert wait_for(lambda: server.gate.open == 0, 5)
