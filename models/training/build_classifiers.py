@@ -33,7 +33,7 @@ from training.common import (
     split_groups,
 )
 from training.export import classifier_graph, classifier_manifest, write_bundle
-from training.features import extract
+from training.features import extract, extract_block13
 
 log = logging.getLogger("build_classifiers")
 SPLITS = REPO / "var" / "splits"
@@ -47,6 +47,10 @@ HEAD_NODES = ["pool_p14", "pool_p7a", "concat_embedding", "head_fc"]
 STEM_NODES = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
 OPEN_SET_REJECT = 0.02  # share of known leaves (out-of-fold, training side) above the "not a crop I know" threshold
 # (2%: the lowest rate at which every leave-one-crop-out fold still rejects >= 90% of the unknown crop, FP32)
+OPEN_SET_VIEWS = open_set.VIEWS  # augmented views the open-set head is fitted on
+OPEN_SET_CROP_W = open_set.CROP_W  # weight of its crop-level part (0: none)
+OPEN_SET_W = open_set.W  # weight of its max-logit part
+TAIL_BLOCK14 = False  # fine-tune block 14 too (from cached block-13 output; the frozen block 14 stays for pooling)
 UNSURE_BELOW = 0.3  # top-1 probability below which a known-looking leaf is answered "not sure"
 CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
 STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
@@ -91,6 +95,7 @@ def crop_data() -> dict[str, Any]:
         "crop": np.array([labels[i].split("___")[0] for i in y]),
         "groups": np.array([_stable_hash(s.group) for s in everything], dtype=np.uint64),
         "pre": pre,
+        "pre_views": np.concatenate([data["p14"], a7.astype(np.float32).mean(axis=(3, 4))], axis=2),
     }
 
 
@@ -105,18 +110,23 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     he = _rows(data, pv_he + ib_he, everything)
     a7 = data["a7"]
     extra = np.concatenate([data["p14"], a7.astype(np.float32).mean(axis=(3, 4))], axis=2)
-    tail_path = CACHE / f"crop_tail_e{epochs}.pt"
+    tail_in = extract_block13(everything, "crops", 3) if TAIL_BLOCK14 else a7
+    tail_path = CACHE / f"crop_tail{'14' if TAIL_BLOCK14 else ''}_e{epochs}.pt"
     if tail_path.exists():
         saved = torch.load(tail_path, weights_only=False)
         tail, head = saved["tail"], saved["head"]
     else:
-        tail, head, _, _ = heads.train(extra[tr], y_all[tr], len(labels), a7=a7[tr], epochs=epochs)
+        tail, head, _, _ = heads.train(extra[tr], y_all[tr], len(labels), a7=tail_in[tr], epochs=epochs,
+                                       block14=TAIL_BLOCK14)
         torch.save({"tail": tail, "head": head}, tail_path)
-    emb_he = heads.embed(tail, extra[he, 0], a7[he, 0])
+    emb_he = heads.embed(tail, extra[he, 0], tail_in[he, 0])
     # open-set head on the frozen pre-tail features; threshold from the training leaves' out-of-fold scores
     pre = d["pre"]
+    pre_fit = d["pre_views"] if OPEN_SET_VIEWS == 3 else pre
     groups = d["groups"]
-    os_head, threshold, oof = open_set.fit_calibrated(pre[tr], y_all[tr], groups[tr], OPEN_SET_REJECT)
+    cid = open_set.crop_ids(d["crop"])
+    os_head, threshold, oof = open_set.fit_calibrated(pre_fit[tr], y_all[tr], groups[tr], OPEN_SET_REJECT,
+                                                      crops=cid[tr], crop_weight=OPEN_SET_CROP_W, weight=OPEN_SET_W)
     held_scores = os_head.score(pre[he])
     logits = emb_he @ head.weight.T + head.bias
     prob = np.exp(logits - logits.max(1, keepdims=True))
@@ -141,7 +151,8 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
         "ood_leaf_rejected": round(float(unknown.mean()), 4),
         "unsure": round(float(unsure.mean()), 4),
     }
-    loco = open_set.leave_one_crop_out(pre, y_all, d["crop"], d["train"], groups, OPEN_SET_REJECT)
+    loco = open_set.leave_one_crop_out(pre_fit, y_all, d["crop"], d["train"], groups, OPEN_SET_REJECT,
+                                       OPEN_SET_CROP_W, OPEN_SET_W)
     # off-domain photos, measured only (never trained on)
     off = offdomain_pre()
     stats["ood_offdomain_rejected"] = round(float((os_head.score(off) > threshold).mean()), 4)

@@ -45,6 +45,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Intermediate tensors of the shared EfficientNet-Lite0 export (stage outputs).
 T_28 = "/_blocks.4/Add_output_0"  # (N, 40, 28, 28)
 T_14 = "/_blocks.10/Add_output_0"  # (N, 112, 14, 14)
+T_13 = "/_blocks.13/Add_output_0"  # (N, 192, 7, 7)
 T_7A = "/_blocks.14/Add_output_0"  # (N, 192, 7, 7)
 T_7B = "/_blocks.15/_project_conv/Conv_output_0"  # (N, 320, 7, 7)
 T_FEAT = "features"  # (N, 1280)

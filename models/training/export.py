@@ -22,6 +22,45 @@ def _replace_inits(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Non
             init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
 
 
+B14_PREFIX = "/_blocks.14/"
+FT14_PREFIX = "/ft_blocks.14/"
+
+
+def finetuned_block14(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    """Give block 15 its own fine-tuned copy of block 14 (initializers ``heads.FT14_INITS``), in place.
+
+    The original block 14 stays frozen (ImageNet) and keeps feeding pool(block 14) for the classifier's fixed
+    features and the open-set head; only block 15 + head conv read the copy."""
+    from training.heads import B14_INITS, FT14_INITS
+
+    g = model.graph
+    rename_init = {B14_INITS[k]: FT14_INITS[k] for k in B14_INITS}
+    copies = []
+    for node in g.node:
+        if node.name.startswith(B14_PREFIX):
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.name = FT14_PREFIX + node.name[len(B14_PREFIX):]
+            del new.input[:]
+            new.input.extend([rename_init.get(i, FT14_PREFIX + i[len(B14_PREFIX):] if i.startswith(B14_PREFIX)
+                                              else i) for i in node.input])
+            del new.output[:]
+            new.output.extend([FT14_PREFIX + o[len(B14_PREFIX):] for o in node.output])
+            copies.append(new)
+    assert len(copies) > 5, "block 14 not found"
+    frozen_out, ft_out = B14_PREFIX + "Add_output_0", FT14_PREFIX + "Add_output_0"
+    nodes = list(g.node)
+    first15 = next(i for i, n in enumerate(nodes) if n.name.startswith("/_blocks.15/"))
+    for n in nodes[first15:]:
+        if n.name.startswith("/_blocks.15/"):
+            for j, i in enumerate(n.input):
+                if i == frozen_out:
+                    n.input[j] = ft_out
+    del g.node[:]
+    g.node.extend(nodes[:first15] + copies + nodes[first15:])
+    g.initializer.extend([numpy_helper.from_array(arrays[v], v) for v in FT14_INITS.values()])
+
+
 def classifier_graph(
     parts: Sequence[str],
     weight: np.ndarray,
@@ -39,6 +78,8 @@ def classifier_graph(
     model = uint8_backbone(tensors)
     if tail_arrays:
         _replace_inits(model, tail_arrays)
+        if any(k.startswith("ft14_") for k in tail_arrays):
+            finetuned_block14(model, tail_arrays)
     g = model.graph
     del g.output[:]
     names = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from training.common import CACHE, T_7A, T_7B, T_14, T_FEAT, Sample, load_rgb, to_input, uint8_backbone
+from training.common import CACHE, T_7A, T_7B, T_13, T_14, T_FEAT, Sample, load_rgb, to_input, uint8_backbone
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -70,6 +70,26 @@ def extract(samples: Sequence[Sample], name: str, n_views: int = 1) -> dict[str,
     data = {"keys": keys, "p14": p14, "a7": a7, "p7": p7, "feat": feat}
     np.savez(path, **data)
     return data
+
+
+def extract_block13(samples: Sequence[Sample], name: str, n_views: int = 1) -> np.ndarray:
+    """Cached block-13 output (N, V, 192, 7, 7) float16, the input of a fine-tuned block 14 (same views)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{name}_a6_v{n_views}.npy"
+    if path.exists():
+        cached: np.ndarray = np.load(path)
+        if cached.shape[0] == len(samples):
+            return cached
+    sess = session([T_13])
+    a6 = np.zeros((len(samples), n_views, 192, 7, 7), np.float16)
+    for start in range(0, len(samples), BATCH):
+        chunk = samples[start : start + BATCH]
+        pix = np.stack([v for s in chunk for v in _views(load_rgb(s.path), n_views)])
+        (out,) = sess.run([T_13], {"pixels": pix})
+        a6[start : start + len(chunk)] = out.reshape(len(chunk), n_views, 192, 7, 7)
+        log.info("%s block 13: %d/%d", name, min(start + BATCH, len(samples)), len(samples))
+    np.save(path, a6)
+    return a6
 
 
 def cache_path(name: str) -> Path:

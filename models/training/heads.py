@@ -32,13 +32,32 @@ TAIL_INITS = {
     "head.weight": "onnx::Conv_1045",
     "head.bias": "onnx::Conv_1046",
 }
+# Block 14 (192 -> 1152 -> dw5x5 -> 192, residual), fine-tuned only with ``Tail(block14=True)``. In the exported
+# graph the fine-tuned copy gets its own initializers (``FT14_INITS`` values, see ``export.finetuned_block14``) so
+# the frozen block 14 still feeds pool(block 14) for the classifier and the open-set head.
+B14_INITS = {
+    "b14_expand.weight": "onnx::Conv_1027",
+    "b14_expand.bias": "onnx::Conv_1028",
+    "b14_dw.weight": "onnx::Conv_1030",
+    "b14_dw.bias": "onnx::Conv_1031",
+    "b14_project.weight": "onnx::Conv_1033",
+    "b14_project.bias": "onnx::Conv_1034",
+}
+FT14_INITS = {k: "ft14_" + k.replace(".", "_") for k in B14_INITS}
 
 
 class Tail(nn.Module):
-    """Block 15 (192 -> 1152 -> dw3x3 -> 320) + head conv (320 -> 1280) + ReLU6 + global mean."""
+    """Block 15 (192 -> 1152 -> dw3x3 -> 320) + head conv (320 -> 1280) + ReLU6 + global mean.
 
-    def __init__(self) -> None:
+    ``block14``: also block 14 in front (input = block-13 output instead of block-14 output)."""
+
+    def __init__(self, block14: bool = False) -> None:
         super().__init__()
+        self.block14 = block14
+        if block14:
+            self.b14_expand = nn.Conv2d(192, 1152, 1)
+            self.b14_dw = nn.Conv2d(1152, 1152, 5, padding=2, groups=1152)
+            self.b14_project = nn.Conv2d(1152, 192, 1)
         self.expand = nn.Conv2d(192, 1152, 1)
         self.dw = nn.Conv2d(1152, 1152, 3, padding=1, groups=1152)
         self.project = nn.Conv2d(1152, 320, 1)
@@ -46,6 +65,8 @@ class Tail(nn.Module):
         self.act = nn.ReLU6()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block14:
+            x = x + self.b14_project(self.act(self.b14_dw(self.act(self.b14_expand(x)))))
         x = self.act(self.expand(x))
         x = self.act(self.dw(x))
         x = self.project(x)
@@ -54,12 +75,14 @@ class Tail(nn.Module):
 
     def load_pretrained(self) -> None:
         inits = {i.name: i for i in onnx.load(str(BACKBONE)).graph.initializer}
-        state = {k: torch.from_numpy(numpy_helper.to_array(inits[v]).copy()) for k, v in TAIL_INITS.items()}
+        names = {**TAIL_INITS, **(B14_INITS if self.block14 else {})}
+        state = {k: torch.from_numpy(numpy_helper.to_array(inits[v]).copy()) for k, v in names.items()}
         self.load_state_dict(state)
 
     def onnx_arrays(self) -> dict[str, np.ndarray]:
         sd = self.state_dict()
-        return {TAIL_INITS[k]: sd[k].detach().cpu().numpy().astype(np.float32) for k in TAIL_INITS}
+        names = {**TAIL_INITS, **(FT14_INITS if self.block14 else {})}
+        return {names[k]: sd[k].detach().cpu().numpy().astype(np.float32) for k in names}
 
 
 @dataclass
@@ -104,11 +127,13 @@ def train(
     head_lr: float = 2e-3,
     weight_decay: float = 1e-4,
     batch: int = 64,
+    block14: bool = False,
 ) -> tuple[Tail | None, Head, np.ndarray, np.ndarray]:
     """Train on (N, V, ...) arrays (V augmented views, each a sample). Returns tail, head, feature mean, std.
 
     ``extra``: fixed pooled features (N, V, D0); ``a7``: block-14 output (N, V, 192, 7, 7) to fine-tune the tail
-    on (its 1280-d output is appended to ``extra``), or None for a linear probe on ``extra`` only.
+    on (its 1280-d output is appended to ``extra``), or None for a linear probe on ``extra`` only; with
+    ``block14`` ``a7`` is the block-13 output and block 14 is fine-tuned too.
     """
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
@@ -119,7 +144,7 @@ def train(
     a = torch.from_numpy(a7.reshape(n * v, 192, 7, 7).astype(np.float32)) if a7 is not None else None
     tail: Tail | None = None
     if a is not None:
-        tail = Tail()
+        tail = Tail(block14)
         tail.load_pretrained()
         tail.eval()
         with torch.no_grad():

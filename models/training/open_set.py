@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 C = 0.1
 W = 3.0  # weight of the max-logit part (leave-one-crop-out: 1 -> worst fold 84.8%, 2 -> 90.5%, 3 -> 93.2%)
 FOLDS = 5
+VIEWS = 1  # augmented views the head is fitted on (1: as is; 3: + h-flip, crop + v-flip)
+CROP_W = 0.0  # weight of the optional crop-level max-logit part (0: not used)
 NODES = ["os_concat", "os_project", "os_centre", "os_reshape", "os_norm", "os_min", "os_lr", "os_max",
-         "os_scale_m", "os_scale_l", "os_sum", "os_out"]
+         "os_scale_m", "os_scale_l", "os_sum", "os_out", "os_lrc", "os_maxc", "os_scale_c", "os_sum_c"]
 
 
 @dataclass
@@ -40,27 +42,37 @@ class OpenSetHead:
     maha_b: np.ndarray  # (C*D,): (x @ maha_w - maha_b) restricted to class c = whitened (x - mean_c)
     lr_w: np.ndarray  # (C, D) logistic regression, standardisation folded in
     lr_b: np.ndarray  # (C,)
-    norm: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # median/IQR of Mahalanobis, of -max logit
+    norm: tuple[float, ...] = (0.0, 1.0, 0.0, 1.0)  # median/IQR of Mahalanobis, of -max logit (, of -crop logit)
     weight: float = W
+    crop_w: np.ndarray | None = None  # (K, D) optional crop-level logistic regression ("which crop"), folded
+    crop_b: np.ndarray | None = None  # (K,)
+    crop_weight: float = 0.0
 
     @property
     def dim(self) -> int:
         return int(self.maha_w.shape[0])
 
     def parts(self, x: np.ndarray) -> np.ndarray:
-        """(N, 2): Mahalanobis score and -max logit."""
+        """(N, 2): Mahalanobis score and -max logit (N, 3 with the crop-level part: + -max crop logit)."""
         z = (x @ self.maha_w - self.maha_b).reshape(len(x), -1, self.dim)
         maha = (z**2).sum(2).min(1) / self.dim
         logits = x @ self.lr_w.T + self.lr_b
-        return np.stack([maha, -logits.max(1)], 1)
+        cols = [maha, -logits.max(1)]
+        if self.crop_w is not None and self.crop_b is not None:
+            cols.append(-(x @ self.crop_w.T + self.crop_b).max(1))
+        return np.stack(cols, 1)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         p = self.parts(x)
         return self.combine(p)
 
     def combine(self, p: np.ndarray) -> np.ndarray:
-        m1, i1, m2, i2 = self.norm
-        return np.asarray((p[:, 0] - m1) / i1 + self.weight * (p[:, 1] - m2) / i2)
+        m1, i1, m2, i2 = self.norm[:4]
+        out = (p[:, 0] - m1) / i1 + self.weight * (p[:, 1] - m2) / i2
+        if p.shape[1] > 2:
+            m3, i3 = self.norm[4:6]
+            out = out + self.crop_weight * (p[:, 2] - m3) / i3
+        return np.asarray(out)
 
 
 def _maha_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,37 +91,60 @@ def _maha_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ws, 1).astype(np.float32), np.concatenate(bs).astype(np.float32)
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, c: float = C) -> OpenSetHead:
-    """Fit both parts on (N, D) frozen features with integer labels (any subset of classes)."""
+def _lr_fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.linear_model import LogisticRegression
 
-    maha_w, maha_b = _maha_fit(x, y)
     mu, sd = x.mean(0), x.std(0) + 1e-3
     clf = LogisticRegression(C=c, max_iter=500).fit((x - mu) / sd, y)
     w = clf.coef_ / sd[None, :]
     b = clf.intercept_ - w @ mu
     if w.shape[0] == 1:  # binary problem: sklearn returns one row; make it two logits
         w, b = np.concatenate([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
-    return OpenSetHead(maha_w, maha_b, w.astype(np.float32), b.astype(np.float32))
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def fit_head(
+    x: np.ndarray, y: np.ndarray, c: float = C, crops: np.ndarray | None = None, crop_weight: float = 0.0,
+    weight: float = W,
+) -> OpenSetHead:
+    """Fit the parts on frozen features with integer labels (any subset of classes).
+
+    ``x``: (N, D), or (N, V, D) augmented views (every view is a training row). ``crops``: integer crop of each
+    row; with ``crop_weight`` > 0 a crop-level logistic regression is added (its -max logit is the third part)."""
+    views = x.shape[1] if x.ndim == 3 else 1
+    xf = x.reshape(-1, x.shape[-1])
+    yf = np.repeat(y, views)
+    maha_w, maha_b = _maha_fit(xf, yf)
+    w, b = _lr_fit(xf, yf, c)
+    head = OpenSetHead(maha_w, maha_b, w, b, weight=weight)
+    if crops is not None and crop_weight > 0:
+        head.crop_w, head.crop_b = _lr_fit(xf, np.repeat(crops, views), c)
+        head.crop_weight = crop_weight
+    return head
 
 
 def fit_calibrated(
-    x: np.ndarray, y: np.ndarray, groups: Sequence[int], reject: float, folds: int = FOLDS
+    x: np.ndarray, y: np.ndarray, groups: Sequence[int], reject: float, folds: int = FOLDS,
+    crops: np.ndarray | None = None, crop_weight: float = 0.0, weight: float = W,
 ) -> tuple[OpenSetHead, float, np.ndarray]:
     """Fit on everything; median/IQR and the threshold (reject ``reject`` of known leaves) from out-of-fold scores.
 
     ``groups``: a fold id source per row (e.g. a hash of the leaf) so one leaf never sits on both sides.
+    ``x`` (N, D) or (N, V, D) views (fitted on all views, out-of-fold scores on view 0, as photos arrive).
     Returns (head, threshold, out-of-fold combined scores)."""
     fold = np.asarray(groups) % folds
-    oof = np.zeros((len(x), 2))
+    x0 = x[:, 0] if x.ndim == 3 else x
+    oof = np.zeros((len(x), 3 if crop_weight > 0 else 2))
     for f in range(folds):
-        head = fit_head(x[fold != f], y[fold != f])
-        oof[fold == f] = head.parts(x[fold == f])
+        tr = fold != f
+        head = fit_head(x[tr], y[tr], crops=crops[tr] if crops is not None else None, crop_weight=crop_weight,
+                        weight=weight)
+        oof[fold == f] = head.parts(x0[fold == f])
     q75, q25 = np.percentile(oof, [75, 25], axis=0)
     med = np.median(oof, axis=0)
     iqr = q75 - q25
-    norm = (float(med[0]), float(iqr[0]), float(med[1]), float(iqr[1]))
-    head = fit_head(x, y)
+    norm = tuple(float(v) for pair in zip(med, iqr, strict=True) for v in pair)
+    head = fit_head(x, y, crops=crops, crop_weight=crop_weight, weight=weight)
     head.norm = norm
     combined = head.combine(oof)
     threshold = float(np.quantile(combined, 1.0 - reject))
@@ -120,7 +155,12 @@ def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHea
     """Append the score as graph output ``output`` (N, 1), computed from the concatenation of ``inputs``."""
     g = model.graph
     d = head.dim
-    m1, i1, m2, i2 = head.norm
+    m1, i1, m2, i2 = head.norm[:4]
+    const = -m1 / i1 - head.weight * m2 / i2
+    with_crop = head.crop_w is not None and head.crop_b is not None
+    if with_crop:
+        m3, i3 = head.norm[4:6]
+        const -= head.crop_weight * m3 / i3
     g.initializer.extend([
         numpy_helper.from_array(head.maha_w.astype(np.float32), "os_maha_w"),
         numpy_helper.from_array(head.maha_b.astype(np.float32), "os_maha_b"),
@@ -129,7 +169,7 @@ def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHea
         numpy_helper.from_array(head.lr_b.astype(np.float32), "os_lr_b"),
         numpy_helper.from_array(np.array(1.0 / (d * i1), np.float32), "os_a_m"),
         numpy_helper.from_array(np.array(-head.weight / i2, np.float32), "os_a_l"),
-        numpy_helper.from_array(np.array(-m1 / i1 - head.weight * m2 / i2, np.float32), "os_c"),
+        numpy_helper.from_array(np.array(const, np.float32), "os_c"),
     ])
     g.node.extend([
         helper.make_node("Concat", list(inputs), ["os_x"], axis=1, name="os_concat"),
@@ -143,26 +183,50 @@ def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHea
         helper.make_node("Mul", ["os_dmin", "os_a_m"], ["os_sm"], name="os_scale_m"),
         helper.make_node("Mul", ["os_lmax", "os_a_l"], ["os_sl"], name="os_scale_l"),
         helper.make_node("Add", ["os_sm", "os_sl"], ["os_s"], name="os_sum"),
-        helper.make_node("Add", ["os_s", "os_c"], [output], name="os_out"),
     ])
+    total = "os_s"
+    if with_crop:
+        assert head.crop_w is not None and head.crop_b is not None
+        g.initializer.extend([
+            numpy_helper.from_array(head.crop_w.astype(np.float32), "os_lrc_w"),
+            numpy_helper.from_array(head.crop_b.astype(np.float32), "os_lrc_b"),
+            numpy_helper.from_array(np.array(-head.crop_weight / i3, np.float32), "os_a_c"),
+        ])
+        g.node.extend([
+            helper.make_node("Gemm", ["os_x", "os_lrc_w", "os_lrc_b"], ["os_clogits"], transB=1, name="os_lrc"),
+            helper.make_node("ReduceMax", ["os_clogits"], ["os_cmax"], axes=[1], keepdims=1, name="os_maxc"),
+            helper.make_node("Mul", ["os_cmax", "os_a_c"], ["os_sc"], name="os_scale_c"),
+            helper.make_node("Add", ["os_s", "os_sc"], ["os_s2"], name="os_sum_c"),
+        ])
+        total = "os_s2"
+    g.node.append(helper.make_node("Add", [total, "os_c"], [output], name="os_out"))
     g.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, ["N", 1]))
 
 
 # ------------------------------------------------------------------------------------ leave-one-crop-out check
 
 
+def crop_ids(crop: np.ndarray) -> np.ndarray:
+    names = sorted(set(crop.tolist()))
+    return np.array([names.index(c) for c in crop.tolist()])
+
+
 def leave_one_crop_out(
-    x: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray, reject: float
+    x: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray, reject: float,
+    crop_weight: float = 0.0, weight: float = W,
 ) -> dict[str, dict[str, float | int]]:
     """Per held-out crop H: fit + calibrate on the training leaves of the other crops (threshold from their
     out-of-fold scores, rejecting ``reject``); report the share of ALL of H's leaves rejected and of the other
-    crops' held-out leaves rejected."""
+    crops' held-out leaves rejected. ``x`` (N, D) or (N, V, D) (fitted on all views, scored on view 0)."""
     out: dict[str, dict[str, float | int]] = {}
+    cid = crop_ids(crop)
+    x0 = x[:, 0] if x.ndim == 3 else x
     for h in sorted(set(crop.tolist())):
         known = crop != h
         fit = known & train
-        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject)
-        s = head.score(x)
+        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject, crops=cid[fit], crop_weight=crop_weight,
+                                      weight=weight)
+        s = head.score(x0)
         out[h] = {
             "unknown_rejected": round(float((s[crop == h] > thr).mean()), 4),
             "n_unknown": int((crop == h).sum()),
@@ -196,17 +260,20 @@ def quantized_features(onnx_path: str, paths: Sequence[str]) -> np.ndarray:
 
 def leave_one_crop_out_quantized(
     x: np.ndarray, xq: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray,
-    calib: np.ndarray, reject: float,
+    calib: np.ndarray, reject: float, crop_weight: float = 0.0, weight: float = W,
 ) -> dict[str, dict[str, float]]:
     """The same check as the INT8 model runs it: fit and calibrate on FP32 features (``x``), move the threshold
     by the median paired shift on the ``calib`` training rows (as ``calibrate_ood --match``), score INT8 ``xq``."""
     out: dict[str, dict[str, float]] = {}
+    cid = crop_ids(crop)
+    x0 = x[:, 0] if x.ndim == 3 else x
     for h in sorted(set(crop.tolist())):
         known = crop != h
         fit = known & train
-        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject)
+        head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject, crops=cid[fit], crop_weight=crop_weight,
+                                      weight=weight)
         c = calib & known
-        t = thr + float(np.median(head.score(xq[c]) - head.score(x[c])))
+        t = thr + float(np.median(head.score(xq[c]) - head.score(x0[c])))
         s = head.score(xq)
         out[h] = {"unknown_rejected": round(float((s[crop == h] > t).mean()), 4),
                   "known_rejected": round(float((s[known & ~train] > t).mean()), 4)}
@@ -220,21 +287,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--reject", type=float, nargs="+", default=[0.05])
     parser.add_argument("--int8", default=None, help="e.g. models/crop_disease/crop_disease.onnx")
+    parser.add_argument("--views", type=int, default=VIEWS, choices=[1, 3], help="augmented views to fit on")
+    parser.add_argument("--crop-weight", type=float, default=CROP_W, help="weight of the crop-level part")
+    parser.add_argument("--weight", type=float, default=W, help="weight of the max-logit part")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from training.build_classifiers import crop_data
 
     d = crop_data()
+    x = d["pre_views"] if args.views == 3 else d["pre"]
+    cw, w = args.crop_weight, args.weight
     report: dict[str, object] = {
-        f"{r:.0%}": leave_one_crop_out(d["pre"], d["y"], d["crop"], d["train"], d["groups"], r) for r in args.reject
+        f"{r:.2%}": leave_one_crop_out(x, d["y"], d["crop"], d["train"], d["groups"], r, cw, w) for r in args.reject
     }
     if args.int8:
         xq = quantized_features(args.int8, [str(s.path) for s in d["everything"]])
         rows = {str(s.path): i for i, s in enumerate(d["everything"])}
         calib = np.zeros(len(xq), bool)
         calib[[rows[str(s.path)] for s in d["pv_tr"][::8] + d["ib_tr"][::8]]] = True  # = var/splits/crop_calib
-        report.update({f"int8 {r:.0%}": leave_one_crop_out_quantized(
-            d["pre"], xq, d["y"], d["crop"], d["train"], d["groups"], calib, r) for r in args.reject})
+        report.update({f"int8 {r:.2%}": leave_one_crop_out_quantized(
+            x, xq, d["y"], d["crop"], d["train"], d["groups"], calib, r, cw, w) for r in args.reject})
     print(json.dumps(report, indent=1))
 
 
