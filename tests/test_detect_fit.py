@@ -289,3 +289,34 @@ def test_zoom_out_grids_and_aspect_jitter_keep_every_box_on_its_animal(seed: int
         assert len(inner) and (inner[:, 2] > 200).mean() > 0.9, "a box off its animal"
     red = (canvas[:, :, 2] > 200) & (canvas[:, :, 0] < 50)
     assert red.sum() > 0 and not (canvas == PAD).all()
+
+
+def test_soup_ships_the_mean_of_the_seeds_fits(tmp_path: Path) -> None:
+    """``soup=2`` trains seeds 0 and 1 from the same start and ships the element-wise mean of their weights; each
+    run reports its epochs' weights to ``on_epoch`` (weight-averaging experiments), the last EMA being what it
+    returns."""
+    from dataclasses import replace
+
+    from edge_agent.toolchain import detect_fit as df
+    from edge_agent.toolchain import detect_train
+
+    frames, labels = read_frames(write_frames(tmp_path / "f", 6))
+    base = find_bundle("yolox_nano", MODELS)
+    model, head = df.base_graph(base)
+    config = df.DetectFitConfig(holdout=0.0, size=64, epochs=2, batch=3)
+    quiet = lambda _stage, _done, _total: None  # noqa: E731
+    one = [df._train(model, head, base, labels, frames, range(6), replace(config, seed=s), quiet) for s in (0, 1)]
+    soup = df._train(model, head, base, labels, frames, range(6), replace(config, soup=2), quiet)
+    assert set(soup) == set(one[0])
+    moved = [k for k in soup if not np.array_equal(one[0][k], one[1][k])]
+    assert moved  # the seeds' fits differ
+    for k in soup:
+        assert np.allclose(soup[k], (one[0][k] + one[1][k]) / 2, atol=1e-6)
+    seen: list[tuple[int, dict[str, Any]]] = []
+    data = [df.load_frame(f) for f in frames]
+    override = df.class_init(model, head, base.manifest.labels, labels)
+    tc = detect_train.TrainConfig(size=64, epochs=2, batch=3, threads=1)
+    got = detect_train.train(model, head.outputs(), head.strides, override, data, tc,
+                             on_epoch=lambda e, _raw, ema: seen.append((e, ema)))
+    assert [e for e, _ in seen] == [0, 1]
+    assert all(np.array_equal(got[k], seen[-1][1][k]) for k in got)

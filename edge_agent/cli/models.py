@@ -368,6 +368,8 @@ def detect_fit_command(
     threshold: Annotated[float | None, typer.Option(help="Shipped score threshold (default: best F1 on the "
                                                     "held-out frames).")] = None,
     threads: Annotated[int, typer.Option(help="Training threads.")] = 1,
+    soup: Annotated[int, typer.Option(help="Fits (seeds) whose weights are averaged into the bundle; the fit time "
+                                      "grows with it.")] = 1,
     int8: Annotated[bool, typer.Option("--int8", help="Also quantize; an <out>_int8 bundle is written only if the "
                                        "gate passes (as accurate on the held-out frames, and faster).")] = False,
     as_json: Json = False,
@@ -377,10 +379,12 @@ def detect_fit_command(
 
     if size % 32 or size < 64:
         raise typer.BadParameter(f"--size {size}: must be a multiple of 32, at least 64")
+    if soup < 1:
+        raise typer.BadParameter(f"--soup {soup}: must be at least 1")
     root = models_dir or default_models_dir()
     names = tuple(n.strip() for n in labels.split(",") if n.strip()) if labels else ()
     config = DetectFitConfig(holdout=holdout, gap=gap, size=size, epochs=epochs, top_down=top_down,
-                             score_threshold=threshold, threads=threads, labels=names)
+                             score_threshold=threshold, threads=threads, labels=names, soup=soup)
     target = out_dir or root / out_name
     try:
         base_bundle = find_bundle(base, root)

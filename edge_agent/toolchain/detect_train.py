@@ -36,6 +36,8 @@ from edge_agent.vision import imaging
 F32 = npt.NDArray[np.float32]
 TrainProgress = Callable[[int, int, float], None]
 """(step, total steps, loss)"""
+EpochHook = Callable[[int, dict[str, F32], dict[str, F32]], None]
+"""(epoch, raw weights, EMA weights), by initializer name"""
 
 PAD = 114
 
@@ -428,12 +430,14 @@ def train(
     config: TrainConfig,
     trainable: Callable[[str], bool] | None = None,
     progress: TrainProgress | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> dict[str, F32]:
     """Fine-tune ``model`` (onnx.ModelProto) on ``frames``: BGR image, boxes (N, 5) x1 y1 x2 y2 in its pixels
     and class id.
 
     ``head_outputs``: per level, the reg, obj-logit and cls-logit tensor names. Returns every trained
-    convolution initializer (EMA weights) by name.
+    convolution initializer (EMA weights) by name. ``on_epoch(epoch, raw, ema)`` is called after each epoch with
+    copies of the current and the EMA weights by name (weight averaging experiments).
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, config.threads))
@@ -488,4 +492,7 @@ def train(
                     e.mul_(d).add_(p.detach(), alpha=1 - d)
             if progress is not None:
                 progress(step, total, float(loss.detach()))
+        if on_epoch is not None:
+            on_epoch(epoch, {n: p.detach().numpy().copy() for n, p in zip(net.param_names, net.params, strict=True)},
+                     {n: e.numpy().copy() for n, e in zip(net.param_names, ema, strict=True)})
     return {name: e.numpy().astype(np.float32) for name, e in zip(net.param_names, ema, strict=True)}
