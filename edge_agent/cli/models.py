@@ -358,7 +358,7 @@ def detect_fit_command(
     = "yolox_nano",
     labels: Annotated[str | None, typer.Option(help="Class names, comma-separated (default: classes.txt).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training frames.")] = 30,
-    size: Annotated[int, typer.Option(help="Square input size of the fitted model (multiple of 32).")] = 320,
+    size: Annotated[int, typer.Option(help="Square input size of the fitted model (multiple of 32).")] = 416,
     holdout: Annotated[float, typer.Option(help="Fraction of frames, the last in time order, held out to "
                                            "measure the bundle (0: none).")] = 0.2,
     gap: Annotated[float, typer.Option(help="Fraction of frames dropped between training and held-out frames.")]

@@ -286,7 +286,7 @@ class DetectFitConfig:
     """Fraction of frames (the last ones in time order) held out to measure the bundle; 0: none."""
     gap: float = 0.04
     """Fraction of frames dropped between the training frames and the held-out block."""
-    size: int = 320
+    size: int = 416
     epochs: int = 30
     batch: int = 8
     lr: float = 3e-3

@@ -138,12 +138,12 @@ def score_all() -> dict[str, Any]:
     return results
 
 
-def export(fold: int, seeds: list[int]) -> dict[str, Any]:
+def export(fold: int, seeds: list[int], tag: str = "") -> dict[str, Any]:
     """Write the soup of the EMA weights of ``seeds`` (runs of ``fold``) as cattle_cv's fold model and result (what
     ``cattle_cv --fold`` writes for a recipe with ``soup = len(seeds)``), for ``cattle_cv --collect``."""
     from training import cattle_cv
 
-    runs = [load_snaps(OUT / run_name(fold, s, "")) for s in seeds]
+    runs = [load_snaps(OUT / run_name(fold, s, tag)) for s in seeds]
     weights = mean([variants(meta, by)["ema"] for meta, by in runs])
     _frames, labels = df.read_frames(FRAMES)
     base = load_bundle(REPO / "models" / "yolox_nano")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.score:
         score_all()
     for fold in args.export or []:
-        r = export(fold, [int(x) for x in args.seeds.split(",")])
+        r = export(fold, [int(x) for x in args.seeds.split(",")], args.tag)
         print(fold, {k: r[k]["ap50"] for k in ("all", "chute", "drone") if k in r})
 
 
