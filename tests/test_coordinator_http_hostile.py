@@ -26,6 +26,7 @@ from edge_agent.coordinator.http import HttpServer
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore
 from edge_agent.transport import FakeBroker, FakeTransport
+from tests.support.sockets import connect_from, server_closed
 from tests.support.wait import wait_for
 
 MAX_CONNECTIONS = 8
@@ -47,29 +48,6 @@ def server(tmp_path: Path) -> Iterator[HttpServer]:
     finally:
         http.stop()
         coordinator.store.close()
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
-def server_closed(s: socket.socket) -> bool:
-    """True once the server has closed its end (EOF or reset), whatever it sent first."""
-    s.setblocking(False)
-    try:
-        while True:
-            if not s.recv(65536):
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        s.setblocking(True)
 
 
 def read_to_eof(s: socket.socket) -> bytes:

@@ -28,6 +28,7 @@ from edge_agent.httpguard.gate import listen_backlog
 from edge_agent.sectors.advice import CROP_LABELS
 from tests.support.agent_process import ROOT, AgentProcess, agent_process, raise_nofile, tiny_crop_models
 from tests.support.api_harness import leaf_jpeg, wait_for
+from tests.support.sockets import connect_from, server_closed
 
 TOKEN = "hostile-test-token-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -69,30 +70,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     (root / "inbox").mkdir()
     with agent_process(root, CONFIG, nofile=8192) as proc:
         yield proc
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    return s
-
-
-def server_closed(s: socket.socket) -> bool:
-    """True once the server has closed its end (EOF or reset), whatever it sent first."""
-    s.setblocking(False)
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        s.setblocking(True)
 
 
 def server_side_connections(port: int, client: str) -> int:
