@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from edge_agent.coordinator.http import HttpServer
 from edge_agent.coordinator.service import Coordinator
 from edge_agent.coordinator.store import SqliteStore
 from edge_agent.transport import FakeBroker, FakeTransport
-from tests.support.sockets import connect_from, server_closed
+from tests.support.sockets import connect_from, dribble, server_closed
 from tests.support.wait import wait_for
 
 MAX_CONNECTIONS = 8
@@ -124,18 +123,8 @@ def test_headers_dribbled_a_byte_at_a_time_or_never_sent_are_cut_at_the_header_d
     silent = connect_from("127.0.0.6", server.port)
     dribbler = connect_from("127.0.0.5", server.port)
     try:
-        t0 = time.monotonic()
-        sent = 0
-        for byte in HALF_OPEN:  # one byte every 0.05 s keeps it busy but never completes a request (~4.7 s)
-            try:
-                dribbler.sendall(bytes([byte]))
-            except OSError:
-                break
-            sent += 1
-            if server_closed(dribbler):
-                break
-            pace.wait(0.05)
-        elapsed = time.monotonic() - t0
+        # one byte every 0.05 s keeps it busy but never completes a request (~4.7 s)
+        sent, elapsed = dribble(dribbler, HALF_OPEN, 0.05, pace)
         assert sent < len(HALF_OPEN), "the server let the dribble finish"
         assert HEADER_TIMEOUT_S - 0.3 <= elapsed <= HEADER_TIMEOUT_S + 3, elapsed
         assert wait_for(lambda: server_closed(silent), 2), "the silent connection cut too"

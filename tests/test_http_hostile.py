@@ -28,7 +28,7 @@ from edge_agent.httpguard.gate import listen_backlog
 from edge_agent.sectors.advice import CROP_LABELS
 from tests.support.agent_process import ROOT, AgentProcess, agent_process, raise_nofile, tiny_crop_models
 from tests.support.api_harness import leaf_jpeg, wait_for
-from tests.support.sockets import connect_from, server_closed
+from tests.support.sockets import connect_from, dribble, server_closed
 
 TOKEN = "hostile-test-token-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -183,18 +183,8 @@ def test_headers_dribbled_a_byte_at_a_time_are_cut_off_at_the_header_deadline(ag
     s = connect_from("127.0.0.6", agent.port)
     pause = threading.Event()
     try:
-        t0 = time.monotonic()
-        sent = 0
-        for byte in HALF_OPEN:  # one byte every 0.25 s keeps the connection busy but never completes a request
-            try:
-                s.sendall(bytes([byte]))
-            except OSError:
-                break
-            sent += 1
-            if server_closed(s):
-                break
-            pause.wait(0.25)
-        elapsed = time.monotonic() - t0
+        # one byte every 0.25 s keeps the connection busy but never completes a request
+        sent, elapsed = dribble(s, HALF_OPEN, 0.25, pause)
         assert sent < len(HALF_OPEN), "the server let the dribble finish"
         assert HEADER_TIMEOUT_S - 0.5 <= elapsed <= HEADER_TIMEOUT_S + 3
     finally:

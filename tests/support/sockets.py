@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 
 def connect_from(source: str, port: int) -> socket.socket:
@@ -28,3 +30,20 @@ def server_closed(s: socket.socket) -> bool:
         return True
     finally:
         s.settimeout(timeout)
+
+
+def dribble(s: socket.socket, payload: bytes, every_s: float, pace: threading.Event) -> tuple[int, float]:
+    """Send ``payload`` one byte every ``every_s`` (paced by ``pace.wait``) until the server closes the connection
+    or the payload is sent; returns (bytes sent, seconds taken)."""
+    t0 = time.monotonic()
+    sent = 0
+    for byte in payload:
+        try:
+            s.sendall(bytes([byte]))
+        except OSError:
+            break
+        sent += 1
+        if server_closed(s):
+            break
+        pace.wait(every_s)
+    return sent, time.monotonic() - t0
