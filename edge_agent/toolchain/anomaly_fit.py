@@ -40,7 +40,9 @@ from edge_agent.bundles.bundle import MANIFEST_NAME, default_models_dir, load_bu
 from edge_agent.errors import EdgeAgentError, InputNotFoundError, ManifestError, require_extra
 from edge_agent.fsutil import sha256_file
 from edge_agent.toolchain.evaluate import IMAGE_SUFFIXES
+from edge_agent.vision import imaging
 from edge_agent.vision.decode import decode_image
+from edge_agent.vision.imaging import Interpolation
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ F32 = npt.NDArray[np.float32]
 
 SIZE = 192
 """Model input (the agent stretches each photo to SIZE x SIZE); the largest scale."""
-INTERPOLATION = "linear_exact"
+INTERPOLATION: Interpolation = "linear_exact"
 """The stretch: OpenCV's bit-exact bilinear, so a photo gives the same input on x86 and ARM (the score moves by up
 to ~0.1 when some pixels are one level apart, which plain INTER_LINEAR's SIMD paths produce between the two)."""
 SCALES = (128, 160, 192)
@@ -445,10 +447,8 @@ def good_images(folder: Path) -> list[Path]:
 
 def to_pixels(path: Path, size: int = SIZE) -> npt.NDArray[np.uint8]:
     """Decode (as the agent does) and stretch to size x size RGB, CHW uint8 (the bundle's input spec)."""
-    import cv2
-
     image = decode_image(path.read_bytes(), size_hint=lambda w, h: (min(w, size), min(h, size)))
-    px = cv2.resize(image.pixels, (size, size), interpolation=cv2.INTER_LINEAR_EXACT)
+    px = imaging.resize(image.pixels, (size, size), INTERPOLATION)
     if image.color == "BGR":
         px = px[:, :, ::-1]
     return np.ascontiguousarray(px.transpose(2, 0, 1))
@@ -607,9 +607,6 @@ class DefectHead:
         d = (np.asarray(logit, np.float64) - self.logit_center) / self.logit_scale
         return a + self.defect_weight * d
 
-    def logits(self, pooled: F32) -> npt.NDArray[np.float64]:
-        return np.asarray(pooled, np.float64) @ self.weight.astype(np.float64) + self.bias
-
     def doc(self) -> dict[str, float]:
         return {"anomaly_center": round(self.anomaly_center, 6), "anomaly_scale": round(self.anomaly_scale, 6),
                 "logit_center": round(self.logit_center, 6), "logit_scale": round(self.logit_scale, 6),
@@ -713,13 +710,23 @@ class FitCore:
     """With a head: the anomaly-map level for regions (the anomaly score's own operating point)."""
     defect_oof_scores: npt.NDArray[Any] | None = None
 
+    @property
+    def cv_false_reject(self) -> float:
+        return round(float(np.mean(self.oof_scores > self.threshold)), 4)
+
+    @property
+    def cv_defect_recall(self) -> float | None:
+        if self.defect_oof_scores is None:
+            return None
+        return round(float(np.mean(self.defect_oof_scores > self.threshold)), 4)
+
     def fit_doc(self, config: FitConfig, scales: Sequence[int]) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "bank_size": {str(s): len(b) for s, b in self.banks.items()},
             "scale_stats": {str(s): {"mean": round(m, 6), "sd": round(sd, 6)}
                             for s, (m, sd) in zip(scales, self.stats, strict=True)},
             "folds": self.folds,
-            "cv_false_reject": round(float(np.mean(self.oof_scores > self.threshold)), 4),
+            "cv_false_reject": self.cv_false_reject,
             "oof_scores": {"min": round(float(self.oof_scores.min()), 4),
                            "median": round(float(np.median(self.oof_scores)), 4),
                            "max": round(float(self.oof_scores.max()), 4)},
@@ -728,7 +735,7 @@ class FitCore:
             doc["defect_head"] = {
                 **self.head.doc(), "n_defects": len(self.defect_oof_scores), "folds": config.defect_folds,
                 "c": config.defect_c, "region_threshold": round(float(self.region_threshold or 0.0), 6),
-                "cv_defect_recall": round(float(np.mean(self.defect_oof_scores > self.threshold)), 4),
+                "cv_defect_recall": self.cv_defect_recall,
             }
         return doc
 
@@ -815,7 +822,6 @@ def fit_bundle(
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = f"{name}.onnx"
     onnx.save(model, str(out_dir / model_file))
-    false_rejects = float(np.mean(core.oof_scores > threshold))
     thresholds: dict[str, float] = {"anomaly": round(threshold, 6)}
     if core.region_threshold is not None:
         thresholds["region"] = round(core.region_threshold, 6)
@@ -865,9 +871,8 @@ def fit_bundle(
         "bank_size": sum(len(b) for b in banks.values()),
         "threshold": threshold,
         "max_false_reject": config.max_false_reject,
-        "cv_false_reject": round(false_rejects, 4),
-        **({"n_defects": len(dpaths), "cv_defect_recall": round(float(np.mean(core.defect_oof_scores > threshold)), 4)}
-           if dpaths is not None and core.defect_oof_scores is not None else {}),
+        "cv_false_reject": core.cv_false_reject,
+        **({"n_defects": len(dpaths), "cv_defect_recall": core.cv_defect_recall} if dpaths is not None else {}),
         "seconds": round(seconds, 2),
         "seconds_features": round(t_features, 2),
         "seconds_cross_validation": round(t_cv, 2),
