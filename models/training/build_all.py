@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     summary: dict[str, object] = {}
     if parts & {"crop", "steel"}:
-        build_classifiers.main(["--out", str(VAR)])
+        only = [] if parts >= {"crop", "steel"} else ["--only", "crop" if "crop" in parts else "steel"]
+        build_classifiers.main(["--out", str(VAR), *only])
     if "steel" in parts:
         summary["steel_gate"] = _gate("steel_defects_fp32", SPLITS / "steel_calib", SPLITS / "steel_holdout",
                                       "steel_defects")

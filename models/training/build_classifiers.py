@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 
-from training import heads, open_set
+from training import finetune, heads, open_set
 from training.common import (
     CACHE,
     DATASETS,
@@ -28,11 +28,14 @@ from training.common import (
     Sample,
     _stable_hash,
     list_class_folder,
+    load_rgb,
     plantvillage_groups,
+    prune,
     require_shared,
     split_groups,
+    to_input,
 )
-from training.export import classifier_graph, classifier_manifest, write_bundle
+from training.export import classifier_graph, classifier_manifest, finetuned_classifier_graph, write_bundle
 from training.features import extract, extract_block13
 
 log = logging.getLogger("build_classifiers")
@@ -45,12 +48,18 @@ IBEAN_ALIASES = {
 HEAD_NODES = ["pool_p14", "pool_p7a", "concat_embedding", "head_fc"]
 # Kept in float by the INT8 quantizer: the stem and block 0 (quantizing them cost steel 2 points) and the head.
 STEM_NODES = ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv"]
-OPEN_SET_REJECT = 0.02  # share of known leaves (out-of-fold, training side) above the "not a crop I know" threshold
-# (2%: the lowest rate at which every leave-one-crop-out fold still rejects >= 90% of the unknown crop, FP32)
+OPEN_SET_REJECT = 0.0125  # share of known leaves (out-of-fold, training side) above the "not a crop I know"
+# threshold (1.25%: the lowest rate measured at which every leave-one-crop-out fold still rejects >= 90% of the
+# unknown crop, FP32)
 OPEN_SET_VIEWS = open_set.VIEWS  # augmented views the open-set head is fitted on
 OPEN_SET_CROP_W = open_set.CROP_W  # weight of its crop-level part (0: none)
 OPEN_SET_W = open_set.W  # weight of its max-logit part
 TAIL_BLOCK14 = False  # fine-tune block 14 too (from cached block-13 output; the frozen block 14 stays for pooling)
+# The classifier: blocks FINETUNE_FROM..15 + head conv fine-tuned from pixels with online augmentation
+# (``finetune.py``), a copy beside the frozen blocks that feed the open-set head. None: the older recipe (block 15
+# only, on cached views, linear head on [pool(block10), pool(block14), features]).
+FINETUNE_FROM: int | None = 5
+FINETUNE_EPOCHS = 12
 UNSURE_BELOW = 0.3  # top-1 probability below which a known-looking leaf is answered "not sure"
 CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
 STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
@@ -108,18 +117,32 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     everything, data, labels, y_all = d["everything"], d["data"], d["labels"], d["y"]
     tr = _rows(data, pv_tr + ib_tr, everything)
     he = _rows(data, pv_he + ib_he, everything)
-    a7 = data["a7"]
-    extra = np.concatenate([data["p14"], a7.astype(np.float32).mean(axis=(3, 4))], axis=2)
-    tail_in = extract_block13(everything, "crops", 3) if TAIL_BLOCK14 else a7
-    tail_path = CACHE / f"crop_tail{'14' if TAIL_BLOCK14 else ''}_e{epochs}.pt"
-    if tail_path.exists():
-        saved = torch.load(tail_path, weights_only=False)
-        tail, head = saved["tail"], saved["head"]
+    tail: heads.Tail | None = None
+    ft: finetune.FineTuned | None = None
+    if FINETUNE_FROM is not None:
+        ft_path = CACHE / f"crop_ft_b{FINETUNE_FROM}_e{FINETUNE_EPOCHS}.pt"
+        if ft_path.exists():
+            ft = finetune.load(ft_path)
+        else:
+            ft = finetune.train(finetune.load_store(pv_tr + ib_tr), y_all[tr], len(labels), start=FINETUNE_FROM,
+                                epochs=FINETUNE_EPOCHS)
+            finetune.save(ft, ft_path)
+        held_pixels = np.stack([to_input(load_rgb(s.path)) for s in pv_he + ib_he])
+        logits = finetune.features(ft, held_pixels) @ ft.weight.T + ft.bias
     else:
-        tail, head, _, _ = heads.train(extra[tr], y_all[tr], len(labels), a7=tail_in[tr], epochs=epochs,
-                                       block14=TAIL_BLOCK14)
-        torch.save({"tail": tail, "head": head}, tail_path)
-    emb_he = heads.embed(tail, extra[he, 0], tail_in[he, 0])
+        a7 = data["a7"]
+        extra = np.concatenate([data["p14"], a7.astype(np.float32).mean(axis=(3, 4))], axis=2)
+        tail_in = extract_block13(everything, "crops", 3) if TAIL_BLOCK14 else a7
+        tail_path = CACHE / f"crop_tail{'14' if TAIL_BLOCK14 else ''}_e{epochs}.pt"
+        if tail_path.exists():
+            saved = torch.load(tail_path, weights_only=False)
+            tail, head = saved["tail"], saved["head"]
+        else:
+            tail, head, _, _ = heads.train(extra[tr], y_all[tr], len(labels), a7=tail_in[tr], epochs=epochs,
+                                           block14=TAIL_BLOCK14)
+            torch.save({"tail": tail, "head": head}, tail_path)
+        emb_he = heads.embed(tail, extra[he, 0], tail_in[he, 0])
+        logits = emb_he @ head.weight.T + head.bias
     # open-set head on the frozen pre-tail features; threshold from the training leaves' out-of-fold scores
     pre = d["pre"]
     pre_fit = d["pre_views"] if OPEN_SET_VIEWS == 3 else pre
@@ -128,7 +151,6 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     os_head, threshold, oof = open_set.fit_calibrated(pre_fit[tr], y_all[tr], groups[tr], OPEN_SET_REJECT,
                                                       crops=cid[tr], crop_weight=OPEN_SET_CROP_W, weight=OPEN_SET_W)
     held_scores = os_head.score(pre[he])
-    logits = emb_he @ head.weight.T + head.bias
     prob = np.exp(logits - logits.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
     pred = logits.argmax(1)
@@ -158,8 +180,19 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     stats["ood_offdomain_rejected"] = round(float((os_head.score(off) > threshold).mean()), 4)
     stats["n_offdomain"] = len(off)
     log.info("crop: %s", stats)
-    model = classifier_graph(["p14", "p7a", "features"], head.weight, head.bias, tail.onnx_arrays() if tail else None)
+    if ft is not None:
+        arrays = {k: v.numpy().astype(np.float32) for k, v in ft.net.named_inits(ft.start).items()}
+        model = finetuned_classifier_graph(ft.start, arrays, ft.weight, ft.bias)
+    else:
+        model = classifier_graph(["p14", "p7a", "features"], head.weight, head.bias,
+                                 tail.onnx_arrays() if tail else None)
     open_set.add_to_graph(model, ["p14", "p7a"], os_head)
+    model = prune(model)
+    recipe = (f"fine-tune blocks {ft.start}-15 + head conv from pixels, online augmentation (random crop, flips, "
+              "90-degree turns, +-15 degree rotation, colour jitter), linear head on the fine-tuned 1280-d features; "
+              "the frozen blocks stay for the open-set head" if ft is not None else
+              "fine-tune block 15 + head conv on cached block-14 activations, 3 views (as is, h-flip, "
+              "crop+v-flip); linear head on [pool(block10), pool(block14), features]")
     onnx.checker.check_model(model)
     manifest = classifier_manifest(
         "crop_disease_fp32",
@@ -171,22 +204,23 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
         ood_threshold=threshold,
         label_aliases=IBEAN_ALIASES,
         metadata={"quantize": {"nodes_to_exclude": STEM_NODES + HEAD_NODES + open_set.NODES},
-                  "training": {"epochs": epochs, "recipe": "fine-tune block 15 + head conv on cached block-14 "
-                               "activations, 3 views (as is, h-flip, crop+v-flip); linear head on "
-                               "[pool(block10), pool(block14), features]",
-                               "open_set": "z(Mahalanobis, per-class Ledoit-Wolf covariance) + 3 z(-max logit of a "
-                               "logistic regression), both on frozen [pool(block10), pool(block14)]; z and threshold "
-                               "from 5-fold out-of-fold scores of the training leaves"},
+                  "training": {"epochs": FINETUNE_EPOCHS if ft is not None else epochs, "recipe": recipe,
+                               "open_set": f"z(Mahalanobis, per-class Ledoit-Wolf covariance) + {OPEN_SET_W:g} z(-max "
+                               f"logit of a logistic regression) + {OPEN_SET_CROP_W:g} z(-max logit of a crop-level "
+                               f"logistic regression), on frozen [pool(block10), pool(block14)], fitted on "
+                               f"{OPEN_SET_VIEWS} view(s); z and threshold from 5-fold out-of-fold scores of the "
+                               "training leaves"},
                   "holdout": stats,
                   "open_set": {
-                      "method": "z(per-class Ledoit-Wolf Mahalanobis) + 3 z(-max logit), frozen pool(block10) + "
-                                "pool(block14)",
-                      "reject_rule": f"threshold = {1 - OPEN_SET_REJECT:.0%} quantile of the training leaves' "
+                      "method": f"z(per-class Ledoit-Wolf Mahalanobis) + {OPEN_SET_W:g} z(-max logit) + "
+                                f"{OPEN_SET_CROP_W:g} z(-max crop logit), frozen pool(block10) + pool(block14), "
+                                f"{OPEN_SET_VIEWS} view(s)",
+                      "reject_rule": f"threshold = {1 - OPEN_SET_REJECT:.2%} quantile of the training leaves' "
                                      "out-of-fold score",
                       "leave_one_crop_out": loco,
                   }},
     )
-    manifest["version"] = "2.0.0"
+    manifest["version"] = "3.0.0"
     manifest["open_set"] = {"unsure_below": UNSURE_BELOW}
     write_bundle(out / "crop_disease_fp32", model, manifest, "crop_disease_fp32.onnx")
     return stats

@@ -177,3 +177,54 @@ def classifier_manifest(
         "thresholds": thresholds,
         "metadata": metadata or {},
     }
+
+
+FT_PREFIX = "ft/"
+
+
+def finetuned_branch(model: onnx.ModelProto, start: int, arrays: dict[str, np.ndarray]) -> str:
+    """Add a fine-tuned copy of blocks ``start``..15 + head conv + pooling next to the frozen ones, in place.
+
+    The copy reads the frozen block ``start - 1`` output; its conv initializers are ``ft/<name>`` (``arrays``
+    keyed by the original initializer names); everything else (shape constants, padding subgraphs) is copied
+    with renamed outputs. The frozen blocks stay for pool(block 10) / pool(block 14) of the open-set head.
+    Returns the name of the branch's pooled 1280-d features."""
+    g = model.graph
+    nodes = list(g.node)
+    first = next(i for i, n in enumerate(nodes) if n.name.startswith(f"/_blocks.{start}/"))
+    last = next(i for i, n in enumerate(nodes) if T_FEAT in n.output)
+    produced: set[str] = set()
+    copies = []
+    for node in nodes[first : last + 1]:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.name = FT_PREFIX + node.name
+        del new.input[:]
+        new.input.extend([FT_PREFIX + i if (i in produced or i in arrays) else i for i in node.input])
+        del new.output[:]
+        new.output.extend([FT_PREFIX + o for o in node.output])
+        produced.update(node.output)
+        copies.append(new)
+    g.node.extend(copies)
+    g.initializer.extend([numpy_helper.from_array(a.astype(np.float32), FT_PREFIX + k) for k, a in arrays.items()])
+    return FT_PREFIX + T_FEAT
+
+
+def finetuned_classifier_graph(start: int, arrays: dict[str, np.ndarray], weight: np.ndarray,
+                               bias: np.ndarray) -> onnx.ModelProto:
+    """uint8 pixels -> ``logits`` from the fine-tuned branch; pooled frozen ``p14`` / ``p7a`` kept for the
+    open-set head (``open_set.add_to_graph(model, ["p14", "p7a"], ...)``)."""
+    model = uint8_backbone([T_14, T_7A, T_FEAT])
+    feats = finetuned_branch(model, start, arrays)
+    g = model.graph
+    del g.output[:]
+    for p in ("p14", "p7a"):
+        g.node.append(helper.make_node("ReduceMean", [POOLED[p]], [p], axes=[2, 3], keepdims=0, name=f"pool_{p}"))
+    g.initializer.extend([
+        numpy_helper.from_array(weight.astype(np.float32), "head_w"),
+        numpy_helper.from_array(bias.astype(np.float32), "head_b"),
+    ])
+    g.node.append(helper.make_node("Gemm", [feats, "head_w", "head_b"], ["logits"], transB=1, name="head_fc"))
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", weight.shape[0]]))
+    model.producer_name = "edge-agent models/training"
+    return model
