@@ -168,7 +168,7 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
         "n_pv": int(is_pv.sum()),
         "n_ibean": int((~is_pv).sum()),
         "ood_threshold": threshold,
-        "ood_rule": f"{1 - OPEN_SET_REJECT:.0%} quantile of the training leaves' out-of-fold open-set score",
+        "ood_rule": f"{1 - OPEN_SET_REJECT:.2%} quantile of the training leaves' out-of-fold open-set score",
         "oof_known_rejected": round(float((oof > threshold).mean()), 4),
         "ood_leaf_rejected": round(float(unknown.mean()), 4),
         "unsure": round(float(unsure.mean()), 4),
