@@ -280,7 +280,8 @@ def build_steel(out: Path) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "var" / "models")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="crop with FINETUNE_FROM = None only: epochs of the "
+                        "cached-view tail training (the fine-tuned classifier uses FINETUNE_EPOCHS)")
     parser.add_argument("--only", choices=["crop", "steel"], default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
