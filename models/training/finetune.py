@@ -87,10 +87,11 @@ def train(
     batch: int = 32,
     lr: float = 6e-4,
     head_lr: float = 3e-3,
+    seed: int = SEED,
 ) -> FineTuned:
-    torch.manual_seed(SEED)
-    gen = torch.Generator().manual_seed(SEED)
-    rng = np.random.default_rng(SEED)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     torch.set_num_threads(int(os.environ.get("TRAIN_THREADS", "2")))
     net = Backbone()
     for p in net.parameters():
