@@ -153,9 +153,8 @@ def save(ft: FineTuned, path: Path) -> None:
 def load(path: Path) -> FineTuned:
     saved = torch.load(path, weights_only=False)
     net = Backbone()
-    ops = {op.w_name: op for op in [*net.stem, *(o for b in net.blocks for o in b), *net.head]}
     with torch.no_grad():
-        for op in ops.values():
+        for op in [*net.stem, *(o for b in net.blocks for o in b), *net.head]:
             if op.w_name in saved["inits"]:
                 op.weight.copy_(saved["inits"][op.w_name])
                 op.bias.copy_(saved["inits"][op.b_name])

@@ -1,8 +1,9 @@
 """The shared EfficientNet-Lite0 ONNX export as a trainable torch module (exact mirror, BatchNorm folded).
 
 Walks the ONNX graph's Conv / Clip / Add nodes in order; the export's static "same" padding subgraphs become a
-TF-style same pad computed from each conv's kernel and stride. ``Backbone.forward`` returns the block outputs the
-training scripts need. Weights keep their ONNX initializer names, so trained values go straight back into a graph.
+TF-style same pad computed from each conv's kernel and stride. ``Backbone.prefix`` runs the frozen start and
+``Backbone.forward_from`` the rest, returning the block outputs the training scripts need. Weights keep their
+ONNX initializer names, so trained values go straight back into a graph.
 """
 
 from __future__ import annotations
