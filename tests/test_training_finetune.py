@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "models"))
 from training.common import T_7A, T_14, prune, uint8_backbone  # noqa: E402
 from training.export import finetuned_classifier_graph  # noqa: E402
 from training.finetune import FineTuned, augment, load, save  # noqa: E402
+from training.open_set import add_to_graph, blend_logits, fit_head  # noqa: E402
 from training.torchnet import Backbone  # noqa: E402
 
 BACKBONE = SHARED / "models" / "efficientnet_lite0_imagenet" / "efficientnet_lite0.onnx"
@@ -105,3 +106,20 @@ def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
     assert a.shape == (3, 3, 224, 224)
     assert float(a.min()) >= 0.0 and float(a.max()) <= 255.0
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_blended_logits_add_the_open_set_regression_to_the_classifier(pixels: np.ndarray) -> None:
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(3, 1280)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    x = rng.normal(size=(60, 304)).astype(np.float32)
+    head = fit_head(x, np.arange(60) % 3)
+    plain = finetuned_classifier_graph(5, {}, w, b)
+    add_to_graph(plain, ["p14", "p7a"], head)
+    blended = onnx.ModelProto()
+    blended.CopyFrom(plain)
+    blend_logits(blended, 0.5)
+    cls, p14, p7a = _run(plain, ["logits", "p14", "p7a"], pixels)
+    (mixed,) = _run(blended, ["logits"], pixels)
+    os_logits = np.concatenate([p14, p7a], 1) @ head.lr_w.T + head.lr_b
+    assert np.abs(mixed - (cls + 0.5 * os_logits)).max() < 1e-3
+    assert np.abs(mixed - cls).max() > 1e-2  # the regression really moved the answer

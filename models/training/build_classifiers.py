@@ -60,6 +60,10 @@ TAIL_BLOCK14 = False  # fine-tune block 14 too (from cached block-13 output; the
 # only, on cached views, linear head on [pool(block10), pool(block14), features]).
 FINETUNE_FROM: int | None = 5
 FINETUNE_EPOCHS = 12
+# The answer's logits = fine-tuned logits + CLASSIFIER_BLEND x the open-set head's logistic-regression logits (frozen
+# features, already computed for the open-set score); chosen on an inner validation split of the training leaves
+# (``inner_val.py``). 0: the fine-tuned classifier alone.
+CLASSIFIER_BLEND = 0.5  # best on the inner split in both training runs measured (MODEL_CARD.md)
 UNSURE_BELOW = 0.3  # top-1 probability below which a known-looking leaf is answered "not sure"
 CROP_LICENSE = "CC-BY-SA-3.0 (PlantVillage) + CC-BY-4.0 (iBean); EfficientNet-Lite0 weights Apache-2.0"
 STEEL_LICENSE = "NEU surface defect database: research use, cite Song & Yan 2013; EfficientNet-Lite0 Apache-2.0"
@@ -151,6 +155,8 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     os_head, threshold, oof = open_set.fit_calibrated(pre_fit[tr], y_all[tr], groups[tr], OPEN_SET_REJECT,
                                                       crops=cid[tr], crop_weight=OPEN_SET_CROP_W, weight=OPEN_SET_W)
     held_scores = os_head.score(pre[he])
+    if CLASSIFIER_BLEND:
+        logits = logits + CLASSIFIER_BLEND * (pre[he] @ os_head.lr_w.T + os_head.lr_b)
     prob = np.exp(logits - logits.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
     pred = logits.argmax(1)
@@ -187,6 +193,8 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
         model = classifier_graph(["p14", "p7a", "features"], head.weight, head.bias,
                                  tail.onnx_arrays() if tail else None)
     open_set.add_to_graph(model, ["p14", "p7a"], os_head)
+    if CLASSIFIER_BLEND:
+        open_set.blend_logits(model, CLASSIFIER_BLEND)
     model = prune(model)
     recipe = (f"fine-tune blocks {ft.start}-15 + head conv from pixels, online augmentation (random crop, flips, "
               "90-degree turns, +-15 degree rotation, colour jitter), linear head on the fine-tuned 1280-d features; "
@@ -220,7 +228,7 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
                       "leave_one_crop_out": loco,
                   }},
     )
-    manifest["version"] = "3.0.0"
+    manifest["version"] = "3.1.0"
     manifest["open_set"] = {"unsure_below": UNSURE_BELOW}
     write_bundle(out / "crop_disease_fp32", model, manifest, "crop_disease_fp32.onnx")
     return stats

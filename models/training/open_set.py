@@ -33,7 +33,8 @@ FOLDS = 5
 VIEWS = 3  # augmented views the head is fitted on (1: as is; 3: + h-flip, crop + v-flip)
 CROP_W = 2.0  # weight of the crop-level max-logit part ("which of the known crops"; 0: not used)
 NODES = ["os_concat", "os_project", "os_centre", "os_reshape", "os_norm", "os_min", "os_lr", "os_max",
-         "os_scale_m", "os_scale_l", "os_sum", "os_out", "os_lrc", "os_maxc", "os_scale_c", "os_sum_c"]
+         "os_scale_m", "os_scale_l", "os_sum", "os_out", "os_lrc", "os_maxc", "os_scale_c", "os_sum_c",
+         "os_blend_scale", "os_blend"]
 
 
 @dataclass
@@ -201,6 +202,19 @@ def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHea
         total = "os_s2"
     g.node.append(helper.make_node("Add", [total, "os_c"], [output], name="os_out"))
     g.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, ["N", 1]))
+
+
+def blend_logits(model: onnx.ModelProto, weight: float, logits: str = "logits") -> None:
+    """Make the graph's ``logits`` output = classifier logits + ``weight`` x the open-set head's logistic-regression
+    logits (``os_logits``, same classes, frozen features), in place; call after :func:`add_to_graph`."""
+    g = model.graph
+    producer = next(n for n in g.node if logits in n.output)
+    producer.output[list(producer.output).index(logits)] = "cls_logits"
+    g.initializer.append(numpy_helper.from_array(np.array(weight, np.float32), "os_blend_w"))
+    g.node.extend([
+        helper.make_node("Mul", ["os_logits", "os_blend_w"], ["os_blend_l"], name="os_blend_scale"),
+        helper.make_node("Add", ["cls_logits", "os_blend_l"], [logits], name="os_blend"),
+    ])
 
 
 # ------------------------------------------------------------------------------------ leave-one-crop-out check
