@@ -217,7 +217,10 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
                                f"logit of a logistic regression) + {OPEN_SET_CROP_W:g} z(-max logit of a crop-level "
                                f"logistic regression), on frozen [pool(block10), pool(block14)], fitted on "
                                f"{OPEN_SET_VIEWS} view(s); z and threshold from 5-fold out-of-fold scores of the "
-                               "training leaves"},
+                               "training leaves",
+                               "classifier_blend": f"logits = classifier logits + {CLASSIFIER_BLEND:g} x the open-set "
+                               "head's logistic-regression logits (frozen features); weight chosen on an inner "
+                               "validation split of the training leaves (inner_val.py)"},
                   "holdout": stats,
                   "open_set": {
                       "method": f"z(per-class Ledoit-Wolf Mahalanobis) + {OPEN_SET_W:g} z(-max logit) + "
