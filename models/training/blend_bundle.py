@@ -1,6 +1,6 @@
 """Give a built crop bundle the blended answer (``open_set.blend_logits``) in place: a graph edit, no retraining.
 
-    PYTHONPATH=models python -m models.training.blend_bundle models/crop_disease --weight 0.25 --version 3.1.0
+    PYTHONPATH=models python -m models.training.blend_bundle models/crop_disease --weight 0.5 --version 3.1.0
 
 The blend adds ``weight`` x the open-set head's logistic-regression logits (float nodes, also in the INT8 graph) to
 the classifier's; ``build_classifiers.CLASSIFIER_BLEND`` builds the same graph from scratch. Fine-tuning is not

@@ -4,7 +4,7 @@
 
 The held-out 20% of the crop photos is for reporting only, so choices about the classifier are made here: the
 training leaves are split again, grouped by leaf (the same deterministic rule, ``split_groups``), the fine-tuned
-recipe is trained on the inner 80% (~15 min on 2 cores, cached in
+recipe is trained on the inner 80% (~16 min with two threads, cached in
 var/training/crop_ft_inner_b<start>_e<epochs>[_s<seed>].pt) and scored on the inner 20%. ``--blend`` also scores
 the fine-tuned logits plus ``a`` times the logits of the frozen-feature logistic regression that the open-set head
 already computes (``os_lr``, refitted on the inner 80%).
