@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "models"))
 
 from training.common import T_7A, T_14, prune, uint8_backbone  # noqa: E402
 from training.export import finetuned_classifier_graph  # noqa: E402
-from training.finetune import FineTuned, augment, load, save  # noqa: E402
+from training.finetune import FineTuned, augment, load, save, train_cached  # noqa: E402
 from training.open_set import add_to_graph, blend_logits, fit_head  # noqa: E402
 from training.torchnet import Backbone  # noqa: E402
 
@@ -96,6 +96,9 @@ def test_finetune_cache_round_trip(tmp_path: Path) -> None:
     assert back.start == 5 and np.array_equal(back.weight, ft.weight)
     assert torch.equal(back.net.blocks[9][0].bias, net.blocks[9][0].bias)
     assert not torch.equal(back.net.blocks[9][0].bias, Backbone().blocks[9][0].bias)
+    # a cached run is loaded, not re-trained (no samples to train on here)
+    cached = train_cached(tmp_path / "ft.pt", [], np.zeros(0, np.int64), 3, start=5, epochs=12)
+    assert torch.equal(cached.net.blocks[9][0].bias, net.blocks[9][0].bias)
 
 
 def test_augment_keeps_shape_and_range_and_is_seeded() -> None:

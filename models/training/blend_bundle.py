@@ -34,9 +34,8 @@ def blend_bundle(bundle: Path, weight: float, version: str) -> None:
     onnx.checker.check_model(model)
     doc["version"] = version
     doc.setdefault("metadata", {}).setdefault("training", {})["classifier_blend"] = (
-        f"logits = fine-tuned logits + {weight:g} x the open-set head's logistic-regression logits (frozen "
-        "features); weight chosen on an inner validation split of the training leaves (inner_val.py); "
-        "metadata.holdout was measured before the blend, MODEL_CARD.md has the blended figures"
+        open_set.blend_note(weight) + "; metadata.holdout was measured before the blend, MODEL_CARD.md has the "
+        "blended figures"
     )
     write_bundle(bundle, model, doc, doc["model_file"])
     load_bundle(bundle)

@@ -28,12 +28,10 @@ from training.common import (
     Sample,
     _stable_hash,
     list_class_folder,
-    load_rgb,
     plantvillage_groups,
     prune,
     require_shared,
     split_groups,
-    to_input,
 )
 from training.export import classifier_graph, classifier_manifest, finetuned_classifier_graph, write_bundle
 from training.features import extract, extract_block13
@@ -124,15 +122,9 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
     tail: heads.Tail | None = None
     ft: finetune.FineTuned | None = None
     if FINETUNE_FROM is not None:
-        ft_path = CACHE / f"crop_ft_b{FINETUNE_FROM}_e{FINETUNE_EPOCHS}.pt"
-        if ft_path.exists():
-            ft = finetune.load(ft_path)
-        else:
-            ft = finetune.train(finetune.load_store(pv_tr + ib_tr), y_all[tr], len(labels), start=FINETUNE_FROM,
-                                epochs=FINETUNE_EPOCHS)
-            finetune.save(ft, ft_path)
-        held_pixels = np.stack([to_input(load_rgb(s.path)) for s in pv_he + ib_he])
-        logits = finetune.features(ft, held_pixels) @ ft.weight.T + ft.bias
+        ft = finetune.train_cached(CACHE / f"crop_ft_b{FINETUNE_FROM}_e{FINETUNE_EPOCHS}.pt", pv_tr + ib_tr, y_all[tr],
+                                   len(labels), FINETUNE_FROM, FINETUNE_EPOCHS)
+        logits = finetune.predict_logits(ft, pv_he + ib_he)
     else:
         a7 = data["a7"]
         extra = np.concatenate([data["p14"], a7.astype(np.float32).mean(axis=(3, 4))], axis=2)
@@ -156,7 +148,7 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
                                                       crops=cid[tr], crop_weight=OPEN_SET_CROP_W, weight=OPEN_SET_W)
     held_scores = os_head.score(pre[he])
     if CLASSIFIER_BLEND:
-        logits = logits + CLASSIFIER_BLEND * (pre[he] @ os_head.lr_w.T + os_head.lr_b)
+        logits = logits + CLASSIFIER_BLEND * os_head.class_logits(pre[he])
     prob = np.exp(logits - logits.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
     pred = logits.argmax(1)
@@ -218,9 +210,7 @@ def build_crop(out: Path, epochs: int) -> dict[str, object]:
                                f"logistic regression), on frozen [pool(block10), pool(block14)], fitted on "
                                f"{OPEN_SET_VIEWS} view(s); z and threshold from 5-fold out-of-fold scores of the "
                                "training leaves",
-                               "classifier_blend": f"logits = classifier logits + {CLASSIFIER_BLEND:g} x the open-set "
-                               "head's logistic-regression logits (frozen features); weight chosen on an inner "
-                               "validation split of the training leaves (inner_val.py)"},
+                               "classifier_blend": open_set.blend_note(CLASSIFIER_BLEND)},
                   "holdout": stats,
                   "open_set": {
                       "method": f"z(per-class Ledoit-Wolf Mahalanobis) + {OPEN_SET_W:g} z(-max logit) + "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.common import SEED, SIZE, Sample, load_rgb
+from training.common import SEED, SIZE, Sample, load_rgb, to_input
 from training.torchnet import Backbone
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,27 @@ def features(ft: FineTuned, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
             x = (torch.from_numpy(pixels[i : i + batch].astype(np.float32)) - 127.0) / 128.0
             out.append(ft.net.forward_from(x, -1)["features"].numpy())
     return np.concatenate(out)
+
+
+def predict_logits(ft: FineTuned, samples: Sequence[Sample], chunk: int = 256) -> np.ndarray:
+    """Classifier logits of the photos as the bundle sees them (decoded, stretched to 224), ``chunk`` at a time."""
+    out = []
+    for i in range(0, len(samples), chunk):
+        pixels = np.stack([to_input(load_rgb(s.path)) for s in samples[i : i + chunk]])
+        out.append(features(ft, pixels) @ ft.weight.T + ft.bias)
+    return np.concatenate(out)
+
+
+def train_cached(
+    path: Path, samples: Sequence[Sample], labels: np.ndarray, n_classes: int, start: int, epochs: int,
+    seed: int = SEED,
+) -> FineTuned:
+    """:func:`train` on ``samples``, or the weights an earlier run cached at ``path`` (saved there after training)."""
+    if path.exists():
+        return load(path)
+    ft = train(load_store(samples), labels, n_classes, start=start, epochs=epochs, seed=seed)
+    save(ft, path)
+    return ft
 
 
 def save(ft: FineTuned, path: Path) -> None:

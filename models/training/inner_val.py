@@ -21,7 +21,7 @@ import numpy as np
 
 from training import finetune, open_set
 from training.build_classifiers import FINETUNE_EPOCHS, FINETUNE_FROM, crop_data
-from training.common import CACHE, SEED, load_rgb, split_groups, to_input
+from training.common import CACHE, SEED, split_groups
 
 log = logging.getLogger("inner_val")
 
@@ -53,16 +53,9 @@ def inner_logits(d: dict[str, object], start: int, epochs: int, seed: int = SEED
     if npy.exists():
         cached: np.ndarray = np.load(npy)
         return cached
-    path = CACHE / f"{tag}.pt"
-    if path.exists():
-        ft = finetune.load(path)
-    else:
-        store = finetune.load_store([everything[i] for i in tr])
-        ft = finetune.train(store, y[tr], len(np.asarray(d["labels"])), start=start, epochs=epochs,
-                            seed=seed)
-        finetune.save(ft, path)
-    pix = np.stack([to_input(load_rgb(everything[i].path)) for i in va])
-    logits: np.ndarray = finetune.features(ft, pix) @ ft.weight.T + ft.bias
+    ft = finetune.train_cached(CACHE / f"{tag}.pt", [everything[i] for i in tr], y[tr], len(np.asarray(d["labels"])),
+                               start, epochs, seed)
+    logits = finetune.predict_logits(ft, [everything[i] for i in va])
     np.save(npy, logits)
     return logits
 
@@ -72,7 +65,7 @@ def report(d: dict[str, object], logits: np.ndarray, blends: Sequence[float]) ->
     labels = list(np.asarray(d["labels"]))
     tr, va = inner_split(d)
     x3 = np.asarray(d["pre_views"])
-    w, b = open_set._lr_fit(x3[tr].reshape(-1, x3.shape[-1]), np.repeat(y[tr], x3.shape[1]), open_set.C)
+    w, b = open_set.lr_fit(x3[tr].reshape(-1, x3.shape[-1]), np.repeat(y[tr], x3.shape[1]), open_set.C)
     classes = np.unique(y[tr])
     lr = np.full((len(va), len(labels)), -1e9, np.float32)
     lr[:, classes] = np.asarray(d["pre"])[va] @ w.T + b

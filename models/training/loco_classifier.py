@@ -21,7 +21,7 @@ import numpy as np
 
 from training import finetune, open_set
 from training.build_classifiers import FINETUNE_EPOCHS, FINETUNE_FROM, OPEN_SET_REJECT, crop_data
-from training.common import CACHE, load_rgb, to_input
+from training.common import CACHE
 
 log = logging.getLogger("loco_classifier")
 
@@ -39,20 +39,11 @@ def fold_confidence(d: dict[str, object], unknown: str) -> np.ndarray:
     keep = np.flatnonzero(train & (crop != unknown))
     classes = sorted(set(y[keep].tolist()))
     remap = {c: i for i, c in enumerate(classes)}
-    if path.exists():
-        ft = finetune.load(path)
-    else:
-        store = finetune.load_store([everything[i] for i in keep])
-        ft = finetune.train(store, np.array([remap[c] for c in y[keep]]), len(classes), start=FINETUNE_FROM or 5,
-                            epochs=FINETUNE_EPOCHS)
-        finetune.save(ft, path)
-    confs = []
-    for i in range(0, len(everything), 256):
-        pix = np.stack([to_input(load_rgb(s.path)) for s in everything[i : i + 256]])
-        logits = finetune.features(ft, pix) @ ft.weight.T + ft.bias
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        confs.append((p / p.sum(1, keepdims=True)).max(1))
-    conf = np.concatenate(confs)
+    ft = finetune.train_cached(path, [everything[i] for i in keep], np.array([remap[c] for c in y[keep]]), len(classes),
+                               FINETUNE_FROM or 5, FINETUNE_EPOCHS)
+    logits = finetune.predict_logits(ft, everything)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    conf: np.ndarray = (p / p.sum(1, keepdims=True)).max(1)
     np.save(npz, conf)
     return conf
 

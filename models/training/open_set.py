@@ -53,11 +53,15 @@ class OpenSetHead:
     def dim(self) -> int:
         return int(self.maha_w.shape[0])
 
+    def class_logits(self, x: np.ndarray) -> np.ndarray:
+        """(N, C) logits of the class-level logistic regression (the graph's ``os_logits``)."""
+        return np.asarray(x @ self.lr_w.T + self.lr_b)
+
     def parts(self, x: np.ndarray) -> np.ndarray:
         """(N, 2): Mahalanobis score and -max logit (N, 3 with the crop-level part: + -max crop logit)."""
         z = (x @ self.maha_w - self.maha_b).reshape(len(x), -1, self.dim)
         maha = (z**2).sum(2).min(1) / self.dim
-        logits = x @ self.lr_w.T + self.lr_b
+        logits = self.class_logits(x)
         cols = [maha, -logits.max(1)]
         if self.crop_w is not None and self.crop_b is not None:
             cols.append(-(x @ self.crop_w.T + self.crop_b).max(1))
@@ -92,7 +96,7 @@ def _maha_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ws, 1).astype(np.float32), np.concatenate(bs).astype(np.float32)
 
 
-def _lr_fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+def lr_fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.linear_model import LogisticRegression
 
     mu, sd = x.mean(0), x.std(0) + 1e-3
@@ -116,10 +120,10 @@ def fit_head(
     xf = x.reshape(-1, x.shape[-1])
     yf = np.repeat(y, views)
     maha_w, maha_b = _maha_fit(xf, yf)
-    w, b = _lr_fit(xf, yf, c)
+    w, b = lr_fit(xf, yf, c)
     head = OpenSetHead(maha_w, maha_b, w, b, weight=weight)
     if crops is not None and crop_weight > 0:
-        head.crop_w, head.crop_b = _lr_fit(xf, np.repeat(crops, views), c)
+        head.crop_w, head.crop_b = lr_fit(xf, np.repeat(crops, views), c)
         head.crop_weight = crop_weight
     return head
 
@@ -202,6 +206,12 @@ def add_to_graph(model: onnx.ModelProto, inputs: Sequence[str], head: OpenSetHea
         total = "os_s2"
     g.node.append(helper.make_node("Add", [total, "os_c"], [output], name="os_out"))
     g.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, ["N", 1]))
+
+
+def blend_note(weight: float) -> str:
+    """The manifest's description of :func:`blend_logits` (``metadata.training.classifier_blend``)."""
+    return (f"logits = classifier logits + {weight:g} x the open-set head's logistic-regression logits (frozen "
+            "features); weight chosen on an inner validation split of the training leaves (inner_val.py)")
 
 
 def blend_logits(model: onnx.ModelProto, weight: float, logits: str = "logits") -> None:
