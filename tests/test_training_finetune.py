@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "models"))
 from training.common import T_7A, T_14, prune, uint8_backbone  # noqa: E402
 from training.export import finetuned_classifier_graph  # noqa: E402
 from training.finetune import FineTuned, augment, load, save, train_cached  # noqa: E402
-from training.open_set import add_to_graph, blend_logits, fit_head  # noqa: E402
+from training.open_set import add_to_graph, blend_logits, fit_calibrated, fit_head, view_parts  # noqa: E402
 from training.torchnet import Backbone  # noqa: E402
 
 BACKBONE = SHARED / "models" / "efficientnet_lite0_imagenet" / "efficientnet_lite0.onnx"
@@ -126,3 +126,19 @@ def test_blended_logits_add_the_open_set_regression_to_the_classifier(pixels: np
     os_logits = np.concatenate([p14, p7a], 1) @ head.lr_w.T + head.lr_b
     assert np.abs(mixed - (cls + 0.5 * os_logits)).max() < 1e-3
     assert np.abs(mixed - cls).max() > 1e-2  # the regression really moved the answer
+
+
+def test_test_time_view_average_scores_the_mean_of_the_views_parts() -> None:
+    rng = np.random.default_rng(3)
+    y = np.arange(90) % 3
+    x = (rng.normal(size=(90, 3, 20)) + y[:, None, None]).astype(np.float32)
+    head = fit_head(x, y)
+    assert np.allclose(view_parts(head, x), head.parts(x[:, 0]))  # shipped: the photo as it comes
+    assert np.allclose(view_parts(head, x[:, 0]), head.parts(x[:, 0]))
+    two = view_parts(head, x, 2)
+    assert np.allclose(two, (head.parts(x[:, 0]) + head.parts(x[:, 1])) / 2)
+    assert np.abs(two - head.parts(x[:, 0])).max() > 1e-3
+    groups = np.arange(90) // 3
+    _, thr1, oof1 = fit_calibrated(x, y, groups, 0.05)
+    _, thr2, oof2 = fit_calibrated(x, y, groups, 0.05, score_views=2)
+    assert thr1 != thr2 and not np.allclose(oof1, oof2)  # the average reaches the calibration too

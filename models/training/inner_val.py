@@ -7,7 +7,8 @@ training leaves are split again, grouped by leaf (the same deterministic rule, `
 recipe is trained on the inner 80% (~16 min with two threads, cached in
 var/training/crop_ft_inner_b<start>_e<epochs>[_s<seed>].pt) and scored on the inner 20%. ``--blend`` also scores
 the fine-tuned logits plus ``a`` times the logits of the frozen-feature logistic regression that the open-set head
-already computes (``os_lr``, refitted on the inner 80%).
+already computes (``os_lr``, refitted on the inner 80%); ``--features`` / ``--lr-c`` try that regression on other
+frozen features (pool of block 15, the 1280-d head features) and L2 strengths.
 """
 
 from __future__ import annotations
@@ -60,17 +61,30 @@ def inner_logits(d: dict[str, object], start: int, epochs: int, seed: int = SEED
     return logits
 
 
-def report(d: dict[str, object], logits: np.ndarray, blends: Sequence[float]) -> dict[str, object]:
+FEATURES = ("pre", "pre+p7", "pre+p7+feat", "p7+feat", "feat")
+
+
+def frozen_views(d: dict[str, object], features: str = "pre") -> np.ndarray:
+    """(N, 3, D) frozen features of every view: ``pre`` = [pool(block 10), pool(block 14)] (the open-set head's,
+    shipped), ``p7`` = pool(block 15), ``feat`` = the 1280-d pooled head features; joined with ``+``."""
+    data = d["data"]
+    assert isinstance(data, dict)
+    parts = {"pre": [np.asarray(d["pre_views"])], "p7": [data["p7"]], "feat": [data["feat"]]}
+    return np.concatenate([a for name in features.split("+") for a in parts[name]], axis=2)
+
+
+def report(d: dict[str, object], logits: np.ndarray, blends: Sequence[float], features: str = "pre",
+           c: float = open_set.C) -> dict[str, object]:
     y, is_pv = np.asarray(d["y"]), np.asarray(d["is_pv"])
     labels = list(np.asarray(d["labels"]))
     tr, va = inner_split(d)
-    x3 = np.asarray(d["pre_views"])
-    w, b = open_set.lr_fit(x3[tr].reshape(-1, x3.shape[-1]), np.repeat(y[tr], x3.shape[1]), open_set.C)
+    x3 = frozen_views(d, features)
+    w, b = open_set.lr_fit(x3[tr].reshape(-1, x3.shape[-1]), np.repeat(y[tr], x3.shape[1]), c)
     classes = np.unique(y[tr])
     lr = np.full((len(va), len(labels)), -1e9, np.float32)
-    lr[:, classes] = np.asarray(d["pre"])[va] @ w.T + b
+    lr[:, classes] = x3[va, 0] @ w.T + b
     out: dict[str, object] = {"n_inner_train": len(tr), "n_val_pv": int(is_pv[va].sum()),
-                              "n_val_ibean": int((~is_pv[va]).sum())}
+                              "n_val_ibean": int((~is_pv[va]).sum()), "features": features, "C": c}
     for a in blends:
         pred = (logits + a * lr).argmax(1)
         ok = pred == y[va]
@@ -91,11 +105,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--blend", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--features", choices=FEATURES, default="pre",
+                        help="frozen features of the blended regression (pre = the open-set head's, shipped)")
+    parser.add_argument("--lr-c", type=float, default=open_set.C, help="its L2 strength (C)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     d = crop_data()
     logits = inner_logits(d, args.start, args.epochs, args.seed)
-    print(json.dumps(report(d, logits, args.blend), indent=1))
+    print(json.dumps(report(d, logits, args.blend, args.features, args.lr_c), indent=1))
 
 
 if __name__ == "__main__":

@@ -128,23 +128,31 @@ def fit_head(
     return head
 
 
+def view_parts(head: OpenSetHead, x: np.ndarray, score_views: int = 1) -> np.ndarray:
+    """The head's parts for photos as they arrive (view 0 of (N, V, D), or (N, D)); with ``score_views`` = k > 1
+    the mean of the parts over the first k cached views (test-time augmentation: k backbone passes per photo)."""
+    if x.ndim == 2:
+        return head.parts(x)
+    return np.asarray(np.mean([head.parts(x[:, v]) for v in range(score_views)], axis=0))
+
+
 def fit_calibrated(
     x: np.ndarray, y: np.ndarray, groups: Sequence[int], reject: float, folds: int = FOLDS,
-    crops: np.ndarray | None = None, crop_weight: float = 0.0, weight: float = W,
+    crops: np.ndarray | None = None, crop_weight: float = 0.0, weight: float = W, score_views: int = 1,
 ) -> tuple[OpenSetHead, float, np.ndarray]:
     """Fit on everything; median/IQR and the threshold (reject ``reject`` of known leaves) from out-of-fold scores.
 
     ``groups``: a fold id source per row (e.g. a hash of the leaf) so one leaf never sits on both sides.
-    ``x`` (N, D) or (N, V, D) views (fitted on all views, out-of-fold scores on view 0, as photos arrive).
+    ``x`` (N, D) or (N, V, D) views (fitted on all views, out-of-fold scores on view 0, as photos arrive;
+    ``score_views`` > 1: on the mean of the first k views' parts, a test-time average measured and not shipped).
     Returns (head, threshold, out-of-fold combined scores)."""
     fold = np.asarray(groups) % folds
-    x0 = x[:, 0] if x.ndim == 3 else x
     oof = np.zeros((len(x), 3 if crop_weight > 0 else 2))
     for f in range(folds):
         tr = fold != f
         head = fit_head(x[tr], y[tr], crops=crops[tr] if crops is not None else None, crop_weight=crop_weight,
                         weight=weight)
-        oof[fold == f] = head.parts(x0[fold == f])
+        oof[fold == f] = view_parts(head, x[fold == f], score_views)
     q75, q25 = np.percentile(oof, [75, 25], axis=0)
     med = np.median(oof, axis=0)
     iqr = q75 - q25
@@ -237,20 +245,19 @@ def crop_ids(crop: np.ndarray) -> np.ndarray:
 
 def leave_one_crop_out(
     x: np.ndarray, y: np.ndarray, crop: np.ndarray, train: np.ndarray, groups: np.ndarray, reject: float,
-    crop_weight: float = 0.0, weight: float = W,
+    crop_weight: float = 0.0, weight: float = W, score_views: int = 1,
 ) -> dict[str, dict[str, float | int]]:
     """Per held-out crop H: fit + calibrate on the training leaves of the other crops (threshold from their
     out-of-fold scores, rejecting ``reject``); report the share of ALL of H's leaves rejected and of the other
     crops' held-out leaves rejected. ``x`` (N, D) or (N, V, D) (fitted on all views, scored on view 0)."""
     out: dict[str, dict[str, float | int]] = {}
     cid = crop_ids(crop)
-    x0 = x[:, 0] if x.ndim == 3 else x
     for h in sorted(set(crop.tolist())):
         known = crop != h
         fit = known & train
         head, thr, _ = fit_calibrated(x[fit], y[fit], groups[fit], reject, crops=cid[fit], crop_weight=crop_weight,
-                                      weight=weight)
-        s = head.score(x0)
+                                      weight=weight, score_views=score_views)
+        s = head.combine(view_parts(head, x, score_views))
         out[h] = {
             "unknown_rejected": round(float((s[crop == h] > thr).mean()), 4),
             "n_unknown": int((crop == h).sum()),
@@ -305,6 +312,17 @@ def leave_one_crop_out_quantized(
     return out
 
 
+def held_out_rejected(d: dict[str, object], x: np.ndarray, reject: float, crop_weight: float, weight: float,
+                      score_views: int = 1) -> dict[str, int]:
+    """Held-out PlantVillage / iBean photos the head fitted on all five crops' training leaves rejects (FP32)."""
+    y, train, is_pv = np.asarray(d["y"]), np.asarray(d["train"]), np.asarray(d["is_pv"])
+    cid = crop_ids(np.asarray(d["crop"]))
+    head, thr, _ = fit_calibrated(x[train], y[train], np.asarray(d["groups"])[train], reject, crops=cid[train],
+                                  crop_weight=crop_weight, weight=weight, score_views=score_views)
+    s = head.combine(view_parts(head, x, score_views))
+    return {"pv": int((s[~train & is_pv] > thr).sum()), "ibean": int((s[~train & ~is_pv] > thr).sum())}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the leave-one-crop-out check on the cached crop features (var/training/crops_v3.npz); with ``--int8
     ONNX`` also on the features of that quantized crop graph."""
@@ -314,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--views", type=int, default=VIEWS, choices=[1, 3], help="augmented views to fit on")
     parser.add_argument("--crop-weight", type=float, default=CROP_W, help="weight of the crop-level part")
     parser.add_argument("--weight", type=float, default=W, help="weight of the max-logit part")
+    parser.add_argument("--held-out", action="store_true", help="also count held-out leaves the 5-crop head rejects")
+    parser.add_argument("--score-views", type=int, default=1, choices=[1, 2, 3],
+                        help="score on the mean over this many views (test-time average; shipped: 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from training.build_classifiers import crop_data
@@ -322,8 +343,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     x = d["pre_views"] if args.views == 3 else d["pre"]
     cw, w = args.crop_weight, args.weight
     report: dict[str, object] = {
-        f"{r:.2%}": leave_one_crop_out(x, d["y"], d["crop"], d["train"], d["groups"], r, cw, w) for r in args.reject
+        f"{r:.2%}": leave_one_crop_out(x, d["y"], d["crop"], d["train"], d["groups"], r, cw, w, args.score_views)
+        for r in args.reject
     }
+    if args.score_views > 1 or args.held_out:
+        report["held-out rejected, 5-crop head"] = {f"{r:.2%}": held_out_rejected(d, x, r, cw, w, args.score_views)
+                                                    for r in args.reject}
     if args.int8:
         xq = quantized_features(args.int8, [str(s.path) for s in d["everything"]])
         rows = {str(s.path): i for i, s in enumerate(d["everything"])}
