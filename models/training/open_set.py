@@ -336,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--score-views", type=int, default=1, choices=[1, 2, 3],
                         help="score on the mean over this many views (test-time average; shipped: 1)")
     args = parser.parse_args(argv)
+    if args.score_views > args.views:
+        parser.error(f"--score-views {args.score_views} needs --views 3 (the cached views it averages over)")
+    if args.score_views > 1 and args.int8:
+        parser.error("--score-views applies to the FP32 check only, not to --int8")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from training.build_classifiers import crop_data
 
