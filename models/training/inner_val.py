@@ -4,7 +4,7 @@
 
 The held-out 20% of the crop photos is for reporting only, so choices about the classifier are made here: the
 training leaves are split again, grouped by leaf (the same deterministic rule, ``split_groups``), the fine-tuned
-recipe is trained on the inner 80% (~16 min with two threads, cached in
+recipe is trained on the inner 80% (~16-25 min with two threads, cached in
 var/training/crop_ft_inner_b<start>_e<epochs>[_s<seed>].pt) and scored on the inner 20%. ``--blend`` also scores
 the fine-tuned logits plus ``a`` times the logits of the frozen-feature logistic regression that the open-set head
 already computes (``os_lr``, refitted on the inner 80%); ``--features`` / ``--lr-c`` try that regression on other
@@ -69,8 +69,8 @@ def frozen_views(d: dict[str, object], features: str = "pre") -> np.ndarray:
     shipped), ``p7`` = pool(block 15), ``feat`` = the 1280-d pooled head features; joined with ``+``."""
     data = d["data"]
     assert isinstance(data, dict)
-    parts = {"pre": [np.asarray(d["pre_views"])], "p7": [data["p7"]], "feat": [data["feat"]]}
-    return np.concatenate([a for name in features.split("+") for a in parts[name]], axis=2)
+    parts = {"pre": np.asarray(d["pre_views"]), "p7": data["p7"], "feat": data["feat"]}
+    return np.concatenate([parts[name] for name in features.split("+")], axis=2)
 
 
 def report(d: dict[str, object], logits: np.ndarray, blends: Sequence[float], features: str = "pre",

@@ -1,11 +1,13 @@
 """Open-set head of the crop model: "is this a leaf of a crop we know?", chosen by leave-one-crop-out measurement.
 
-Score (higher = less like a known crop) = z(Mahalanobis) + 3 z(-max logit), on the FROZEN pre-tail features
-[pool(block 10), pool(block 14)] (304-d, ImageNet weights, independent of the fine-tuned classifier):
+Score (higher = less like a known crop) = z(Mahalanobis) + W z(-max logit) + CROP_W z(-max crop logit), on the
+FROZEN pre-tail features [pool(block 10), pool(block 14)] (304-d, ImageNet weights, independent of the fine-tuned
+classifier), fitted on VIEWS augmented views of each training leaf:
 
 * Mahalanobis: squared distance to the nearest class under that class's OWN covariance (Ledoit-Wolf shrinkage,
   on standardised features), divided by the dimension (304);
-* max logit of a separate L2-regularised logistic regression on the standardised features;
+* max logit of a separate L2-regularised logistic regression on the standardised features (its logits are also
+  blended into the classifier's answer, ``blend_logits``); max crop logit: the same over the five crops;
 * z: (score - median) / IQR of out-of-fold scores of the training leaves (5 leaf-grouped folds).
 
 Because both parts only see frozen features, a leave-one-crop-out check is exact: fit on four crops, calibrate on
